@@ -1,0 +1,181 @@
+//! Node configuration: identity, trust, policy and resource limits with safe defaults.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+
+use crate::error::{Error, Result};
+use crate::identity::{Identity, TrustStore};
+use crate::policy::Policy;
+
+/// Resource limits. Every one has a safe, documented default and can be changed:
+///
+/// ```
+/// let mut limits = quicseal::Limits::default();
+/// limits.max_message_size = 64 * 1024;
+/// ```
+///
+/// | limit | default | what it bounds |
+/// |---|---|---|
+/// | `max_message_size` | 1 MiB | one message's payload, both ways; larger is refused at send and closes a peer that sends one |
+/// | `max_connections` | 1,024 | open connections of a node (incoming beyond it are refused) |
+/// | `max_channels` | 64 | channels (QUIC streams) each side may open per session |
+/// | `idle_timeout` | 30 s | a connection with no traffic is closed after this |
+/// | `keep_alive` | 10 s | pings keep an idle but wanted connection open |
+/// | `handshake_timeout` | 10 s | TLS handshake plus quicseal hello |
+/// | `stream_receive_window` | 1.25 MiB | unread bytes a peer may send on one channel |
+/// | `connection_receive_window` | 16 MiB | unread bytes a peer may send on one connection (quinn's default is unlimited) |
+/// | `send_window` | 16 MiB | unacknowledged bytes we keep in flight per connection |
+/// | `receive_buffer` | 8 MiB | received messages not yet taken by the application, per session |
+/// | `accept_queue` | 64 | authenticated sessions waiting for [`Node::accept`](crate::Node::accept) |
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Limits {
+    /// Largest message payload in bytes.
+    pub max_message_size: usize,
+    /// Most open connections per node.
+    pub max_connections: usize,
+    /// Most channels each side may open per session.
+    pub max_channels: u16,
+    /// Idle timeout.
+    pub idle_timeout: Duration,
+    /// Keep-alive interval (`None`: no keep-alive).
+    pub keep_alive: Option<Duration>,
+    /// Deadline for the TLS handshake plus the quicseal hello.
+    pub handshake_timeout: Duration,
+    /// Per-stream flow-control window.
+    pub stream_receive_window: u32,
+    /// Per-connection flow-control window.
+    pub connection_receive_window: u32,
+    /// Per-connection send window.
+    pub send_window: u64,
+    /// Bytes of received messages buffered for the application per session.
+    pub receive_buffer: usize,
+    /// Sessions waiting in [`Node::accept`](crate::Node::accept)'s queue.
+    pub accept_queue: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 1 << 20,
+            max_connections: 1024,
+            max_channels: 64,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Some(Duration::from_secs(10)),
+            handshake_timeout: Duration::from_secs(10),
+            stream_receive_window: 1_250_000,
+            connection_receive_window: 16 << 20,
+            send_window: 16 << 20,
+            receive_buffer: 8 << 20,
+            accept_queue: 64,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks that the limits make sense together.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |s: String| Err(Error::Config(s));
+        if self.max_message_size == 0 || self.max_message_size > crate::proto::wire::MAX_MESSAGE_SIZE {
+            return bad(format!(
+                "max_message_size must be between 1 and {} bytes",
+                crate::proto::wire::MAX_MESSAGE_SIZE
+            ));
+        }
+        if self.receive_buffer < self.max_message_size {
+            return bad("receive_buffer must hold at least one message of max_message_size".into());
+        }
+        if self.max_connections == 0 || self.max_channels == 0 || self.accept_queue == 0 {
+            return bad("max_connections, max_channels and accept_queue must be at least 1".into());
+        }
+        if self.stream_receive_window == 0 || self.connection_receive_window == 0 || self.send_window == 0 {
+            return bad("flow-control windows must be positive".into());
+        }
+        if IdleTimeout::try_from(self.idle_timeout).is_err() || self.idle_timeout.is_zero() {
+            return bad("idle_timeout must be positive and below 2^62 ms".into());
+        }
+        if self.keep_alive.is_some_and(|k| k.is_zero() || k >= self.idle_timeout) {
+            return bad("keep_alive must be positive and shorter than idle_timeout".into());
+        }
+        if self.handshake_timeout.is_zero() {
+            return bad("handshake_timeout must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The quinn transport configuration, with every limit set explicitly.
+    pub(crate) fn transport(&self) -> TransportConfig {
+        let mut t = TransportConfig::default();
+        // One control stream plus the channels.
+        t.max_concurrent_bidi_streams(VarInt::from_u32(u32::from(self.max_channels) + 1));
+        t.max_concurrent_uni_streams(VarInt::from_u32(0));
+        t.max_idle_timeout(Some(IdleTimeout::try_from(self.idle_timeout).expect("validated")));
+        t.keep_alive_interval(self.keep_alive);
+        t.stream_receive_window(VarInt::from_u32(self.stream_receive_window));
+        t.receive_window(VarInt::from_u32(self.connection_receive_window));
+        t.send_window(self.send_window);
+        // Datagrams are not used yet: refuse to buffer any.
+        t.datagram_receive_buffer_size(None);
+        t.datagram_send_buffer_size(0);
+        t.crypto_buffer_size(16 * 1024);
+        t.allow_spin(false);
+        t
+    }
+}
+
+/// Everything a [`Node`](crate::Node) needs: who it is, whom it trusts, whom it allows, and limits.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub(crate) identity: Identity,
+    pub(crate) trust: TrustStore,
+    pub(crate) policy: Policy,
+    pub(crate) limits: Limits,
+}
+
+impl NodeConfig {
+    /// A configuration with the default [`Policy`] (any peer the trust store accepts) and
+    /// default [`Limits`].
+    pub fn new(identity: Identity, trust: TrustStore) -> NodeConfig {
+        NodeConfig { identity, trust, policy: Policy::any_authenticated(), limits: Limits::default() }
+    }
+
+    /// Sets the authorization policy.
+    pub fn policy(mut self, policy: Policy) -> NodeConfig {
+        self.policy = policy;
+        self
+    }
+
+    /// Sets the limits.
+    pub fn limits(mut self, limits: Limits) -> NodeConfig {
+        self.limits = limits;
+        self
+    }
+
+    pub(crate) fn transport(&self) -> Arc<TransportConfig> {
+        Arc::new(self.limits.transport())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_refused() {
+        Limits::default().validate().unwrap();
+        let mut l = Limits::default();
+        l.receive_buffer = l.max_message_size - 1;
+        assert!(matches!(l.validate(), Err(Error::Config(_))));
+        let mut l = Limits::default();
+        l.keep_alive = Some(l.idle_timeout);
+        assert!(l.validate().is_err());
+        let mut l = Limits::default();
+        l.max_message_size = 0;
+        assert!(l.validate().is_err());
+        let mut l = Limits::default();
+        l.max_channels = 0;
+        assert!(l.validate().is_err());
+    }
+}

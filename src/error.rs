@@ -1,0 +1,334 @@
+//! The one error type of quicseal, with kinds a caller can match.
+//!
+//! Errors come in layers, as in rustls: the peer misbehaved ([`Error::ProtocolViolation`] with
+//! [`Side::Local`]), the peer refused us ([`Error::Unauthorized`] with [`Side::Remote`], or
+//! [`TlsError::Remote`]), the caller misused the API ([`Error::MessageTooLarge`], [`Error::Limit`]),
+//! or the configuration is wrong ([`Error::Config`], [`Error::Load`]). Details that help an
+//! operator stay in the local error; what is sent to the peer is only a close code.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use rustls::AlertDescription;
+
+/// Which end of a connection made a decision (refused a certificate, found a violation...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// This node decided.
+    Local,
+    /// The peer decided and told us (through a TLS alert or a close code).
+    Remote,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Local => "this node",
+            Side::Remote => "the peer",
+        })
+    }
+}
+
+/// Why a mutual-TLS handshake failed.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// This node refused the handshake, usually the peer's certificate.
+    ///
+    /// `error` is rustls' own typed reason (for example
+    /// `InvalidCertificate(CertificateError::UnknownIssuer)`, `NoCertificatesPresented`,
+    /// `NoApplicationProtocol`); `alert` is what the peer was told.
+    Local {
+        /// rustls' reason.
+        error: rustls::Error,
+        /// The TLS alert sent to the peer, when one was.
+        alert: Option<AlertDescription>,
+    },
+    /// The peer refused the handshake and sent this TLS alert (for example `UnknownCA`,
+    /// `CertificateRequired`, `BadCertificate`, `NoApplicationProtocol`).
+    Remote {
+        /// The alert the peer sent.
+        alert: AlertDescription,
+    },
+}
+
+impl fmt::Display for TlsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsError::Local { error, .. } => write!(f, "this node refused the handshake: {error}"),
+            TlsError::Remote { alert } => write!(f, "the peer refused the handshake with alert {alert:?}"),
+        }
+    }
+}
+
+/// What was wrong with a certificate, key or CRL file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LoadProblem {
+    /// The file could not be read (missing, permissions...).
+    Unreadable(String),
+    /// The file holds no PEM section at all, or malformed PEM.
+    NotPem(String),
+    /// The file holds PEM sections, but none of the expected type.
+    WrongPemType {
+        /// What we looked for, e.g. `CERTIFICATE`.
+        expected: &'static str,
+        /// What the file holds.
+        found: Vec<String>,
+    },
+    /// A section of the right type whose contents do not parse.
+    Invalid(String),
+    /// The private key does not belong to the certificate.
+    KeyMismatch,
+}
+
+impl fmt::Display for LoadProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadProblem::Unreadable(e) => write!(f, "cannot read it: {e}"),
+            LoadProblem::NotPem(e) => write!(f, "not PEM: {e}"),
+            LoadProblem::WrongPemType { expected, found } => {
+                write!(f, "expected a PEM `{expected}` section, found ")?;
+                if found.is_empty() {
+                    f.write_str("none")
+                } else {
+                    write!(f, "{}", found.join(", "))
+                }
+            }
+            LoadProblem::Invalid(e) => write!(f, "invalid contents: {e}"),
+            LoadProblem::KeyMismatch => f.write_str("the private key does not match the certificate"),
+        }
+    }
+}
+
+/// A certificate, key or CRL that could not be loaded, with the file it came from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {problem}", path.as_ref().map(|p| p.display().to_string()).unwrap_or_else(|| "<memory>".into()))]
+pub struct LoadError {
+    /// The file, when the material came from a file.
+    pub path: Option<PathBuf>,
+    /// What was wrong.
+    pub problem: LoadProblem,
+}
+
+/// Every error quicseal returns.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The mutual-TLS handshake failed.
+    #[error("TLS handshake failed: {0}")]
+    Tls(TlsError),
+    /// The authorization policy refused a fully authenticated peer.
+    ///
+    /// With [`Side::Local`], our policy refused the peer and `reason` says why. With
+    /// [`Side::Remote`], the peer's policy refused us; peers are told nothing more than that.
+    #[error("unauthorized: {side} refused the connection: {reason}")]
+    Unauthorized {
+        /// Who refused.
+        side: Side,
+        /// Why (detailed only for [`Side::Local`]).
+        reason: String,
+    },
+    /// The peer negotiated no ALPN protocol or one other than `quicseal/1`.
+    #[error("ALPN mismatch: the peer does not speak quicseal/1 (negotiated {negotiated:?})")]
+    AlpnMismatch {
+        /// What was negotiated, if anything.
+        negotiated: Option<String>,
+    },
+    /// An operation did not finish in time (handshake, hello, idle connection).
+    #[error("timed out: {what}")]
+    Timeout {
+        /// What timed out.
+        what: &'static str,
+    },
+    /// The connection ended (closed by the peer, reset, network gone).
+    #[error("connection lost: {reason}")]
+    ConnectionLost {
+        /// What happened, as far as we know.
+        reason: String,
+    },
+    /// The peer refused the connection before the handshake (too many connections, shutting down).
+    #[error("connection refused by the peer")]
+    Refused,
+    /// A peer broke the quicseal protocol.
+    ///
+    /// [`Side::Local`]: the peer sent something malformed and we closed the connection.
+    /// [`Side::Remote`]: the peer says we did.
+    #[error("protocol violation detected by {side}: {reason}")]
+    ProtocolViolation {
+        /// Who detected it.
+        side: Side,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A message is larger than the limit (ours, or the one the peer announced).
+    #[error("message too large: {size} bytes, limit {limit}")]
+    MessageTooLarge {
+        /// Size of the refused message.
+        size: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// A configured resource limit was reached (connections, channels...).
+    #[error("limit reached: {what} (at most {limit})")]
+    Limit {
+        /// Which limit.
+        what: &'static str,
+        /// Its value.
+        limit: u64,
+    },
+    /// A typed message could not be encoded or decoded.
+    #[error("message encoding: {0}")]
+    Encoding(#[from] postcard::Error),
+    /// A certificate, key or CRL could not be loaded.
+    #[error("loading {0}")]
+    Load(#[from] LoadError),
+    /// The configuration is not usable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The node or session was closed by this process.
+    #[error("closed")]
+    Closed,
+    /// An operating-system I/O error (binding a socket...).
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The result type of quicseal.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Application close codes quicseal sends in QUIC `CONNECTION_CLOSE` frames.
+///
+/// They are part of the wire protocol (see PROTOCOL.md).
+pub mod close_code {
+    /// Normal close.
+    pub const NO_ERROR: u32 = 0x0;
+    /// The authorization policy refused the peer.
+    pub const UNAUTHORIZED: u32 = 0x1;
+    /// The peer broke the framing or stream rules.
+    pub const PROTOCOL_VIOLATION: u32 = 0x2;
+    /// The peer sent a message larger than the announced limit.
+    pub const MESSAGE_TOO_LARGE: u32 = 0x3;
+    /// The negotiated ALPN protocol is not `quicseal/1`.
+    pub const ALPN_MISMATCH: u32 = 0x4;
+    /// The peer did not complete the quicseal hello in time.
+    pub const HELLO_TIMEOUT: u32 = 0x5;
+}
+
+/// The first TLS alert code, as QUIC carries it in a transport error (RFC 9001, section 4.8).
+const CRYPTO_ERROR_BASE: u64 = 0x100;
+
+/// Maps a quinn connection error to ours. `captured` is the typed rustls error our verifier
+/// recorded for this connection, if any.
+pub(crate) fn from_connection_error(
+    err: quinn::ConnectionError,
+    captured: Option<rustls::Error>,
+) -> Error {
+    use quinn::ConnectionError as C;
+    match err {
+        C::TransportError(t) => {
+            let code = u64::from(t.code);
+            if (CRYPTO_ERROR_BASE..CRYPTO_ERROR_BASE + 0x100).contains(&code) {
+                let alert = AlertDescription::from((code - CRYPTO_ERROR_BASE) as u8);
+                let error = captured.unwrap_or_else(|| rustls_error_for(alert, &t.reason));
+                Error::Tls(TlsError::Local { error, alert: Some(alert) })
+            } else {
+                Error::ProtocolViolation {
+                    side: Side::Local,
+                    reason: format!("QUIC transport: {t}"),
+                }
+            }
+        }
+        C::ConnectionClosed(c) => {
+            let code = u64::from(c.error_code);
+            if (CRYPTO_ERROR_BASE..CRYPTO_ERROR_BASE + 0x100).contains(&code) {
+                let alert = AlertDescription::from((code - CRYPTO_ERROR_BASE) as u8);
+                Error::Tls(TlsError::Remote { alert })
+            } else if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED {
+                Error::Refused
+            } else {
+                Error::ProtocolViolation {
+                    side: Side::Remote,
+                    reason: format!("peer closed with QUIC transport error {}", c.error_code),
+                }
+            }
+        }
+        C::ApplicationClosed(a) => from_application_close(u64::from(a.error_code), &a.reason),
+        C::TimedOut => Error::Timeout { what: "connection idle" },
+        C::LocallyClosed => Error::Closed,
+        C::Reset => Error::ConnectionLost { reason: "reset by the peer".into() },
+        C::VersionMismatch => Error::ConnectionLost { reason: "QUIC version mismatch".into() },
+        C::CidsExhausted => Error::ConnectionLost { reason: "connection IDs exhausted".into() },
+    }
+}
+
+fn from_application_close(code: u64, reason: &[u8]) -> Error {
+    let reason = String::from_utf8_lossy(reason).into_owned();
+    match u32::try_from(code) {
+        Ok(close_code::UNAUTHORIZED) => Error::Unauthorized { side: Side::Remote, reason },
+        Ok(close_code::PROTOCOL_VIOLATION) | Ok(close_code::HELLO_TIMEOUT) => {
+            Error::ProtocolViolation { side: Side::Remote, reason }
+        }
+        Ok(close_code::MESSAGE_TOO_LARGE) => Error::ProtocolViolation {
+            side: Side::Remote,
+            reason: "the peer says we sent a message over its limit".into(),
+        },
+        Ok(close_code::ALPN_MISMATCH) => Error::AlpnMismatch { negotiated: None },
+        Ok(close_code::NO_ERROR) => Error::ConnectionLost { reason: format!("closed by the peer: {reason}") },
+        _ => Error::ConnectionLost { reason: format!("closed by the peer with code {code}: {reason}") },
+    }
+}
+
+/// Rebuilds rustls' reason from the alert when our verifier did not see the failure (rustls
+/// checks some things itself, before any verifier runs).
+fn rustls_error_for(alert: AlertDescription, reason: &str) -> rustls::Error {
+    match alert {
+        AlertDescription::CertificateRequired => rustls::Error::NoCertificatesPresented,
+        AlertDescription::NoApplicationProtocol => rustls::Error::NoApplicationProtocol,
+        _ => rustls::Error::General(reason.to_owned()),
+    }
+}
+
+impl Error {
+    /// Whether this is the peer's policy or TLS stack refusing us (useful for retry decisions:
+    /// retrying will not help).
+    pub fn is_refusal_by_peer(&self) -> bool {
+        matches!(
+            self,
+            Error::Tls(TlsError::Remote { .. }) | Error::Unauthorized { side: Side::Remote, .. } | Error::Refused
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn application_close_codes_map_to_kinds() {
+        assert!(matches!(
+            from_application_close(close_code::UNAUTHORIZED as u64, b"unauthorized"),
+            Error::Unauthorized { side: Side::Remote, .. }
+        ));
+        assert!(matches!(
+            from_application_close(close_code::PROTOCOL_VIOLATION as u64, b"x"),
+            Error::ProtocolViolation { side: Side::Remote, .. }
+        ));
+        assert!(matches!(
+            from_application_close(close_code::ALPN_MISMATCH as u64, b""),
+            Error::AlpnMismatch { .. }
+        ));
+        assert!(matches!(from_application_close(u64::MAX, b""), Error::ConnectionLost { .. }));
+    }
+
+    #[test]
+    fn load_error_names_the_file() {
+        let e = LoadError {
+            path: Some("/etc/x/node.key".into()),
+            problem: LoadProblem::WrongPemType { expected: "PRIVATE KEY", found: vec!["CERTIFICATE".into()] },
+        };
+        let s = e.to_string();
+        assert!(s.contains("/etc/x/node.key") && s.contains("PRIVATE KEY") && s.contains("CERTIFICATE"), "{s}");
+    }
+}

@@ -1,0 +1,405 @@
+//! Who we are ([`Identity`]), whom we trust ([`TrustStore`]) and who the peer is ([`PeerIdentity`]).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::{PemObject, SectionKind};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+use crate::error::{Error, LoadError, LoadProblem, Result};
+
+/// SHA-256 of a certificate's DER `SubjectPublicKeyInfo`: a stable name for a key.
+///
+/// Displays and parses as 64 lowercase hex digits (colons are accepted when parsing, as
+/// `openssl` prints them).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl Fingerprint {
+    /// The fingerprint of a DER `SubjectPublicKeyInfo`.
+    pub fn of_spki(spki_der: &[u8]) -> Fingerprint {
+        let d = ring::digest::digest(&ring::digest::SHA256, spki_der);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        Fingerprint(out)
+    }
+
+    /// The fingerprint of the public key in a DER certificate.
+    pub fn of_certificate(cert_der: &[u8]) -> Result<Fingerprint> {
+        let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+            .map_err(|e| Error::Config(format!("not a certificate: {e}")))?;
+        Ok(Fingerprint::of_spki(cert.tbs_certificate.subject_pki.raw))
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({self})")
+    }
+}
+
+impl FromStr for Fingerprint {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let hex: String = s.chars().filter(|c| *c != ':').collect();
+        let bad = || Error::Config(format!("not a SHA-256 fingerprint (64 hex digits): {s:?}"));
+        if hex.len() != 64 || !hex.is_ascii() {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Fingerprint(out))
+    }
+}
+
+/// The authenticated identity of a peer, read from its verified certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PeerIdentity {
+    /// DNS name SANs.
+    pub dns_names: Vec<String>,
+    /// IP address SANs.
+    pub ip_addresses: Vec<IpAddr>,
+    /// URI SANs, such as `spiffe://example.org/node/a`.
+    pub uris: Vec<String>,
+    /// The subject's common name, if any.
+    pub common_name: Option<String>,
+    /// SHA-256 of the certificate's public key.
+    pub fingerprint: Fingerprint,
+    /// End of the certificate's validity.
+    pub not_after: SystemTime,
+}
+
+impl PeerIdentity {
+    /// Reads the identity from a DER end-entity certificate (already verified by TLS).
+    pub fn from_certificate(cert_der: &[u8]) -> Result<PeerIdentity> {
+        let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+            .map_err(|e| Error::Config(format!("not a certificate: {e}")))?;
+        let mut id = PeerIdentity {
+            dns_names: Vec::new(),
+            ip_addresses: Vec::new(),
+            uris: Vec::new(),
+            common_name: cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok())
+                .map(str::to_owned),
+            fingerprint: Fingerprint::of_spki(cert.tbs_certificate.subject_pki.raw),
+            not_after: {
+                let t = cert.validity().not_after.timestamp();
+                if t >= 0 {
+                    UNIX_EPOCH + Duration::from_secs(t as u64)
+                } else {
+                    UNIX_EPOCH - Duration::from_secs(t.unsigned_abs())
+                }
+            },
+        };
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            use x509_parser::extensions::GeneralName;
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => id.dns_names.push((*d).to_owned()),
+                    GeneralName::URI(u) => id.uris.push((*u).to_owned()),
+                    GeneralName::IPAddress(b) => match b.len() {
+                        4 => id.ip_addresses.push(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())),
+                        16 => id.ip_addresses.push(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())),
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+        }
+        Ok(id)
+    }
+
+    /// The first `spiffe://` URI SAN, if any.
+    pub fn spiffe_id(&self) -> Option<&str> {
+        self.uris.iter().map(String::as_str).find(|u| u.starts_with("spiffe://"))
+    }
+
+    /// The trust domain of the SPIFFE ID (`example.org` in `spiffe://example.org/node/a`).
+    pub fn spiffe_trust_domain(&self) -> Option<&str> {
+        let rest = self.spiffe_id()?.strip_prefix("spiffe://")?;
+        Some(rest.split('/').next().unwrap_or(rest))
+    }
+
+    /// Whether `name` is one of the DNS names, IP addresses or URIs (exact match), or the CN.
+    pub fn has_name(&self, name: &str) -> bool {
+        self.dns_names.iter().any(|d| d.eq_ignore_ascii_case(name))
+            || self.uris.iter().any(|u| u == name)
+            || name.parse::<IpAddr>().is_ok_and(|ip| self.ip_addresses.contains(&ip))
+            || self.common_name.as_deref() == Some(name)
+    }
+
+    /// A short human-readable name: the SPIFFE ID, else the first DNS name, else the CN, else
+    /// the fingerprint.
+    pub fn display_name(&self) -> String {
+        self.spiffe_id()
+            .map(str::to_owned)
+            .or_else(|| self.dns_names.first().cloned())
+            .or_else(|| self.ip_addresses.first().map(|ip| ip.to_string()))
+            .or_else(|| self.common_name.clone())
+            .unwrap_or_else(|| self.fingerprint.to_string())
+    }
+}
+
+impl fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (key {:.16}…)", self.display_name(), self.fingerprint.to_string())
+    }
+}
+
+/// This node's certificate chain and private key.
+#[derive(Clone)]
+pub struct Identity {
+    pub(crate) key: Arc<CertifiedKey>,
+    fingerprint: Fingerprint,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity").field("fingerprint", &self.fingerprint).finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// Loads a certificate chain (leaf first) and its private key from PEM files.
+    ///
+    /// Keys may be PKCS#8 (`PRIVATE KEY`), SEC1 (`EC PRIVATE KEY`) or PKCS#1
+    /// (`RSA PRIVATE KEY`), as openssl, step and cfssl write them. Errors name the file.
+    pub fn from_pem_files(cert: impl AsRef<Path>, key: impl AsRef<Path>) -> Result<Identity> {
+        let (cert, key) = (cert.as_ref(), key.as_ref());
+        let cert_pem = read(cert)?;
+        let key_pem = read(key)?;
+        Self::build(&cert_pem, Some(cert), &key_pem, Some(key))
+    }
+
+    /// Like [`Identity::from_pem_files`], from PEM text in memory.
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Identity> {
+        Self::build(cert_pem, None, key_pem, None)
+    }
+
+    fn build(cert_pem: &[u8], cert_path: Option<&Path>, key_pem: &[u8], key_path: Option<&Path>) -> Result<Identity> {
+        let chain: Vec<CertificateDer<'static>> = sections(cert_pem, cert_path, "CERTIFICATE", |k| {
+            matches!(k, SectionKind::Certificate)
+        })?
+        .into_iter()
+        .map(|(_, der)| CertificateDer::from(der))
+        .collect();
+        let (kind, der) = sections(key_pem, key_path, "PRIVATE KEY", |k| {
+            matches!(k, SectionKind::PrivateKey | SectionKind::EcPrivateKey | SectionKind::RsaPrivateKey)
+        })?
+        .into_iter()
+        .next()
+        .expect("sections() returns at least one");
+        let key_der = match kind {
+            SectionKind::PrivateKey => PrivateKeyDer::Pkcs8(der.into()),
+            SectionKind::EcPrivateKey => PrivateKeyDer::Sec1(der.into()),
+            _ => PrivateKeyDer::Pkcs1(der.into()),
+        };
+        let fingerprint = Fingerprint::of_certificate(&chain[0]).map_err(|_| load_err(cert_path, invalid("the first certificate does not parse")))?;
+        let provider = crate::tls::provider();
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key_der)
+            .map_err(|e| load_err(key_path, LoadProblem::Invalid(format!("unsupported or malformed key: {e}"))))?;
+        let certified = CertifiedKey::new(chain, signing_key);
+        match certified.keys_match() {
+            Ok(()) => {}
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+                return Err(load_err(key_path.or(cert_path), LoadProblem::KeyMismatch).into());
+            }
+            Err(e) => return Err(load_err(cert_path, LoadProblem::Invalid(e.to_string())).into()),
+        }
+        Ok(Identity { key: Arc::new(certified), fingerprint })
+    }
+
+    /// The fingerprint of this identity's public key.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// The certificate chain, leaf first.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.key.cert
+    }
+}
+
+/// The CAs we accept peers from, optional CRLs, and an optional deny-list of keys.
+#[derive(Debug, Clone, Default)]
+pub struct TrustStore {
+    pub(crate) cas: Vec<CertificateDer<'static>>,
+    pub(crate) crls: Vec<CertificateRevocationListDer<'static>>,
+    pub(crate) denied: HashSet<Fingerprint>,
+}
+
+impl TrustStore {
+    /// An empty store (no CA: no peer is trusted until one is added).
+    pub fn new() -> TrustStore {
+        TrustStore::default()
+    }
+
+    /// Loads every CA certificate from a PEM file.
+    pub fn from_ca_file(path: impl AsRef<Path>) -> Result<TrustStore> {
+        let mut t = TrustStore::new();
+        t.add_ca_file(path)?;
+        Ok(t)
+    }
+
+    /// Adds every CA certificate from a PEM file.
+    pub fn add_ca_file(&mut self, path: impl AsRef<Path>) -> Result<&mut Self> {
+        let path = path.as_ref();
+        self.add_cas(&read(path)?, Some(path))
+    }
+
+    /// Adds every CA certificate in PEM text.
+    pub fn add_ca_pem(&mut self, pem: &[u8]) -> Result<&mut Self> {
+        self.add_cas(pem, None)
+    }
+
+    fn add_cas(&mut self, pem: &[u8], path: Option<&Path>) -> Result<&mut Self> {
+        for (_, der) in sections(pem, path, "CERTIFICATE", |k| matches!(k, SectionKind::Certificate))? {
+            x509_parser::parse_x509_certificate(&der)
+                .map_err(|e| load_err(path, LoadProblem::Invalid(format!("certificate does not parse: {e}"))))?;
+            self.cas.push(CertificateDer::from(der));
+        }
+        Ok(self)
+    }
+
+    /// Adds every CRL from a PEM file (`X509 CRL` sections).
+    pub fn add_crl_file(&mut self, path: impl AsRef<Path>) -> Result<&mut Self> {
+        let path = path.as_ref();
+        self.add_crls(&read(path)?, Some(path))
+    }
+
+    /// Adds every CRL in PEM text.
+    pub fn add_crl_pem(&mut self, pem: &[u8]) -> Result<&mut Self> {
+        self.add_crls(pem, None)
+    }
+
+    fn add_crls(&mut self, pem: &[u8], path: Option<&Path>) -> Result<&mut Self> {
+        for (_, der) in sections(pem, path, "X509 CRL", |k| matches!(k, SectionKind::Crl))? {
+            check_crl(&der, path)?;
+            self.crls.push(CertificateRevocationListDer::from(der));
+        }
+        Ok(self)
+    }
+
+    /// Refuses any peer whose public key has this fingerprint, whatever its certificate says.
+    pub fn deny(&mut self, fingerprint: Fingerprint) -> &mut Self {
+        self.denied.insert(fingerprint);
+        self
+    }
+
+    /// Number of CA certificates.
+    pub fn ca_count(&self) -> usize {
+        self.cas.len()
+    }
+}
+
+fn check_crl(der: &[u8], path: Option<&Path>) -> Result<()> {
+    use x509_parser::prelude::FromDer;
+    x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+        .map(|_| ())
+        .map_err(|e| load_err(path, LoadProblem::Invalid(format!("CRL does not parse: {e}"))).into())
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| load_err(Some(path), LoadProblem::Unreadable(e.to_string())).into())
+}
+
+fn invalid(s: &str) -> LoadProblem {
+    LoadProblem::Invalid(s.to_owned())
+}
+
+fn load_err(path: Option<&Path>, problem: LoadProblem) -> LoadError {
+    LoadError { path: path.map(PathBuf::from), problem }
+}
+
+/// The PEM sections of `pem` whose kind passes `want`; an error naming the file when there are
+/// none (distinguishing "not PEM at all" from "PEM of another type").
+fn sections(
+    pem: &[u8],
+    path: Option<&Path>,
+    expected: &'static str,
+    want: impl Fn(SectionKind) -> bool,
+) -> Result<Vec<(SectionKind, Vec<u8>)>> {
+    let mut found = Vec::new();
+    let mut kept = Vec::new();
+    for item in <(SectionKind, Vec<u8>)>::pem_slice_iter(pem) {
+        let (kind, der) = item.map_err(|e| load_err(path, LoadProblem::NotPem(e.to_string())))?;
+        if want(kind) {
+            kept.push((kind, der));
+        } else {
+            found.push(section_name(kind).to_owned());
+        }
+    }
+    if kept.is_empty() {
+        let problem = if found.is_empty() {
+            LoadProblem::NotPem("no PEM section found".into())
+        } else {
+            LoadProblem::WrongPemType { expected, found }
+        };
+        return Err(load_err(path, problem).into());
+    }
+    Ok(kept)
+}
+
+fn section_name(kind: SectionKind) -> &'static str {
+    match kind {
+        SectionKind::Certificate => "CERTIFICATE",
+        SectionKind::PublicKey => "PUBLIC KEY",
+        SectionKind::RsaPrivateKey => "RSA PRIVATE KEY",
+        SectionKind::PrivateKey => "PRIVATE KEY",
+        SectionKind::EcPrivateKey => "EC PRIVATE KEY",
+        SectionKind::Crl => "X509 CRL",
+        SectionKind::Csr => "CERTIFICATE REQUEST",
+        SectionKind::EchConfigList => "ECHCONFIG",
+        _ => "unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_round_trips_and_accepts_colons() {
+        let fp = Fingerprint([0xab; 32]);
+        assert_eq!(fp.to_string().parse::<Fingerprint>().unwrap(), fp);
+        let colons = fp.0.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
+        assert_eq!(colons.parse::<Fingerprint>().unwrap(), fp);
+        assert!("abc".parse::<Fingerprint>().is_err());
+        assert!("é".repeat(32).parse::<Fingerprint>().is_err());
+    }
+
+    #[test]
+    fn spiffe_trust_domain() {
+        let mut id = PeerIdentity {
+            dns_names: vec![],
+            ip_addresses: vec![],
+            uris: vec!["https://x".into(), "spiffe://example.org/node/a".into()],
+            common_name: None,
+            fingerprint: Fingerprint([0; 32]),
+            not_after: UNIX_EPOCH,
+        };
+        assert_eq!(id.spiffe_trust_domain(), Some("example.org"));
+        id.uris = vec!["spiffe://bare".into()];
+        assert_eq!(id.spiffe_trust_domain(), Some("bare"));
+    }
+}

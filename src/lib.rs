@@ -1,0 +1,79 @@
+//! # quicseal
+//!
+//! Secure, authenticated messaging between the nodes of a distributed system, over QUIC.
+//!
+//! ## What it does
+//!
+//! - **Mutual TLS 1.3 over QUIC** (quinn + rustls on ring). Both peers present certificates from
+//!   the operator's own CA ([`TrustStore`]: CAs, CRLs, a deny-list of keys). The dialler checks
+//!   the peer's name; the acceptor requires a client certificate, always. No 0-RTT, no session
+//!   resumption, ALPN `quicseal/1`.
+//! - **A typed peer identity** ([`PeerIdentity`]: DNS/IP/URI SANs, SPIFFE ID, CN, key
+//!   fingerprint, expiry) on every session and message, and an **authorization [`Policy`]**
+//!   evaluated on both sides after the handshake.
+//! - **Ordered, reliable channels** carrying typed `serde` messages (postcard) or raw bytes,
+//!   with receipts: [`Session::delivered`] waits until the peer's application took them.
+//! - **Limits on everything a peer can make us spend** ([`Limits`]), with safe defaults. Input
+//!   from a peer never panics: it is a typed [`Error`] and a closed connection.
+//! - **PKI helpers** ([`pki`]) to create a CA, node certificates and CRLs.
+//!
+//! ## What it does not do (yet)
+//!
+//! Per-message integrity tags and replay windows above QUIC's own packet protection, delivery
+//! across reconnects (a lost connection loses unacknowledged messages; the sender sees it in
+//! [`Session::delivered`]), RPC, and certificate hot reload are not implemented. quicseal is
+//! not a general-purpose TLS or HTTP library, and it does not talk to peers outside quicseal.
+//!
+//! ## Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use quicseal::pki::{Ca, KeyType, NodeCert};
+//! use quicseal::{Identity, Node, NodeConfig, TrustStore};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> quicseal::Result<()> {
+//! // A throwaway CA and two nodes (operators use `quicseal cert` or their own CA).
+//! let ca = Ca::new("example CA", KeyType::EcdsaP256, Duration::from_secs(3600))?;
+//! let mut trust = TrustStore::new();
+//! trust.add_ca_pem(ca.cert_pem().as_bytes())?;
+//! let make = |name: &str| -> quicseal::Result<Identity> {
+//!     let issued = ca.issue(&NodeCert::new(name).dns(name))?;
+//!     Identity::from_pem(issued.chain_pem.as_bytes(), issued.key_pem.as_bytes())
+//! };
+//! let alice = Node::bind("127.0.0.1:0".parse().unwrap(), NodeConfig::new(make("alice")?, trust.clone()))?;
+//! let bob = Node::bind("127.0.0.1:0".parse().unwrap(), NodeConfig::new(make("bob")?, trust))?;
+//!
+//! let (to_bob, at_bob) = tokio::join!(alice.connect(bob.local_addr()?, "bob"), bob.accept());
+//! let (to_bob, at_bob) = (to_bob?, at_bob?);
+//! to_bob.send(0, &("hello", 1u32)).await?;
+//! let msg = at_bob.recv().await?;
+//! assert_eq!(msg.peer().dns_names, ["alice"]);
+//! assert_eq!(msg.decode::<(String, u32)>()?, ("hello".to_string(), 1));
+//! to_bob.delivered(0).await?; // bob's application has it
+//! # Ok(()) }
+//! ```
+
+#![deny(rustdoc::broken_intra_doc_links)]
+
+mod config;
+mod error;
+mod identity;
+mod node;
+mod policy;
+mod session;
+mod tls;
+
+pub mod pki;
+pub mod proto;
+
+pub use config::{Limits, NodeConfig};
+pub use error::{Error, LoadError, LoadProblem, Result, Side, TlsError, close_code};
+pub use identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
+pub use node::Node;
+pub use policy::Policy;
+pub use session::{Message, Session};
+pub use tls::{ALPN, DeniedKey};
+
+/// Re-exported so callers can match [`TlsError`] reasons without depending on rustls directly.
+pub use rustls;

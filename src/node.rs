@@ -1,0 +1,320 @@
+//! [`Node`]: a quinn endpoint that both accepts and dials mutually authenticated sessions.
+//!
+//! Establishing a session, on either side:
+//! 1. QUIC + TLS 1.3 handshake; both certificates are verified against the trust store (CAs,
+//!    CRLs, deny-list), and the dialler also checks the peer's name.
+//! 2. ALPN must be `quicseal/1`.
+//! 3. The authorization [`Policy`](crate::Policy) decides on the peer's [`PeerIdentity`].
+//! 4. Hello exchange on the control stream: the dialler sends HELLO, the acceptor answers once
+//!    it has accepted the dialler. In TLS 1.3 the dialler finishes its handshake before the
+//!    acceptor has judged the dialler's certificate, so only the acceptor's HELLO proves the
+//!    dialler was accepted: [`Node::connect`] returns after it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::HandshakeData;
+use quinn::{Connection, Endpoint, RecvStream, VarInt};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::config::{Limits, NodeConfig};
+use crate::error::{Error, Result, Side, close_code, from_connection_error};
+use crate::identity::PeerIdentity;
+use crate::policy::Policy;
+use crate::proto::wire::{self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, frame_type};
+use crate::session::{Session, SessionParams};
+use crate::tls::{ALPN, Captured, TlsContext, take_captured};
+
+/// A quicseal node bound to one UDP address: it accepts sessions and dials them.
+///
+/// ```no_run
+/// # async fn run() -> quicseal::Result<()> {
+/// use quicseal::{Identity, Node, NodeConfig, TrustStore};
+/// let identity = Identity::from_pem_files("certs/node-a.crt", "certs/node-a.key")?;
+/// let trust = TrustStore::from_ca_file("certs/ca.crt")?;
+/// let node = Node::bind("127.0.0.1:0".parse().unwrap(), NodeConfig::new(identity, trust))?;
+/// let session = node.connect("127.0.0.1:4433".parse().unwrap(), "node-b").await?;
+/// session.send(0, &("hello", 42u32)).await?;
+/// session.delivered(0).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+struct Shared {
+    endpoint: Endpoint,
+    tls: TlsContext,
+    base_server: quinn::ServerConfig,
+    transport: Arc<quinn::TransportConfig>,
+    policy: Policy,
+    limits: Limits,
+}
+
+struct NodeInner {
+    shared: Arc<Shared>,
+    accepted: tokio::sync::Mutex<mpsc::Receiver<Result<Session>>>,
+    accept_task: JoinHandle<()>,
+}
+
+impl Drop for NodeInner {
+    fn drop(&mut self) {
+        self.accept_task.abort();
+        self.shared.endpoint.close(VarInt::from_u32(close_code::NO_ERROR), b"node closed");
+    }
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("local_addr", &self.local_addr().ok()).finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Binds a node to a UDP address (port 0 picks a free port). Must be called inside a tokio
+    /// runtime.
+    pub fn bind(addr: SocketAddr, config: NodeConfig) -> Result<Node> {
+        config.limits.validate()?;
+        let tls = TlsContext::new(&config.identity, &config.trust)?;
+        let transport = config.transport();
+        let (crypto, _) = tls.server_config()?;
+        let mut base_server = quinn::ServerConfig::with_crypto(crypto);
+        base_server.transport_config(transport.clone());
+        // Connections are admitted one by one in the accept loop (limit checks, per-connection
+        // verifier); quinn's own cap is set to the same bound.
+        base_server.max_incoming(config.limits.max_connections);
+        let endpoint = Endpoint::server(base_server.clone(), addr)?;
+        let shared = Arc::new(Shared {
+            endpoint,
+            tls,
+            base_server,
+            transport,
+            policy: config.policy,
+            limits: config.limits,
+        });
+        let (tx, rx) = mpsc::channel(shared.limits.accept_queue);
+        let accept_task = tokio::spawn(accept_loop(shared.clone(), tx));
+        Ok(Node { inner: Arc::new(NodeInner { shared, accepted: tokio::sync::Mutex::new(rx), accept_task }) })
+    }
+
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.inner.shared.endpoint.local_addr()?)
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.inner.shared.limits
+    }
+
+    /// Dials `addr`, expecting the peer's certificate to carry `server_name` (a DNS name or an
+    /// IP address SAN). Returns once the peer has accepted us (see the module docs).
+    pub async fn connect(&self, addr: SocketAddr, server_name: &str) -> Result<Session> {
+        let shared = &self.inner.shared;
+        if shared.endpoint.open_connections() >= shared.limits.max_connections {
+            return Err(Error::Limit { what: "connections per node", limit: shared.limits.max_connections as u64 });
+        }
+        let (crypto, captured) = shared.tls.client_config()?;
+        let mut cfg = quinn::ClientConfig::new(crypto);
+        cfg.transport_config(shared.transport.clone());
+        let connecting = shared.endpoint.connect_with(cfg, addr, server_name).map_err(|e| match e {
+            quinn::ConnectError::EndpointStopping => Error::Closed,
+            e => Error::Config(format!("cannot dial {addr} as {server_name:?}: {e}")),
+        })?;
+        let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
+            let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
+            establish(shared, conn, &captured, Role::Dialler).await
+        })
+        .await;
+        let result = result.unwrap_or(Err(Error::Timeout { what: "handshake" }));
+        match &result {
+            Ok(s) => info!(peer = %s.peer(), remote = %addr, "session established (dialled)"),
+            Err(e) => warn!(remote = %addr, error = %e, "dial failed"),
+        }
+        result
+    }
+
+    /// The next session a peer opened with us.
+    ///
+    /// A connection that fails authentication or authorization is returned here as its
+    /// `Err` (so the operator sees it); the node keeps serving, so call `accept` again.
+    /// [`Error::Closed`] means the node was closed.
+    pub async fn accept(&self) -> Result<Session> {
+        self.inner.accepted.lock().await.recv().await.unwrap_or(Err(Error::Closed))
+    }
+
+    /// Closes every connection and stops accepting.
+    pub fn close(&self) {
+        self.inner.shared.endpoint.close(VarInt::from_u32(close_code::NO_ERROR), b"node closed");
+    }
+
+    /// Waits until every connection is closed and the peers were told.
+    pub async fn wait_idle(&self) {
+        self.inner.shared.endpoint.wait_idle().await;
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<Result<Session>>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        if shared.endpoint.open_connections() >= shared.limits.max_connections {
+            warn!(remote = %incoming.remote_address(), "refusing connection: connection limit reached");
+            incoming.refuse();
+            continue;
+        }
+        let shared = shared.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let result = accept_one(&shared, incoming).await;
+            match &result {
+                Ok(s) => info!(peer = %s.peer(), %remote, "session established (accepted)"),
+                Err(e) => warn!(%remote, error = %e, "incoming connection refused"),
+            }
+            match result {
+                Ok(session) => {
+                    let _ = tx.send(Ok(session)).await;
+                }
+                // Failures are reported when there is room; a flood of them must not queue up.
+                Err(e) => {
+                    let _ = tx.try_send(Err(e));
+                }
+            }
+        });
+    }
+}
+
+async fn accept_one(shared: &Shared, incoming: quinn::Incoming) -> Result<Session> {
+    let (crypto, captured) = shared.tls.server_config()?;
+    let mut cfg = shared.base_server.clone();
+    cfg.crypto = crypto;
+    let connecting = incoming.accept_with(Arc::new(cfg)).map_err(|e| from_connection_error(e, None))?;
+    let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
+        let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
+        establish(shared, conn, &captured, Role::Acceptor).await
+    })
+    .await;
+    result.unwrap_or(Err(Error::Timeout { what: "handshake" }))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Dialler,
+    Acceptor,
+}
+
+/// Steps 2 to 4 of the module docs, after the TLS handshake.
+async fn establish(shared: &Shared, conn: Connection, captured: &Captured, role: Role) -> Result<Session> {
+    let lost = |e: quinn::ConnectionError| from_connection_error(e, take_captured(captured));
+    let negotiated = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    if negotiated.as_deref() != Some(ALPN) {
+        conn.close(VarInt::from_u32(close_code::ALPN_MISMATCH), b"alpn mismatch");
+        return Err(Error::AlpnMismatch { negotiated: negotiated.map(|p| String::from_utf8_lossy(&p).into_owned()) });
+    }
+    let peer = peer_identity(&conn)?;
+    if let Err(reason) = shared.policy.check(&peer) {
+        conn.close(VarInt::from_u32(close_code::UNAUTHORIZED), b"unauthorized");
+        return Err(Error::Unauthorized { side: Side::Local, reason });
+    }
+    let local_max = shared.limits.max_message_size;
+    let hello = {
+        let mut v = Vec::with_capacity(9);
+        Frame::Hello { max_message_size: local_max as u32 }.encode(&mut v);
+        Bytes::from(v)
+    };
+    let (send, mut recv) = match role {
+        Role::Dialler => {
+            let (mut send, recv) = conn.open_bi().await.map_err(lost)?;
+            let header = Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Control));
+            send.write_all_chunks(&mut [header, hello.clone()]).await.map_err(|e| write_err(e, &lost))?;
+            (send, recv)
+        }
+        Role::Acceptor => {
+            let (send, mut recv) = conn.accept_bi().await.map_err(lost)?;
+            let mut head = [0u8; STREAM_HEADER_LEN];
+            read_exact(&conn, &mut recv, &mut head, &lost).await?;
+            match wire::decode_stream_header(head) {
+                Ok(StreamKind::Control) => {}
+                Ok(_) => return Err(violation(&conn, "first stream is not the control stream".into())),
+                Err(e) => return Err(violation(&conn, e.to_string())),
+            }
+            (send, recv)
+        }
+    };
+    let peer_max = read_hello(&conn, &mut recv, &lost).await?;
+    let mut send = send;
+    if role == Role::Acceptor {
+        send.write_all(&hello).await.map_err(|e| write_err(e, &lost))?;
+    }
+    Ok(Session::start(
+        conn,
+        SessionParams {
+            peer,
+            local_max,
+            peer_max,
+            max_channels: shared.limits.max_channels,
+            receive_buffer: shared.limits.receive_buffer,
+            control: (send, recv),
+        },
+    ))
+}
+
+fn peer_identity(conn: &Connection) -> Result<PeerIdentity> {
+    let chain = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| Error::ConnectionLost { reason: "the peer presented no certificate".into() })?;
+    let leaf = chain.first().ok_or_else(|| Error::ConnectionLost { reason: "empty certificate chain".into() })?;
+    // The certificate was verified by webpki, so x509-parser reads it too; if it did not, the
+    // peer is closed rather than trusted blindly.
+    PeerIdentity::from_certificate(leaf).map_err(|e| violation(conn, format!("unreadable peer certificate: {e}")))
+}
+
+async fn read_hello(conn: &Connection, recv: &mut RecvStream, lost: &impl Fn(quinn::ConnectionError) -> Error) -> Result<usize> {
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    read_exact(conn, recv, &mut head, lost).await?;
+    let header = FrameHeader::decode(head, 0).map_err(|e| violation(conn, e.to_string()))?;
+    if header.frame_type != frame_type::HELLO {
+        return Err(violation(conn, format!("expected HELLO, got frame type {:#04x}", header.frame_type)));
+    }
+    let mut body = [0u8; 4];
+    read_exact(conn, recv, &mut body, lost).await?;
+    match header.decode_body(Bytes::copy_from_slice(&body)) {
+        Ok(Frame::Hello { max_message_size }) if max_message_size > 0 => Ok(max_message_size as usize),
+        Ok(_) => Err(violation(conn, "HELLO with max_message_size 0".into())),
+        Err(e) => Err(violation(conn, e.to_string())),
+    }
+}
+
+async fn read_exact(
+    conn: &Connection,
+    recv: &mut RecvStream,
+    buf: &mut [u8],
+    lost: &impl Fn(quinn::ConnectionError) -> Error,
+) -> Result<()> {
+    match recv.read_exact(buf).await {
+        Ok(()) => Ok(()),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(violation(conn, "control stream ended early".into())),
+        Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => Err(lost(e)),
+        Err(quinn::ReadExactError::ReadError(e)) => Err(violation(conn, format!("control stream: {e}"))),
+    }
+}
+
+fn write_err(e: quinn::WriteError, lost: &impl Fn(quinn::ConnectionError) -> Error) -> Error {
+    match e {
+        quinn::WriteError::ConnectionLost(e) => lost(e),
+        e => Error::ProtocolViolation { side: Side::Remote, reason: format!("control stream: {e}") },
+    }
+}
+
+fn violation(conn: &Connection, reason: String) -> Error {
+    conn.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), b"protocol violation");
+    Error::ProtocolViolation { side: Side::Local, reason }
+}

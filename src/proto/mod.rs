@@ -1,0 +1,6 @@
+//! The sans-IO core: pure functions and state machines that take bytes and return bytes and
+//! decisions. No tokio, no sockets, no clock, no global RNG in here: the async shell
+//! ([`Node`](crate::Node), [`Session`](crate::Session)) only moves bytes.
+
+pub mod channel;
+pub mod wire;

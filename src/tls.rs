@@ -1,0 +1,274 @@
+//! rustls configurations for QUIC: mutual authentication, TLS 1.3 only, no 0-RTT, no
+//! resumption, ALPN `quicseal/1`, ring as the crypto provider.
+//!
+//! We build the rustls configs ourselves because quinn's convenience constructors turn 0-RTT
+//! on. Session resumption is off too: a resumed session would skip the certificate check, so
+//! a certificate revoked since the first handshake could come back in.
+//!
+//! Each connection gets its own verifier wrapper that records the typed rustls error of a
+//! refused certificate, so the local error names the exact reason (quinn only keeps a string).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, Resumption, WebPkiServerVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use crate::error::{Error, Result};
+use crate::identity::{Fingerprint, Identity, TrustStore};
+
+/// The ALPN protocol every quicseal connection negotiates.
+pub const ALPN: &[u8] = b"quicseal/1";
+
+/// The crypto provider: rustls on ring.
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
+}
+
+/// The reason a certificate was refused because its key is on the trust store's deny-list.
+///
+/// Appears as `rustls::Error::InvalidCertificate(CertificateError::Other(..))`; use
+/// [`crate::TlsError`] and `downcast_ref::<DeniedKey>()` on the inner error to recognise it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeniedKey(pub Fingerprint);
+
+impl fmt::Display for DeniedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the certificate's key {} is on the deny-list", self.0)
+    }
+}
+
+impl std::error::Error for DeniedKey {}
+
+/// Where a connection's verifier records why it refused a certificate.
+pub(crate) type Captured = Arc<Mutex<Option<rustls::Error>>>;
+
+pub(crate) fn take_captured(c: &Captured) -> Option<rustls::Error> {
+    c.lock().unwrap_or_else(|e| e.into_inner()).take()
+}
+
+/// Verifiers built once per trust store; wrapped per connection.
+pub(crate) struct TlsContext {
+    key: Arc<CertifiedKey>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+    server_verifier: Arc<WebPkiServerVerifier>,
+    denied: Arc<HashSet<Fingerprint>>,
+}
+
+impl TlsContext {
+    pub(crate) fn new(identity: &Identity, trust: &TrustStore) -> Result<TlsContext> {
+        if trust.cas.is_empty() {
+            return Err(Error::Config("the trust store has no CA certificate".into()));
+        }
+        let mut roots = RootCertStore::empty();
+        for ca in &trust.cas {
+            roots.add(ca.clone()).map_err(|e| Error::Config(format!("CA certificate not usable as a trust anchor: {e}")))?;
+        }
+        let roots = Arc::new(roots);
+        // A CA with no CRL in the store is not revocation-checked; a CRL past its next-update
+        // time fails every certificate of its CA (fail closed).
+        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .with_crls(trust.crls.iter().cloned())
+            .allow_unknown_revocation_status()
+            .enforce_revocation_expiration()
+            .build()
+            .map_err(|e| Error::Config(format!("client verifier: {e}")))?;
+        let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
+            .with_crls(trust.crls.iter().cloned())
+            .allow_unknown_revocation_status()
+            .enforce_revocation_expiration()
+            .build()
+            .map_err(|e| Error::Config(format!("server verifier: {e}")))?;
+        Ok(TlsContext {
+            key: identity.key.clone(),
+            client_verifier,
+            server_verifier,
+            denied: Arc::new(trust.denied.clone()),
+        })
+    }
+
+    /// A server config for one incoming connection, and where its verifier records refusals.
+    pub(crate) fn server_config(&self) -> Result<(Arc<QuicServerConfig>, Captured)> {
+        let captured = Captured::default();
+        let verifier = Arc::new(ClientVerifier {
+            inner: self.client_verifier.clone(),
+            denied: self.denied.clone(),
+            captured: captured.clone(),
+        });
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| Error::Config(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(Resolver(self.key.clone())));
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.max_early_data_size = 0;
+        cfg.send_tls13_tickets = 0;
+        cfg.session_storage = Arc::new(NoServerSessionStorage {});
+        let quic = QuicServerConfig::try_from(cfg).map_err(|e| Error::Config(e.to_string()))?;
+        Ok((Arc::new(quic), captured))
+    }
+
+    /// A client config for one outgoing connection, and where its verifier records refusals.
+    pub(crate) fn client_config(&self) -> Result<(Arc<QuicClientConfig>, Captured)> {
+        let captured = Captured::default();
+        let verifier = Arc::new(ServerVerifier {
+            inner: self.server_verifier.clone(),
+            denied: self.denied.clone(),
+            captured: captured.clone(),
+        });
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| Error::Config(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_client_cert_resolver(Arc::new(Resolver(self.key.clone())));
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.enable_early_data = false;
+        cfg.resumption = Resumption::disabled();
+        let quic = QuicClientConfig::try_from(cfg).map_err(|e| Error::Config(e.to_string()))?;
+        Ok((Arc::new(quic), captured))
+    }
+}
+
+/// Refuses denied keys, then defers to webpki; records the typed reason of a refusal.
+fn check_denied(denied: &HashSet<Fingerprint>, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    if denied.is_empty() {
+        return Ok(());
+    }
+    let fp = Fingerprint::of_certificate(end_entity).map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    if denied.contains(&fp) {
+        return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(DeniedKey(fp))))));
+    }
+    Ok(())
+}
+
+fn record<T>(captured: &Captured, r: Result<T, rustls::Error>) -> Result<T, rustls::Error> {
+    if let Err(e) = &r {
+        *captured.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
+    }
+    r
+}
+
+struct ClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    denied: Arc<HashSet<Fingerprint>>,
+    captured: Captured,
+}
+
+impl fmt::Debug for ClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("quicseal::ClientVerifier")
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let r = check_denied(&self.denied, end_entity)
+            .and_then(|()| self.inner.verify_client_cert(end_entity, intermediates, now));
+        record(&self.captured, r)
+    }
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // TLS 1.2 is never negotiated (QUIC requires TLS 1.3).
+        record(&self.captured, Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic)))
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        record(&self.captured, self.inner.verify_tls13_signature(message, cert, dss))
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct ServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    denied: Arc<HashSet<Fingerprint>>,
+    captured: Captured,
+}
+
+impl ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let r = check_denied(&self.denied, end_entity).and_then(|()| {
+            self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        });
+        record(&self.captured, r)
+    }
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        record(&self.captured, Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic)))
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        record(&self.captured, self.inner.verify_tls13_signature(message, cert, dss))
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Presents this node's certificate, as a server and as a client.
+#[derive(Debug)]
+struct Resolver(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+impl ResolvesClientCert for Resolver {
+    fn resolve(&self, _hints: &[&[u8]], sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.0.key.choose_scheme(sigschemes).map(|_| self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
