@@ -38,7 +38,7 @@ pub enum TlsError {
     ///
     /// `error` is rustls' own typed reason (for example
     /// `InvalidCertificate(CertificateError::UnknownIssuer)`, `NoCertificatesPresented`,
-    /// `NoApplicationProtocol`); `alert` is what the peer was told.
+    /// `BadSignature`); `alert` is what the peer was told.
     Local {
         /// rustls' reason.
         error: rustls::Error,
@@ -46,7 +46,7 @@ pub enum TlsError {
         alert: Option<AlertDescription>,
     },
     /// The peer refused the handshake and sent this TLS alert (for example `UnknownCA`,
-    /// `CertificateRequired`, `BadCertificate`, `NoApplicationProtocol`).
+    /// `CertificateRequired`, `BadCertificate`).
     Remote {
         /// The alert the peer sent.
         alert: AlertDescription,
@@ -57,7 +57,9 @@ impl fmt::Display for TlsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TlsError::Local { error, .. } => write!(f, "this node refused the handshake: {error}"),
-            TlsError::Remote { alert } => write!(f, "the peer refused the handshake with alert {alert:?}"),
+            TlsError::Remote { alert } => {
+                write!(f, "the peer refused the handshake with alert {alert:?}")
+            }
         }
     }
 }
@@ -97,7 +99,9 @@ impl fmt::Display for LoadProblem {
                 }
             }
             LoadProblem::Invalid(e) => write!(f, "invalid contents: {e}"),
-            LoadProblem::KeyMismatch => f.write_str("the private key does not match the certificate"),
+            LoadProblem::KeyMismatch => {
+                f.write_str("the private key does not match the certificate")
+            }
         }
     }
 }
@@ -130,7 +134,8 @@ pub enum Error {
         /// Why (detailed only for [`Side::Local`]).
         reason: String,
     },
-    /// The peer negotiated no ALPN protocol or one other than `quicseal/1`.
+    /// The peer does not speak `quicseal/1`: no common ALPN protocol (refused in the TLS
+    /// handshake by either side), or a peer that negotiated none.
     #[error("ALPN mismatch: the peer does not speak quicseal/1 (negotiated {negotiated:?})")]
     AlpnMismatch {
         /// What was negotiated, if anything.
@@ -231,8 +236,14 @@ pub(crate) fn from_connection_error(
             let code = u64::from(t.code);
             if (CRYPTO_ERROR_BASE..CRYPTO_ERROR_BASE + 0x100).contains(&code) {
                 let alert = AlertDescription::from((code - CRYPTO_ERROR_BASE) as u8);
+                if alert == AlertDescription::NoApplicationProtocol {
+                    return Error::AlpnMismatch { negotiated: None };
+                }
                 let error = captured.unwrap_or_else(|| rustls_error_for(alert, &t.reason));
-                Error::Tls(TlsError::Local { error, alert: Some(alert) })
+                Error::Tls(TlsError::Local {
+                    error,
+                    alert: Some(alert),
+                })
             } else {
                 Error::ProtocolViolation {
                     side: Side::Local,
@@ -243,8 +254,12 @@ pub(crate) fn from_connection_error(
         C::ConnectionClosed(c) => {
             let code = u64::from(c.error_code);
             if (CRYPTO_ERROR_BASE..CRYPTO_ERROR_BASE + 0x100).contains(&code) {
-                let alert = AlertDescription::from((code - CRYPTO_ERROR_BASE) as u8);
-                Error::Tls(TlsError::Remote { alert })
+                match AlertDescription::from((code - CRYPTO_ERROR_BASE) as u8) {
+                    AlertDescription::NoApplicationProtocol => {
+                        Error::AlpnMismatch { negotiated: None }
+                    }
+                    alert => Error::Tls(TlsError::Remote { alert }),
+                }
             } else if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED {
                 Error::Refused
             } else {
@@ -255,28 +270,46 @@ pub(crate) fn from_connection_error(
             }
         }
         C::ApplicationClosed(a) => from_application_close(u64::from(a.error_code), &a.reason),
-        C::TimedOut => Error::Timeout { what: "connection idle" },
+        C::TimedOut => Error::Timeout {
+            what: "connection idle",
+        },
         C::LocallyClosed => Error::Closed,
-        C::Reset => Error::ConnectionLost { reason: "reset by the peer".into() },
-        C::VersionMismatch => Error::ConnectionLost { reason: "QUIC version mismatch".into() },
-        C::CidsExhausted => Error::ConnectionLost { reason: "connection IDs exhausted".into() },
+        C::Reset => Error::ConnectionLost {
+            reason: "reset by the peer".into(),
+        },
+        C::VersionMismatch => Error::ConnectionLost {
+            reason: "QUIC version mismatch".into(),
+        },
+        C::CidsExhausted => Error::ConnectionLost {
+            reason: "connection IDs exhausted".into(),
+        },
     }
 }
 
 fn from_application_close(code: u64, reason: &[u8]) -> Error {
     let reason = String::from_utf8_lossy(reason).into_owned();
     match u32::try_from(code) {
-        Ok(close_code::UNAUTHORIZED) => Error::Unauthorized { side: Side::Remote, reason },
+        Ok(close_code::UNAUTHORIZED) => Error::Unauthorized {
+            side: Side::Remote,
+            reason,
+        },
         Ok(close_code::PROTOCOL_VIOLATION) | Ok(close_code::HELLO_TIMEOUT) => {
-            Error::ProtocolViolation { side: Side::Remote, reason }
+            Error::ProtocolViolation {
+                side: Side::Remote,
+                reason,
+            }
         }
         Ok(close_code::MESSAGE_TOO_LARGE) => Error::ProtocolViolation {
             side: Side::Remote,
             reason: "the peer says we sent a message over its limit".into(),
         },
         Ok(close_code::ALPN_MISMATCH) => Error::AlpnMismatch { negotiated: None },
-        Ok(close_code::NO_ERROR) => Error::ConnectionLost { reason: format!("closed by the peer: {reason}") },
-        _ => Error::ConnectionLost { reason: format!("closed by the peer with code {code}: {reason}") },
+        Ok(close_code::NO_ERROR) => Error::ConnectionLost {
+            reason: format!("closed by the peer: {reason}"),
+        },
+        _ => Error::ConnectionLost {
+            reason: format!("closed by the peer with code {code}: {reason}"),
+        },
     }
 }
 
@@ -285,7 +318,6 @@ fn from_application_close(code: u64, reason: &[u8]) -> Error {
 fn rustls_error_for(alert: AlertDescription, reason: &str) -> rustls::Error {
     match alert {
         AlertDescription::CertificateRequired => rustls::Error::NoCertificatesPresented,
-        AlertDescription::NoApplicationProtocol => rustls::Error::NoApplicationProtocol,
         _ => rustls::Error::General(reason.to_owned()),
     }
 }
@@ -296,7 +328,12 @@ impl Error {
     pub fn is_refusal_by_peer(&self) -> bool {
         matches!(
             self,
-            Error::Tls(TlsError::Remote { .. }) | Error::Unauthorized { side: Side::Remote, .. } | Error::Refused
+            Error::Tls(TlsError::Remote { .. })
+                | Error::Unauthorized {
+                    side: Side::Remote,
+                    ..
+                }
+                | Error::Refused
         )
     }
 }
@@ -309,26 +346,41 @@ mod tests {
     fn application_close_codes_map_to_kinds() {
         assert!(matches!(
             from_application_close(close_code::UNAUTHORIZED as u64, b"unauthorized"),
-            Error::Unauthorized { side: Side::Remote, .. }
+            Error::Unauthorized {
+                side: Side::Remote,
+                ..
+            }
         ));
         assert!(matches!(
             from_application_close(close_code::PROTOCOL_VIOLATION as u64, b"x"),
-            Error::ProtocolViolation { side: Side::Remote, .. }
+            Error::ProtocolViolation {
+                side: Side::Remote,
+                ..
+            }
         ));
         assert!(matches!(
             from_application_close(close_code::ALPN_MISMATCH as u64, b""),
             Error::AlpnMismatch { .. }
         ));
-        assert!(matches!(from_application_close(u64::MAX, b""), Error::ConnectionLost { .. }));
+        assert!(matches!(
+            from_application_close(u64::MAX, b""),
+            Error::ConnectionLost { .. }
+        ));
     }
 
     #[test]
     fn load_error_names_the_file() {
         let e = LoadError {
             path: Some("/etc/x/node.key".into()),
-            problem: LoadProblem::WrongPemType { expected: "PRIVATE KEY", found: vec!["CERTIFICATE".into()] },
+            problem: LoadProblem::WrongPemType {
+                expected: "PRIVATE KEY",
+                found: vec!["CERTIFICATE".into()],
+            },
         };
         let s = e.to_string();
-        assert!(s.contains("/etc/x/node.key") && s.contains("PRIVATE KEY") && s.contains("CERTIFICATE"), "{s}");
+        assert!(
+            s.contains("/etc/x/node.key") && s.contains("PRIVATE KEY") && s.contains("CERTIFICATE"),
+            "{s}"
+        );
     }
 }

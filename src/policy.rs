@@ -64,7 +64,9 @@ impl Policy {
 
     /// An empty allow-list: refuses everyone until rules are added.
     pub fn allow_list() -> Policy {
-        Policy { rules: Some(Vec::new()) }
+        Policy {
+            rules: Some(Vec::new()),
+        }
     }
 
     fn with(mut self, rule: Rule) -> Policy {
@@ -94,7 +96,9 @@ impl Policy {
 
     /// Decides on a peer: `Err` carries the local explanation.
     pub fn check(&self, peer: &PeerIdentity) -> Result<(), String> {
-        let Some(rules) = &self.rules else { return Ok(()) };
+        let Some(rules) = &self.rules else {
+            return Ok(());
+        };
         let allowed = rules.iter().any(|rule| match &**rule {
             Rule::Name(n) => peer.has_name(n),
             Rule::TrustDomain(d) => peer.spiffe_trust_domain() == Some(d.as_str()),
@@ -104,7 +108,10 @@ impl Policy {
         if allowed {
             Ok(())
         } else {
-            Err(format!("peer {peer} matches none of the {} policy rules {rules:?}", rules.len()))
+            Err(format!(
+                "peer {peer} matches none of the {} policy rules {rules:?}",
+                rules.len()
+            ))
         }
     }
 }
@@ -130,14 +137,53 @@ mod tests {
         let p = peer();
         assert!(Policy::any_authenticated().check(&p).is_ok());
         assert!(Policy::allow_list().check(&p).is_err());
-        assert!(Policy::allow_list().allow_name("A.example").check(&p).is_ok());
-        assert!(Policy::allow_list().allow_name("b.example").check(&p).is_err());
-        assert!(Policy::allow_list().allow_spiffe_trust_domain("example.org").check(&p).is_ok());
-        assert!(Policy::allow_list().allow_spiffe_trust_domain("example.com").check(&p).is_err());
-        assert!(Policy::allow_list().allow_fingerprint(Fingerprint([7; 32])).check(&p).is_ok());
-        assert!(Policy::allow_list().allow_fingerprint(Fingerprint([8; 32])).check(&p).is_err());
-        assert!(Policy::allow_list().allow_fn(|_| false).allow_name("a").check(&p).is_ok());
-        let err = Policy::allow_list().allow_fn(|_| false).check(&p).unwrap_err();
+        assert!(
+            Policy::allow_list()
+                .allow_name("A.example")
+                .check(&p)
+                .is_ok()
+        );
+        assert!(
+            Policy::allow_list()
+                .allow_name("b.example")
+                .check(&p)
+                .is_err()
+        );
+        assert!(
+            Policy::allow_list()
+                .allow_spiffe_trust_domain("example.org")
+                .check(&p)
+                .is_ok()
+        );
+        assert!(
+            Policy::allow_list()
+                .allow_spiffe_trust_domain("example.com")
+                .check(&p)
+                .is_err()
+        );
+        assert!(
+            Policy::allow_list()
+                .allow_fingerprint(Fingerprint([7; 32]))
+                .check(&p)
+                .is_ok()
+        );
+        assert!(
+            Policy::allow_list()
+                .allow_fingerprint(Fingerprint([8; 32]))
+                .check(&p)
+                .is_err()
+        );
+        assert!(
+            Policy::allow_list()
+                .allow_fn(|_| false)
+                .allow_name("a")
+                .check(&p)
+                .is_ok()
+        );
+        let err = Policy::allow_list()
+            .allow_fn(|_| false)
+            .check(&p)
+            .unwrap_err();
         assert!(err.contains("custom check"), "{err}");
     }
 }

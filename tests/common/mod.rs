@@ -1,0 +1,144 @@
+//! Shared helpers for the integration tests: a real PKI made by `quicseal::pki`, nodes on
+//! loopback, and a raw quinn peer for the cases our own API refuses to produce.
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quicseal::pki::{Ca, Issued, KeyType, NodeCert};
+use quicseal::rustls;
+use quicseal::{Identity, Node, NodeConfig, Session, TrustStore};
+
+pub const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+pub struct Pki {
+    pub ca: Ca,
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Pki {
+        Pki {
+            ca: Ca::new(name, KeyType::EcdsaP256, Duration::from_secs(24 * 3600)).unwrap(),
+        }
+    }
+
+    pub fn trust(&self) -> TrustStore {
+        let mut t = TrustStore::new();
+        t.add_ca_pem(self.ca.cert_pem().as_bytes()).unwrap();
+        t
+    }
+
+    /// A node certificate with `name` as CN and DNS SAN, and 127.0.0.1 as IP SAN.
+    pub fn cert(&self, name: &str) -> NodeCert {
+        NodeCert::new(name).dns(name).ip(LOCALHOST)
+    }
+
+    pub fn issue(&self, cert: &NodeCert) -> Issued {
+        self.ca.issue(cert).unwrap()
+    }
+
+    pub fn identity(&self, name: &str) -> Identity {
+        to_identity(&self.issue(&self.cert(name)))
+    }
+}
+
+pub fn to_identity(issued: &Issued) -> Identity {
+    Identity::from_pem(issued.chain_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap()
+}
+
+pub fn bind(config: NodeConfig) -> Node {
+    Node::bind(SocketAddr::new(LOCALHOST, 0), config).unwrap()
+}
+
+/// Dials `server` from `client` and accepts on `server`, returning both results.
+pub async fn connect(
+    client: &Node,
+    server: &Node,
+    name: &str,
+) -> (quicseal::Result<Session>, quicseal::Result<Session>) {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        tokio::join!(
+            client.connect(server.local_addr().unwrap(), name),
+            server.accept()
+        )
+    })
+    .await
+    .expect("connect and accept finish")
+}
+
+/// A rustls client config for a raw quinn peer: trusts `pki`'s CA, presents `client` if given,
+/// offers `alpn`.
+pub fn raw_client_config(pki: &Pki, client: Option<&Issued>, alpn: &[u8]) -> rustls::ClientConfig {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca.cert_der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut cfg = match client {
+        None => builder.with_no_client_auth(),
+        Some(issued) => {
+            let chain: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
+                    .map(|c| c.unwrap())
+                    .collect();
+            let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    cfg
+}
+
+pub fn raw_endpoint() -> quinn::Endpoint {
+    quinn::Endpoint::client(SocketAddr::new(LOCALHOST, 0)).unwrap()
+}
+
+/// Dials with a raw quinn client; returns the connection once quinn's handshake finished.
+pub async fn raw_connect(
+    endpoint: &quinn::Endpoint,
+    cfg: rustls::ClientConfig,
+    to: SocketAddr,
+    name: &str,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
+    endpoint
+        .connect_with(quinn::ClientConfig::new(Arc::new(quic)), to, name)
+        .unwrap()
+        .await
+}
+
+/// Performs the quicseal hello as a dialler on a raw connection; returns the control stream.
+pub async fn raw_hello(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // Stream header (version 1, control), then HELLO with max_message_size 1 MiB.
+    send.write_all(&[1, 0, 0, 0, 0x01, 0, 0, 0, 4, 0, 0x10, 0, 0])
+        .await
+        .unwrap();
+    let mut hello = [0u8; 9];
+    recv.read_exact(&mut hello).await.unwrap();
+    assert_eq!(hello[..5], [0x01, 0, 0, 0, 4]);
+    (send, recv)
+}
+
+/// The TLS alert a QUIC close carries, if it is a crypto error.
+pub fn alert_of(e: &quinn::ConnectionError) -> Option<u8> {
+    let code = match e {
+        quinn::ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code),
+        _ => return None,
+    };
+    (0x100..0x200).contains(&code).then(|| (code - 0x100) as u8)
+}
+
+/// The application close code of a connection error, if any.
+pub fn app_code(e: &quinn::ConnectionError) -> Option<u64> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(a) => Some(u64::from(a.error_code)),
+        _ => None,
+    }
+}

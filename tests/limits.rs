@@ -1,0 +1,260 @@
+//! Limits and hostile peers: oversize messages, garbage on streams, too many channels and
+//! connections. A raw quinn peer with a valid certificate sends what our API never would.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use quicseal::{Error, Limits, NodeConfig, Session, Side, close_code};
+
+/// A raw quinn peer that completed the quicseal hello with `server`, and the session the
+/// server accepted for it.
+async fn raw_peer(
+    pki: &Pki,
+    server: &quicseal::Node,
+) -> (quinn::Endpoint, quinn::Connection, Session) {
+    let issued = pki.issue(&pki.cert("raw"));
+    let endpoint = raw_endpoint();
+    let cfg = raw_client_config(pki, Some(&issued), quicseal::ALPN);
+    let conn = raw_connect(&endpoint, cfg, server.local_addr().unwrap(), "server")
+        .await
+        .unwrap();
+    let control = raw_hello(&conn).await;
+    std::mem::forget(control); // keep the control stream open for the test's lifetime
+    let session = server.accept().await.unwrap();
+    (endpoint, conn, session)
+}
+
+async fn expect_closed_with(conn: &quinn::Connection, code: u32) {
+    let e = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("peer closed us");
+    assert_eq!(app_code(&e), Some(u64::from(code)), "{e:?}");
+}
+
+#[tokio::test]
+async fn oversize_message_is_refused_at_send() {
+    let pki = Pki::new("ca");
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let limit = 1 << 20;
+    assert_eq!(ab.max_message_size(), limit);
+    let e = ab.send_bytes(0, vec![0u8; limit + 1]).await.unwrap_err();
+    assert!(
+        matches!(e, Error::MessageTooLarge { size, limit: l } if size == limit + 1 && l == limit),
+        "{e:?}"
+    );
+    // Exactly at the limit is fine, and the session still works after the refusal.
+    ab.send_bytes(0, vec![7u8; limit]).await.unwrap();
+    assert_eq!(ba.recv().await.unwrap().payload().len(), limit);
+}
+
+#[tokio::test]
+async fn the_peers_smaller_limit_is_respected_at_send() {
+    let pki = Pki::new("ca");
+    let mut small = Limits::default();
+    small.max_message_size = 1024;
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(small));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, _ba) = (ab.unwrap(), ba.unwrap());
+    assert_eq!(ab.max_message_size(), 1024);
+    let e = ab.send_bytes(0, vec![0u8; 1025]).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::MessageTooLarge {
+                size: 1025,
+                limit: 1024
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn peer_sending_an_oversize_message_is_closed() {
+    let pki = Pki::new("ca");
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
+    let (_ep, conn, session) = raw_peer(&pki, &server).await;
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    // Channel 0, then a MESSAGE header announcing 1 MiB + 1 byte of payload: refused from the
+    // header, before the body is read or allocated.
+    let len = ((1u32 << 20) + 1 + 8).to_be_bytes();
+    send.write_all(&[1, 1, 0, 0, 0x02, len[0], len[1], len[2], len[3]])
+        .await
+        .unwrap();
+    send.write_all(&1u64.to_be_bytes()).await.unwrap();
+    expect_closed_with(&conn, close_code::MESSAGE_TOO_LARGE).await;
+    let e = session.recv().await.unwrap_err();
+    match e {
+        Error::ProtocolViolation {
+            side: Side::Local,
+            reason,
+        } => assert!(reason.contains("exceeds"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn garbage_on_a_stream_closes_that_peer_and_the_node_keeps_serving_others() {
+    let pki = Pki::new("ca");
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
+    let good = bind(NodeConfig::new(pki.identity("good"), pki.trust()));
+    let (to_server, at_server) = connect(&good, &server, "server").await;
+    let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
+
+    let garbage: [&[u8]; 5] = [
+        b"GET / HTTP/1.1\r\n\r\n",       // not a stream header
+        &[1, 1, 0, 9, 0x7f, 0, 0, 0, 0], // unknown frame type on channel 9
+        &[1, 1, 0, 9, 0x03, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1], // ACK on an inbound channel
+        &[1, 1, 0, 9, 0x02, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 5], // sequence 5 before 1
+        &[1, 1, 0, 9, 0x02, 0, 0, 0, 20, 0, 0, 0, 0, 0, 0, 0, 1], // truncated body, then FIN
+    ];
+    for (i, bytes) in garbage.iter().enumerate() {
+        let (_ep, conn, session) = raw_peer(&pki, &server).await;
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        send.write_all(bytes).await.unwrap();
+        send.finish().unwrap();
+        expect_closed_with(&conn, close_code::PROTOCOL_VIOLATION).await;
+        let e = session.recv().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::ProtocolViolation {
+                    side: Side::Local,
+                    ..
+                }
+            ),
+            "case {i}: {e:?}"
+        );
+
+        // The well-behaved session is untouched.
+        to_server.send(0, &(i as u32)).await.unwrap();
+        assert_eq!(
+            at_server.recv().await.unwrap().decode::<u32>().unwrap(),
+            i as u32
+        );
+    }
+    // And new sessions are still accepted.
+    let late = bind(NodeConfig::new(pki.identity("late"), pki.trust()));
+    let (c, s) = connect(&late, &server, "server").await;
+    c.unwrap();
+    s.unwrap();
+}
+
+#[tokio::test]
+async fn peer_that_never_says_hello_times_out() {
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.handshake_timeout = Duration::from_millis(300);
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(limits));
+    let issued = pki.issue(&pki.cert("silent"));
+    let endpoint = raw_endpoint();
+    let conn = raw_connect(
+        &endpoint,
+        raw_client_config(&pki, Some(&issued), quicseal::ALPN),
+        server.local_addr().unwrap(),
+        "server",
+    )
+    .await
+    .unwrap();
+    let e = server.accept().await.unwrap_err();
+    assert!(matches!(e, Error::Timeout { what: "handshake" }), "{e:?}");
+    // The half-open connection does not linger: it is closed once the deadline passed.
+    tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("closed");
+}
+
+#[tokio::test]
+async fn channel_limit_is_a_typed_error() {
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.max_channels = 2;
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, _ba) = (ab.unwrap(), ba.unwrap());
+    ab.send(10, &1u8).await.unwrap();
+    ab.send(20, &1u8).await.unwrap();
+    ab.send(10, &2u8).await.unwrap(); // an existing channel is fine
+    let e = ab.send(30, &1u8).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Limit {
+                what: "channels per session",
+                limit: 2
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn connection_limit_refuses_extra_peers() {
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.max_connections = 1;
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(limits.clone()));
+    let first = bind(NodeConfig::new(pki.identity("first"), pki.trust()));
+    let (c1, s1) = connect(&first, &server, "server").await;
+    let (_c1, _s1) = (c1.unwrap(), s1.unwrap());
+    let second = bind(NodeConfig::new(pki.identity("second"), pki.trust()));
+    let e = second
+        .connect(server.local_addr().unwrap(), "server")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Refused), "{e:?}");
+    // A node at its own limit refuses to dial.
+    let e = server
+        .connect(second.local_addr().unwrap(), "second")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::Limit {
+                what: "connections per node",
+                limit: 1
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_reader_bounds_memory_through_flow_control() {
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.max_message_size = 64 * 1024;
+    limits.receive_buffer = 256 * 1024;
+    limits.stream_receive_window = 128 * 1024;
+    limits.connection_receive_window = 256 * 1024;
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    // The receiver does not read: the sender must stall well before 100 x 64 KiB are sent.
+    let sender = tokio::spawn(async move {
+        for i in 0..100u32 {
+            ab.send_bytes(0, vec![i as u8; 64 * 1024]).await.unwrap();
+        }
+        ab
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !sender.is_finished(),
+        "the sender should be held back by flow control"
+    );
+    for i in 0..100u32 {
+        let m = ba.recv().await.unwrap();
+        assert_eq!(m.payload()[0], i as u8);
+    }
+    let ab = sender.await.unwrap();
+    ab.delivered(0).await.unwrap();
+}
