@@ -1,1 +1,59 @@
-fn main() {}
+//! The `quicseal` command: smoke tools (`listen`, `send`) and the `demo`.
+
+mod demo;
+mod smoke;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "quicseal", version, about = "Secure, authenticated messaging over QUIC")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a self-contained demonstration on loopback (throwaway CA, two nodes, refusals).
+    Demo,
+    /// Accept sessions and print every message with the sender's identity.
+    Listen(smoke::ListenArgs),
+    /// Send one message and exit 0 only once the listener confirmed receipt.
+    Send(smoke::SendArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout();
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Demo => demo::run(&mut out).await,
+            Command::Listen(args) => smoke::listen(args, &mut out).await,
+            Command::Send(args) => smoke::send(args, &mut out).await,
+        }
+    });
+    let _ = out.flush();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

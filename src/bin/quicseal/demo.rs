@@ -1,0 +1,190 @@
+//! `quicseal demo`: a throwaway PKI in a temp dir, two nodes on loopback exchanging messages
+//! both ways, and two intruders refused. Exits 0 only if everything behaved.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quicseal::pki::{Ca, KeyType, NodeCert};
+use quicseal::{Error, Identity, Node, NodeConfig, TlsError, TrustStore};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct Note {
+    from: String,
+    seq: u32,
+    text: String,
+}
+
+const LOOPBACK: &str = "127.0.0.1:0";
+
+/// Runs the demo and writes its report to `out`.
+pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
+    let started = Instant::now();
+    let mut checks = Checks::default();
+    let dir = tempfile::tempdir()?;
+    writeln!(out, "quicseal demo: mutual TLS over QUIC on loopback\n")?;
+
+    // 1. A throwaway PKI, written to files and loaded back as operators do.
+    let ca = Ca::new("quicseal demo CA", KeyType::EcdsaP256, Duration::from_secs(3600))?;
+    write_file(dir.path(), "ca.crt", ca.cert_pem())?;
+    for name in ["alice", "bob"] {
+        let issued = ca.issue(&NodeCert::new(name).dns(name).uri(format!("spiffe://demo.quicseal/node/{name}")))?;
+        write_file(dir.path(), &format!("{name}.crt"), &issued.chain_pem)?;
+        write_file(dir.path(), &format!("{name}.key"), &issued.key_pem)?;
+    }
+    writeln!(out, "PKI      CA and node certificates for alice and bob in {}", dir.path().display())?;
+    let trust = TrustStore::from_ca_file(dir.path().join("ca.crt"))?;
+    let load = |name: &str| Identity::from_pem_files(dir.path().join(format!("{name}.crt")), dir.path().join(format!("{name}.key")));
+    let alice = Node::bind(LOOPBACK.parse().expect("literal"), NodeConfig::new(load("alice")?, trust.clone()))?;
+    let bob = Node::bind(LOOPBACK.parse().expect("literal"), NodeConfig::new(load("bob")?, trust.clone()))?;
+    let bob_addr = bob.local_addr()?;
+    writeln!(out, "nodes    alice on {}, bob on {bob_addr}", alice.local_addr()?)?;
+
+    // 2. alice dials bob; both see the other's typed identity.
+    let (to_bob, at_bob) = tokio::join!(alice.connect(bob_addr, "bob"), bob.accept());
+    let (to_bob, at_bob) = (to_bob?, at_bob?);
+    writeln!(out, "session  alice sees {}", to_bob.peer())?;
+    writeln!(out, "         bob sees   {}", at_bob.peer())?;
+    checks.record("alice sees bob's SPIFFE ID", to_bob.peer().spiffe_id() == Some("spiffe://demo.quicseal/node/bob"));
+    checks.record("bob sees alice's SPIFFE ID", at_bob.peer().spiffe_id() == Some("spiffe://demo.quicseal/node/alice"));
+
+    // 3. Messages both ways, each confirmed by the other side's application.
+    const N: u32 = 5;
+    for seq in 1..=N {
+        to_bob.send(1, &Note { from: "alice".into(), seq, text: format!("hello bob #{seq}") }).await?;
+    }
+    let mut got = Vec::new();
+    for _ in 0..N {
+        let m = at_bob.recv().await?;
+        let note: Note = m.decode()?;
+        checks.record_quiet(note.from == "alice" && m.peer().dns_names == ["alice"]);
+        got.push(note.seq);
+        at_bob.send(1, &Note { from: "bob".into(), seq: note.seq, text: format!("got #{}", note.seq) }).await?;
+    }
+    let mut replies = Vec::new();
+    for _ in 0..N {
+        replies.push(to_bob.recv().await?.decode::<Note>()?.seq);
+    }
+    to_bob.delivered(1).await?;
+    at_bob.delivered(1).await?;
+    let in_order: Vec<u32> = (1..=N).collect();
+    writeln!(out, "messages alice -> bob: {N} sent, {} delivered in order, all acknowledged", got.len())?;
+    writeln!(out, "         bob -> alice: {N} sent, {} delivered in order, all acknowledged", replies.len())?;
+    checks.record("alice -> bob delivered in order", got == in_order);
+    checks.record("bob -> alice delivered in order", replies == in_order);
+
+    // 4. mallory has a certificate from another CA: refused on both sides.
+    let rogue = Ca::new("rogue CA", KeyType::EcdsaP256, Duration::from_secs(3600))?;
+    let m = rogue.issue(&NodeCert::new("mallory").dns("mallory"))?;
+    let mallory = Node::bind(
+        LOOPBACK.parse().expect("literal"),
+        NodeConfig::new(Identity::from_pem(m.chain_pem.as_bytes(), m.key_pem.as_bytes())?, trust.clone()),
+    )?;
+    let (dialled, accepted) = tokio::join!(mallory.connect(bob_addr, "bob"), bob.accept());
+    writeln!(out, "intruder mallory (certificate from another CA):")?;
+    report(out, "mallory", &dialled)?;
+    report(out, "bob", &accepted)?;
+    checks.record(
+        "mallory refused by bob's TLS (unknown CA)",
+        matches!(&accepted, Err(Error::Tls(TlsError::Local { error: quicseal::rustls::Error::InvalidCertificate(quicseal::rustls::CertificateError::UnknownIssuer), .. }))),
+    );
+    checks.record("mallory told only that its CA is unknown", matches!(&dialled, Err(Error::Tls(TlsError::Remote { alert: quicseal::rustls::AlertDescription::UnknownCA }))));
+
+    // 5. An anonymous client with no certificate at all: refused.
+    let (anon, accepted) = tokio::join!(anonymous_dial(&ca, bob_addr), bob.accept());
+    writeln!(out, "intruder anonymous client (no certificate):")?;
+    writeln!(out, "         client: {anon}")?;
+    report(out, "bob", &accepted)?;
+    checks.record(
+        "anonymous client refused (no certificate)",
+        matches!(&accepted, Err(Error::Tls(TlsError::Local { error: quicseal::rustls::Error::NoCertificatesPresented, .. }))),
+    );
+
+    // 6. The legitimate session survived the intruders.
+    to_bob.send(2, "still here").await?;
+    let still = at_bob.recv().await?.decode::<String>()?;
+    checks.record("alice and bob still talking after the intruders", still == "still here");
+
+    to_bob.close();
+    alice.close();
+    bob.close();
+    mallory.close();
+    writeln!(out, "\nchecks   {}/{} passed in {:.2?}", checks.passed, checks.total, started.elapsed())?;
+    for failed in &checks.failed {
+        writeln!(out, "FAILED   {failed}")?;
+    }
+    if checks.failed.is_empty() {
+        writeln!(out, "result   OK")?;
+        Ok(())
+    } else {
+        Err(Error::Config(format!("{} demo checks failed", checks.failed.len())))
+    }
+}
+
+#[derive(Default)]
+struct Checks {
+    total: usize,
+    passed: usize,
+    failed: Vec<String>,
+}
+
+impl Checks {
+    fn record(&mut self, what: &str, ok: bool) {
+        self.total += 1;
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed.push(what.to_owned());
+        }
+    }
+    fn record_quiet(&mut self, ok: bool) {
+        self.record("message carried the sender's identity", ok);
+    }
+}
+
+fn report<T>(out: &mut impl Write, who: &str, r: &quicseal::Result<T>) -> std::io::Result<()> {
+    match r {
+        Ok(_) => writeln!(out, "         {who}: connected (unexpected!)"),
+        Err(e) => writeln!(out, "         {who}: {e}"),
+    }
+}
+
+fn write_file(dir: &Path, name: &str, contents: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(dir.join(name))?;
+    f.write_all(contents.as_bytes())
+}
+
+/// Dials with plain quinn and no client certificate; returns what the client saw.
+async fn anonymous_dial(ca: &Ca, to: SocketAddr) -> String {
+    use quicseal::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    if roots.add(ca.cert_der().clone()).is_err() {
+        return "could not build the client".into();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let Ok(builder) = rustls::ClientConfig::builder_with_provider(provider).with_protocol_versions(&[&rustls::version::TLS13]) else {
+        return "could not build the client".into();
+    };
+    let mut cfg = builder.with_root_certificates(roots).with_no_client_auth();
+    cfg.alpn_protocols = vec![quicseal::ALPN.to_vec()];
+    let Ok(quic) = quinn::crypto::rustls::QuicClientConfig::try_from(cfg) else {
+        return "could not build the client".into();
+    };
+    let Ok(endpoint) = quinn::Endpoint::client(LOOPBACK.parse().expect("literal")) else {
+        return "could not bind".into();
+    };
+    let connecting = match endpoint.connect_with(quinn::ClientConfig::new(Arc::new(quic)), to, "bob") {
+        Ok(c) => c,
+        Err(e) => return format!("could not dial: {e}"),
+    };
+    let outcome = match connecting.await {
+        Ok(conn) => conn.closed().await,
+        Err(e) => e,
+    };
+    format!("connection closed: {outcome}")
+}
