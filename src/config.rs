@@ -78,9 +78,7 @@ impl Limits {
     /// Checks that the limits make sense together.
     pub fn validate(&self) -> Result<()> {
         let bad = |s: String| Err(Error::Config(s));
-        if self.max_message_size == 0
-            || self.max_message_size > crate::proto::wire::MAX_MESSAGE_SIZE
-        {
+        if self.max_message_size == 0 || self.max_message_size > crate::proto::wire::MAX_MESSAGE_SIZE {
             return bad(format!(
                 "max_message_size must be between 1 and {} bytes",
                 crate::proto::wire::MAX_MESSAGE_SIZE
@@ -92,19 +90,13 @@ impl Limits {
         if self.max_connections == 0 || self.max_channels == 0 || self.accept_queue == 0 {
             return bad("max_connections, max_channels and accept_queue must be at least 1".into());
         }
-        if self.stream_receive_window == 0
-            || self.connection_receive_window == 0
-            || self.send_window == 0
-        {
+        if self.stream_receive_window == 0 || self.connection_receive_window == 0 || self.send_window == 0 {
             return bad("flow-control windows must be positive".into());
         }
         if IdleTimeout::try_from(self.idle_timeout).is_err() || self.idle_timeout.is_zero() {
             return bad("idle_timeout must be positive and below 2^62 ms".into());
         }
-        if self
-            .keep_alive
-            .is_some_and(|k| k.is_zero() || k >= self.idle_timeout)
-        {
+        if self.keep_alive.is_some_and(|k| k.is_zero() || k >= self.idle_timeout) {
             return bad("keep_alive must be positive and shorter than idle_timeout".into());
         }
         if self.handshake_timeout.is_zero() {
@@ -119,9 +111,7 @@ impl Limits {
         // One control stream plus the channels.
         t.max_concurrent_bidi_streams(VarInt::from_u32(u32::from(self.max_channels) + 1));
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
-        t.max_idle_timeout(Some(
-            IdleTimeout::try_from(self.idle_timeout).expect("validated"),
-        ));
+        t.max_idle_timeout(Some(IdleTimeout::try_from(self.idle_timeout).expect("validated")));
         t.keep_alive_interval(self.keep_alive);
         t.stream_receive_window(VarInt::from_u32(self.stream_receive_window));
         t.receive_window(VarInt::from_u32(self.connection_receive_window));
@@ -148,12 +138,7 @@ impl NodeConfig {
     /// A configuration with the default [`Policy`] (any peer the trust store accepts) and
     /// default [`Limits`].
     pub fn new(identity: Identity, trust: TrustStore) -> NodeConfig {
-        NodeConfig {
-            identity,
-            trust,
-            policy: Policy::any_authenticated(),
-            limits: Limits::default(),
-        }
+        NodeConfig { identity, trust, policy: Policy::any_authenticated(), limits: Limits::default() }
     }
 
     /// Sets the authorization policy.
@@ -186,11 +171,12 @@ mod tests {
         let mut l = Limits::default();
         l.keep_alive = Some(l.idle_timeout);
         assert!(l.validate().is_err());
-        let mut l = Limits::default();
-        l.max_message_size = 0;
-        assert!(l.validate().is_err());
-        let mut l = Limits::default();
-        l.max_channels = 0;
-        assert!(l.validate().is_err());
+        assert!(Limits { max_message_size: 0, ..Limits::default() }.validate().is_err());
+        assert!(
+            Limits { max_message_size: 65 << 20, receive_buffer: 128 << 20, ..Limits::default() }.validate().is_err()
+        );
+        assert!(Limits { max_channels: 0, ..Limits::default() }.validate().is_err());
+        assert!(Limits { idle_timeout: std::time::Duration::ZERO, ..Limits::default() }.validate().is_err());
+        assert!(Limits { handshake_timeout: std::time::Duration::ZERO, ..Limits::default() }.validate().is_err());
     }
 }

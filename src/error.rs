@@ -92,16 +92,10 @@ impl fmt::Display for LoadProblem {
             LoadProblem::NotPem(e) => write!(f, "not PEM: {e}"),
             LoadProblem::WrongPemType { expected, found } => {
                 write!(f, "expected a PEM `{expected}` section, found ")?;
-                if found.is_empty() {
-                    f.write_str("none")
-                } else {
-                    write!(f, "{}", found.join(", "))
-                }
+                if found.is_empty() { f.write_str("none") } else { write!(f, "{}", found.join(", ")) }
             }
             LoadProblem::Invalid(e) => write!(f, "invalid contents: {e}"),
-            LoadProblem::KeyMismatch => {
-                f.write_str("the private key does not match the certificate")
-            }
+            LoadProblem::KeyMismatch => f.write_str("the private key does not match the certificate"),
         }
     }
 }
@@ -226,10 +220,7 @@ const CRYPTO_ERROR_BASE: u64 = 0x100;
 
 /// Maps a quinn connection error to ours. `captured` is the typed rustls error our verifier
 /// recorded for this connection, if any.
-pub(crate) fn from_connection_error(
-    err: quinn::ConnectionError,
-    captured: Option<rustls::Error>,
-) -> Error {
+pub(crate) fn from_connection_error(err: quinn::ConnectionError, captured: Option<rustls::Error>) -> Error {
     use quinn::ConnectionError as C;
     match err {
         C::TransportError(t) => {
@@ -240,24 +231,16 @@ pub(crate) fn from_connection_error(
                     return Error::AlpnMismatch { negotiated: None };
                 }
                 let error = captured.unwrap_or_else(|| rustls_error_for(alert, &t.reason));
-                Error::Tls(TlsError::Local {
-                    error,
-                    alert: Some(alert),
-                })
+                Error::Tls(TlsError::Local { error, alert: Some(alert) })
             } else {
-                Error::ProtocolViolation {
-                    side: Side::Local,
-                    reason: format!("QUIC transport: {t}"),
-                }
+                Error::ProtocolViolation { side: Side::Local, reason: format!("QUIC transport: {t}") }
             }
         }
         C::ConnectionClosed(c) => {
             let code = u64::from(c.error_code);
             if (CRYPTO_ERROR_BASE..CRYPTO_ERROR_BASE + 0x100).contains(&code) {
                 match AlertDescription::from((code - CRYPTO_ERROR_BASE) as u8) {
-                    AlertDescription::NoApplicationProtocol => {
-                        Error::AlpnMismatch { negotiated: None }
-                    }
+                    AlertDescription::NoApplicationProtocol => Error::AlpnMismatch { negotiated: None },
                     alert => Error::Tls(TlsError::Remote { alert }),
                 }
             } else if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED {
@@ -270,46 +253,28 @@ pub(crate) fn from_connection_error(
             }
         }
         C::ApplicationClosed(a) => from_application_close(u64::from(a.error_code), &a.reason),
-        C::TimedOut => Error::Timeout {
-            what: "connection idle",
-        },
+        C::TimedOut => Error::Timeout { what: "connection idle" },
         C::LocallyClosed => Error::Closed,
-        C::Reset => Error::ConnectionLost {
-            reason: "reset by the peer".into(),
-        },
-        C::VersionMismatch => Error::ConnectionLost {
-            reason: "QUIC version mismatch".into(),
-        },
-        C::CidsExhausted => Error::ConnectionLost {
-            reason: "connection IDs exhausted".into(),
-        },
+        C::Reset => Error::ConnectionLost { reason: "reset by the peer".into() },
+        C::VersionMismatch => Error::ConnectionLost { reason: "QUIC version mismatch".into() },
+        C::CidsExhausted => Error::ConnectionLost { reason: "connection IDs exhausted".into() },
     }
 }
 
 fn from_application_close(code: u64, reason: &[u8]) -> Error {
     let reason = String::from_utf8_lossy(reason).into_owned();
     match u32::try_from(code) {
-        Ok(close_code::UNAUTHORIZED) => Error::Unauthorized {
-            side: Side::Remote,
-            reason,
-        },
+        Ok(close_code::UNAUTHORIZED) => Error::Unauthorized { side: Side::Remote, reason },
         Ok(close_code::PROTOCOL_VIOLATION) | Ok(close_code::HELLO_TIMEOUT) => {
-            Error::ProtocolViolation {
-                side: Side::Remote,
-                reason,
-            }
+            Error::ProtocolViolation { side: Side::Remote, reason }
         }
         Ok(close_code::MESSAGE_TOO_LARGE) => Error::ProtocolViolation {
             side: Side::Remote,
             reason: "the peer says we sent a message over its limit".into(),
         },
         Ok(close_code::ALPN_MISMATCH) => Error::AlpnMismatch { negotiated: None },
-        Ok(close_code::NO_ERROR) => Error::ConnectionLost {
-            reason: format!("closed by the peer: {reason}"),
-        },
-        _ => Error::ConnectionLost {
-            reason: format!("closed by the peer with code {code}: {reason}"),
-        },
+        Ok(close_code::NO_ERROR) => Error::ConnectionLost { reason: format!("closed by the peer: {reason}") },
+        _ => Error::ConnectionLost { reason: format!("closed by the peer with code {code}: {reason}") },
     }
 }
 
@@ -328,12 +293,7 @@ impl Error {
     pub fn is_refusal_by_peer(&self) -> bool {
         matches!(
             self,
-            Error::Tls(TlsError::Remote { .. })
-                | Error::Unauthorized {
-                    side: Side::Remote,
-                    ..
-                }
-                | Error::Refused
+            Error::Tls(TlsError::Remote { .. }) | Error::Unauthorized { side: Side::Remote, .. } | Error::Refused
         )
     }
 }
@@ -346,41 +306,23 @@ mod tests {
     fn application_close_codes_map_to_kinds() {
         assert!(matches!(
             from_application_close(close_code::UNAUTHORIZED as u64, b"unauthorized"),
-            Error::Unauthorized {
-                side: Side::Remote,
-                ..
-            }
+            Error::Unauthorized { side: Side::Remote, .. }
         ));
         assert!(matches!(
             from_application_close(close_code::PROTOCOL_VIOLATION as u64, b"x"),
-            Error::ProtocolViolation {
-                side: Side::Remote,
-                ..
-            }
+            Error::ProtocolViolation { side: Side::Remote, .. }
         ));
-        assert!(matches!(
-            from_application_close(close_code::ALPN_MISMATCH as u64, b""),
-            Error::AlpnMismatch { .. }
-        ));
-        assert!(matches!(
-            from_application_close(u64::MAX, b""),
-            Error::ConnectionLost { .. }
-        ));
+        assert!(matches!(from_application_close(close_code::ALPN_MISMATCH as u64, b""), Error::AlpnMismatch { .. }));
+        assert!(matches!(from_application_close(u64::MAX, b""), Error::ConnectionLost { .. }));
     }
 
     #[test]
     fn load_error_names_the_file() {
         let e = LoadError {
             path: Some("/etc/x/node.key".into()),
-            problem: LoadProblem::WrongPemType {
-                expected: "PRIVATE KEY",
-                found: vec!["CERTIFICATE".into()],
-            },
+            problem: LoadProblem::WrongPemType { expected: "PRIVATE KEY", found: vec!["CERTIFICATE".into()] },
         };
         let s = e.to_string();
-        assert!(
-            s.contains("/etc/x/node.key") && s.contains("PRIVATE KEY") && s.contains("CERTIFICATE"),
-            "{s}"
-        );
+        assert!(s.contains("/etc/x/node.key") && s.contains("PRIVATE KEY") && s.contains("CERTIFICATE"), "{s}");
     }
 }

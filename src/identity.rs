@@ -93,12 +93,7 @@ impl PeerIdentity {
             dns_names: Vec::new(),
             ip_addresses: Vec::new(),
             uris: Vec::new(),
-            common_name: cert
-                .subject()
-                .iter_common_name()
-                .next()
-                .and_then(|cn| cn.as_str().ok())
-                .map(str::to_owned),
+            common_name: cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned),
             fingerprint: Fingerprint::of_spki(cert.tbs_certificate.subject_pki.raw),
             not_after: {
                 let t = cert.validity().not_after.timestamp();
@@ -116,12 +111,8 @@ impl PeerIdentity {
                     GeneralName::DNSName(d) => id.dns_names.push((*d).to_owned()),
                     GeneralName::URI(u) => id.uris.push((*u).to_owned()),
                     GeneralName::IPAddress(b) => match b.len() {
-                        4 => id
-                            .ip_addresses
-                            .push(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())),
-                        16 => id
-                            .ip_addresses
-                            .push(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())),
+                        4 => id.ip_addresses.push(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default())),
+                        16 => id.ip_addresses.push(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default())),
                         _ => {}
                     },
                     _ => {}
@@ -133,10 +124,7 @@ impl PeerIdentity {
 
     /// The first `spiffe://` URI SAN, if any.
     pub fn spiffe_id(&self) -> Option<&str> {
-        self.uris
-            .iter()
-            .map(String::as_str)
-            .find(|u| u.starts_with("spiffe://"))
+        self.uris.iter().map(String::as_str).find(|u| u.starts_with("spiffe://"))
     }
 
     /// The trust domain of the SPIFFE ID (`example.org` in `spiffe://example.org/node/a`).
@@ -149,9 +137,7 @@ impl PeerIdentity {
     pub fn has_name(&self, name: &str) -> bool {
         self.dns_names.iter().any(|d| d.eq_ignore_ascii_case(name))
             || self.uris.iter().any(|u| u == name)
-            || name
-                .parse::<IpAddr>()
-                .is_ok_and(|ip| self.ip_addresses.contains(&ip))
+            || name.parse::<IpAddr>().is_ok_and(|ip| self.ip_addresses.contains(&ip))
             || self.common_name.as_deref() == Some(name)
     }
 
@@ -169,12 +155,7 @@ impl PeerIdentity {
 
 impl fmt::Display for PeerIdentity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} (key {:.16}…)",
-            self.display_name(),
-            self.fingerprint.to_string()
-        )
+        write!(f, "{} (key {:.16}…)", self.display_name(), self.fingerprint.to_string())
     }
 }
 
@@ -187,9 +168,7 @@ pub struct Identity {
 
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity")
-            .field("fingerprint", &self.fingerprint)
-            .finish_non_exhaustive()
+        f.debug_struct("Identity").field("fingerprint", &self.fingerprint).finish_non_exhaustive()
     }
 }
 
@@ -210,24 +189,14 @@ impl Identity {
         Self::build(cert_pem, None, key_pem, None)
     }
 
-    fn build(
-        cert_pem: &[u8],
-        cert_path: Option<&Path>,
-        key_pem: &[u8],
-        key_path: Option<&Path>,
-    ) -> Result<Identity> {
+    fn build(cert_pem: &[u8], cert_path: Option<&Path>, key_pem: &[u8], key_path: Option<&Path>) -> Result<Identity> {
         let chain: Vec<CertificateDer<'static>> =
-            sections(cert_pem, cert_path, "CERTIFICATE", |k| {
-                matches!(k, SectionKind::Certificate)
-            })?
-            .into_iter()
-            .map(|(_, der)| CertificateDer::from(der))
-            .collect();
+            sections(cert_pem, cert_path, "CERTIFICATE", |k| matches!(k, SectionKind::Certificate))?
+                .into_iter()
+                .map(|(_, der)| CertificateDer::from(der))
+                .collect();
         let (kind, der) = sections(key_pem, key_path, "PRIVATE KEY", |k| {
-            matches!(
-                k,
-                SectionKind::PrivateKey | SectionKind::EcPrivateKey | SectionKind::RsaPrivateKey
-            )
+            matches!(k, SectionKind::PrivateKey | SectionKind::EcPrivateKey | SectionKind::RsaPrivateKey)
         })?
         .into_iter()
         .next()
@@ -243,12 +212,7 @@ impl Identity {
         let signing_key = provider
             .key_provider
             .load_private_key(key_der)
-            .map_err(|e| {
-                load_err(
-                    key_path,
-                    LoadProblem::Invalid(format!("unsupported or malformed key: {e}")),
-                )
-            })?;
+            .map_err(|e| load_err(key_path, LoadProblem::Invalid(format!("unsupported or malformed key: {e}"))))?;
         let certified = CertifiedKey::new(chain, signing_key);
         match certified.keys_match() {
             Ok(()) => {}
@@ -257,10 +221,7 @@ impl Identity {
             }
             Err(e) => return Err(load_err(cert_path, LoadProblem::Invalid(e.to_string())).into()),
         }
-        Ok(Identity {
-            key: Arc::new(certified),
-            fingerprint,
-        })
+        Ok(Identity { key: Arc::new(certified), fingerprint })
     }
 
     /// The fingerprint of this identity's public key.
@@ -307,15 +268,9 @@ impl TrustStore {
     }
 
     fn add_cas(&mut self, pem: &[u8], path: Option<&Path>) -> Result<&mut Self> {
-        for (_, der) in sections(pem, path, "CERTIFICATE", |k| {
-            matches!(k, SectionKind::Certificate)
-        })? {
-            x509_parser::parse_x509_certificate(&der).map_err(|e| {
-                load_err(
-                    path,
-                    LoadProblem::Invalid(format!("certificate does not parse: {e}")),
-                )
-            })?;
+        for (_, der) in sections(pem, path, "CERTIFICATE", |k| matches!(k, SectionKind::Certificate))? {
+            x509_parser::parse_x509_certificate(&der)
+                .map_err(|e| load_err(path, LoadProblem::Invalid(format!("certificate does not parse: {e}"))))?;
             self.cas.push(CertificateDer::from(der));
         }
         Ok(self)
@@ -356,18 +311,11 @@ fn check_crl(der: &[u8], path: Option<&Path>) -> Result<()> {
     use x509_parser::prelude::FromDer;
     x509_parser::revocation_list::CertificateRevocationList::from_der(der)
         .map(|_| ())
-        .map_err(|e| {
-            load_err(
-                path,
-                LoadProblem::Invalid(format!("CRL does not parse: {e}")),
-            )
-            .into()
-        })
+        .map_err(|e| load_err(path, LoadProblem::Invalid(format!("CRL does not parse: {e}"))).into())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
-    std::fs::read(path)
-        .map_err(|e| load_err(Some(path), LoadProblem::Unreadable(e.to_string())).into())
+    std::fs::read(path).map_err(|e| load_err(Some(path), LoadProblem::Unreadable(e.to_string())).into())
 }
 
 fn invalid(s: &str) -> LoadProblem {
@@ -375,10 +323,7 @@ fn invalid(s: &str) -> LoadProblem {
 }
 
 fn load_err(path: Option<&Path>, problem: LoadProblem) -> LoadError {
-    LoadError {
-        path: path.map(PathBuf::from),
-        problem,
-    }
+    LoadError { path: path.map(PathBuf::from), problem }
 }
 
 /// The PEM sections of `pem` whose kind passes `want`; an error naming the file when there are
@@ -432,11 +377,7 @@ mod tests {
     fn fingerprint_round_trips_and_accepts_colons() {
         let fp = Fingerprint([0xab; 32]);
         assert_eq!(fp.to_string().parse::<Fingerprint>().unwrap(), fp);
-        let colons =
-            fp.0.iter()
-                .map(|b| format!("{b:02X}"))
-                .collect::<Vec<_>>()
-                .join(":");
+        let colons = fp.0.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":");
         assert_eq!(colons.parse::<Fingerprint>().unwrap(), fp);
         assert!("abc".parse::<Fingerprint>().is_err());
         assert!("é".repeat(32).parse::<Fingerprint>().is_err());

@@ -25,9 +25,7 @@ use crate::config::{Limits, NodeConfig};
 use crate::error::{Error, Result, Side, close_code, from_connection_error};
 use crate::identity::PeerIdentity;
 use crate::policy::Policy;
-use crate::proto::wire::{
-    self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, frame_type,
-};
+use crate::proto::wire::{self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, frame_type};
 use crate::session::{Session, SessionParams};
 use crate::tls::{ALPN, Captured, TlsContext, take_captured};
 
@@ -67,17 +65,13 @@ struct NodeInner {
 impl Drop for NodeInner {
     fn drop(&mut self) {
         self.accept_task.abort();
-        self.shared
-            .endpoint
-            .close(VarInt::from_u32(close_code::NO_ERROR), b"node closed");
+        self.shared.endpoint.close(VarInt::from_u32(close_code::NO_ERROR), b"node closed");
     }
 }
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node")
-            .field("local_addr", &self.local_addr().ok())
-            .finish_non_exhaustive()
+        f.debug_struct("Node").field("local_addr", &self.local_addr().ok()).finish_non_exhaustive()
     }
 }
 
@@ -95,23 +89,11 @@ impl Node {
         // verifier); quinn's own cap is set to the same bound.
         base_server.max_incoming(config.limits.max_connections);
         let endpoint = Endpoint::server(base_server.clone(), addr)?;
-        let shared = Arc::new(Shared {
-            endpoint,
-            tls,
-            base_server,
-            transport,
-            policy: config.policy,
-            limits: config.limits,
-        });
+        let shared =
+            Arc::new(Shared { endpoint, tls, base_server, transport, policy: config.policy, limits: config.limits });
         let (tx, rx) = mpsc::channel(shared.limits.accept_queue);
         let accept_task = tokio::spawn(accept_loop(shared.clone(), tx));
-        Ok(Node {
-            inner: Arc::new(NodeInner {
-                shared,
-                accepted: tokio::sync::Mutex::new(rx),
-                accept_task,
-            }),
-        })
+        Ok(Node { inner: Arc::new(NodeInner { shared, accepted: tokio::sync::Mutex::new(rx), accept_task }) })
     }
 
     /// The bound UDP address.
@@ -129,25 +111,17 @@ impl Node {
     pub async fn connect(&self, addr: SocketAddr, server_name: &str) -> Result<Session> {
         let shared = &self.inner.shared;
         if shared.endpoint.open_connections() >= shared.limits.max_connections {
-            return Err(Error::Limit {
-                what: "connections per node",
-                limit: shared.limits.max_connections as u64,
-            });
+            return Err(Error::Limit { what: "connections per node", limit: shared.limits.max_connections as u64 });
         }
         let (crypto, captured) = shared.tls.client_config()?;
         let mut cfg = quinn::ClientConfig::new(crypto);
         cfg.transport_config(shared.transport.clone());
-        let connecting = shared
-            .endpoint
-            .connect_with(cfg, addr, server_name)
-            .map_err(|e| match e {
-                quinn::ConnectError::EndpointStopping => Error::Closed,
-                e => Error::Config(format!("cannot dial {addr} as {server_name:?}: {e}")),
-            })?;
+        let connecting = shared.endpoint.connect_with(cfg, addr, server_name).map_err(|e| match e {
+            quinn::ConnectError::EndpointStopping => Error::Closed,
+            e => Error::Config(format!("cannot dial {addr} as {server_name:?}: {e}")),
+        })?;
         let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
-            let conn = connecting
-                .await
-                .map_err(|e| from_connection_error(e, take_captured(&captured)))?;
+            let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
             establish(shared, conn, &captured, Role::Dialler).await
         })
         .await;
@@ -165,21 +139,12 @@ impl Node {
     /// `Err` (so the operator sees it); the node keeps serving, so call `accept` again.
     /// [`Error::Closed`] means the node was closed.
     pub async fn accept(&self) -> Result<Session> {
-        self.inner
-            .accepted
-            .lock()
-            .await
-            .recv()
-            .await
-            .unwrap_or(Err(Error::Closed))
+        self.inner.accepted.lock().await.recv().await.unwrap_or(Err(Error::Closed))
     }
 
     /// Closes every connection and stops accepting.
     pub fn close(&self) {
-        self.inner
-            .shared
-            .endpoint
-            .close(VarInt::from_u32(close_code::NO_ERROR), b"node closed");
+        self.inner.shared.endpoint.close(VarInt::from_u32(close_code::NO_ERROR), b"node closed");
     }
 
     /// Waits until every connection is closed and the peers were told.
@@ -221,13 +186,9 @@ async fn accept_one(shared: &Shared, incoming: quinn::Incoming) -> Result<Sessio
     let (crypto, captured) = shared.tls.server_config()?;
     let mut cfg = shared.base_server.clone();
     cfg.crypto = crypto;
-    let connecting = incoming
-        .accept_with(Arc::new(cfg))
-        .map_err(|e| from_connection_error(e, None))?;
+    let connecting = incoming.accept_with(Arc::new(cfg)).map_err(|e| from_connection_error(e, None))?;
     let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
-        let conn = connecting
-            .await
-            .map_err(|e| from_connection_error(e, take_captured(&captured)))?;
+        let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
         establish(shared, conn, &captured, Role::Acceptor).await
     })
     .await;
@@ -241,50 +202,29 @@ enum Role {
 }
 
 /// Steps 2 to 4 of the module docs, after the TLS handshake.
-async fn establish(
-    shared: &Shared,
-    conn: Connection,
-    captured: &Captured,
-    role: Role,
-) -> Result<Session> {
+async fn establish(shared: &Shared, conn: Connection, captured: &Captured, role: Role) -> Result<Session> {
     let lost = |e: quinn::ConnectionError| from_connection_error(e, take_captured(captured));
-    let negotiated = conn
-        .handshake_data()
-        .and_then(|d| d.downcast::<HandshakeData>().ok())
-        .and_then(|d| d.protocol);
+    let negotiated = conn.handshake_data().and_then(|d| d.downcast::<HandshakeData>().ok()).and_then(|d| d.protocol);
     if negotiated.as_deref() != Some(ALPN) {
-        conn.close(
-            VarInt::from_u32(close_code::ALPN_MISMATCH),
-            b"alpn mismatch",
-        );
-        return Err(Error::AlpnMismatch {
-            negotiated: negotiated.map(|p| String::from_utf8_lossy(&p).into_owned()),
-        });
+        conn.close(VarInt::from_u32(close_code::ALPN_MISMATCH), b"alpn mismatch");
+        return Err(Error::AlpnMismatch { negotiated: negotiated.map(|p| String::from_utf8_lossy(&p).into_owned()) });
     }
     let peer = peer_identity(&conn)?;
     if let Err(reason) = shared.policy.check(&peer) {
         conn.close(VarInt::from_u32(close_code::UNAUTHORIZED), b"unauthorized");
-        return Err(Error::Unauthorized {
-            side: Side::Local,
-            reason,
-        });
+        return Err(Error::Unauthorized { side: Side::Local, reason });
     }
     let local_max = shared.limits.max_message_size;
     let hello = {
         let mut v = Vec::with_capacity(9);
-        Frame::Hello {
-            max_message_size: local_max as u32,
-        }
-        .encode(&mut v);
+        Frame::Hello { max_message_size: local_max as u32 }.encode(&mut v);
         Bytes::from(v)
     };
     let (send, mut recv) = match role {
         Role::Dialler => {
             let (mut send, recv) = conn.open_bi().await.map_err(lost)?;
             let header = Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Control));
-            send.write_all_chunks(&mut [header, hello.clone()])
-                .await
-                .map_err(|e| write_err(e, &lost))?;
+            send.write_all_chunks(&mut [header, hello.clone()]).await.map_err(|e| write_err(e, &lost))?;
             (send, recv)
         }
         Role::Acceptor => {
@@ -294,10 +234,7 @@ async fn establish(
             match wire::decode_stream_header(head) {
                 Ok(StreamKind::Control) => {}
                 Ok(_) => {
-                    return Err(violation(
-                        &conn,
-                        "first stream is not the control stream".into(),
-                    ));
+                    return Err(violation(&conn, "first stream is not the control stream".into()));
                 }
                 Err(e) => return Err(violation(&conn, e.to_string())),
             }
@@ -307,9 +244,7 @@ async fn establish(
     let peer_max = read_hello(&conn, &mut recv, &lost).await?;
     let mut send = send;
     if role == Role::Acceptor {
-        send.write_all(&hello)
-            .await
-            .map_err(|e| write_err(e, &lost))?;
+        send.write_all(&hello).await.map_err(|e| write_err(e, &lost))?;
     }
     Ok(Session::start(
         conn,
@@ -328,16 +263,11 @@ fn peer_identity(conn: &Connection) -> Result<PeerIdentity> {
     let chain = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .ok_or_else(|| Error::ConnectionLost {
-            reason: "the peer presented no certificate".into(),
-        })?;
-    let leaf = chain.first().ok_or_else(|| Error::ConnectionLost {
-        reason: "empty certificate chain".into(),
-    })?;
+        .ok_or_else(|| Error::ConnectionLost { reason: "the peer presented no certificate".into() })?;
+    let leaf = chain.first().ok_or_else(|| Error::ConnectionLost { reason: "empty certificate chain".into() })?;
     // The certificate was verified by webpki, so x509-parser reads it too; if it did not, the
     // peer is closed rather than trusted blindly.
-    PeerIdentity::from_certificate(leaf)
-        .map_err(|e| violation(conn, format!("unreadable peer certificate: {e}")))
+    PeerIdentity::from_certificate(leaf).map_err(|e| violation(conn, format!("unreadable peer certificate: {e}")))
 }
 
 async fn read_hello(
@@ -349,17 +279,12 @@ async fn read_hello(
     read_exact(conn, recv, &mut head, lost).await?;
     let header = FrameHeader::decode(head, 0).map_err(|e| violation(conn, e.to_string()))?;
     if header.frame_type != frame_type::HELLO {
-        return Err(violation(
-            conn,
-            format!("expected HELLO, got frame type {:#04x}", header.frame_type),
-        ));
+        return Err(violation(conn, format!("expected HELLO, got frame type {:#04x}", header.frame_type)));
     }
     let mut body = [0u8; 4];
     read_exact(conn, recv, &mut body, lost).await?;
     match header.decode_body(Bytes::copy_from_slice(&body)) {
-        Ok(Frame::Hello { max_message_size }) if max_message_size > 0 => {
-            Ok(max_message_size as usize)
-        }
+        Ok(Frame::Hello { max_message_size }) if max_message_size > 0 => Ok(max_message_size as usize),
         Ok(_) => Err(violation(conn, "HELLO with max_message_size 0".into())),
         Err(e) => Err(violation(conn, e.to_string())),
     }
@@ -373,33 +298,20 @@ async fn read_exact(
 ) -> Result<()> {
     match recv.read_exact(buf).await {
         Ok(()) => Ok(()),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => {
-            Err(violation(conn, "control stream ended early".into()))
-        }
+        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(violation(conn, "control stream ended early".into())),
         Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => Err(lost(e)),
-        Err(quinn::ReadExactError::ReadError(e)) => {
-            Err(violation(conn, format!("control stream: {e}")))
-        }
+        Err(quinn::ReadExactError::ReadError(e)) => Err(violation(conn, format!("control stream: {e}"))),
     }
 }
 
 fn write_err(e: quinn::WriteError, lost: &impl Fn(quinn::ConnectionError) -> Error) -> Error {
     match e {
         quinn::WriteError::ConnectionLost(e) => lost(e),
-        e => Error::ProtocolViolation {
-            side: Side::Remote,
-            reason: format!("control stream: {e}"),
-        },
+        e => Error::ProtocolViolation { side: Side::Remote, reason: format!("control stream: {e}") },
     }
 }
 
 fn violation(conn: &Connection, reason: String) -> Error {
-    conn.close(
-        VarInt::from_u32(close_code::PROTOCOL_VIOLATION),
-        b"protocol violation",
-    );
-    Error::ProtocolViolation {
-        side: Side::Local,
-        reason,
-    }
+    conn.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), b"protocol violation");
+    Error::ProtocolViolation { side: Side::Local, reason }
 }

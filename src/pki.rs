@@ -10,9 +10,9 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
-    RevocationReason, RevokedCertParams, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
+    SanType, SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::CertificateDer;
@@ -69,9 +69,7 @@ pub struct Issued {
 
 impl std::fmt::Debug for Issued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issued")
-            .field("serial", &self.serial)
-            .finish_non_exhaustive()
+        f.debug_struct("Issued").field("serial", &self.serial).finish_non_exhaustive()
     }
 }
 
@@ -146,30 +144,27 @@ impl NodeCert {
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages = match self.usage {
             Usage::ClientAndServer => {
-                vec![
-                    ExtendedKeyUsagePurpose::ServerAuth,
-                    ExtendedKeyUsagePurpose::ClientAuth,
-                ]
+                vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth]
             }
             Usage::ClientOnly => vec![ExtendedKeyUsagePurpose::ClientAuth],
             Usage::ServerOnly => vec![ExtendedKeyUsagePurpose::ServerAuth],
         };
         p.use_authority_key_identifier_extension = true;
         for d in &self.dns {
-            let name = d
-                .clone()
-                .try_into()
-                .map_err(|_| Error::Config(format!("not a DNS name: {d:?}")))?;
+            if !is_dns_name(d) {
+                return Err(Error::Config(format!("not a DNS name: {d:?}")));
+            }
+            let name = d.clone().try_into().map_err(|_| Error::Config(format!("not a DNS name: {d:?}")))?;
             p.subject_alt_names.push(SanType::DnsName(name));
         }
         for ip in &self.ips {
             p.subject_alt_names.push(SanType::IpAddress(*ip));
         }
         for u in &self.uris {
-            let uri = u
-                .clone()
-                .try_into()
-                .map_err(|_| Error::Config(format!("not a URI: {u:?}")))?;
+            if !is_uri(u) {
+                return Err(Error::Config(format!("not a URI: {u:?}")));
+            }
+            let uri = u.clone().try_into().map_err(|_| Error::Config(format!("not a URI: {u:?}")))?;
             p.subject_alt_names.push(SanType::URI(uri));
         }
         Ok(p)
@@ -180,18 +175,9 @@ impl NodeCert {
     pub fn self_signed(&self) -> Result<Issued> {
         let key = self.key_type.generate()?;
         let params = self.params()?;
-        let serial = params
-            .serial_number
-            .as_ref()
-            .map(|s| s.to_bytes())
-            .unwrap_or_default();
+        let serial = params.serial_number.as_ref().map(|s| s.to_bytes()).unwrap_or_default();
         let cert = params.self_signed(&key).map_err(pki_err)?;
-        Ok(Issued {
-            chain_pem: cert.pem(),
-            cert_der: cert.der().clone(),
-            key_pem: key.serialize_pem(),
-            serial,
-        })
+        Ok(Issued { chain_pem: cert.pem(), cert_der: cert.der().clone(), key_pem: key.serialize_pem(), serial })
     }
 }
 
@@ -232,19 +218,10 @@ impl Ca {
         p.serial_number = Some(random_serial()?);
         // Path length 0: a quicseal CA signs node certificates, never other CAs.
         p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = p.self_signed(&key).map_err(pki_err)?;
         let key_pem = key.serialize_pem();
-        Ok(Ca {
-            cert_der: cert.der().clone(),
-            cert_pem: cert.pem(),
-            key_pem,
-            issuer: Issuer::new(p, key),
-        })
+        Ok(Ca { cert_der: cert.der().clone(), cert_pem: cert.pem(), key_pem, issuer: Issuer::new(p, key) })
     }
 
     /// Loads a CA from its PEM certificate and PEM private key; refuses a key that does not
@@ -259,17 +236,10 @@ impl Ca {
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
             .map_err(|e| Error::Config(format!("CA certificate: {e}")))?;
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(Error::Config(
-                "the CA key does not match the CA certificate".into(),
-            ));
+            return Err(Error::Config("the CA key does not match the CA certificate".into()));
         }
         let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(pki_err)?;
-        Ok(Ca {
-            cert_der,
-            cert_pem: cert_pem.to_owned(),
-            key_pem: key_pem.to_owned(),
-            issuer,
-        })
+        Ok(Ca { cert_der, cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned(), issuer })
     }
 
     /// The CA certificate, PEM.
@@ -289,11 +259,7 @@ impl Ca {
     pub fn issue(&self, node: &NodeCert) -> Result<Issued> {
         let key = node.key_type.generate()?;
         let params = node.params()?;
-        let serial = params
-            .serial_number
-            .as_ref()
-            .map(|s| s.to_bytes())
-            .unwrap_or_default();
+        let serial = params.serial_number.as_ref().map(|s| s.to_bytes()).unwrap_or_default();
         let cert = params.signed_by(&key, &self.issuer).map_err(pki_err)?;
         Ok(Issued {
             chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
@@ -327,11 +293,7 @@ impl Ca {
                 .collect(),
             key_identifier_method: KeyIdMethod::Sha256,
         };
-        params
-            .signed_by(&self.issuer)
-            .map_err(pki_err)?
-            .pem()
-            .map_err(pki_err)
+        params.signed_by(&self.issuer).map_err(pki_err)?.pem().map_err(pki_err)
     }
 }
 
@@ -341,12 +303,30 @@ fn dn(common_name: &str) -> DistinguishedName {
     dn
 }
 
+/// RFC 1123 host name syntax: dot-separated labels of 1 to 63 letters, digits, `-` or `_`
+/// (not starting or ending with `-`), 253 bytes at most.
+fn is_dns_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// An absolute URI: an RFC 3986 scheme, a colon, then printable ASCII without spaces.
+fn is_uri(uri: &str) -> bool {
+    let Some((scheme, _)) = uri.split_once(':') else { return false };
+    scheme.bytes().next().is_some_and(|b| b.is_ascii_alphabetic())
+        && scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
+        && uri.bytes().all(|b| b.is_ascii_graphic())
+}
+
 /// A random positive 128-bit serial number (RFC 5280 allows up to 20 octets).
 fn random_serial() -> Result<SerialNumber> {
     let mut bytes = [0u8; 16];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| Error::Config("system RNG failed".into()))?;
+    SystemRandom::new().fill(&mut bytes).map_err(|_| Error::Config("system RNG failed".into()))?;
     // Positive, and no leading zero octet, so the DER encoding is exactly these 16 bytes.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     Ok(SerialNumber::from_slice(&bytes))
@@ -378,18 +358,17 @@ mod tests {
         let again = Ca::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
         again.issue(&NodeCert::new("b").dns("b.example")).unwrap();
         let other = Ca::new("other", KeyType::Ed25519, Duration::from_secs(3600)).unwrap();
-        assert!(matches!(
-            Ca::from_pem(ca.cert_pem(), other.key_pem()),
-            Err(Error::Config(_))
-        ));
+        assert!(matches!(Ca::from_pem(ca.cert_pem(), other.key_pem()), Err(Error::Config(_))));
     }
 
     #[test]
     fn bad_san_is_a_config_error() {
         let ca = Ca::new("test CA", KeyType::EcdsaP256, Duration::from_secs(3600)).unwrap();
-        assert!(matches!(
-            ca.issue(&NodeCert::new("x").dns("bad name\u{7f}")),
-            Err(Error::Config(_))
-        ));
+        for bad in
+            [NodeCert::new("x").dns("bad name"), NodeCert::new("x").dns("a..b"), NodeCert::new("x").uri("no scheme")]
+        {
+            assert!(matches!(ca.issue(&bad), Err(Error::Config(_))), "{bad:?}");
+        }
+        ca.issue(&NodeCert::new("x").dns("a-b.example").uri("spiffe://example.org/x")).unwrap();
     }
 }

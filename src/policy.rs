@@ -64,9 +64,7 @@ impl Policy {
 
     /// An empty allow-list: refuses everyone until rules are added.
     pub fn allow_list() -> Policy {
-        Policy {
-            rules: Some(Vec::new()),
-        }
+        Policy { rules: Some(Vec::new()) }
     }
 
     fn with(mut self, rule: Rule) -> Policy {
@@ -108,10 +106,7 @@ impl Policy {
         if allowed {
             Ok(())
         } else {
-            Err(format!(
-                "peer {peer} matches none of the {} policy rules {rules:?}",
-                rules.len()
-            ))
+            Err(format!("peer {peer} matches none of the {} policy rules {rules:?}", rules.len()))
         }
     }
 }
@@ -137,53 +132,14 @@ mod tests {
         let p = peer();
         assert!(Policy::any_authenticated().check(&p).is_ok());
         assert!(Policy::allow_list().check(&p).is_err());
-        assert!(
-            Policy::allow_list()
-                .allow_name("A.example")
-                .check(&p)
-                .is_ok()
-        );
-        assert!(
-            Policy::allow_list()
-                .allow_name("b.example")
-                .check(&p)
-                .is_err()
-        );
-        assert!(
-            Policy::allow_list()
-                .allow_spiffe_trust_domain("example.org")
-                .check(&p)
-                .is_ok()
-        );
-        assert!(
-            Policy::allow_list()
-                .allow_spiffe_trust_domain("example.com")
-                .check(&p)
-                .is_err()
-        );
-        assert!(
-            Policy::allow_list()
-                .allow_fingerprint(Fingerprint([7; 32]))
-                .check(&p)
-                .is_ok()
-        );
-        assert!(
-            Policy::allow_list()
-                .allow_fingerprint(Fingerprint([8; 32]))
-                .check(&p)
-                .is_err()
-        );
-        assert!(
-            Policy::allow_list()
-                .allow_fn(|_| false)
-                .allow_name("a")
-                .check(&p)
-                .is_ok()
-        );
-        let err = Policy::allow_list()
-            .allow_fn(|_| false)
-            .check(&p)
-            .unwrap_err();
+        assert!(Policy::allow_list().allow_name("A.example").check(&p).is_ok());
+        assert!(Policy::allow_list().allow_name("b.example").check(&p).is_err());
+        assert!(Policy::allow_list().allow_spiffe_trust_domain("example.org").check(&p).is_ok());
+        assert!(Policy::allow_list().allow_spiffe_trust_domain("example.com").check(&p).is_err());
+        assert!(Policy::allow_list().allow_fingerprint(Fingerprint([7; 32])).check(&p).is_ok());
+        assert!(Policy::allow_list().allow_fingerprint(Fingerprint([8; 32])).check(&p).is_err());
+        assert!(Policy::allow_list().allow_fn(|_| false).allow_name("a").check(&p).is_ok());
+        let err = Policy::allow_list().allow_fn(|_| false).check(&p).unwrap_err();
         assert!(err.contains("custom check"), "{err}");
     }
 }

@@ -21,8 +21,7 @@ use crate::error::{Error, Result, Side, close_code, from_connection_error};
 use crate::identity::PeerIdentity;
 use crate::proto::channel::{Inbound, Outbound};
 use crate::proto::wire::{
-    self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, WireError,
-    frame_type,
+    self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, WireError, frame_type,
 };
 
 /// Budget charged per message on top of its payload, so that empty messages are bounded too.
@@ -94,26 +93,18 @@ impl Shared {
     fn violation(&self, code: u32, reason: String) {
         warn!(peer = %self.conn.remote_address(), %reason, "closing connection: protocol violation");
         let _ = self.failure.set(reason);
-        let wire_reason: &[u8] = if code == close_code::MESSAGE_TOO_LARGE {
-            b"message too large"
-        } else {
-            b"protocol violation"
-        };
+        let wire_reason: &[u8] =
+            if code == close_code::MESSAGE_TOO_LARGE { b"message too large" } else { b"protocol violation" };
         self.conn.close(VarInt::from_u32(code), wire_reason);
     }
 
     fn error(&self) -> Error {
         if let Some(reason) = self.failure.get() {
-            return Error::ProtocolViolation {
-                side: Side::Local,
-                reason: reason.clone(),
-            };
+            return Error::ProtocolViolation { side: Side::Local, reason: reason.clone() };
         }
         match self.conn.close_reason() {
             Some(e) => from_connection_error(e, None),
-            None => Error::ConnectionLost {
-                reason: "session tasks ended".into(),
-            },
+            None => Error::ConnectionLost { reason: "session tasks ended".into() },
         }
     }
 
@@ -149,9 +140,7 @@ struct SessionInner {
 
 impl Drop for SessionInner {
     fn drop(&mut self) {
-        self.shared
-            .conn
-            .close(VarInt::from_u32(close_code::NO_ERROR), b"session closed");
+        self.shared.conn.close(VarInt::from_u32(close_code::NO_ERROR), b"session closed");
     }
 }
 
@@ -236,10 +225,7 @@ impl Session {
     pub async fn send_bytes(&self, channel: u16, payload: impl Into<Bytes>) -> Result<u64> {
         let payload = payload.into();
         if payload.len() > self.inner.max_send {
-            return Err(Error::MessageTooLarge {
-                size: payload.len(),
-                limit: self.inner.max_send,
-            });
+            return Err(Error::MessageTooLarge { size: payload.len(), limit: self.inner.max_send });
         }
         let sender = self.channel(channel).await?;
         let mut stream = sender.stream.lock().await;
@@ -249,15 +235,9 @@ impl Session {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .next_seq()
-            .map_err(|_| Error::Limit {
-                what: "sequence numbers per channel",
-                limit: u64::MAX,
-            })?;
+            .map_err(|_| Error::Limit { what: "sequence numbers per channel", limit: u64::MAX })?;
         let header = Bytes::copy_from_slice(&wire::message_header(seq, payload.len()));
-        stream
-            .write_all_chunks(&mut [header, payload])
-            .await
-            .map_err(|e| self.write_error(e))?;
+        stream.write_all_chunks(&mut [header, payload]).await.map_err(|e| self.write_error(e))?;
         Ok(seq)
     }
 
@@ -267,23 +247,14 @@ impl Session {
         let Some(sender) = self.inner.senders.lock().await.get(&channel).cloned() else {
             return Ok(()); // nothing was ever sent on it
         };
-        let target = sender
-            .state
-            .out
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .sent();
+        let target = sender.state.out.lock().unwrap_or_else(|e| e.into_inner()).sent();
         let mut rx = sender.state.acked.subscribe();
         let reached = tokio::select! {
             r = rx.wait_for(|acked| *acked >= target) => r.is_ok(),
             _ = self.inner.shared.conn.closed() => false,
         };
         // The last ack may have raced the close.
-        if reached || *rx.borrow() >= target {
-            Ok(())
-        } else {
-            Err(self.inner.shared.error())
-        }
+        if reached || *rx.borrow() >= target { Ok(()) } else { Err(self.inner.shared.error()) }
     }
 
     /// Receives the next message from any channel. Messages of one channel come in order.
@@ -295,12 +266,7 @@ impl Session {
         match rx.recv().await {
             Some(d) => {
                 d.ack.send_replace(d.seq);
-                Ok(Message {
-                    peer: self.inner.peer.clone(),
-                    channel: d.channel,
-                    seq: d.seq,
-                    payload: d.payload,
-                })
+                Ok(Message { peer: self.inner.peer.clone(), channel: d.channel, seq: d.seq, payload: d.payload })
             }
             None => Err(self.inner.shared.error()),
         }
@@ -308,10 +274,7 @@ impl Session {
 
     /// Closes the session; the peer sees a normal close.
     pub fn close(&self) {
-        self.inner
-            .shared
-            .conn
-            .close(VarInt::from_u32(close_code::NO_ERROR), b"closed");
+        self.inner.shared.conn.close(VarInt::from_u32(close_code::NO_ERROR), b"closed");
     }
 
     /// Waits until the session has ended and returns why.
@@ -326,28 +289,16 @@ impl Session {
             return Ok(s.clone());
         }
         if senders.len() >= usize::from(self.inner.max_channels) {
-            return Err(Error::Limit {
-                what: "channels per session",
-                limit: u64::from(self.inner.max_channels),
-            });
+            return Err(Error::Limit { what: "channels per session", limit: u64::from(self.inner.max_channels) });
         }
         let conn = &self.inner.shared.conn;
-        let (mut send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| from_connection_error(e, None))?;
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| from_connection_error(e, None))?;
         send.write_all(&wire::encode_stream_header(StreamKind::Channel(channel)))
             .await
             .map_err(|e| self.write_error(e))?;
-        let state = Arc::new(ChannelState {
-            out: Mutex::new(Outbound::default()),
-            acked: watch::Sender::new(0),
-        });
+        let state = Arc::new(ChannelState { out: Mutex::new(Outbound::default()), acked: watch::Sender::new(0) });
         tokio::spawn(read_acks(self.inner.shared.clone(), state.clone(), recv));
-        let sender = Arc::new(ChannelSender {
-            stream: tokio::sync::Mutex::new(send),
-            state,
-        });
+        let sender = Arc::new(ChannelSender { stream: tokio::sync::Mutex::new(send), state });
         senders.insert(channel, sender.clone());
         Ok(sender)
     }
@@ -355,26 +306,21 @@ impl Session {
     fn write_error(&self, e: quinn::WriteError) -> Error {
         match e {
             quinn::WriteError::ConnectionLost(_) => self.inner.shared.error(),
-            quinn::WriteError::Stopped(code) => Error::ProtocolViolation {
-                side: Side::Remote,
-                reason: format!("peer stopped the channel ({code})"),
-            },
+            quinn::WriteError::Stopped(code) => {
+                Error::ProtocolViolation { side: Side::Remote, reason: format!("peer stopped the channel ({code})") }
+            }
             quinn::WriteError::ClosedStream | quinn::WriteError::ZeroRttRejected => Error::Closed,
         }
     }
 }
 
 /// Reads a frame header, or `None` at a clean end of stream between frames.
-async fn read_frame_header(
-    recv: &mut RecvStream,
-) -> Result<Option<[u8; FRAME_HEADER_LEN]>, ReadFailure> {
+async fn read_frame_header(recv: &mut RecvStream) -> Result<Option<[u8; FRAME_HEADER_LEN]>, ReadFailure> {
     let mut head = [0u8; FRAME_HEADER_LEN];
     match recv.read_exact(&mut head).await {
         Ok(()) => Ok(Some(head)),
         Err(quinn::ReadExactError::FinishedEarly(0)) => Ok(None),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => {
-            Err(ReadFailure::Wire(WireError::Truncated))
-        }
+        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(ReadFailure::Wire(WireError::Truncated)),
         Err(quinn::ReadExactError::ReadError(_)) => Err(ReadFailure::Gone),
     }
 }
@@ -413,23 +359,12 @@ async fn read_channel(
     let channel = match wire::decode_stream_header(head) {
         Ok(StreamKind::Channel(c)) => c,
         Ok(StreamKind::Control) => {
-            return shared.violation(
-                close_code::PROTOCOL_VIOLATION,
-                "second control stream".into(),
-            );
+            return shared.violation(close_code::PROTOCOL_VIOLATION, "second control stream".into());
         }
         Err(e) => return shared.wire_violation(e),
     };
-    if !shared
-        .seen_channels
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(channel)
-    {
-        return shared.violation(
-            close_code::PROTOCOL_VIOLATION,
-            format!("channel {channel} opened twice"),
-        );
+    if !shared.seen_channels.lock().unwrap_or_else(|e| e.into_inner()).insert(channel) {
+        return shared.violation(close_code::PROTOCOL_VIOLATION, format!("channel {channel} opened twice"));
     }
     let (ack_tx, ack_rx) = watch::channel(0u64);
     let ack_tx = Arc::new(ack_tx);
@@ -472,21 +407,9 @@ async fn read_channel(
             Err(e) => return shared.wire_violation(e),
         };
         if let Err(e) = inbound.on_message(seq) {
-            return shared.violation(
-                close_code::PROTOCOL_VIOLATION,
-                format!("channel {channel}: {e}"),
-            );
+            return shared.violation(close_code::PROTOCOL_VIOLATION, format!("channel {channel}: {e}"));
         }
-        if tx
-            .send(Delivery {
-                channel,
-                seq,
-                payload,
-                ack: ack_tx.clone(),
-                _budget: permit,
-            })
-            .is_err()
-        {
+        if tx.send(Delivery { channel, seq, payload, ack: ack_tx.clone(), _budget: permit }).is_err() {
             return; // the session handle is gone
         }
     }
@@ -518,10 +441,7 @@ async fn read_acks(shared: Arc<Shared>, state: Arc<ChannelState>, mut recv: Recv
             Ok(h) => {
                 return shared.violation(
                     close_code::PROTOCOL_VIOLATION,
-                    format!(
-                        "frame type {:#04x} on a channel's return direction",
-                        h.frame_type
-                    ),
+                    format!("frame type {:#04x} on a channel's return direction", h.frame_type),
                 );
             }
             Err(e) => return shared.wire_violation(e),
@@ -537,11 +457,7 @@ async fn read_acks(shared: Arc<Shared>, state: Arc<ChannelState>, mut recv: Recv
             Ok(_) => return shared.violation(close_code::PROTOCOL_VIOLATION, "not an ACK".into()),
             Err(e) => return shared.wire_violation(e),
         };
-        let r = state
-            .out
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .on_ack(seq);
+        let r = state.out.lock().unwrap_or_else(|e| e.into_inner()).on_ack(seq);
         if let Err(e) = r {
             return shared.violation(close_code::PROTOCOL_VIOLATION, e.to_string());
         }

@@ -17,14 +17,9 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::{ResolvesClientCert, Resumption, WebPkiServerVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{
-    ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier,
-};
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
-    SignatureScheme,
-};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::error::{Error, Result};
@@ -36,9 +31,7 @@ pub const ALPN: &[u8] = b"quicseal/1";
 /// The crypto provider: rustls on ring.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
-        .clone()
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
 }
 
 /// The reason a certificate was refused because its key is on the trust store's deny-list.
@@ -74,26 +67,23 @@ pub(crate) struct TlsContext {
 impl TlsContext {
     pub(crate) fn new(identity: &Identity, trust: &TrustStore) -> Result<TlsContext> {
         if trust.cas.is_empty() {
-            return Err(Error::Config(
-                "the trust store has no CA certificate".into(),
-            ));
+            return Err(Error::Config("the trust store has no CA certificate".into()));
         }
         let mut roots = RootCertStore::empty();
         for ca in &trust.cas {
-            roots.add(ca.clone()).map_err(|e| {
-                Error::Config(format!("CA certificate not usable as a trust anchor: {e}"))
-            })?;
+            roots
+                .add(ca.clone())
+                .map_err(|e| Error::Config(format!("CA certificate not usable as a trust anchor: {e}")))?;
         }
         let roots = Arc::new(roots);
         // A CA with no CRL in the store is not revocation-checked; a CRL past its next-update
         // time fails every certificate of its CA (fail closed).
-        let client_verifier =
-            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-                .with_crls(trust.crls.iter().cloned())
-                .allow_unknown_revocation_status()
-                .enforce_revocation_expiration()
-                .build()
-                .map_err(|e| Error::Config(format!("client verifier: {e}")))?;
+        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .with_crls(trust.crls.iter().cloned())
+            .allow_unknown_revocation_status()
+            .enforce_revocation_expiration()
+            .build()
+            .map_err(|e| Error::Config(format!("client verifier: {e}")))?;
         let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
             .with_crls(trust.crls.iter().cloned())
             .allow_unknown_revocation_status()
@@ -152,19 +142,14 @@ impl TlsContext {
 }
 
 /// Refuses denied keys, then defers to webpki; records the typed reason of a refusal.
-fn check_denied(
-    denied: &HashSet<Fingerprint>,
-    end_entity: &CertificateDer<'_>,
-) -> Result<(), rustls::Error> {
+fn check_denied(denied: &HashSet<Fingerprint>, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
     if denied.is_empty() {
         return Ok(());
     }
     let fp = Fingerprint::of_certificate(end_entity)
         .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
     if denied.contains(&fp) {
-        return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
-            OtherError(Arc::new(DeniedKey(fp))),
-        )));
+        return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(DeniedKey(fp))))));
     }
     Ok(())
 }
@@ -204,10 +189,8 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let r = check_denied(&self.denied, end_entity).and_then(|()| {
-            self.inner
-                .verify_client_cert(end_entity, intermediates, now)
-        });
+        let r = check_denied(&self.denied, end_entity)
+            .and_then(|()| self.inner.verify_client_cert(end_entity, intermediates, now));
         record(&self.captured, r)
     }
     fn verify_tls12_signature(
@@ -217,12 +200,7 @@ impl ClientCertVerifier for ClientVerifier {
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         // TLS 1.2 is never negotiated (QUIC requires TLS 1.3).
-        record(
-            &self.captured,
-            Err(rustls::Error::PeerIncompatible(
-                rustls::PeerIncompatible::Tls13RequiredForQuic,
-            )),
-        )
+        record(&self.captured, Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic)))
     }
     fn verify_tls13_signature(
         &self,
@@ -230,10 +208,7 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        record(
-            &self.captured,
-            self.inner.verify_tls13_signature(message, cert, dss),
-        )
+        record(&self.captured, self.inner.verify_tls13_signature(message, cert, dss))
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
@@ -256,15 +231,8 @@ impl ServerCertVerifier for ServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let r = check_denied(&self.denied, end_entity).and_then(|()| {
-            self.inner.verify_server_cert(
-                end_entity,
-                intermediates,
-                server_name,
-                ocsp_response,
-                now,
-            )
-        });
+        let r = check_denied(&self.denied, end_entity)
+            .and_then(|()| self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now));
         record(&self.captured, r)
     }
     fn verify_tls12_signature(
@@ -273,12 +241,7 @@ impl ServerCertVerifier for ServerVerifier {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        record(
-            &self.captured,
-            Err(rustls::Error::PeerIncompatible(
-                rustls::PeerIncompatible::Tls13RequiredForQuic,
-            )),
-        )
+        record(&self.captured, Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic)))
     }
     fn verify_tls13_signature(
         &self,
@@ -286,10 +249,7 @@ impl ServerCertVerifier for ServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        record(
-            &self.captured,
-            self.inner.verify_tls13_signature(message, cert, dss),
-        )
+        record(&self.captured, self.inner.verify_tls13_signature(message, cert, dss))
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.inner.supported_verify_schemes()
@@ -307,11 +267,7 @@ impl ResolvesServerCert for Resolver {
 }
 
 impl ResolvesClientCert for Resolver {
-    fn resolve(
-        &self,
-        _hints: &[&[u8]],
-        sigschemes: &[SignatureScheme],
-    ) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, _hints: &[&[u8]], sigschemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
         self.0.key.choose_scheme(sigschemes).map(|_| self.0.clone())
     }
     fn has_certs(&self) -> bool {

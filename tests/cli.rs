@@ -131,11 +131,7 @@ fn send_fails_with_the_reason() {
 #[test]
 fn missing_files_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .arg("listen")
-        .args(tls_args(dir.path(), "nobody", "ca.crt"))
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).arg("listen").args(tls_args(dir.path(), "nobody", "ca.crt")).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("nobody.crt") && stderr.contains("cannot read"), "{stderr}");

@@ -82,9 +82,23 @@ async fn openssl_made_sec1_and_pkcs1_identities_connect() {
     let d = dir.path();
     openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"], d);
     openssl(
-        &["req", "-x509", "-new", "-key", "ca.key", "-subj", "/CN=openssl CA", "-days", "2",
-          "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-          "-out", "ca.crt"],
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "ca.key",
+            "-subj",
+            "/CN=openssl CA",
+            "-days",
+            "2",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            "ca.crt",
+        ],
         d,
     );
     write(
@@ -97,10 +111,37 @@ async fn openssl_made_sec1_and_pkcs1_identities_connect() {
     // PKCS#1 RSA key.
     openssl(&["genrsa", "-traditional", "-out", "rsa.key", "2048"], d);
     for name in ["ec", "rsa"] {
-        openssl(&["req", "-new", "-key", &format!("{name}.key"), "-subj", &format!("/CN={name}-node"), "-out", &format!("{name}.csr")], d);
         openssl(
-            &["x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-              "-days", "1", "-extfile", "leaf.ext", "-out", &format!("{name}.crt")],
+            &[
+                "req",
+                "-new",
+                "-key",
+                &format!("{name}.key"),
+                "-subj",
+                &format!("/CN={name}-node"),
+                "-out",
+                &format!("{name}.csr"),
+            ],
+            d,
+        );
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                "leaf.ext",
+                "-out",
+                &format!("{name}.crt"),
+            ],
             d,
         );
     }

@@ -10,16 +10,11 @@ use quicseal::{Error, Limits, NodeConfig, Session, Side, close_code};
 
 /// A raw quinn peer that completed the quicseal hello with `server`, and the session the
 /// server accepted for it.
-async fn raw_peer(
-    pki: &Pki,
-    server: &quicseal::Node,
-) -> (quinn::Endpoint, quinn::Connection, Session) {
+async fn raw_peer(pki: &Pki, server: &quicseal::Node) -> (quinn::Endpoint, quinn::Connection, Session) {
     let issued = pki.issue(&pki.cert("raw"));
     let endpoint = raw_endpoint();
     let cfg = raw_client_config(pki, Some(&issued), quicseal::ALPN);
-    let conn = raw_connect(&endpoint, cfg, server.local_addr().unwrap(), "server")
-        .await
-        .unwrap();
+    let conn = raw_connect(&endpoint, cfg, server.local_addr().unwrap(), "server").await.unwrap();
     let control = raw_hello(&conn).await;
     std::mem::forget(control); // keep the control stream open for the test's lifetime
     let session = server.accept().await.unwrap();
@@ -27,9 +22,7 @@ async fn raw_peer(
 }
 
 async fn expect_closed_with(conn: &quinn::Connection, code: u32) {
-    let e = tokio::time::timeout(Duration::from_secs(10), conn.closed())
-        .await
-        .expect("peer closed us");
+    let e = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("peer closed us");
     assert_eq!(app_code(&e), Some(u64::from(code)), "{e:?}");
 }
 
@@ -43,10 +36,7 @@ async fn oversize_message_is_refused_at_send() {
     let limit = 1 << 20;
     assert_eq!(ab.max_message_size(), limit);
     let e = ab.send_bytes(0, vec![0u8; limit + 1]).await.unwrap_err();
-    assert!(
-        matches!(e, Error::MessageTooLarge { size, limit: l } if size == limit + 1 && l == limit),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::MessageTooLarge { size, limit: l } if size == limit + 1 && l == limit), "{e:?}");
     // Exactly at the limit is fine, and the session still works after the refusal.
     ab.send_bytes(0, vec![7u8; limit]).await.unwrap();
     assert_eq!(ba.recv().await.unwrap().payload().len(), limit);
@@ -63,16 +53,7 @@ async fn the_peers_smaller_limit_is_respected_at_send() {
     let (ab, _ba) = (ab.unwrap(), ba.unwrap());
     assert_eq!(ab.max_message_size(), 1024);
     let e = ab.send_bytes(0, vec![0u8; 1025]).await.unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::MessageTooLarge {
-                size: 1025,
-                limit: 1024
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::MessageTooLarge { size: 1025, limit: 1024 }), "{e:?}");
 }
 
 #[tokio::test]
@@ -84,17 +65,12 @@ async fn peer_sending_an_oversize_message_is_closed() {
     // Channel 0, then a MESSAGE header announcing 1 MiB + 1 byte of payload: refused from the
     // header, before the body is read or allocated.
     let len = ((1u32 << 20) + 1 + 8).to_be_bytes();
-    send.write_all(&[1, 1, 0, 0, 0x02, len[0], len[1], len[2], len[3]])
-        .await
-        .unwrap();
+    send.write_all(&[1, 1, 0, 0, 0x02, len[0], len[1], len[2], len[3]]).await.unwrap();
     send.write_all(&1u64.to_be_bytes()).await.unwrap();
     expect_closed_with(&conn, close_code::MESSAGE_TOO_LARGE).await;
     let e = session.recv().await.unwrap_err();
     match e {
-        Error::ProtocolViolation {
-            side: Side::Local,
-            reason,
-        } => assert!(reason.contains("exceeds"), "{reason}"),
+        Error::ProtocolViolation { side: Side::Local, reason } => assert!(reason.contains("exceeds"), "{reason}"),
         other => panic!("{other:?}"),
     }
 }
@@ -108,10 +84,10 @@ async fn garbage_on_a_stream_closes_that_peer_and_the_node_keeps_serving_others(
     let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
 
     let garbage: [&[u8]; 5] = [
-        b"GET / HTTP/1.1\r\n\r\n",       // not a stream header
-        &[1, 1, 0, 9, 0x7f, 0, 0, 0, 0], // unknown frame type on channel 9
-        &[1, 1, 0, 9, 0x03, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1], // ACK on an inbound channel
-        &[1, 1, 0, 9, 0x02, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 5], // sequence 5 before 1
+        b"GET / HTTP/1.1\r\n\r\n",                                // not a stream header
+        &[1, 1, 0, 9, 0x7f, 0, 0, 0, 0],                          // unknown frame type on channel 9
+        &[1, 1, 0, 9, 0x03, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1],  // ACK on an inbound channel
+        &[1, 1, 0, 9, 0x02, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 5],  // sequence 5 before 1
         &[1, 1, 0, 9, 0x02, 0, 0, 0, 20, 0, 0, 0, 0, 0, 0, 0, 1], // truncated body, then FIN
     ];
     for (i, bytes) in garbage.iter().enumerate() {
@@ -121,23 +97,11 @@ async fn garbage_on_a_stream_closes_that_peer_and_the_node_keeps_serving_others(
         send.finish().unwrap();
         expect_closed_with(&conn, close_code::PROTOCOL_VIOLATION).await;
         let e = session.recv().await.unwrap_err();
-        assert!(
-            matches!(
-                e,
-                Error::ProtocolViolation {
-                    side: Side::Local,
-                    ..
-                }
-            ),
-            "case {i}: {e:?}"
-        );
+        assert!(matches!(e, Error::ProtocolViolation { side: Side::Local, .. }), "case {i}: {e:?}");
 
         // The well-behaved session is untouched.
         to_server.send(0, &(i as u32)).await.unwrap();
-        assert_eq!(
-            at_server.recv().await.unwrap().decode::<u32>().unwrap(),
-            i as u32
-        );
+        assert_eq!(at_server.recv().await.unwrap().decode::<u32>().unwrap(), i as u32);
     }
     // And new sessions are still accepted.
     let late = bind(NodeConfig::new(pki.identity("late"), pki.trust()));
@@ -165,9 +129,7 @@ async fn peer_that_never_says_hello_times_out() {
     let e = server.accept().await.unwrap_err();
     assert!(matches!(e, Error::Timeout { what: "handshake" }), "{e:?}");
     // The half-open connection does not linger: it is closed once the deadline passed.
-    tokio::time::timeout(Duration::from_secs(10), conn.closed())
-        .await
-        .expect("closed");
+    tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("closed");
 }
 
 #[tokio::test]
@@ -183,16 +145,7 @@ async fn channel_limit_is_a_typed_error() {
     ab.send(20, &1u8).await.unwrap();
     ab.send(10, &2u8).await.unwrap(); // an existing channel is fine
     let e = ab.send(30, &1u8).await.unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Limit {
-                what: "channels per session",
-                limit: 2
-            }
-        ),
-        "{e:?}"
-    );
+    assert!(matches!(e, Error::Limit { what: "channels per session", limit: 2 }), "{e:?}");
 }
 
 #[tokio::test]
@@ -205,26 +158,11 @@ async fn connection_limit_refuses_extra_peers() {
     let (c1, s1) = connect(&first, &server, "server").await;
     let (_c1, _s1) = (c1.unwrap(), s1.unwrap());
     let second = bind(NodeConfig::new(pki.identity("second"), pki.trust()));
-    let e = second
-        .connect(server.local_addr().unwrap(), "server")
-        .await
-        .unwrap_err();
+    let e = second.connect(server.local_addr().unwrap(), "server").await.unwrap_err();
     assert!(matches!(e, Error::Refused), "{e:?}");
     // A node at its own limit refuses to dial.
-    let e = server
-        .connect(second.local_addr().unwrap(), "second")
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::Limit {
-                what: "connections per node",
-                limit: 1
-            }
-        ),
-        "{e:?}"
-    );
+    let e = server.connect(second.local_addr().unwrap(), "second").await.unwrap_err();
+    assert!(matches!(e, Error::Limit { what: "connections per node", limit: 1 }), "{e:?}");
 }
 
 #[tokio::test]
@@ -247,10 +185,7 @@ async fn a_slow_reader_bounds_memory_through_flow_control() {
         ab
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(
-        !sender.is_finished(),
-        "the sender should be held back by flow control"
-    );
+    assert!(!sender.is_finished(), "the sender should be held back by flow control");
     for i in 0..100u32 {
         let m = ba.recv().await.unwrap();
         assert_eq!(m.payload()[0], i as u8);

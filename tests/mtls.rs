@@ -23,10 +23,7 @@ async fn refused(client: NodeConfig, server: NodeConfig, name: &str) -> (Error, 
     let server = bind(server);
     let client = bind(client);
     let (c, s) = connect(&client, &server, name).await;
-    (
-        c.expect_err("dialler must fail"),
-        s.expect_err("acceptor must fail"),
-    )
+    (c.expect_err("dialler must fail"), s.expect_err("acceptor must fail"))
 }
 
 fn local(e: &Error) -> &RustlsError {
@@ -56,21 +53,14 @@ async fn valid_pair_exchanges_typed_messages_both_ways() {
     // Typed peer identity on both sides.
     assert_eq!(ab.peer().dns_names, ["bob"]);
     assert_eq!(ab.peer().ip_addresses, [LOCALHOST]);
-    assert_eq!(
-        ba.peer().spiffe_id(),
-        Some("spiffe://example.org/node/alice")
-    );
+    assert_eq!(ba.peer().spiffe_id(), Some("spiffe://example.org/node/alice"));
     assert_eq!(ba.peer().spiffe_trust_domain(), Some("example.org"));
     assert_eq!(ba.peer().common_name.as_deref(), Some("alice"));
     assert_eq!(ba.peer().fingerprint, a_id.fingerprint());
     assert!(ba.peer().not_after > SystemTime::now() + Duration::from_secs(80 * 24 * 3600));
 
     for n in 0..10u32 {
-        let g = Greeting {
-            from: "alice".into(),
-            n,
-            tags: vec!["x".into(); n as usize],
-        };
+        let g = Greeting { from: "alice".into(), n, tags: vec!["x".into(); n as usize] };
         assert_eq!(ab.send(3, &g).await.unwrap(), u64::from(n) + 1);
     }
     for n in 0..10u32 {
@@ -100,16 +90,9 @@ async fn delivered_waits_for_the_peer_application() {
     let (ab, ba) = (ab.unwrap(), ba.unwrap());
     ab.send_bytes(1, &b"one"[..]).await.unwrap();
     // Nobody called recv on b: the receipt must not come.
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), ab.delivered(1))
-            .await
-            .is_err()
-    );
+    assert!(tokio::time::timeout(Duration::from_millis(300), ab.delivered(1)).await.is_err());
     ba.recv().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), ab.delivered(1))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), ab.delivered(1)).await.unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -152,16 +135,9 @@ async fn dialler_without_certificate_is_refused() {
         },
         server.accept()
     );
-    assert_eq!(
-        alert_of(&client),
-        Some(u8::from(AlertDescription::CertificateRequired)),
-        "{client:?}"
-    );
+    assert_eq!(alert_of(&client), Some(u8::from(AlertDescription::CertificateRequired)), "{client:?}");
     let e = accepted.unwrap_err();
-    assert!(
-        matches!(local(&e), RustlsError::NoCertificatesPresented),
-        "{e:?}"
-    );
+    assert!(matches!(local(&e), RustlsError::NoCertificatesPresented), "{e:?}");
 }
 
 #[tokio::test]
@@ -175,13 +151,7 @@ async fn certificate_from_unknown_ca_is_refused_both_ways() {
         "server",
     )
     .await;
-    assert!(
-        matches!(
-            local(&s),
-            RustlsError::InvalidCertificate(CertificateError::UnknownIssuer)
-        ),
-        "{s:?}"
-    );
+    assert!(matches!(local(&s), RustlsError::InvalidCertificate(CertificateError::UnknownIssuer)), "{s:?}");
     assert_eq!(remote(&c), AlertDescription::UnknownCA);
     assert!(c.is_refusal_by_peer());
     // Dialled node from another CA.
@@ -191,13 +161,7 @@ async fn certificate_from_unknown_ca_is_refused_both_ways() {
         "server",
     )
     .await;
-    assert!(
-        matches!(
-            local(&c),
-            RustlsError::InvalidCertificate(CertificateError::UnknownIssuer)
-        ),
-        "{c:?}"
-    );
+    assert!(matches!(local(&c), RustlsError::InvalidCertificate(CertificateError::UnknownIssuer)), "{c:?}");
     assert_eq!(remote(&s), AlertDescription::UnknownCA);
 }
 
@@ -205,19 +169,10 @@ async fn certificate_from_unknown_ca_is_refused_both_ways() {
 async fn self_signed_certificate_is_refused() {
     let pki = Pki::new("ca");
     let selfie = to_identity(&pki.cert("selfie").self_signed().unwrap());
-    let (c, s) = refused(
-        NodeConfig::new(selfie, pki.trust()),
-        NodeConfig::new(pki.identity("server"), pki.trust()),
-        "server",
-    )
-    .await;
-    assert!(
-        matches!(
-            local(&s),
-            RustlsError::InvalidCertificate(CertificateError::UnknownIssuer)
-        ),
-        "{s:?}"
-    );
+    let (c, s) =
+        refused(NodeConfig::new(selfie, pki.trust()), NodeConfig::new(pki.identity("server"), pki.trust()), "server")
+            .await;
+    assert!(matches!(local(&s), RustlsError::InvalidCertificate(CertificateError::UnknownIssuer)), "{s:?}");
     assert_eq!(remote(&c), AlertDescription::UnknownCA);
 }
 
@@ -225,23 +180,14 @@ async fn self_signed_certificate_is_refused() {
 async fn leaf_expired_one_second_ago_is_refused() {
     let pki = Pki::new("ca");
     let now = SystemTime::now();
-    let expired = pki.cert("old").validity(
-        now - Duration::from_secs(3600),
-        now - Duration::from_secs(1),
-    );
+    let expired = pki.cert("old").validity(now - Duration::from_secs(3600), now - Duration::from_secs(1));
     let (c, s) = refused(
         NodeConfig::new(to_identity(&pki.issue(&expired)), pki.trust()),
         NodeConfig::new(pki.identity("server"), pki.trust()),
         "server",
     )
     .await;
-    assert!(
-        matches!(
-            local(&s),
-            RustlsError::InvalidCertificate(CertificateError::ExpiredContext { .. })
-        ),
-        "{s:?}"
-    );
+    assert!(matches!(local(&s), RustlsError::InvalidCertificate(CertificateError::ExpiredContext { .. })), "{s:?}");
     assert_eq!(remote(&c), AlertDescription::CertificateExpired);
 }
 
@@ -249,23 +195,14 @@ async fn leaf_expired_one_second_ago_is_refused() {
 async fn leaf_not_yet_valid_is_refused() {
     let pki = Pki::new("ca");
     let now = SystemTime::now();
-    let future = pki.cert("early").validity(
-        now + Duration::from_secs(3600),
-        now + Duration::from_secs(7200),
-    );
+    let future = pki.cert("early").validity(now + Duration::from_secs(3600), now + Duration::from_secs(7200));
     let (c, s) = refused(
         NodeConfig::new(pki.identity("client"), pki.trust()),
         NodeConfig::new(to_identity(&pki.issue(&future)), pki.trust()),
         "early",
     )
     .await;
-    assert!(
-        matches!(
-            local(&c),
-            RustlsError::InvalidCertificate(CertificateError::NotValidYetContext { .. })
-        ),
-        "{c:?}"
-    );
+    assert!(matches!(local(&c), RustlsError::InvalidCertificate(CertificateError::NotValidYetContext { .. })), "{c:?}");
     assert_eq!(remote(&s), AlertDescription::CertificateExpired);
 }
 
@@ -279,10 +216,7 @@ async fn dialled_name_must_match_a_san() {
     )
     .await;
     assert!(
-        matches!(
-            local(&c),
-            RustlsError::InvalidCertificate(CertificateError::NotValidForNameContext { .. })
-        ),
+        matches!(local(&c), RustlsError::InvalidCertificate(CertificateError::NotValidForNameContext { .. })),
         "{c:?}"
     );
     assert_eq!(remote(&s), AlertDescription::BadCertificate);
@@ -307,10 +241,7 @@ async fn dialled_node_with_client_only_certificate_is_refused() {
         ),
         "{c:?}"
     );
-    assert!(matches!(
-        remote(&s),
-        AlertDescription::BadCertificate | AlertDescription::UnsupportedCertificate
-    ));
+    assert!(matches!(remote(&s), AlertDescription::BadCertificate | AlertDescription::UnsupportedCertificate));
 }
 
 #[tokio::test]
@@ -342,11 +273,7 @@ async fn revoked_certificate_is_refused_and_others_still_connect() {
     let crl = pki
         .ca
         .crl(
-            &[Revoked {
-                serial: revoked.serial.clone(),
-                revoked_at: now,
-                reason: None,
-            }],
+            &[Revoked { serial: revoked.serial.clone(), revoked_at: now, reason: None }],
             1,
             now - Duration::from_secs(60),
             now + Duration::from_secs(3600),
@@ -358,13 +285,7 @@ async fn revoked_certificate_is_refused_and_others_still_connect() {
     let bad = bind(NodeConfig::new(to_identity(&revoked), pki.trust()));
     let (c, s) = connect(&bad, &server, "server").await;
     let (c, s) = (c.unwrap_err(), s.unwrap_err());
-    assert!(
-        matches!(
-            local(&s),
-            RustlsError::InvalidCertificate(CertificateError::Revoked)
-        ),
-        "{s:?}"
-    );
+    assert!(matches!(local(&s), RustlsError::InvalidCertificate(CertificateError::Revoked)), "{s:?}");
     assert_eq!(remote(&c), AlertDescription::CertificateRevoked);
     let good = bind(NodeConfig::new(pki.identity("good"), pki.trust()));
     let (c, s) = connect(&good, &server, "server").await;
@@ -376,15 +297,7 @@ async fn revoked_certificate_is_refused_and_others_still_connect() {
 async fn expired_crl_refuses_every_certificate_of_its_ca() {
     let pki = Pki::new("ca");
     let now = SystemTime::now();
-    let crl = pki
-        .ca
-        .crl(
-            &[],
-            1,
-            now - Duration::from_secs(7200),
-            now - Duration::from_secs(3600),
-        )
-        .unwrap();
+    let crl = pki.ca.crl(&[], 1, now - Duration::from_secs(7200), now - Duration::from_secs(3600)).unwrap();
     let mut trust = pki.trust();
     trust.add_crl_pem(crl.as_bytes()).unwrap();
     let (c, s) = refused(
@@ -394,10 +307,7 @@ async fn expired_crl_refuses_every_certificate_of_its_ca() {
     )
     .await;
     assert!(
-        matches!(
-            local(&s),
-            RustlsError::InvalidCertificate(CertificateError::ExpiredRevocationListContext { .. })
-        ),
+        matches!(local(&s), RustlsError::InvalidCertificate(CertificateError::ExpiredRevocationListContext { .. })),
         "{s:?}"
     );
     remote(&c);
@@ -406,19 +316,14 @@ async fn expired_crl_refuses_every_certificate_of_its_ca() {
 #[tokio::test]
 async fn ca_certificate_used_as_leaf_is_refused() {
     let pki = Pki::new("ca");
-    let ca_as_leaf =
-        quicseal::Identity::from_pem(pki.ca.cert_pem().as_bytes(), pki.ca.key_pem().as_bytes())
-            .unwrap();
+    let ca_as_leaf = quicseal::Identity::from_pem(pki.ca.cert_pem().as_bytes(), pki.ca.key_pem().as_bytes()).unwrap();
     let (c, s) = refused(
         NodeConfig::new(ca_as_leaf, pki.trust()),
         NodeConfig::new(pki.identity("server"), pki.trust()),
         "server",
     )
     .await;
-    assert!(
-        matches!(local(&s), RustlsError::InvalidCertificate(_)),
-        "{s:?}"
-    );
+    assert!(matches!(local(&s), RustlsError::InvalidCertificate(_)), "{s:?}");
     remote(&c);
 }
 
@@ -431,21 +336,11 @@ async fn flipped_bit_in_leaf_signature_is_refused() {
     *der.last_mut().unwrap() ^= 0x01;
     let leaf_pem = pem_of("CERTIFICATE", &der);
     let chain = format!("{leaf_pem}{}", pki.ca.cert_pem());
-    let tampered =
-        quicseal::Identity::from_pem(chain.as_bytes(), issued.key_pem.as_bytes()).unwrap();
-    let (c, s) = refused(
-        NodeConfig::new(tampered, pki.trust()),
-        NodeConfig::new(pki.identity("server"), pki.trust()),
-        "server",
-    )
-    .await;
-    assert!(
-        matches!(
-            local(&s),
-            RustlsError::InvalidCertificate(CertificateError::BadSignature)
-        ),
-        "{s:?}"
-    );
+    let tampered = quicseal::Identity::from_pem(chain.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+    let (c, s) =
+        refused(NodeConfig::new(tampered, pki.trust()), NodeConfig::new(pki.identity("server"), pki.trust()), "server")
+            .await;
+    assert!(matches!(local(&s), RustlsError::InvalidCertificate(CertificateError::BadSignature)), "{s:?}");
     assert_eq!(remote(&c), AlertDescription::DecryptError);
 }
 
@@ -453,11 +348,7 @@ fn pem_of(label: &str, der: &[u8]) -> String {
     const B64: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in der.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -467,15 +358,8 @@ fn pem_of(label: &str, der: &[u8]) -> String {
             }
         }
     }
-    let lines: Vec<&str> = out
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
-        lines.join("\n")
-    )
+    let lines: Vec<&str> = out.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).unwrap()).collect();
+    format!("-----BEGIN {label}-----\n{}\n-----END {label}-----\n", lines.join("\n"))
 }
 
 #[tokio::test]
@@ -484,24 +368,17 @@ async fn authorization_policy_refuses_a_valid_certificate_on_either_side() {
     // The acceptor refuses the dialler.
     let (c, s) = refused(
         NodeConfig::new(pki.identity("client"), pki.trust()),
-        NodeConfig::new(pki.identity("server"), pki.trust())
-            .policy(Policy::allow_list().allow_name("someone-else")),
+        NodeConfig::new(pki.identity("server"), pki.trust()).policy(Policy::allow_list().allow_name("someone-else")),
         "server",
     )
     .await;
     match &s {
-        Error::Unauthorized {
-            side: Side::Local,
-            reason,
-        } => assert!(reason.contains("client"), "{reason}"),
+        Error::Unauthorized { side: Side::Local, reason } => assert!(reason.contains("client"), "{reason}"),
         other => panic!("{other:?}"),
     }
     match &c {
         // The peer learns nothing but "unauthorized".
-        Error::Unauthorized {
-            side: Side::Remote,
-            reason,
-        } => assert_eq!(reason, "unauthorized"),
+        Error::Unauthorized { side: Side::Remote, reason } => assert_eq!(reason, "unauthorized"),
         other => panic!("{other:?}"),
     }
     // The dialler refuses the acceptor.
@@ -512,26 +389,8 @@ async fn authorization_policy_refuses_a_valid_certificate_on_either_side() {
         "server",
     )
     .await;
-    assert!(
-        matches!(
-            c,
-            Error::Unauthorized {
-                side: Side::Local,
-                ..
-            }
-        ),
-        "{c:?}"
-    );
-    assert!(
-        matches!(
-            s,
-            Error::Unauthorized {
-                side: Side::Remote,
-                ..
-            }
-        ),
-        "{s:?}"
-    );
+    assert!(matches!(c, Error::Unauthorized { side: Side::Local, .. }), "{c:?}");
+    assert!(matches!(s, Error::Unauthorized { side: Side::Remote, .. }), "{s:?}");
     // And an allowing policy lets it through.
     let server = bind(
         NodeConfig::new(pki.identity("server"), pki.trust())
@@ -549,18 +408,12 @@ async fn key_on_the_deny_list_is_refused() {
     let client = pki.identity("client");
     let mut trust = pki.trust();
     trust.deny(client.fingerprint());
-    let (c, s) = refused(
-        NodeConfig::new(client.clone(), pki.trust()),
-        NodeConfig::new(pki.identity("server"), trust),
-        "server",
-    )
-    .await;
+    let (c, s) =
+        refused(NodeConfig::new(client.clone(), pki.trust()), NodeConfig::new(pki.identity("server"), trust), "server")
+            .await;
     match local(&s) {
         RustlsError::InvalidCertificate(CertificateError::Other(o)) => {
-            assert_eq!(
-                o.0.downcast_ref::<DeniedKey>(),
-                Some(&DeniedKey(client.fingerprint()))
-            );
+            assert_eq!(o.0.downcast_ref::<DeniedKey>(), Some(&DeniedKey(client.fingerprint())));
         }
         other => panic!("{other:?}"),
     }
@@ -578,9 +431,7 @@ async fn zero_rtt_is_never_accepted() {
     let endpoint = raw_endpoint();
     let addr = server.local_addr().unwrap();
     for attempt in 0..2 {
-        let connecting = endpoint
-            .connect_with(quinn::ClientConfig::new(quic.clone()), addr, "server")
-            .unwrap();
+        let connecting = endpoint.connect_with(quinn::ClientConfig::new(quic.clone()), addr, "server").unwrap();
         // The server issues no session tickets, so there is never anything to send 0-RTT with.
         let conn = match connecting.into_0rtt() {
             Ok(_) => panic!("attempt {attempt}: 0-RTT was offered"),
@@ -601,24 +452,12 @@ async fn alpn_mismatch_is_a_clear_error_on_both_sides() {
     let issued = pki.issue(&pki.cert("client"));
     let endpoint = raw_endpoint();
     let (client, accepted) = tokio::join!(
-        raw_connect(
-            &endpoint,
-            raw_client_config(&pki, Some(&issued), b"h3"),
-            server.local_addr().unwrap(),
-            "server"
-        ),
+        raw_connect(&endpoint, raw_client_config(&pki, Some(&issued), b"h3"), server.local_addr().unwrap(), "server"),
         server.accept()
     );
     let client = client.unwrap_err();
-    assert_eq!(
-        alert_of(&client),
-        Some(u8::from(AlertDescription::NoApplicationProtocol)),
-        "{client:?}"
-    );
-    assert!(
-        matches!(accepted, Err(Error::AlpnMismatch { .. })),
-        "{accepted:?}"
-    );
+    assert_eq!(alert_of(&client), Some(u8::from(AlertDescription::NoApplicationProtocol)), "{client:?}");
+    assert!(matches!(accepted, Err(Error::AlpnMismatch { .. })), "{accepted:?}");
 
     // Our node dialling a QUIC server that speaks another protocol.
     let other = {
@@ -652,10 +491,7 @@ async fn alpn_mismatch_is_a_clear_error_on_both_sides() {
         }
     });
     let client = bind(NodeConfig::new(pki.identity("client"), pki.trust()));
-    let e = client
-        .connect(other.local_addr().unwrap(), "other")
-        .await
-        .unwrap_err();
+    let e = client.connect(other.local_addr().unwrap(), "other").await.unwrap_err();
     assert!(matches!(e, Error::AlpnMismatch { .. }), "{e:?}");
     accept.await.unwrap();
 }
@@ -663,10 +499,7 @@ async fn alpn_mismatch_is_a_clear_error_on_both_sides() {
 #[tokio::test]
 async fn empty_trust_store_is_a_configuration_error() {
     let pki = Pki::new("ca");
-    let e = quicseal::Node::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        NodeConfig::new(pki.identity("a"), TrustStore::new()),
-    )
-    .unwrap_err();
+    let e = quicseal::Node::bind("127.0.0.1:0".parse().unwrap(), NodeConfig::new(pki.identity("a"), TrustStore::new()))
+        .unwrap_err();
     assert!(matches!(e, Error::Config(_)), "{e:?}");
 }

@@ -64,16 +64,10 @@ impl Outbound {
     /// Records a cumulative acknowledgement from the peer.
     pub fn on_ack(&mut self, seq: u64) -> Result<(), SeqError> {
         if seq > self.sent {
-            return Err(SeqError::AckBeyondSent {
-                sent: self.sent,
-                got: seq,
-            });
+            return Err(SeqError::AckBeyondSent { sent: self.sent, got: seq });
         }
         if seq < self.acked {
-            return Err(SeqError::AckBackwards {
-                acked: self.acked,
-                got: seq,
-            });
+            return Err(SeqError::AckBackwards { acked: self.acked, got: seq });
         }
         self.acked = seq;
         Ok(())
@@ -105,21 +99,9 @@ mod tests {
     #[test]
     fn inbound_accepts_only_the_next() {
         let mut i = Inbound::default();
-        assert_eq!(
-            i.on_message(2),
-            Err(SeqError::OutOfSequence {
-                expected: 1,
-                got: 2
-            })
-        );
+        assert_eq!(i.on_message(2), Err(SeqError::OutOfSequence { expected: 1, got: 2 }));
         i.on_message(1).unwrap();
-        assert_eq!(
-            i.on_message(1),
-            Err(SeqError::OutOfSequence {
-                expected: 2,
-                got: 1
-            })
-        );
+        assert_eq!(i.on_message(1), Err(SeqError::OutOfSequence { expected: 2, got: 1 }));
         i.on_message(2).unwrap();
         let mut full = Inbound { received: u64::MAX };
         assert_eq!(full.on_message(0), Err(SeqError::Exhausted));
@@ -128,23 +110,14 @@ mod tests {
     #[test]
     fn outbound_acks() {
         let mut o = Outbound::default();
-        assert_eq!(
-            o.on_ack(1),
-            Err(SeqError::AckBeyondSent { sent: 0, got: 1 })
-        );
+        assert_eq!(o.on_ack(1), Err(SeqError::AckBeyondSent { sent: 0, got: 1 }));
         o.on_ack(0).unwrap();
         assert_eq!(o.next_seq(), Ok(1));
         assert_eq!(o.next_seq(), Ok(2));
         o.on_ack(2).unwrap();
-        assert_eq!(
-            o.on_ack(1),
-            Err(SeqError::AckBackwards { acked: 2, got: 1 })
-        );
+        assert_eq!(o.on_ack(1), Err(SeqError::AckBackwards { acked: 2, got: 1 }));
         assert_eq!(o.acked(), 2);
-        let mut full = Outbound {
-            sent: u64::MAX,
-            acked: 0,
-        };
+        let mut full = Outbound { sent: u64::MAX, acked: 0 };
         assert_eq!(full.next_seq(), Err(SeqError::Exhausted));
     }
 }

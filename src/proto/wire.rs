@@ -146,10 +146,7 @@ impl FrameHeader {
                     return bad;
                 };
                 if size > max_payload {
-                    return Err(WireError::TooLarge {
-                        size: size as u64,
-                        limit: max_payload,
-                    });
+                    return Err(WireError::TooLarge { size: size as u64, limit: max_payload });
                 }
             }
             frame_type::HELLO | frame_type::ACK => {}
@@ -169,14 +166,11 @@ impl FrameHeader {
         }
         let u64_at = |b: &[u8]| u64::from_be_bytes(b[..8].try_into().expect("length checked"));
         Ok(match self.frame_type {
-            frame_type::HELLO => Frame::Hello {
-                max_message_size: u32::from_be_bytes(body[..4].try_into().expect("length checked")),
-            },
+            frame_type::HELLO => {
+                Frame::Hello { max_message_size: u32::from_be_bytes(body[..4].try_into().expect("length checked")) }
+            }
             frame_type::ACK => Frame::Ack { seq: u64_at(&body) },
-            frame_type::MESSAGE => Frame::Message {
-                seq: u64_at(&body),
-                payload: body.slice(MESSAGE_PREFIX_LEN..),
-            },
+            frame_type::MESSAGE => Frame::Message { seq: u64_at(&body), payload: body.slice(MESSAGE_PREFIX_LEN..) },
             t => return Err(WireError::UnknownFrameType(t)),
         })
     }
@@ -194,10 +188,7 @@ impl Frame {
         if buf.len() < end {
             return Ok(None);
         }
-        Ok(Some((
-            header.decode_body(buf.slice(FRAME_HEADER_LEN..end))?,
-            end,
-        )))
+        Ok(Some((header.decode_body(buf.slice(FRAME_HEADER_LEN..end))?, end)))
     }
 
     /// Decodes a buffer that must hold exactly one frame.
@@ -237,10 +228,7 @@ impl Frame {
 /// # Panics
 /// If `payload_len` is over [`MAX_MESSAGE_SIZE`].
 pub fn message_header(seq: u64, payload_len: usize) -> [u8; FRAME_HEADER_LEN + MESSAGE_PREFIX_LEN] {
-    assert!(
-        payload_len <= MAX_MESSAGE_SIZE,
-        "message size checked by the caller"
-    );
+    assert!(payload_len <= MAX_MESSAGE_SIZE, "message size checked by the caller");
     let len = (payload_len + MESSAGE_PREFIX_LEN) as u32;
     let mut h = [0u8; FRAME_HEADER_LEN + MESSAGE_PREFIX_LEN];
     h[0] = frame_type::MESSAGE;
@@ -255,11 +243,7 @@ mod tests {
 
     fn hex(s: &str) -> Bytes {
         let s: String = s.split_whitespace().collect();
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect::<Vec<_>>()
-            .into()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect::<Vec<_>>().into()
     }
 
     fn enc(f: &Frame) -> Bytes {
@@ -273,34 +257,16 @@ mod tests {
     fn protocol_md_vectors() {
         let doc = include_str!("../../PROTOCOL.md");
         let cases: [(&str, Frame); 3] = [
-            (
-                "vector-hello",
-                Frame::Hello {
-                    max_message_size: 1 << 20,
-                },
-            ),
-            (
-                "vector-message",
-                Frame::Message {
-                    seq: 1,
-                    payload: Bytes::from_static(b"hi"),
-                },
-            ),
+            ("vector-hello", Frame::Hello { max_message_size: 1 << 20 }),
+            ("vector-message", Frame::Message { seq: 1, payload: Bytes::from_static(b"hi") }),
             ("vector-ack", Frame::Ack { seq: 258 }),
         ];
         for (name, frame) in cases {
             let bytes = vector(doc, name);
             assert_eq!(enc(&frame), bytes, "{name}");
-            assert_eq!(
-                Frame::decode_exact(&bytes, 1 << 20).unwrap(),
-                frame,
-                "{name}"
-            );
+            assert_eq!(Frame::decode_exact(&bytes, 1 << 20).unwrap(), frame, "{name}");
         }
-        assert_eq!(
-            encode_stream_header(StreamKind::Control).to_vec(),
-            vector(doc, "vector-control-stream").to_vec()
-        );
+        assert_eq!(encode_stream_header(StreamKind::Control).to_vec(), vector(doc, "vector-control-stream").to_vec());
         assert_eq!(
             encode_stream_header(StreamKind::Channel(7)).to_vec(),
             vector(doc, "vector-channel-stream").to_vec()
@@ -310,35 +276,19 @@ mod tests {
     /// Reads the hex under the line `<!-- name -->` in PROTOCOL.md.
     fn vector(doc: &str, name: &str) -> Bytes {
         let marker = format!("<!-- {name} -->");
-        let after = &doc[doc
-            .find(&marker)
-            .unwrap_or_else(|| panic!("{name} missing"))
-            + marker.len()..];
+        let after = &doc[doc.find(&marker).unwrap_or_else(|| panic!("{name} missing")) + marker.len()..];
         let block = after.split("```").nth(1).expect("code block");
         hex(block)
     }
 
     #[test]
     fn stream_headers() {
-        for kind in [
-            StreamKind::Control,
-            StreamKind::Channel(0),
-            StreamKind::Channel(u16::MAX),
-        ] {
+        for kind in [StreamKind::Control, StreamKind::Channel(0), StreamKind::Channel(u16::MAX)] {
             assert_eq!(decode_stream_header(encode_stream_header(kind)), Ok(kind));
         }
-        assert_eq!(
-            decode_stream_header([2, 1, 0, 0]),
-            Err(WireError::UnknownVersion(2))
-        );
-        assert_eq!(
-            decode_stream_header([1, 9, 0, 0]),
-            Err(WireError::UnknownStreamKind(9))
-        );
-        assert_eq!(
-            decode_stream_header([1, 0, 0, 1]),
-            Err(WireError::BadControlHeader)
-        );
+        assert_eq!(decode_stream_header([2, 1, 0, 0]), Err(WireError::UnknownVersion(2)));
+        assert_eq!(decode_stream_header([1, 9, 0, 0]), Err(WireError::UnknownStreamKind(9)));
+        assert_eq!(decode_stream_header([1, 0, 0, 1]), Err(WireError::BadControlHeader));
     }
 
     #[test]
@@ -346,91 +296,37 @@ mod tests {
         let max = 16;
         let d = |b: &[u8]| Frame::decode(&Bytes::copy_from_slice(b), max);
         assert_eq!(d(&[0x09, 0, 0, 0, 0]), Err(WireError::UnknownFrameType(9)));
-        assert_eq!(
-            d(&[0x01, 0, 0, 0, 5]),
-            Err(WireError::BadLength {
-                frame_type: 1,
-                length: 5
-            })
-        );
-        assert_eq!(
-            d(&[0x03, 0, 0, 0, 7]),
-            Err(WireError::BadLength {
-                frame_type: 3,
-                length: 7
-            })
-        );
-        assert_eq!(
-            d(&[0x02, 0, 0, 0, 7]),
-            Err(WireError::BadLength {
-                frame_type: 2,
-                length: 7
-            })
-        );
-        assert_eq!(
-            d(&[0x02, 0, 0, 0, 8 + 17]),
-            Err(WireError::TooLarge {
-                size: 17,
-                limit: 16
-            })
-        );
+        assert_eq!(d(&[0x01, 0, 0, 0, 5]), Err(WireError::BadLength { frame_type: 1, length: 5 }));
+        assert_eq!(d(&[0x03, 0, 0, 0, 7]), Err(WireError::BadLength { frame_type: 3, length: 7 }));
+        assert_eq!(d(&[0x02, 0, 0, 0, 7]), Err(WireError::BadLength { frame_type: 2, length: 7 }));
+        assert_eq!(d(&[0x02, 0, 0, 0, 8 + 17]), Err(WireError::TooLarge { size: 17, limit: 16 }));
         // The largest length on the wire is refused from the header alone, before allocating.
         assert_eq!(
             d(&[0x02, 0xff, 0xff, 0xff, 0xff]),
-            Err(WireError::TooLarge {
-                size: u32::MAX as u64 - 8,
-                limit: 16
-            })
+            Err(WireError::TooLarge { size: u32::MAX as u64 - 8, limit: 16 })
         );
-        let ok = enc(&Frame::Message {
-            seq: 3,
-            payload: Bytes::from_static(&[7; 16]),
-        });
+        let ok = enc(&Frame::Message { seq: 3, payload: Bytes::from_static(&[7; 16]) });
         assert!(Frame::decode_exact(&ok, max).is_ok());
         let mut long = ok.to_vec();
         long.push(0);
-        assert_eq!(
-            Frame::decode_exact(&long.into(), max),
-            Err(WireError::TrailingBytes(1))
-        );
+        assert_eq!(Frame::decode_exact(&long.into(), max), Err(WireError::TrailingBytes(1)));
         let h = FrameHeader::decode([0x03, 0, 0, 0, 8], max).unwrap();
-        assert_eq!(
-            h.decode_body(Bytes::from_static(&[0; 7])),
-            Err(WireError::Truncated)
-        );
-        assert_eq!(
-            h.decode_body(Bytes::from_static(&[0; 9])),
-            Err(WireError::TrailingBytes(1))
-        );
+        assert_eq!(h.decode_body(Bytes::from_static(&[0; 7])), Err(WireError::Truncated));
+        assert_eq!(h.decode_body(Bytes::from_static(&[0; 9])), Err(WireError::TrailingBytes(1)));
     }
 
     #[test]
     fn truncation_at_every_length_needs_more_and_never_errs() {
         for frame in [
-            Frame::Hello {
-                max_message_size: 77,
-            },
+            Frame::Hello { max_message_size: 77 },
             Frame::Ack { seq: u64::MAX },
-            Frame::Message {
-                seq: 9,
-                payload: Bytes::from_static(b"0123456789"),
-            },
-            Frame::Message {
-                seq: 10,
-                payload: Bytes::new(),
-            },
+            Frame::Message { seq: 9, payload: Bytes::from_static(b"0123456789") },
+            Frame::Message { seq: 10, payload: Bytes::new() },
         ] {
             let full = enc(&frame);
             for cut in 0..full.len() {
-                assert_eq!(
-                    Frame::decode(&full.slice(..cut), 64),
-                    Ok(None),
-                    "{frame:?} cut at {cut}"
-                );
-                assert_eq!(
-                    Frame::decode_exact(&full.slice(..cut), 64),
-                    Err(WireError::Truncated)
-                );
+                assert_eq!(Frame::decode(&full.slice(..cut), 64), Ok(None), "{frame:?} cut at {cut}");
+                assert_eq!(Frame::decode_exact(&full.slice(..cut), 64), Err(WireError::Truncated));
             }
             assert_eq!(Frame::decode(&full, 64), Ok(Some((frame, full.len()))));
         }
@@ -445,9 +341,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let len = (x % 40) as usize;
-            let bytes: Vec<u8> = (0..len)
-                .map(|i| (x >> (i % 8 * 8)) as u8 ^ i as u8)
-                .collect();
+            let bytes: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8 ^ i as u8).collect();
             let _ = Frame::decode(&bytes.into(), 32);
         }
     }

@@ -18,9 +18,7 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(name: &str) -> Pki {
-        Pki {
-            ca: Ca::new(name, KeyType::EcdsaP256, Duration::from_secs(24 * 3600)).unwrap(),
-        }
+        Pki { ca: Ca::new(name, KeyType::EcdsaP256, Duration::from_secs(24 * 3600)).unwrap() }
     }
 
     pub fn trust(&self) -> TrustStore {
@@ -58,10 +56,7 @@ pub async fn connect(
     name: &str,
 ) -> (quicseal::Result<Session>, quicseal::Result<Session>) {
     tokio::time::timeout(Duration::from_secs(20), async {
-        tokio::join!(
-            client.connect(server.local_addr().unwrap(), name),
-            server.accept()
-        )
+        tokio::join!(client.connect(server.local_addr().unwrap(), name), server.accept())
     })
     .await
     .expect("connect and accept finish")
@@ -83,9 +78,7 @@ pub fn raw_client_config(pki: &Pki, client: Option<&Issued>, alpn: &[u8]) -> rus
         None => builder.with_no_client_auth(),
         Some(issued) => {
             let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes())
-                    .map(|c| c.unwrap())
-                    .collect();
+                CertificateDer::pem_slice_iter(issued.chain_pem.as_bytes()).map(|c| c.unwrap()).collect();
             let key = PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
             builder.with_client_auth_cert(chain, key).unwrap()
         }
@@ -106,19 +99,14 @@ pub async fn raw_connect(
     name: &str,
 ) -> Result<quinn::Connection, quinn::ConnectionError> {
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
-    endpoint
-        .connect_with(quinn::ClientConfig::new(Arc::new(quic)), to, name)
-        .unwrap()
-        .await
+    endpoint.connect_with(quinn::ClientConfig::new(Arc::new(quic)), to, name).unwrap().await
 }
 
 /// Performs the quicseal hello as a dialler on a raw connection; returns the control stream.
 pub async fn raw_hello(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     // Stream header (version 1, control), then HELLO with max_message_size 1 MiB.
-    send.write_all(&[1, 0, 0, 0, 0x01, 0, 0, 0, 4, 0, 0x10, 0, 0])
-        .await
-        .unwrap();
+    send.write_all(&[1, 0, 0, 0, 0x01, 0, 0, 0, 4, 0, 0x10, 0, 0]).await.unwrap();
     let mut hello = [0u8; 9];
     recv.read_exact(&mut hello).await.unwrap();
     assert_eq!(hello[..5], [0x01, 0, 0, 0, 4]);

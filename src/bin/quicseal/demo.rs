@@ -37,7 +37,9 @@ pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
     }
     writeln!(out, "PKI      CA and node certificates for alice and bob in {}", dir.path().display())?;
     let trust = TrustStore::from_ca_file(dir.path().join("ca.crt"))?;
-    let load = |name: &str| Identity::from_pem_files(dir.path().join(format!("{name}.crt")), dir.path().join(format!("{name}.key")));
+    let load = |name: &str| {
+        Identity::from_pem_files(dir.path().join(format!("{name}.crt")), dir.path().join(format!("{name}.key")))
+    };
     let alice = Node::bind(LOOPBACK.parse().expect("literal"), NodeConfig::new(load("alice")?, trust.clone()))?;
     let bob = Node::bind(LOOPBACK.parse().expect("literal"), NodeConfig::new(load("bob")?, trust.clone()))?;
     let bob_addr = bob.local_addr()?;
@@ -89,9 +91,18 @@ pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
     report(out, "bob", &accepted)?;
     checks.record(
         "mallory refused by bob's TLS (unknown CA)",
-        matches!(&accepted, Err(Error::Tls(TlsError::Local { error: quicseal::rustls::Error::InvalidCertificate(quicseal::rustls::CertificateError::UnknownIssuer), .. }))),
+        matches!(
+            &accepted,
+            Err(Error::Tls(TlsError::Local {
+                error: quicseal::rustls::Error::InvalidCertificate(quicseal::rustls::CertificateError::UnknownIssuer),
+                ..
+            }))
+        ),
     );
-    checks.record("mallory told only that its CA is unknown", matches!(&dialled, Err(Error::Tls(TlsError::Remote { alert: quicseal::rustls::AlertDescription::UnknownCA }))));
+    checks.record(
+        "mallory told only that its CA is unknown",
+        matches!(&dialled, Err(Error::Tls(TlsError::Remote { alert: quicseal::rustls::AlertDescription::UnknownCA }))),
+    );
 
     // 5. An anonymous client with no certificate at all: refused.
     let (anon, accepted) = tokio::join!(anonymous_dial(&ca, bob_addr), bob.accept());
@@ -100,7 +111,10 @@ pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
     report(out, "bob", &accepted)?;
     checks.record(
         "anonymous client refused (no certificate)",
-        matches!(&accepted, Err(Error::Tls(TlsError::Local { error: quicseal::rustls::Error::NoCertificatesPresented, .. }))),
+        matches!(
+            &accepted,
+            Err(Error::Tls(TlsError::Local { error: quicseal::rustls::Error::NoCertificatesPresented, .. }))
+        ),
     );
 
     // 6. The legitimate session survived the intruders.
@@ -167,7 +181,9 @@ async fn anonymous_dial(ca: &Ca, to: SocketAddr) -> String {
         return "could not build the client".into();
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let Ok(builder) = rustls::ClientConfig::builder_with_provider(provider).with_protocol_versions(&[&rustls::version::TLS13]) else {
+    let Ok(builder) =
+        rustls::ClientConfig::builder_with_provider(provider).with_protocol_versions(&[&rustls::version::TLS13])
+    else {
         return "could not build the client".into();
     };
     let mut cfg = builder.with_root_certificates(roots).with_no_client_auth();
