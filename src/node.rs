@@ -31,6 +31,8 @@ use crate::tls::{ALPN, Captured, TlsContext, take_captured};
 
 /// A quicseal node bound to one UDP address: it accepts sessions and dials them.
 ///
+/// Cheap to clone. Dropping the last clone closes the endpoint and with it every session.
+///
 /// ```no_run
 /// # async fn run() -> quicseal::Result<()> {
 /// use quicseal::{Identity, Node, NodeConfig, TrustStore};
@@ -88,6 +90,12 @@ impl Node {
         // Connections are admitted one by one in the accept loop (limit checks, per-connection
         // verifier); quinn's own cap is set to the same bound.
         base_server.max_incoming(config.limits.max_connections);
+        // Early packets buffered per connection attempt before it is accepted (a handshake
+        // needs a few KiB), and in total.
+        base_server.incoming_buffer_size(64 * 1024);
+        base_server.incoming_buffer_size_total(16 << 20);
+        // Peers are nodes with fixed addresses; a migrating peer is a reconnecting peer.
+        base_server.migration(false);
         let endpoint = Endpoint::server(base_server.clone(), addr)?;
         let shared =
             Arc::new(Shared { endpoint, tls, base_server, transport, policy: config.policy, limits: config.limits });

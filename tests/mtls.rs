@@ -503,3 +503,16 @@ async fn empty_trust_store_is_a_configuration_error() {
         .unwrap_err();
     assert!(matches!(e, Error::Config(_)), "{e:?}");
 }
+
+#[tokio::test]
+async fn ipv6_loopback() {
+    let pki = Pki::new("ca");
+    let v6: std::net::SocketAddr = "[::1]:0".parse().unwrap();
+    let a = quicseal::Node::bind(v6, NodeConfig::new(pki.identity("a"), pki.trust())).unwrap();
+    let b = quicseal::Node::bind(v6, NodeConfig::new(pki.identity("b"), pki.trust())).unwrap();
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    assert!(ab.remote_address().is_ipv6());
+    ab.send(0, "over v6").await.unwrap();
+    assert_eq!(ba.recv().await.unwrap().decode::<String>().unwrap(), "over v6");
+}
