@@ -85,6 +85,7 @@ struct Shared {
     failure: OnceLock<String>,
     max_recv: usize,
     budget: Arc<Semaphore>,
+    budget_total: usize,
     seen_channels: Mutex<HashSet<u16>>,
 }
 
@@ -180,6 +181,7 @@ impl Session {
             failure: OnceLock::new(),
             max_recv: p.local_max,
             budget: Arc::new(Semaphore::new(p.receive_buffer)),
+            budget_total: p.receive_buffer,
             seen_channels: Mutex::new(HashSet::new()),
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -353,8 +355,10 @@ async fn read_channel(
     tx: mpsc::UnboundedSender<Delivery>,
 ) {
     let mut head = [0u8; STREAM_HEADER_LEN];
-    if read_exact(&mut recv, &mut head).await.is_err() {
-        return;
+    match read_exact(&mut recv, &mut head).await {
+        Ok(()) => {}
+        Err(ReadFailure::Gone) => return,
+        Err(ReadFailure::Wire(e)) => return shared.wire_violation(e),
     }
     let channel = match wire::decode_stream_header(head) {
         Ok(StreamKind::Channel(c)) => c,
@@ -388,7 +392,8 @@ async fn read_channel(
         };
         // Bound memory before allocating: wait for budget (released when the application takes
         // the message). The length was checked against max_recv, which fits the budget.
-        let cost = header.length as usize + PER_MESSAGE_OVERHEAD;
+        // A message never costs more than the whole budget, or it could never be admitted.
+        let cost = (header.length as usize + PER_MESSAGE_OVERHEAD).min(shared.budget_total);
         let permit = tokio::select! {
             p = shared.budget.clone().acquire_many_owned(cost as u32) => match p { Ok(p) => p, Err(_) => return },
             _ = shared.conn.closed() => return,

@@ -83,7 +83,9 @@ async fn garbage_on_a_stream_closes_that_peer_and_the_node_keeps_serving_others(
     let (to_server, at_server) = connect(&good, &server, "server").await;
     let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
 
-    let garbage: [&[u8]; 5] = [
+    let garbage: [&[u8]; 7] = [
+        &[1, 1],                                                  // stream ends inside its header
+        &[1, 1, 0, 9, 0x02, 0, 0],                                // stream ends inside a frame header
         b"GET / HTTP/1.1\r\n\r\n",                                // not a stream header
         &[1, 1, 0, 9, 0x7f, 0, 0, 0, 0],                          // unknown frame type on channel 9
         &[1, 1, 0, 9, 0x03, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1],  // ACK on an inbound channel
@@ -192,4 +194,23 @@ async fn a_slow_reader_bounds_memory_through_flow_control() {
     }
     let ab = sender.await.unwrap();
     ab.delivered(0).await.unwrap();
+}
+
+#[tokio::test]
+async fn receive_buffer_equal_to_the_message_limit_still_delivers_a_full_message() {
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.max_message_size = 64 * 1024;
+    limits.receive_buffer = 64 * 1024;
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    for _ in 0..3 {
+        ab.send_bytes(0, vec![1u8; 64 * 1024]).await.unwrap();
+    }
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(10), ba.recv()).await.expect("no deadlock").unwrap();
+        assert_eq!(m.payload().len(), 64 * 1024);
+    }
 }
