@@ -3,4 +3,5 @@
 //! ([`Node`](crate::Node), [`Session`](crate::Session)) only moves bytes.
 
 pub mod channel;
+pub mod replay;
 pub mod wire;
