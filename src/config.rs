@@ -29,6 +29,12 @@ use crate::policy::Policy;
 /// | `send_window` | 16 MiB | unacknowledged bytes we keep in flight per connection |
 /// | `receive_buffer` | 8 MiB | received messages not yet taken by the application, per session |
 /// | `accept_queue` | 64 | authenticated sessions waiting for [`Node::accept`](crate::Node::accept) |
+/// | `replay_window` | 2,048 | width in bits of each anti-replay window (a multiple of 64, at most 65,536) |
+/// | `freshness` | 2 min | messages sent longer ago are refused as stale |
+/// | `max_clock_skew` | 30 s | messages stamped further in the future are refused |
+/// | `max_tag_failures` | 8 | messages failing their integrity check before the connection is closed |
+/// | `datagram_receive_buffer` | 1 MiB | datagrams quinn buffers before we read them (0 turns datagrams off) |
+/// | `retired_epochs` | 4,096 peers × 16 | retired session epochs remembered per node |
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Limits {
@@ -54,6 +60,18 @@ pub struct Limits {
     pub receive_buffer: usize,
     /// Sessions waiting in [`Node::accept`](crate::Node::accept)'s queue.
     pub accept_queue: usize,
+    /// Anti-replay window width in bits.
+    pub replay_window: u64,
+    /// Freshness horizon: older messages are refused.
+    pub freshness: Duration,
+    /// Largest accepted difference between a message's send time and our clock, forward.
+    pub max_clock_skew: Duration,
+    /// Integrity failures tolerated per connection before it is closed.
+    pub max_tag_failures: u32,
+    /// Datagram receive buffer (0: datagrams off).
+    pub datagram_receive_buffer: usize,
+    /// Peers whose retired epochs are remembered (16 epochs each).
+    pub retired_epochs: usize,
 }
 
 impl Default for Limits {
@@ -70,6 +88,12 @@ impl Default for Limits {
             send_window: 16 << 20,
             receive_buffer: 8 << 20,
             accept_queue: 64,
+            replay_window: crate::proto::replay::DEFAULT_WIDTH,
+            freshness: Duration::from_secs(120),
+            max_clock_skew: Duration::from_secs(30),
+            max_tag_failures: 8,
+            datagram_receive_buffer: 1 << 20,
+            retired_epochs: 4096,
         }
     }
 }
@@ -102,6 +126,15 @@ impl Limits {
         if self.handshake_timeout.is_zero() {
             return bad("handshake_timeout must be positive".into());
         }
+        if !crate::proto::replay::ReplayWindow::valid_width(self.replay_window) {
+            return bad("replay_window must be a multiple of 64 between 64 and 65536".into());
+        }
+        if self.freshness.is_zero() {
+            return bad("freshness must be positive".into());
+        }
+        if self.max_tag_failures == 0 {
+            return bad("max_tag_failures must be at least 1".into());
+        }
         Ok(())
     }
 
@@ -116,9 +149,10 @@ impl Limits {
         t.stream_receive_window(VarInt::from_u32(self.stream_receive_window));
         t.receive_window(VarInt::from_u32(self.connection_receive_window));
         t.send_window(self.send_window);
-        // Datagrams are not used yet: refuse to buffer any.
-        t.datagram_receive_buffer_size(None);
-        t.datagram_send_buffer_size(0);
+        // Datagrams: buffered up to the limit on receipt (0 turns them off); one buffer's worth
+        // may wait to be sent.
+        t.datagram_receive_buffer_size((self.datagram_receive_buffer > 0).then_some(self.datagram_receive_buffer));
+        t.datagram_send_buffer_size(self.datagram_receive_buffer.max(64 * 1024));
         t.crypto_buffer_size(16 * 1024);
         t.allow_spin(false);
         t
@@ -178,5 +212,8 @@ mod tests {
         assert!(Limits { max_channels: 0, ..Limits::default() }.validate().is_err());
         assert!(Limits { idle_timeout: std::time::Duration::ZERO, ..Limits::default() }.validate().is_err());
         assert!(Limits { handshake_timeout: std::time::Duration::ZERO, ..Limits::default() }.validate().is_err());
+        assert!(Limits { replay_window: 100, ..Limits::default() }.validate().is_err());
+        assert!(Limits { freshness: std::time::Duration::ZERO, ..Limits::default() }.validate().is_err());
+        assert!(Limits { max_tag_failures: 0, ..Limits::default() }.validate().is_err());
     }
 }

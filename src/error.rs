@@ -169,6 +169,10 @@ pub enum Error {
         /// The limit in force.
         limit: usize,
     },
+    /// Datagrams cannot be sent on this session: the peer or the path does not support QUIC
+    /// DATAGRAM frames, or they are turned off.
+    #[error("datagrams unsupported: {0}")]
+    DatagramsUnsupported(&'static str),
     /// A configured resource limit was reached (connections, channels...).
     #[error("limit reached: {what} (at most {limit})")]
     Limit {
@@ -213,6 +217,10 @@ pub mod close_code {
     pub const ALPN_MISMATCH: u32 = 0x4;
     /// The peer did not complete the quicseal hello in time.
     pub const HELLO_TIMEOUT: u32 = 0x5;
+    /// Too many messages failed their integrity check.
+    pub const INTEGRITY_FAILURE: u32 = 0x6;
+    /// The peer presented a session epoch that was retired.
+    pub const RETIRED_EPOCH: u32 = 0x7;
 }
 
 /// The first TLS alert code, as QUIC carries it in a transport error (RFC 9001, section 4.8).
@@ -273,6 +281,14 @@ fn from_application_close(code: u64, reason: &[u8]) -> Error {
             reason: "the peer says we sent a message over its limit".into(),
         },
         Ok(close_code::ALPN_MISMATCH) => Error::AlpnMismatch { negotiated: None },
+        Ok(close_code::INTEGRITY_FAILURE) => Error::ProtocolViolation {
+            side: Side::Remote,
+            reason: "the peer says our messages failed its integrity checks".into(),
+        },
+        Ok(close_code::RETIRED_EPOCH) => Error::ProtocolViolation {
+            side: Side::Remote,
+            reason: "the peer refused our session epoch as retired".into(),
+        },
         Ok(close_code::NO_ERROR) => Error::ConnectionLost { reason: format!("closed by the peer: {reason}") },
         _ => Error::ConnectionLost { reason: format!("closed by the peer with code {code}: {reason}") },
     }

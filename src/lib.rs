@@ -62,6 +62,7 @@ mod identity;
 mod node;
 mod policy;
 mod session;
+mod stats;
 mod tls;
 
 pub mod pki;
@@ -73,6 +74,7 @@ pub use identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
 pub use node::Node;
 pub use policy::Policy;
 pub use session::{Message, Session};
+pub use stats::Stats;
 pub use tls::{ALPN, DeniedKey};
 
 /// Re-exported so callers can match [`TlsError`] reasons without depending on rustls directly.

@@ -23,10 +23,13 @@ use tracing::{info, warn};
 
 use crate::config::{Limits, NodeConfig};
 use crate::error::{Error, Result, Side, close_code, from_connection_error};
-use crate::identity::PeerIdentity;
+use crate::identity::{Fingerprint, PeerIdentity};
 use crate::policy::Policy;
+use crate::proto::epochs::EpochBook;
+use crate::proto::seal::{self, EXPORTER_LABEL, KEY_MATERIAL_LEN, OpenConfig};
 use crate::proto::wire::{self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, frame_type};
 use crate::session::{Session, SessionParams};
+use crate::stats::{Counters, Stats, Tally};
 use crate::tls::{ALPN, Captured, TlsContext, take_captured};
 
 /// A quicseal node bound to one UDP address: it accepts sessions and dials them.
@@ -56,7 +59,12 @@ struct Shared {
     transport: Arc<quinn::TransportConfig>,
     policy: Policy,
     limits: Limits,
+    counters: Arc<Counters>,
+    retired: Arc<std::sync::Mutex<EpochBook<Fingerprint>>>,
 }
+
+/// Epochs remembered per peer in the retired-epoch book.
+const RETIRED_PER_PEER: usize = 16;
 
 struct NodeInner {
     shared: Arc<Shared>,
@@ -97,8 +105,16 @@ impl Node {
         // Peers are nodes with fixed addresses; a migrating peer is a reconnecting peer.
         base_server.migration(false);
         let endpoint = Endpoint::server(base_server.clone(), addr)?;
-        let shared =
-            Arc::new(Shared { endpoint, tls, base_server, transport, policy: config.policy, limits: config.limits });
+        let shared = Arc::new(Shared {
+            endpoint,
+            tls,
+            base_server,
+            transport,
+            retired: Arc::new(std::sync::Mutex::new(EpochBook::new(config.limits.retired_epochs, RETIRED_PER_PEER))),
+            policy: config.policy,
+            limits: config.limits,
+            counters: Arc::default(),
+        });
         let (tx, rx) = mpsc::channel(shared.limits.accept_queue);
         let accept_task = tokio::spawn(accept_loop(shared.clone(), tx));
         Ok(Node { inner: Arc::new(NodeInner { shared, accepted: tokio::sync::Mutex::new(rx), accept_task }) })
@@ -107,6 +123,11 @@ impl Node {
     /// The bound UDP address.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.inner.shared.endpoint.local_addr()?)
+    }
+
+    /// Totals over every session of this node, past and present.
+    pub fn stats(&self) -> Stats {
+        self.inner.shared.counters.snapshot()
     }
 
     /// The limits in force.
@@ -223,9 +244,10 @@ async fn establish(shared: &Shared, conn: Connection, captured: &Captured, role:
         return Err(Error::Unauthorized { side: Side::Local, reason });
     }
     let local_max = shared.limits.max_message_size;
+    let epoch = random_epoch()?;
     let hello = {
-        let mut v = Vec::with_capacity(9);
-        Frame::Hello { max_message_size: local_max as u32 }.encode(&mut v);
+        let mut v = Vec::with_capacity(17);
+        Frame::Hello { max_message_size: local_max as u32, epoch }.encode(&mut v);
         Bytes::from(v)
     };
     let (send, mut recv) = match role {
@@ -249,14 +271,50 @@ async fn establish(shared: &Shared, conn: Connection, captured: &Captured, role:
             (send, recv)
         }
     };
-    let peer_max = read_hello(&conn, &mut recv, &lost).await?;
+    let (peer_max, peer_epoch) = read_hello(&conn, &mut recv, &lost).await?;
+    if shared.retired.lock().unwrap_or_else(|e| e.into_inner()).is_retired(&peer.fingerprint, peer_epoch) {
+        conn.close(VarInt::from_u32(close_code::RETIRED_EPOCH), b"retired epoch");
+        return Err(Error::ProtocolViolation {
+            side: Side::Local,
+            reason: format!("the peer reused retired session epoch {peer_epoch:#x}"),
+        });
+    }
     let mut send = send;
     if role == Role::Acceptor {
         send.write_all(&hello).await.map_err(|e| write_err(e, &lost))?;
     }
+    let mut material = [0u8; KEY_MATERIAL_LEN];
+    conn.export_keying_material(&mut material, EXPORTER_LABEL, b"")
+        .map_err(|_| Error::Config("TLS exporter unavailable".into()))?;
+    let keys =
+        seal::derive_keys(&material, if role == Role::Dialler { seal::Role::Dialler } else { seal::Role::Acceptor });
+    let limits = &shared.limits;
+    let tally = Tally { session: Arc::default(), node: shared.counters.clone() };
+    // When the session ends: retire the peer's epoch and log its totals.
+    tokio::spawn({
+        let (conn, retired, fingerprint, session_counters) =
+            (conn.clone(), shared.retired.clone(), peer.fingerprint, tally.session.clone());
+        async move {
+            let reason = conn.closed().await;
+            retired.lock().unwrap_or_else(|e| e.into_inner()).retire(fingerprint, peer_epoch);
+            info!(remote = %conn.remote_address(), %reason, stats = ?session_counters.snapshot(), "session ended");
+        }
+    });
     Ok(Session::start(
         conn,
         SessionParams {
+            keys,
+            epoch,
+            peer_epoch,
+            open: OpenConfig {
+                max_payload: local_max,
+                window_width: limits.replay_window,
+                freshness_ms: limits.freshness.as_millis() as u64,
+                max_future_ms: limits.max_clock_skew.as_millis() as u64,
+                max_windows: usize::from(limits.max_channels),
+            },
+            tally,
+            max_tag_failures: limits.max_tag_failures,
             peer,
             local_max,
             peer_max,
@@ -278,22 +336,38 @@ fn peer_identity(conn: &Connection) -> Result<PeerIdentity> {
     PeerIdentity::from_certificate(leaf).map_err(|e| violation(conn, format!("unreadable peer certificate: {e}")))
 }
 
+/// A random, non-zero session epoch.
+fn random_epoch() -> Result<u64> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    loop {
+        ring::rand::SystemRandom::new().fill(&mut b).map_err(|_| Error::Config("system RNG failed".into()))?;
+        let e = u64::from_be_bytes(b);
+        if e != 0 {
+            return Ok(e);
+        }
+    }
+}
+
+/// Reads the peer's HELLO: its message size limit and its session epoch.
 async fn read_hello(
     conn: &Connection,
     recv: &mut RecvStream,
     lost: &impl Fn(quinn::ConnectionError) -> Error,
-) -> Result<usize> {
+) -> Result<(usize, u64)> {
     let mut head = [0u8; FRAME_HEADER_LEN];
     read_exact(conn, recv, &mut head, lost).await?;
     let header = FrameHeader::decode(head, 0).map_err(|e| violation(conn, e.to_string()))?;
     if header.frame_type != frame_type::HELLO {
         return Err(violation(conn, format!("expected HELLO, got frame type {:#04x}", header.frame_type)));
     }
-    let mut body = [0u8; 4];
+    let mut body = [0u8; 12];
     read_exact(conn, recv, &mut body, lost).await?;
     match header.decode_body(Bytes::copy_from_slice(&body)) {
-        Ok(Frame::Hello { max_message_size }) if max_message_size > 0 => Ok(max_message_size as usize),
-        Ok(_) => Err(violation(conn, "HELLO with max_message_size 0".into())),
+        Ok(Frame::Hello { max_message_size, epoch }) if max_message_size > 0 && epoch != 0 => {
+            Ok((max_message_size as usize, epoch))
+        }
+        Ok(_) => Err(violation(conn, "HELLO with max_message_size 0 or epoch 0".into())),
         Err(e) => Err(violation(conn, e.to_string())),
     }
 }

@@ -1,14 +1,18 @@
 //! [`Session`]: an authenticated connection to one peer, with ordered message channels.
 //!
 //! Each channel is one QUIC bidirectional stream, opened by the side that sends on it: the
-//! MESSAGE frames go one way and the receiver's ACK frames come back the other. Receiving is
+//! MESSAGE frames go one way and the receiver's ACK frames come back the other. Datagrams are
+//! single MESSAGE frames in QUIC DATAGRAM frames. Every message is sealed and opened by the
+//! sans-IO core ([`crate::proto::seal`]): tag, replay window, freshness, epoch. Receiving is
 //! bounded by a byte budget (`Limits::receive_buffer`): a reader waits for budget before it
 //! allocates a message body, so QUIC flow control slows a peer we cannot keep up with instead of
 //! our memory growing.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
@@ -19,10 +23,13 @@ use tracing::{debug, warn};
 
 use crate::error::{Error, Result, Side, close_code, from_connection_error};
 use crate::identity::PeerIdentity;
-use crate::proto::channel::{Inbound, Outbound};
+use crate::proto::channel::Outbound;
+use crate::proto::seal::{ChannelSealer, OpenConfig, Opened, Opener, OpeningKey, Reject, SealError, SealingKey};
 use crate::proto::wire::{
-    self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, WireError, frame_type,
+    self, FRAME_HEADER_LEN, Frame, FrameHeader, MESSAGE_OVERHEAD, MessageKind, STREAM_HEADER_LEN, StreamKind,
+    WireError, frame_type,
 };
+use crate::stats::{Counter, Stats, Tally};
 
 /// Budget charged per message on top of its payload, so that empty messages are bounded too.
 const PER_MESSAGE_OVERHEAD: usize = 64;
@@ -31,6 +38,7 @@ const PER_MESSAGE_OVERHEAD: usize = 64;
 #[derive(Debug, Clone)]
 pub struct Message {
     peer: Arc<PeerIdentity>,
+    kind: MessageKind,
     channel: u16,
     seq: u64,
     payload: Bytes,
@@ -41,11 +49,15 @@ impl Message {
     pub fn peer(&self) -> &PeerIdentity {
         &self.peer
     }
+    /// Whether it came as a datagram ([`Session::send_datagram`]) rather than on a channel.
+    pub fn is_datagram(&self) -> bool {
+        self.kind == MessageKind::Datagram
+    }
     /// The channel it arrived on.
     pub fn channel(&self) -> u16 {
         self.channel
     }
-    /// Its sequence number on the channel (from 1).
+    /// Its sequence number on the channel (from 1; datagrams count separately).
     pub fn seq(&self) -> u64 {
         self.seq
     }
@@ -70,10 +82,9 @@ impl Message {
 
 /// What a channel reader hands to [`Session::recv`].
 struct Delivery {
-    channel: u16,
-    seq: u64,
-    payload: Bytes,
-    ack: Arc<watch::Sender<u64>>,
+    opened: Opened,
+    /// Where to acknowledge a stream message (datagrams are not acknowledged).
+    ack: Option<Arc<watch::Sender<u64>>>,
     _budget: OwnedSemaphorePermit,
 }
 
@@ -87,6 +98,10 @@ struct Shared {
     budget: Arc<Semaphore>,
     budget_total: usize,
     seen_channels: Mutex<HashSet<u16>>,
+    opener: Mutex<Opener>,
+    tally: Tally,
+    tag_failures: AtomicU32,
+    max_tag_failures: u32,
 }
 
 impl Shared {
@@ -94,8 +109,11 @@ impl Shared {
     fn violation(&self, code: u32, reason: String) {
         warn!(peer = %self.conn.remote_address(), %reason, "closing connection: protocol violation");
         let _ = self.failure.set(reason);
-        let wire_reason: &[u8] =
-            if code == close_code::MESSAGE_TOO_LARGE { b"message too large" } else { b"protocol violation" };
+        let wire_reason: &[u8] = match code {
+            close_code::MESSAGE_TOO_LARGE => b"message too large",
+            close_code::INTEGRITY_FAILURE => b"integrity failure",
+            _ => b"protocol violation",
+        };
         self.conn.close(VarInt::from_u32(code), wire_reason);
     }
 
@@ -109,7 +127,38 @@ impl Shared {
         }
     }
 
+    /// Counts and logs a refused message; closes the connection when too many failed their
+    /// integrity check. Returns whether the connection is still usable.
+    fn reject(&self, kind: MessageKind, r: &Reject) {
+        let counter = match r {
+            Reject::Tag => Counter::tag_failures,
+            Reject::Stale { .. } | Reject::Future { .. } => Counter::stale_rejected,
+            Reject::Malformed(_) => Counter::malformed_frames,
+            Reject::TooManyChannels => Counter::datagrams_dropped,
+            _ => Counter::replays_rejected,
+        };
+        self.tally.add(counter, 1);
+        if kind == MessageKind::Datagram && counter != Counter::datagrams_dropped {
+            self.tally.add(Counter::datagrams_dropped, 1);
+        }
+        debug!(target: "quicseal::reject", peer = %self.conn.remote_address(), ?kind, reason = %r, "message refused");
+        if matches!(r, Reject::Tag) {
+            let failures = self.tag_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            if failures >= self.max_tag_failures {
+                self.violation(
+                    close_code::INTEGRITY_FAILURE,
+                    format!("{failures} messages failed their integrity check"),
+                );
+            }
+        }
+    }
+
+    fn open(&self, frame: wire::MessageFrame) -> Result<Opened, Reject> {
+        self.opener.lock().unwrap_or_else(|e| e.into_inner()).open(frame, now_ms())
+    }
+
     fn wire_violation(&self, e: WireError) {
+        self.tally.add(Counter::malformed_frames, 1);
         let code = if matches!(e, WireError::TooLarge { .. }) {
             close_code::MESSAGE_TOO_LARGE
         } else {
@@ -125,7 +174,8 @@ struct ChannelState {
 }
 
 struct ChannelSender {
-    stream: tokio::sync::Mutex<SendStream>,
+    /// The stream and the sealer, locked together so sequence order is write order.
+    stream: tokio::sync::Mutex<(SendStream, ChannelSealer)>,
     state: Arc<ChannelState>,
 }
 
@@ -135,6 +185,9 @@ struct SessionInner {
     max_send: usize,
     max_channels: u16,
     senders: tokio::sync::Mutex<HashMap<u16, Arc<ChannelSender>>>,
+    seal_key: Arc<SealingKey>,
+    epoch: u64,
+    datagram_sealers: Mutex<HashMap<u16, ChannelSealer>>,
     incoming: tokio::sync::Mutex<mpsc::UnboundedReceiver<Delivery>>,
     _control: (SendStream, RecvStream),
 }
@@ -167,6 +220,12 @@ impl std::fmt::Debug for Session {
 /// What [`Session::start`] needs besides the connection.
 pub(crate) struct SessionParams {
     pub(crate) peer: PeerIdentity,
+    pub(crate) keys: (SealingKey, OpeningKey),
+    pub(crate) epoch: u64,
+    pub(crate) peer_epoch: u64,
+    pub(crate) open: OpenConfig,
+    pub(crate) tally: Tally,
+    pub(crate) max_tag_failures: u32,
     pub(crate) local_max: usize,
     pub(crate) peer_max: usize,
     pub(crate) max_channels: u16,
@@ -183,8 +242,13 @@ impl Session {
             budget: Arc::new(Semaphore::new(p.receive_buffer)),
             budget_total: p.receive_buffer,
             seen_channels: Mutex::new(HashSet::new()),
+            opener: Mutex::new(Opener::new(p.keys.1, p.peer_epoch, p.open)),
+            tally: p.tally,
+            tag_failures: AtomicU32::new(0),
+            max_tag_failures: p.max_tag_failures,
         });
         let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(read_datagrams(shared.clone(), tx.clone()));
         tokio::spawn(accept_channels(shared.clone(), tx));
         Session {
             inner: Arc::new(SessionInner {
@@ -193,6 +257,9 @@ impl Session {
                 max_send: p.local_max.min(p.peer_max),
                 max_channels: p.max_channels,
                 senders: tokio::sync::Mutex::new(HashMap::new()),
+                seal_key: Arc::new(p.keys.0),
+                epoch: p.epoch,
+                datagram_sealers: Mutex::new(HashMap::new()),
                 incoming: tokio::sync::Mutex::new(rx),
                 _control: p.control,
             }),
@@ -207,6 +274,16 @@ impl Session {
     /// The peer's UDP address.
     pub fn remote_address(&self) -> SocketAddr {
         self.inner.shared.conn.remote_address()
+    }
+
+    /// This side's session epoch (random per session).
+    pub fn epoch(&self) -> u64 {
+        self.inner.epoch
+    }
+
+    /// What this session sent, delivered and refused so far.
+    pub fn stats(&self) -> Stats {
+        self.inner.shared.tally.session.snapshot()
     }
 
     /// The largest payload this session will send: the smaller of our limit and the peer's.
@@ -230,7 +307,8 @@ impl Session {
             return Err(Error::MessageTooLarge { size: payload.len(), limit: self.inner.max_send });
         }
         let sender = self.channel(channel).await?;
-        let mut stream = sender.stream.lock().await;
+        let mut guard = sender.stream.lock().await;
+        let (stream, sealer) = &mut *guard;
         let seq = sender
             .state
             .out
@@ -238,9 +316,61 @@ impl Session {
             .unwrap_or_else(|e| e.into_inner())
             .next_seq()
             .map_err(|_| Error::Limit { what: "sequence numbers per channel", limit: u64::MAX })?;
-        let header = Bytes::copy_from_slice(&wire::message_header(seq, payload.len()));
-        stream.write_all_chunks(&mut [header, payload]).await.map_err(|e| self.write_error(e))?;
+        let mut frame = Vec::with_capacity(payload.len() + MESSAGE_OVERHEAD);
+        sealer.seal(seq, now_ms(), &payload, &mut frame).map_err(seal_error)?;
+        stream.write_all(&frame).await.map_err(|e| self.write_error(e))?;
+        self.inner.shared.tally.add(Counter::messages_sent, 1);
+        self.inner.shared.tally.add(Counter::bytes_sent, payload.len() as u64);
         Ok(seq)
+    }
+
+    /// Sends `payload` as one QUIC datagram on `channel`: it may be lost, duplicated copies and
+    /// replays are refused, and it may arrive out of order (inside the replay window). Returns
+    /// its sequence number (datagrams have their own sequence per channel).
+    ///
+    /// Errors: [`Error::DatagramsUnsupported`] when the peer or path cannot carry datagrams,
+    /// [`Error::MessageTooLarge`] when the payload does not fit in one (see
+    /// [`Session::max_datagram_size`]).
+    pub async fn send_datagram(&self, channel: u16, payload: impl Into<Bytes>) -> Result<u64> {
+        let payload = payload.into();
+        let limit = self.max_datagram_size()?;
+        if payload.len() > limit {
+            return Err(Error::MessageTooLarge { size: payload.len(), limit });
+        }
+        let mut frame = Vec::with_capacity(payload.len() + MESSAGE_OVERHEAD);
+        let seq = {
+            let mut sealers = self.inner.datagram_sealers.lock().unwrap_or_else(|e| e.into_inner());
+            if !sealers.contains_key(&channel) && sealers.len() >= usize::from(self.inner.max_channels) {
+                return Err(Error::Limit {
+                    what: "datagram channels per session",
+                    limit: u64::from(self.inner.max_channels),
+                });
+            }
+            let sealer = sealers.entry(channel).or_insert_with(|| {
+                ChannelSealer::new(self.inner.seal_key.clone(), self.inner.epoch, MessageKind::Datagram, channel)
+            });
+            let seq = sealer.last_seq() + 1;
+            sealer.seal(seq, now_ms(), &payload, &mut frame).map_err(seal_error)?;
+            seq
+        };
+        self.inner.shared.conn.send_datagram(frame.into()).map_err(|e| match e {
+            quinn::SendDatagramError::UnsupportedByPeer => {
+                Error::DatagramsUnsupported("the peer does not accept datagrams")
+            }
+            quinn::SendDatagramError::Disabled => Error::DatagramsUnsupported("datagrams are turned off locally"),
+            quinn::SendDatagramError::TooLarge => Error::MessageTooLarge { size: payload.len(), limit },
+            quinn::SendDatagramError::ConnectionLost(_) => self.inner.shared.error(),
+        })?;
+        self.inner.shared.tally.add(Counter::datagrams_sent, 1);
+        Ok(seq)
+    }
+
+    /// The largest datagram payload the path and the peer allow now (it can change with the
+    /// path MTU), or [`Error::DatagramsUnsupported`].
+    pub fn max_datagram_size(&self) -> Result<usize> {
+        let conn = &self.inner.shared.conn;
+        let quic = conn.max_datagram_size().ok_or(Error::DatagramsUnsupported("the peer does not accept datagrams"))?;
+        Ok(quic.saturating_sub(MESSAGE_OVERHEAD).min(self.inner.max_send))
     }
 
     /// Waits until the peer's application has taken every message sent so far on `channel`
@@ -267,8 +397,22 @@ impl Session {
         let mut rx = self.inner.incoming.lock().await;
         match rx.recv().await {
             Some(d) => {
-                d.ack.send_replace(d.seq);
-                Ok(Message { peer: self.inner.peer.clone(), channel: d.channel, seq: d.seq, payload: d.payload })
+                if let Some(ack) = &d.ack {
+                    ack.send_replace(d.opened.seq);
+                }
+                let tally = &self.inner.shared.tally;
+                tally.add(Counter::messages_delivered, 1);
+                tally.add(Counter::bytes_delivered, d.opened.payload.len() as u64);
+                if d.opened.kind == MessageKind::Datagram {
+                    tally.add(Counter::datagrams_delivered, 1);
+                }
+                Ok(Message {
+                    peer: self.inner.peer.clone(),
+                    kind: d.opened.kind,
+                    channel: d.opened.channel,
+                    seq: d.opened.seq,
+                    payload: d.opened.payload,
+                })
             }
             None => Err(self.inner.shared.error()),
         }
@@ -300,7 +444,8 @@ impl Session {
             .map_err(|e| self.write_error(e))?;
         let state = Arc::new(ChannelState { out: Mutex::new(Outbound::default()), acked: watch::Sender::new(0) });
         tokio::spawn(read_acks(self.inner.shared.clone(), state.clone(), recv));
-        let sender = Arc::new(ChannelSender { stream: tokio::sync::Mutex::new(send), state });
+        let sealer = ChannelSealer::new(self.inner.seal_key.clone(), self.inner.epoch, MessageKind::Stream, channel);
+        let sender = Arc::new(ChannelSender { stream: tokio::sync::Mutex::new((send, sealer)), state });
         senders.insert(channel, sender.clone());
         Ok(sender)
     }
@@ -373,7 +518,6 @@ async fn read_channel(
     let (ack_tx, ack_rx) = watch::channel(0u64);
     let ack_tx = Arc::new(ack_tx);
     tokio::spawn(write_acks(send, ack_rx));
-    let mut inbound = Inbound::default();
     loop {
         let head = match read_frame_header(&mut recv).await {
             Ok(Some(h)) => h,
@@ -391,8 +535,8 @@ async fn read_channel(
             Err(e) => return shared.wire_violation(e),
         };
         // Bound memory before allocating: wait for budget (released when the application takes
-        // the message). The length was checked against max_recv, which fits the budget.
-        // A message never costs more than the whole budget, or it could never be admitted.
+        // the message). A message never costs more than the whole budget, or it could never be
+        // admitted.
         let cost = (header.length as usize + PER_MESSAGE_OVERHEAD).min(shared.budget_total);
         let permit = tokio::select! {
             p = shared.budget.clone().acquire_many_owned(cost as u32) => match p { Ok(p) => p, Err(_) => return },
@@ -404,18 +548,60 @@ async fn read_channel(
             Err(ReadFailure::Gone) => return,
             Err(ReadFailure::Wire(e)) => return shared.wire_violation(e),
         }
-        let (seq, payload) = match header.decode_body(body.into()) {
-            Ok(Frame::Message { seq, payload }) => (seq, payload),
+        let frame = match header.decode_body(body.into()) {
+            Ok(Frame::Message(m)) if m.kind == MessageKind::Stream && m.channel == channel => m,
             Ok(_) => {
-                return shared.violation(close_code::PROTOCOL_VIOLATION, "not a MESSAGE".into());
+                return shared.violation(
+                    close_code::PROTOCOL_VIOLATION,
+                    format!("channel {channel} stream carries a datagram or another channel's message"),
+                );
             }
             Err(e) => return shared.wire_violation(e),
         };
-        if let Err(e) = inbound.on_message(seq) {
-            return shared.violation(close_code::PROTOCOL_VIOLATION, format!("channel {channel}: {e}"));
+        match shared.open(frame) {
+            Ok(opened) => {
+                if tx.send(Delivery { opened, ack: Some(ack_tx.clone()), _budget: permit }).is_err() {
+                    return; // the session handle is gone
+                }
+            }
+            Err(r) => shared.reject(MessageKind::Stream, &r),
         }
-        if tx.send(Delivery { channel, seq, payload, ack: ack_tx.clone(), _budget: permit }).is_err() {
-            return; // the session handle is gone
+    }
+}
+
+/// Reads, opens and delivers the peer's datagrams. A datagram that finds no room in the
+/// receive budget is dropped and counted: datagrams may be lost, and never wait.
+async fn read_datagrams(shared: Arc<Shared>, tx: mpsc::UnboundedSender<Delivery>) {
+    while let Ok(bytes) = shared.conn.read_datagram().await {
+        let cost = (bytes.len() + PER_MESSAGE_OVERHEAD).min(shared.budget_total);
+        let Ok(permit) = shared.budget.clone().try_acquire_many_owned(cost as u32) else {
+            shared.tally.add(Counter::datagrams_dropped, 1);
+            continue;
+        };
+        let opened = shared.opener.lock().unwrap_or_else(|e| e.into_inner()).open_bytes(&bytes, now_ms());
+        match opened {
+            Ok(opened) => {
+                if tx.send(Delivery { opened, ack: None, _budget: permit }).is_err() {
+                    return;
+                }
+            }
+            // A malformed datagram is dropped like any refused one: it cannot desynchronise a
+            // stream, so it does not close the connection.
+            Err(r) => shared.reject(MessageKind::Datagram, &r),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch by the local clock (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn seal_error(e: SealError) -> Error {
+    match e {
+        SealError::TooLarge(size) => Error::MessageTooLarge { size, limit: wire::MAX_MESSAGE_SIZE },
+        SealError::SeqExhausted | SealError::SeqNotIncreasing { .. } => {
+            Error::Limit { what: "sequence numbers in this epoch", limit: crate::proto::replay::MAX_SEQ }
         }
     }
 }

@@ -64,9 +64,9 @@ async fn peer_sending_an_oversize_message_is_closed() {
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     // Channel 0, then a MESSAGE header announcing 1 MiB + 1 byte of payload: refused from the
     // header, before the body is read or allocated.
-    let len = ((1u32 << 20) + 1 + 8).to_be_bytes();
+    let len = ((1u32 << 20) + 1 + 43).to_be_bytes();
     send.write_all(&[1, 1, 0, 0, 0x02, len[0], len[1], len[2], len[3]]).await.unwrap();
-    send.write_all(&1u64.to_be_bytes()).await.unwrap();
+    send.write_all(&[0; 27]).await.unwrap();
     expect_closed_with(&conn, close_code::MESSAGE_TOO_LARGE).await;
     let e = session.recv().await.unwrap_err();
     match e {
@@ -83,14 +83,18 @@ async fn garbage_on_a_stream_closes_that_peer_and_the_node_keeps_serving_others(
     let (to_server, at_server) = connect(&good, &server, "server").await;
     let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
 
-    let garbage: [&[u8]; 7] = [
+    // A MESSAGE of kind datagram (0x01) on channel 9's stream: 43-byte body, zero tag.
+    let mut datagram_on_stream = vec![1, 1, 0, 9, 0x02, 0, 0, 0, 43, 0x01, 0, 9];
+    datagram_on_stream.extend_from_slice(&[0; 40]);
+    let garbage: [&[u8]; 8] = [
         &[1, 1],                                                  // stream ends inside its header
         &[1, 1, 0, 9, 0x02, 0, 0],                                // stream ends inside a frame header
         b"GET / HTTP/1.1\r\n\r\n",                                // not a stream header
         &[1, 1, 0, 9, 0x7f, 0, 0, 0, 0],                          // unknown frame type on channel 9
         &[1, 1, 0, 9, 0x03, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 1],  // ACK on an inbound channel
-        &[1, 1, 0, 9, 0x02, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 5],  // sequence 5 before 1
-        &[1, 1, 0, 9, 0x02, 0, 0, 0, 20, 0, 0, 0, 0, 0, 0, 0, 1], // truncated body, then FIN
+        &[1, 1, 0, 9, 0x02, 0, 0, 0, 20, 0, 0, 0, 0, 0, 0, 0, 1], // MESSAGE shorter than its prefix and tag
+        &[1, 1, 0, 9, 0x02, 0, 0, 0, 60, 0, 0, 9, 1, 2, 3],       // truncated body, then FIN
+        &datagram_on_stream,
     ];
     for (i, bytes) in garbage.iter().enumerate() {
         let (_ep, conn, session) = raw_peer(&pki, &server).await;

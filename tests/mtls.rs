@@ -430,14 +430,15 @@ async fn zero_rtt_is_never_accepted() {
     let quic = std::sync::Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap());
     let endpoint = raw_endpoint();
     let addr = server.local_addr().unwrap();
-    for attempt in 0..2 {
+    for attempt in 0..2u64 {
         let connecting = endpoint.connect_with(quinn::ClientConfig::new(quic.clone()), addr, "server").unwrap();
         // The server issues no session tickets, so there is never anything to send 0-RTT with.
         let conn = match connecting.into_0rtt() {
             Ok(_) => panic!("attempt {attempt}: 0-RTT was offered"),
             Err(connecting) => connecting.await.unwrap(),
         };
-        let _control = raw_hello(&conn).await;
+        // A new logical session each time, so a new epoch.
+        let _control = raw_hello_epoch(&conn, attempt + 1).await;
         let session = server.accept().await.unwrap();
         assert_eq!(session.peer().common_name.as_deref(), Some("client"));
         tokio::time::sleep(Duration::from_millis(50)).await; // let any ticket arrive

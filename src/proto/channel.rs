@@ -1,21 +1,13 @@
-//! Per-channel sequence and acknowledgement state.
+//! Per-channel sequence and acknowledgement state of the sending side.
 //!
-//! A channel is one ordered QUIC stream per direction, so sequence numbers must arrive
-//! consecutively from 1; anything else is a protocol violation. Acknowledgements travel back on
-//! the same stream and must grow monotonically without passing what was sent.
+//! Acknowledgements travel back on the channel's stream and must grow monotonically without
+//! passing what was sent. (What the receiving side accepts is decided by
+//! [`seal::Opener`](super::seal::Opener): tag, replay window, order.)
 
 /// Why a sequence number or acknowledgement is not acceptable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SeqError {
-    /// A MESSAGE whose sequence number is not the next one.
-    #[error("message {got} out of sequence (expected {expected})")]
-    OutOfSequence {
-        /// The next expected number.
-        expected: u64,
-        /// What arrived.
-        got: u64,
-    },
     /// An ACK for a message never sent.
     #[error("ack {got} for messages never sent (last sent {sent})")]
     AckBeyondSent {
@@ -74,38 +66,9 @@ impl Outbound {
     }
 }
 
-/// The receiving side of a channel.
-#[derive(Debug, Default, Clone)]
-pub struct Inbound {
-    received: u64,
-}
-
-impl Inbound {
-    /// Accepts the next MESSAGE's sequence number, which must be exactly one more than the last.
-    pub fn on_message(&mut self, seq: u64) -> Result<(), SeqError> {
-        let expected = self.received.checked_add(1).ok_or(SeqError::Exhausted)?;
-        if seq != expected {
-            return Err(SeqError::OutOfSequence { expected, got: seq });
-        }
-        self.received = seq;
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn inbound_accepts_only_the_next() {
-        let mut i = Inbound::default();
-        assert_eq!(i.on_message(2), Err(SeqError::OutOfSequence { expected: 1, got: 2 }));
-        i.on_message(1).unwrap();
-        assert_eq!(i.on_message(1), Err(SeqError::OutOfSequence { expected: 2, got: 1 }));
-        i.on_message(2).unwrap();
-        let mut full = Inbound { received: u64::MAX };
-        assert_eq!(full.on_message(0), Err(SeqError::Exhausted));
-    }
 
     #[test]
     fn outbound_acks() {

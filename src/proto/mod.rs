@@ -3,5 +3,7 @@
 //! ([`Node`](crate::Node), [`Session`](crate::Session)) only moves bytes.
 
 pub mod channel;
+pub mod epochs;
 pub mod replay;
+pub mod seal;
 pub mod wire;

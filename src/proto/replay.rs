@@ -195,9 +195,9 @@ mod tests {
                 x ^= x >> 7;
                 x ^= x << 17;
                 let seq = match x % 16 {
-                    0 => top + 1 + (x >> 8) % (3 * width),           // jump ahead
-                    1 => top.saturating_sub(width) + (x >> 8) % 3,   // around the lower edge
-                    2 => (x >> 8) % 4,                               // tiny numbers, incl. 0
+                    0 => top + 1 + (x >> 8) % (3 * width),                           // jump ahead
+                    1 => top.saturating_sub(width) + (x >> 8) % 3,                   // around the lower edge
+                    2 => (x >> 8) % 4,                                               // tiny numbers, incl. 0
                     _ => top.saturating_sub((x >> 8) % (width + 8)) + (x >> 40) % 4, // inside or near
                 };
                 let expected = if seq == 0 || seq > MAX_SEQ {

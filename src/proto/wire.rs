@@ -12,8 +12,15 @@ pub const VERSION: u8 = 1;
 pub const STREAM_HEADER_LEN: usize = 4;
 /// Size of a frame header (type + length).
 pub const FRAME_HEADER_LEN: usize = 5;
-/// Size of a MESSAGE body before the payload (the sequence number).
-pub const MESSAGE_PREFIX_LEN: usize = 8;
+/// Size of a MESSAGE body before the sealed payload: kind, channel, epoch, seq, sent_at.
+pub const MESSAGE_PREFIX_LEN: usize = 1 + 2 + 8 + 8 + 8;
+/// Size of the authentication tag that ends every MESSAGE.
+pub const TAG_LEN: usize = 16;
+/// Bytes a MESSAGE frame adds to its payload: frame header, prefix and tag.
+pub const MESSAGE_OVERHEAD: usize = FRAME_HEADER_LEN + MESSAGE_PREFIX_LEN + TAG_LEN;
+/// Size of the associated data a MESSAGE's tag covers besides the payload: the frame header and
+/// the prefix.
+pub const MESSAGE_AAD_LEN: usize = FRAME_HEADER_LEN + MESSAGE_PREFIX_LEN;
 /// The largest message payload any configuration may allow (64 MiB).
 pub const MAX_MESSAGE_SIZE: usize = 64 << 20;
 
@@ -28,29 +35,89 @@ pub enum StreamKind {
 
 /// Frame types.
 pub mod frame_type {
-    /// HELLO: the sender's limits, once per side on the control stream.
+    /// HELLO: the sender's limits and epoch, once per side on the control stream.
     pub const HELLO: u8 = 0x01;
-    /// MESSAGE: sequence number and payload.
+    /// MESSAGE: a sealed application message.
     pub const MESSAGE: u8 = 0x02;
     /// ACK: highest sequence number the application has taken, on a channel's return direction.
     pub const ACK: u8 = 0x03;
 }
 
+/// How a MESSAGE travels; bound into its tag and nonce, so one cannot pass for the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    /// On a channel's QUIC stream: reliable, ordered.
+    Stream = 0,
+    /// In a QUIC DATAGRAM: may be lost or reordered.
+    Datagram = 1,
+}
+
+/// A MESSAGE frame as it is on the wire: the payload is still sealed (encrypted, with its tag).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageFrame {
+    /// Stream or datagram.
+    pub kind: MessageKind,
+    /// The channel.
+    pub channel: u16,
+    /// The sender's session epoch.
+    pub epoch: u64,
+    /// Sequence number within (epoch, kind, channel), from 1.
+    pub seq: u64,
+    /// The sender's clock when it sealed the message, in milliseconds since the Unix epoch.
+    pub sent_at_ms: u64,
+    /// Ciphertext followed by the 16-byte tag.
+    pub sealed: Bytes,
+}
+
+impl MessageFrame {
+    /// The payload size once opened.
+    pub fn payload_len(&self) -> usize {
+        self.sealed.len().saturating_sub(TAG_LEN)
+    }
+
+    /// The associated data the tag covers: frame header and prefix, exactly as on the wire.
+    pub fn aad(&self) -> [u8; MESSAGE_AAD_LEN] {
+        message_aad(self.kind, self.channel, self.epoch, self.seq, self.sent_at_ms, self.payload_len())
+    }
+}
+
+/// The frame header and prefix of a MESSAGE with a `payload_len`-byte payload.
+///
+/// # Panics
+/// If `payload_len` is over [`MAX_MESSAGE_SIZE`]: senders check sizes first.
+pub fn message_aad(
+    kind: MessageKind,
+    channel: u16,
+    epoch: u64,
+    seq: u64,
+    sent_at_ms: u64,
+    payload_len: usize,
+) -> [u8; MESSAGE_AAD_LEN] {
+    assert!(payload_len <= MAX_MESSAGE_SIZE, "message size checked by the caller");
+    let len = (MESSAGE_PREFIX_LEN + payload_len + TAG_LEN) as u32;
+    let mut h = [0u8; MESSAGE_AAD_LEN];
+    h[0] = frame_type::MESSAGE;
+    h[1..5].copy_from_slice(&len.to_be_bytes());
+    h[5] = kind as u8;
+    h[6..8].copy_from_slice(&channel.to_be_bytes());
+    h[8..16].copy_from_slice(&epoch.to_be_bytes());
+    h[16..24].copy_from_slice(&seq.to_be_bytes());
+    h[24..32].copy_from_slice(&sent_at_ms.to_be_bytes());
+    h
+}
+
 /// A decoded frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
-    /// The sender's announced limits.
+    /// The sender's announced limits and session epoch.
     Hello {
         /// Largest payload the sender accepts.
         max_message_size: u32,
+        /// The sender's session epoch (random, non-zero).
+        epoch: u64,
     },
-    /// One application message.
-    Message {
-        /// Sequence number on its channel, from 1, consecutive.
-        seq: u64,
-        /// The payload.
-        payload: Bytes,
-    },
+    /// One sealed application message.
+    Message(MessageFrame),
     /// Cumulative acknowledgement: every message up to `seq` was taken by the application.
     Ack {
         /// Highest acknowledged sequence number.
@@ -74,6 +141,9 @@ pub enum WireError {
     /// A frame type we do not know.
     #[error("unknown frame type {0:#04x}")]
     UnknownFrameType(u8),
+    /// A MESSAGE with a kind other than stream (0) or datagram (1).
+    #[error("unknown message kind {0:#04x}")]
+    UnknownMessageKind(u8),
     /// A frame whose length does not fit its type.
     #[error("frame type {frame_type:#04x} cannot have length {length}")]
     BadLength {
@@ -139,12 +209,10 @@ impl FrameHeader {
         let length = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
         let bad = Err(WireError::BadLength { frame_type, length });
         match frame_type {
-            frame_type::HELLO if length != 4 => return bad,
+            frame_type::HELLO if length != 12 => return bad,
             frame_type::ACK if length != 8 => return bad,
             frame_type::MESSAGE => {
-                let Some(size) = (length as usize).checked_sub(MESSAGE_PREFIX_LEN) else {
-                    return bad;
-                };
+                let Some(size) = (length as usize).checked_sub(MESSAGE_PREFIX_LEN + TAG_LEN) else { return bad };
                 if size > max_payload {
                     return Err(WireError::TooLarge { size: size as u64, limit: max_payload });
                 }
@@ -164,13 +232,25 @@ impl FrameHeader {
                 WireError::TrailingBytes(body.len() - self.length as usize)
             });
         }
-        let u64_at = |b: &[u8]| u64::from_be_bytes(b[..8].try_into().expect("length checked"));
+        let u64_at = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().expect("length checked"));
         Ok(match self.frame_type {
-            frame_type::HELLO => {
-                Frame::Hello { max_message_size: u32::from_be_bytes(body[..4].try_into().expect("length checked")) }
-            }
-            frame_type::ACK => Frame::Ack { seq: u64_at(&body) },
-            frame_type::MESSAGE => Frame::Message { seq: u64_at(&body), payload: body.slice(MESSAGE_PREFIX_LEN..) },
+            frame_type::HELLO => Frame::Hello {
+                max_message_size: u32::from_be_bytes(body[..4].try_into().expect("length checked")),
+                epoch: u64_at(4),
+            },
+            frame_type::ACK => Frame::Ack { seq: u64_at(0) },
+            frame_type::MESSAGE => Frame::Message(MessageFrame {
+                kind: match body[0] {
+                    0 => MessageKind::Stream,
+                    1 => MessageKind::Datagram,
+                    k => return Err(WireError::UnknownMessageKind(k)),
+                },
+                channel: u16::from_be_bytes([body[1], body[2]]),
+                epoch: u64_at(3),
+                seq: u64_at(11),
+                sent_at_ms: u64_at(19),
+                sealed: body.slice(MESSAGE_PREFIX_LEN..),
+            }),
             t => return Err(WireError::UnknownFrameType(t)),
         })
     }
@@ -201,47 +281,30 @@ impl Frame {
     }
 
     /// Appends the encoded frame to `out`.
-    ///
-    /// # Panics
-    /// If a MESSAGE payload is over [`MAX_MESSAGE_SIZE`]: senders check sizes before encoding.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            Frame::Hello { max_message_size } => {
-                out.extend_from_slice(&[frame_type::HELLO, 0, 0, 0, 4]);
+            Frame::Hello { max_message_size, epoch } => {
+                out.extend_from_slice(&[frame_type::HELLO, 0, 0, 0, 12]);
                 out.extend_from_slice(&max_message_size.to_be_bytes());
+                out.extend_from_slice(&epoch.to_be_bytes());
             }
             Frame::Ack { seq } => {
                 out.extend_from_slice(&[frame_type::ACK, 0, 0, 0, 8]);
                 out.extend_from_slice(&seq.to_be_bytes());
             }
-            Frame::Message { seq, payload } => {
-                out.extend_from_slice(&message_header(*seq, payload.len()));
-                out.extend_from_slice(payload);
+            Frame::Message(m) => {
+                out.extend_from_slice(&m.aad());
+                out.extend_from_slice(&m.sealed);
             }
         }
     }
 }
 
-/// The frame header and sequence number of a MESSAGE, so the payload can be written after it
-/// without copying.
-///
-/// # Panics
-/// If `payload_len` is over [`MAX_MESSAGE_SIZE`].
-pub fn message_header(seq: u64, payload_len: usize) -> [u8; FRAME_HEADER_LEN + MESSAGE_PREFIX_LEN] {
-    assert!(payload_len <= MAX_MESSAGE_SIZE, "message size checked by the caller");
-    let len = (payload_len + MESSAGE_PREFIX_LEN) as u32;
-    let mut h = [0u8; FRAME_HEADER_LEN + MESSAGE_PREFIX_LEN];
-    h[0] = frame_type::MESSAGE;
-    h[1..5].copy_from_slice(&len.to_be_bytes());
-    h[5..].copy_from_slice(&seq.to_be_bytes());
-    h
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn hex(s: &str) -> Bytes {
+    pub(crate) fn hex(s: &str) -> Bytes {
         let s: String = s.split_whitespace().collect();
         (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect::<Vec<_>>().into()
     }
@@ -252,13 +315,24 @@ mod tests {
         v.into()
     }
 
-    // The vectors of PROTOCOL.md, section "Test vectors".
+    fn msg(kind: MessageKind, seq: u64, sealed: &'static [u8]) -> Frame {
+        Frame::Message(MessageFrame {
+            kind,
+            channel: 7,
+            epoch: 0x0102030405060708,
+            seq,
+            sent_at_ms: 1_700_000_000_000,
+            sealed: Bytes::from_static(sealed),
+        })
+    }
+
+    // The framing vectors of PROTOCOL.md, section "Test vectors" (the sealed-message vector is
+    // checked in proto::seal).
     #[test]
     fn protocol_md_vectors() {
         let doc = include_str!("../../PROTOCOL.md");
-        let cases: [(&str, Frame); 3] = [
-            ("vector-hello", Frame::Hello { max_message_size: 1 << 20 }),
-            ("vector-message", Frame::Message { seq: 1, payload: Bytes::from_static(b"hi") }),
+        let cases: [(&str, Frame); 2] = [
+            ("vector-hello", Frame::Hello { max_message_size: 1 << 20, epoch: 0x0102030405060708 }),
             ("vector-ack", Frame::Ack { seq: 258 }),
         ];
         for (name, frame) in cases {
@@ -274,7 +348,7 @@ mod tests {
     }
 
     /// Reads the hex under the line `<!-- name -->` in PROTOCOL.md.
-    fn vector(doc: &str, name: &str) -> Bytes {
+    pub(crate) fn vector(doc: &str, name: &str) -> Bytes {
         let marker = format!("<!-- {name} -->");
         let after = &doc[doc.find(&marker).unwrap_or_else(|| panic!("{name} missing")) + marker.len()..];
         let block = after.split("```").nth(1).expect("code block");
@@ -296,17 +370,20 @@ mod tests {
         let max = 16;
         let d = |b: &[u8]| Frame::decode(&Bytes::copy_from_slice(b), max);
         assert_eq!(d(&[0x09, 0, 0, 0, 0]), Err(WireError::UnknownFrameType(9)));
-        assert_eq!(d(&[0x01, 0, 0, 0, 5]), Err(WireError::BadLength { frame_type: 1, length: 5 }));
+        assert_eq!(d(&[0x01, 0, 0, 0, 4]), Err(WireError::BadLength { frame_type: 1, length: 4 }));
         assert_eq!(d(&[0x03, 0, 0, 0, 7]), Err(WireError::BadLength { frame_type: 3, length: 7 }));
-        assert_eq!(d(&[0x02, 0, 0, 0, 7]), Err(WireError::BadLength { frame_type: 2, length: 7 }));
-        assert_eq!(d(&[0x02, 0, 0, 0, 8 + 17]), Err(WireError::TooLarge { size: 17, limit: 16 }));
+        assert_eq!(d(&[0x02, 0, 0, 0, 42]), Err(WireError::BadLength { frame_type: 2, length: 42 }));
+        assert_eq!(d(&[0x02, 0, 0, 0, 43 + 17]), Err(WireError::TooLarge { size: 17, limit: 16 }));
         // The largest length on the wire is refused from the header alone, before allocating.
         assert_eq!(
             d(&[0x02, 0xff, 0xff, 0xff, 0xff]),
-            Err(WireError::TooLarge { size: u32::MAX as u64 - 8, limit: 16 })
+            Err(WireError::TooLarge { size: u32::MAX as u64 - 43, limit: 16 })
         );
-        let ok = enc(&Frame::Message { seq: 3, payload: Bytes::from_static(&[7; 16]) });
+        let ok = enc(&msg(MessageKind::Datagram, 3, &[7; 16 + 16]));
         assert!(Frame::decode_exact(&ok, max).is_ok());
+        let mut bad_kind = ok.to_vec();
+        bad_kind[5] = 2;
+        assert_eq!(Frame::decode_exact(&bad_kind.into(), max), Err(WireError::UnknownMessageKind(2)));
         let mut long = ok.to_vec();
         long.push(0);
         assert_eq!(Frame::decode_exact(&long.into(), max), Err(WireError::TrailingBytes(1)));
@@ -318,10 +395,10 @@ mod tests {
     #[test]
     fn truncation_at_every_length_needs_more_and_never_errs() {
         for frame in [
-            Frame::Hello { max_message_size: 77 },
+            Frame::Hello { max_message_size: 77, epoch: 9 },
             Frame::Ack { seq: u64::MAX },
-            Frame::Message { seq: 9, payload: Bytes::from_static(b"0123456789") },
-            Frame::Message { seq: 10, payload: Bytes::new() },
+            msg(MessageKind::Stream, 9, b"0123456789abcdef0123456789"),
+            msg(MessageKind::Datagram, 10, &[0; 16]),
         ] {
             let full = enc(&frame);
             for cut in 0..full.len() {

@@ -102,15 +102,23 @@ pub async fn raw_connect(
     endpoint.connect_with(quinn::ClientConfig::new(Arc::new(quic)), to, name).unwrap().await
 }
 
-/// Performs the quicseal hello as a dialler on a raw connection; returns the control stream.
-pub async fn raw_hello(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
+/// Performs the quicseal hello as a dialler on a raw connection with session epoch `epoch`;
+/// returns the control stream and the acceptor's epoch.
+pub async fn raw_hello_epoch(conn: &quinn::Connection, epoch: u64) -> ((quinn::SendStream, quinn::RecvStream), u64) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    // Stream header (version 1, control), then HELLO with max_message_size 1 MiB.
-    send.write_all(&[1, 0, 0, 0, 0x01, 0, 0, 0, 4, 0, 0x10, 0, 0]).await.unwrap();
-    let mut hello = [0u8; 9];
-    recv.read_exact(&mut hello).await.unwrap();
-    assert_eq!(hello[..5], [0x01, 0, 0, 0, 4]);
-    (send, recv)
+    // Stream header (version 1, control), then HELLO: max_message_size 1 MiB, epoch.
+    let mut hello = vec![1, 0, 0, 0, 0x01, 0, 0, 0, 12, 0, 0x10, 0, 0];
+    hello.extend_from_slice(&epoch.to_be_bytes());
+    send.write_all(&hello).await.unwrap();
+    let mut answer = [0u8; 17];
+    recv.read_exact(&mut answer).await.unwrap();
+    assert_eq!(answer[..5], [0x01, 0, 0, 0, 12]);
+    ((send, recv), u64::from_be_bytes(answer[9..].try_into().unwrap()))
+}
+
+/// [`raw_hello_epoch`] with a fixed epoch.
+pub async fn raw_hello(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
+    raw_hello_epoch(conn, 0x5eed).await.0
 }
 
 /// The TLS alert a QUIC close carries, if it is a crypto error.

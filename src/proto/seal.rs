@@ -1,0 +1,484 @@
+//! Sealing and opening messages: AES-256-GCM with keys from the TLS exporter, the message
+//! header as associated data, replay windows and freshness.
+//!
+//! ## Keys
+//!
+//! Both ends export 64 bytes from the QUIC connection's TLS session
+//! ([`EXPORTER_LABEL`], empty context; RFC 8446 section 7.5). The first 32 bytes key the
+//! dialler-to-acceptor direction, the last 32 the acceptor-to-dialler direction. The keys are
+//! unique to the connection and direction, so a message cannot be moved to another connection
+//! or sent back to its sender.
+//!
+//! ## What the tag binds
+//!
+//! The AEAD's associated data is the frame header and message prefix exactly as sent (frame
+//! type, length, kind, channel, epoch, sequence number, send time); the nonce is built from
+//! kind, channel and sequence number; the payload is the plaintext. Changing any bit of a sealed
+//! frame makes it fail to open.
+//!
+//! ## Why AES-256-GCM over the payload
+//!
+//! Measured with ring on this project's machines (release, 2 cores, AES-NI, PCLMULQDQ; `cargo
+//! bench --bench seal`): a tag over 64 KiB costs about 44 µs with HMAC-SHA256 and 38 µs with
+//! AES-GCM taking the message as associated data (ring's GHASH over associated data is not its
+//! fast path), but about 10 µs with AES-GCM encrypting the payload. Encrypting also keeps the
+//! payload confidential end to end. GCM must never reuse a nonce under one key: the nonce is
+//! (kind, channel, seq), and a [`ChannelSealer`] refuses any sequence number that is not larger
+//! than the last one it sealed, so reuse cannot happen through this API.
+//!
+//! ## Opening, in order (cheap checks first, commit last)
+//!
+//! 1. the epoch must be the peer's current epoch;
+//! 2. the send time must be no older than the freshness horizon and no further ahead than the
+//!    allowed clock skew;
+//! 3. the replay window for (kind, channel) must accept the sequence number (on a stream it must
+//!    also be above every number delivered so far, to keep order);
+//! 4. the tag must verify (constant time, in ring);
+//! 5. only then is the sequence number committed to the window.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+
+use super::replay::{MAX_SEQ, ReplayError, ReplayWindow};
+use super::wire::{self, Frame, MAX_MESSAGE_SIZE, MessageFrame, MessageKind, TAG_LEN, WireError};
+
+/// The TLS exporter label for message keys.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-quicseal/1 message keys";
+/// How many bytes to export: one 32-byte key per direction.
+pub const KEY_MATERIAL_LEN: usize = 64;
+
+/// Which end of the connection we are: it picks the direction of each key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The side that dialled (QUIC client).
+    Dialler,
+    /// The side that accepted (QUIC server).
+    Acceptor,
+}
+
+/// The key that seals what we send. Not `Clone`: there is one per connection direction.
+pub struct SealingKey(LessSafeKey);
+
+/// The key that opens what the peer sends.
+pub struct OpeningKey(LessSafeKey);
+
+impl std::fmt::Debug for SealingKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SealingKey")
+    }
+}
+
+impl std::fmt::Debug for OpeningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OpeningKey")
+    }
+}
+
+/// Splits exported keying material into our sealing key and our opening key.
+pub fn derive_keys(material: &[u8; KEY_MATERIAL_LEN], role: Role) -> (SealingKey, OpeningKey) {
+    let key = |bytes: &[u8]| LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("32-byte key"));
+    let (to_acceptor, to_dialler) = material.split_at(32);
+    match role {
+        Role::Dialler => (SealingKey(key(to_acceptor)), OpeningKey(key(to_dialler))),
+        Role::Acceptor => (SealingKey(key(to_dialler)), OpeningKey(key(to_acceptor))),
+    }
+}
+
+fn nonce(kind: MessageKind, channel: u16, seq: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[0] = kind as u8;
+    n[1..3].copy_from_slice(&channel.to_be_bytes());
+    n[4..].copy_from_slice(&seq.to_be_bytes());
+    Nonce::assume_unique_for_key(n)
+}
+
+/// Why a message could not be sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// The sequence number is not above the last one sealed (it would reuse a nonce).
+    #[error("sequence number {seq} is not above the last sealed ({last})")]
+    SeqNotIncreasing {
+        /// Last sealed.
+        last: u64,
+        /// Refused.
+        seq: u64,
+    },
+    /// The sequence number is above [`MAX_SEQ`]: a new epoch is needed.
+    #[error("sequence numbers exhausted: start a new epoch")]
+    SeqExhausted,
+    /// The payload is over [`MAX_MESSAGE_SIZE`].
+    #[error("payload of {0} bytes is over the protocol maximum")]
+    TooLarge(usize),
+}
+
+/// Seals the messages of one (kind, channel) on one connection, with increasing sequence
+/// numbers.
+#[derive(Debug)]
+pub struct ChannelSealer {
+    key: Arc<SealingKey>,
+    epoch: u64,
+    kind: MessageKind,
+    channel: u16,
+    last: u64,
+}
+
+impl ChannelSealer {
+    /// A sealer for `(kind, channel)` under `key`, for messages of `epoch`.
+    pub fn new(key: Arc<SealingKey>, epoch: u64, kind: MessageKind, channel: u16) -> ChannelSealer {
+        ChannelSealer { key, epoch, kind, channel, last: 0 }
+    }
+
+    /// The last sequence number sealed (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.last
+    }
+
+    /// Appends the sealed MESSAGE frame for `payload` to `out`.
+    pub fn seal(&mut self, seq: u64, sent_at_ms: u64, payload: &[u8], out: &mut Vec<u8>) -> Result<(), SealError> {
+        if seq <= self.last {
+            return Err(SealError::SeqNotIncreasing { last: self.last, seq });
+        }
+        if seq > MAX_SEQ {
+            return Err(SealError::SeqExhausted);
+        }
+        if payload.len() > MAX_MESSAGE_SIZE {
+            return Err(SealError::TooLarge(payload.len()));
+        }
+        let aad = wire::message_aad(self.kind, self.channel, self.epoch, seq, sent_at_ms, payload.len());
+        out.reserve(aad.len() + payload.len() + TAG_LEN);
+        out.extend_from_slice(&aad);
+        let start = out.len();
+        out.extend_from_slice(payload);
+        let tag = self
+            .key
+            .0
+            .seal_in_place_separate_tag(nonce(self.kind, self.channel, seq), Aad::from(aad), &mut out[start..])
+            .expect("payload size is within AES-GCM limits");
+        out.extend_from_slice(tag.as_ref());
+        self.last = seq;
+        Ok(())
+    }
+}
+
+/// Rules for opening: limits, window width, freshness.
+#[derive(Debug, Clone)]
+pub struct OpenConfig {
+    /// Largest payload accepted.
+    pub max_payload: usize,
+    /// Replay window width in bits (a multiple of 64, see [`ReplayWindow::valid_width`]).
+    pub window_width: u64,
+    /// Oldest acceptable send time, relative to now, in milliseconds.
+    pub freshness_ms: u64,
+    /// Furthest a send time may be ahead of our clock, in milliseconds.
+    pub max_future_ms: u64,
+    /// Most windows kept per kind (streams, datagrams) for one peer epoch: the number of
+    /// channels a peer may use.
+    pub max_windows: usize,
+}
+
+/// A message that passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// Stream or datagram.
+    pub kind: MessageKind,
+    /// Its channel.
+    pub channel: u16,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The sender's send time (ms since the Unix epoch).
+    pub sent_at_ms: u64,
+    /// The plaintext payload.
+    pub payload: Bytes,
+}
+
+/// Why a message was refused. Nothing refused is delivered or changes any window.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Reject {
+    /// Not a well-formed MESSAGE frame.
+    #[error("malformed: {0}")]
+    Malformed(WireError),
+    /// Sealed under another epoch than the peer's current one.
+    #[error("epoch {got:#x} is not the peer's current epoch")]
+    WrongEpoch {
+        /// The frame's epoch.
+        got: u64,
+    },
+    /// Older than the freshness horizon.
+    #[error("stale: sent {age_ms} ms ago")]
+    Stale {
+        /// How old.
+        age_ms: u64,
+    },
+    /// Sent further in the future than the allowed clock skew.
+    #[error("from the future: {ahead_ms} ms ahead")]
+    Future {
+        /// How far ahead.
+        ahead_ms: u64,
+    },
+    /// The replay window refused the sequence number.
+    #[error("{0}")]
+    Replay(ReplayError),
+    /// On a stream: not above the last delivered sequence number (order would break).
+    #[error("sequence number {seq} not above {top} on an ordered stream")]
+    OutOfOrder {
+        /// Refused.
+        seq: u64,
+        /// Last delivered.
+        top: u64,
+    },
+    /// The tag did not verify: the frame was altered, or sealed with another key.
+    #[error("integrity tag did not verify")]
+    Tag,
+    /// A new (kind, channel) beyond [`OpenConfig::max_windows`].
+    #[error("too many channels")]
+    TooManyChannels,
+}
+
+/// Opens what one peer epoch sends, over one or more connections.
+#[derive(Debug)]
+pub struct Opener {
+    key: OpeningKey,
+    epoch: u64,
+    config: OpenConfig,
+    windows: HashMap<(MessageKind, u16), ReplayWindow>,
+}
+
+impl Opener {
+    /// An opener for messages of the peer's `epoch`, under `key`.
+    ///
+    /// # Panics
+    /// If `config.window_width` is not valid (configurations are validated first).
+    pub fn new(key: OpeningKey, epoch: u64, config: OpenConfig) -> Opener {
+        assert!(ReplayWindow::valid_width(config.window_width));
+        Opener { key, epoch, config, windows: HashMap::new() }
+    }
+
+    /// The replay window of (kind, channel), if any message was accepted there.
+    pub fn window(&self, kind: MessageKind, channel: u16) -> Option<&ReplayWindow> {
+        self.windows.get(&(kind, channel))
+    }
+
+    /// Decodes exactly one MESSAGE frame from `bytes` and opens it (datagrams arrive this way).
+    pub fn open_bytes(&mut self, bytes: &Bytes, now_ms: u64) -> Result<Opened, Reject> {
+        match Frame::decode_exact(bytes, self.config.max_payload).map_err(Reject::Malformed)? {
+            Frame::Message(m) => self.open(m, now_ms),
+            _ => Err(Reject::Malformed(WireError::UnknownFrameType(bytes[0]))),
+        }
+    }
+
+    /// Checks and opens a decoded MESSAGE frame, at local time `now_ms`.
+    pub fn open(&mut self, frame: MessageFrame, now_ms: u64) -> Result<Opened, Reject> {
+        if frame.epoch != self.epoch {
+            return Err(Reject::WrongEpoch { got: frame.epoch });
+        }
+        if frame.payload_len() > self.config.max_payload {
+            return Err(Reject::Malformed(WireError::TooLarge {
+                size: frame.payload_len() as u64,
+                limit: self.config.max_payload,
+            }));
+        }
+        let age = now_ms.saturating_sub(frame.sent_at_ms);
+        if age > self.config.freshness_ms {
+            return Err(Reject::Stale { age_ms: age });
+        }
+        let ahead = frame.sent_at_ms.saturating_sub(now_ms);
+        if ahead > self.config.max_future_ms {
+            return Err(Reject::Future { ahead_ms: ahead });
+        }
+        let key = (frame.kind, frame.channel);
+        match self.windows.get(&key) {
+            Some(w) => {
+                w.check(frame.seq).map_err(Reject::Replay)?;
+                if frame.kind == MessageKind::Stream && frame.seq <= w.top() {
+                    return Err(Reject::OutOfOrder { seq: frame.seq, top: w.top() });
+                }
+            }
+            None => {
+                if self.windows.keys().filter(|(k, _)| *k == frame.kind).count() >= self.config.max_windows {
+                    return Err(Reject::TooManyChannels);
+                }
+                if frame.seq == 0 || frame.seq > MAX_SEQ {
+                    return Err(Reject::Replay(ReplayError::OutOfRange(frame.seq)));
+                }
+            }
+        }
+        let aad = frame.aad();
+        let mut buf = BytesMut::from(frame.sealed);
+        let plain_len = self
+            .key
+            .0
+            .open_in_place(nonce(frame.kind, frame.channel, frame.seq), Aad::from(aad), &mut buf[..])
+            .map_err(|_| Reject::Tag)?
+            .len();
+        buf.truncate(plain_len);
+        let width = self.config.window_width;
+        self.windows
+            .entry(key)
+            .or_insert_with(|| ReplayWindow::new(width))
+            .commit(frame.seq)
+            .map_err(Reject::Replay)?;
+        Ok(Opened {
+            kind: frame.kind,
+            channel: frame.channel,
+            seq: frame.seq,
+            sent_at_ms: frame.sent_at_ms,
+            payload: buf.freeze(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_700_000_000_000;
+
+    fn config() -> OpenConfig {
+        OpenConfig {
+            max_payload: 1 << 20,
+            window_width: 1024,
+            freshness_ms: 120_000,
+            max_future_ms: 30_000,
+            max_windows: 4,
+        }
+    }
+
+    fn material() -> [u8; KEY_MATERIAL_LEN] {
+        std::array::from_fn(|i| i as u8)
+    }
+
+    /// A dialler's sealer and the acceptor's opener for the same connection.
+    fn pair(kind: MessageKind, channel: u16) -> (ChannelSealer, Opener) {
+        let (seal, _) = derive_keys(&material(), Role::Dialler);
+        let (_, open) = derive_keys(&material(), Role::Acceptor);
+        (
+            ChannelSealer::new(Arc::new(seal), 0x0102030405060708, kind, channel),
+            Opener::new(open, 0x0102030405060708, config()),
+        )
+    }
+
+    fn sealed(s: &mut ChannelSealer, seq: u64, at: u64, payload: &[u8]) -> Bytes {
+        let mut out = Vec::new();
+        s.seal(seq, at, payload, &mut out).unwrap();
+        out.into()
+    }
+
+    #[test]
+    fn round_trip_and_protocol_md_vector() {
+        let (mut s, mut o) = pair(MessageKind::Stream, 7);
+        let bytes = sealed(&mut s, 1, NOW, b"hi");
+        let doc = include_str!("../../PROTOCOL.md");
+        assert_eq!(bytes, super::super::wire::tests::vector(doc, "vector-message"));
+        let opened = o.open_bytes(&bytes, NOW).unwrap();
+        assert_eq!(&opened.payload[..], b"hi");
+        assert_eq!((opened.kind, opened.channel, opened.seq, opened.sent_at_ms), (MessageKind::Stream, 7, 1, NOW));
+    }
+
+    #[test]
+    fn directions_have_different_keys() {
+        let (seal_d, open_d) = derive_keys(&material(), Role::Dialler);
+        let (seal_a, open_a) = derive_keys(&material(), Role::Acceptor);
+        let mut from_dialler = ChannelSealer::new(Arc::new(seal_d), 1, MessageKind::Stream, 0);
+        let mut from_acceptor = ChannelSealer::new(Arc::new(seal_a), 1, MessageKind::Stream, 0);
+        let m = sealed(&mut from_dialler, 1, NOW, b"x");
+        // Reflected back to its sender: refused.
+        assert_eq!(Opener::new(open_d, 1, config()).open_bytes(&m, NOW), Err(Reject::Tag));
+        let m = sealed(&mut from_acceptor, 1, NOW, b"x");
+        assert_eq!(Opener::new(open_a, 1, config()).open_bytes(&m, NOW), Err(Reject::Tag));
+        // Another connection's keys: refused.
+        let other: [u8; 64] = std::array::from_fn(|i| 255 - i as u8);
+        let (_, open_other) = derive_keys(&other, Role::Acceptor);
+        let mut s = ChannelSealer::new(Arc::new(derive_keys(&material(), Role::Dialler).0), 1, MessageKind::Stream, 0);
+        assert_eq!(
+            Opener::new(open_other, 1, config()).open_bytes(&sealed(&mut s, 1, NOW, b"x"), NOW),
+            Err(Reject::Tag)
+        );
+    }
+
+    #[test]
+    fn sealer_never_reuses_a_nonce() {
+        let (mut s, _) = pair(MessageKind::Datagram, 1);
+        sealed(&mut s, 5, NOW, b"a");
+        let mut out = Vec::new();
+        assert_eq!(s.seal(5, NOW, b"b", &mut out), Err(SealError::SeqNotIncreasing { last: 5, seq: 5 }));
+        assert_eq!(s.seal(4, NOW, b"b", &mut out), Err(SealError::SeqNotIncreasing { last: 5, seq: 4 }));
+        assert_eq!(s.seal(MAX_SEQ + 1, NOW, b"b", &mut out), Err(SealError::SeqExhausted));
+        assert!(out.is_empty());
+    }
+
+    /// Flip every bit of a sealed message, one at a time: each is refused, the window does not
+    /// move, and the genuine message still opens afterwards.
+    #[test]
+    fn every_single_bit_flip_is_refused_and_changes_nothing() {
+        for kind in [MessageKind::Stream, MessageKind::Datagram] {
+            let (mut s, mut o) = pair(kind, 3);
+            let first = sealed(&mut s, 1, NOW, b"first");
+            o.open_bytes(&first, NOW).unwrap();
+            let genuine = sealed(&mut s, 2, NOW, b"the payload that matters");
+            for bit in 0..genuine.len() * 8 {
+                let mut bad = genuine.to_vec();
+                bad[bit / 8] ^= 1 << (bit % 8);
+                let r = o.open_bytes(&bad.into(), NOW);
+                assert!(r.is_err(), "{kind:?} bit {bit} accepted");
+                assert_eq!(o.window(kind, 3).unwrap().top(), 1, "{kind:?} bit {bit} moved the window");
+            }
+            assert_eq!(&o.open_bytes(&genuine, NOW).unwrap().payload[..], b"the payload that matters");
+        }
+    }
+
+    #[test]
+    fn replays_epochs_and_freshness() {
+        let (mut s, mut o) = pair(MessageKind::Stream, 0);
+        let m1 = sealed(&mut s, 1, NOW, b"1");
+        o.open_bytes(&m1, NOW).unwrap();
+        assert_eq!(o.open_bytes(&m1, NOW), Err(Reject::Replay(ReplayError::Replayed(1))));
+        // A gap is fine on a stream (a message refused in between); going back is not.
+        let m3 = sealed(&mut s, 3, NOW, b"3");
+        o.open_bytes(&m3, NOW).unwrap();
+        let (mut s2, _) = pair(MessageKind::Stream, 0);
+        let m2 = sealed(&mut s2, 2, NOW, b"2");
+        assert_eq!(o.open_bytes(&m2, NOW), Err(Reject::OutOfOrder { seq: 2, top: 3 }));
+        // Freshness edges: exactly at the horizon is fine, one millisecond more is stale.
+        let old = sealed(&mut s, 4, NOW - 120_000, b"4");
+        o.open_bytes(&old, NOW).unwrap();
+        let older = sealed(&mut s, 5, NOW - 120_001, b"5");
+        assert_eq!(o.open_bytes(&older, NOW), Err(Reject::Stale { age_ms: 120_001 }));
+        let ahead = sealed(&mut s, 6, NOW + 30_001, b"6");
+        assert_eq!(o.open_bytes(&ahead, NOW), Err(Reject::Future { ahead_ms: 30_001 }));
+        // Another epoch (a retired session of the same peer).
+        let (seal, _) = derive_keys(&material(), Role::Dialler);
+        let mut old_epoch = ChannelSealer::new(Arc::new(seal), 99, MessageKind::Stream, 0);
+        assert_eq!(o.open_bytes(&sealed(&mut old_epoch, 7, NOW, b"7"), NOW), Err(Reject::WrongEpoch { got: 99 }));
+    }
+
+    #[test]
+    fn datagrams_accept_reordering_inside_the_window_and_refuse_duplicates() {
+        let (mut s, mut o) = pair(MessageKind::Datagram, 9);
+        let msgs: Vec<Bytes> = (1..=2000u64).map(|i| sealed(&mut s, i, NOW, &i.to_be_bytes())).collect();
+        o.open_bytes(&msgs[1999], NOW).unwrap(); // seq 2000 first
+        o.open_bytes(&msgs[999], NOW).unwrap(); // 1000: 1000 behind, inside a 1024 window
+        assert_eq!(o.open_bytes(&msgs[999], NOW), Err(Reject::Replay(ReplayError::Replayed(1000))));
+        assert_eq!(o.open_bytes(&msgs[976], NOW).unwrap().seq, 977); // exactly the lower edge
+        assert_eq!(o.open_bytes(&msgs[975], NOW), Err(Reject::Replay(ReplayError::TooOld { seq: 976, top: 2000 })));
+    }
+
+    #[test]
+    fn window_count_is_bounded() {
+        let (seal, open) = derive_keys(&material(), Role::Dialler);
+        let _ = open;
+        let seal = Arc::new(seal);
+        let (_, open) = derive_keys(&material(), Role::Acceptor);
+        let mut o = Opener::new(open, 1, config());
+        for ch in 0..4 {
+            let mut s = ChannelSealer::new(seal.clone(), 1, MessageKind::Datagram, ch);
+            o.open_bytes(&sealed(&mut s, 1, NOW, b""), NOW).unwrap();
+        }
+        let mut s = ChannelSealer::new(seal, 1, MessageKind::Datagram, 4);
+        assert_eq!(o.open_bytes(&sealed(&mut s, 1, NOW, b""), NOW), Err(Reject::TooManyChannels));
+    }
+}

@@ -1,0 +1,87 @@
+//! Counters: what a session or a node sent, delivered and refused.
+//!
+//! Read them as a [`Stats`] snapshot ([`Session::stats`](crate::Session::stats),
+//! [`Node::stats`](crate::Node::stats)); every refusal is also a `tracing` event (target
+//! `quicseal::reject`, level debug) and every session end logs its totals (level info).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// A snapshot of counters.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Stats {
+            $($(#[doc = $doc])* pub $name: u64,)*
+        }
+
+        /// Live counters (atomics), shared by a session's tasks.
+        #[derive(Debug, Default)]
+        pub(crate) struct Counters {
+            $($name: AtomicU64,)*
+        }
+
+        impl Counters {
+            pub(crate) fn snapshot(&self) -> Stats {
+                Stats { $($name: self.$name.load(Ordering::Relaxed),)* }
+            }
+        }
+
+        /// Which counter to bump.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        #[allow(non_camel_case_types)]
+        pub(crate) enum Counter {
+            $($name,)*
+        }
+
+        impl Counters {
+            fn get(&self, c: Counter) -> &AtomicU64 {
+                match c {
+                    $(Counter::$name => &self.$name,)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Messages sent on channels.
+    messages_sent,
+    /// Payload bytes sent on channels.
+    bytes_sent,
+    /// Messages handed to the application (channels and datagrams).
+    messages_delivered,
+    /// Payload bytes handed to the application.
+    bytes_delivered,
+    /// Datagrams sent.
+    datagrams_sent,
+    /// Datagrams handed to the application (also counted in `messages_delivered`).
+    datagrams_delivered,
+    /// Messages whose integrity tag did not verify.
+    tag_failures,
+    /// Messages refused as replays: seen before, older than the window, behind the stream's
+    /// order, or from another epoch.
+    replays_rejected,
+    /// Messages refused as too old or too far in the future.
+    stale_rejected,
+    /// Malformed frames (each closes its connection).
+    malformed_frames,
+    /// Datagrams dropped on receipt: refused by a check above, no room in the receive buffer,
+    /// or too many datagram channels.
+    datagrams_dropped,
+}
+
+/// Bumps a session's counters and its node's together.
+#[derive(Debug, Clone)]
+pub(crate) struct Tally {
+    pub(crate) session: Arc<Counters>,
+    pub(crate) node: Arc<Counters>,
+}
+
+impl Tally {
+    pub(crate) fn add(&self, c: Counter, n: u64) {
+        self.session.get(c).fetch_add(n, Ordering::Relaxed);
+        self.node.get(c).fetch_add(n, Ordering::Relaxed);
+    }
+}
