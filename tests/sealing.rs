@@ -1,0 +1,358 @@
+//! Integrity tags, replay windows, freshness, epochs and datagrams through real sessions. An
+//! "insider" raw quinn peer holds a valid certificate and the real message keys (exported from
+//! its own TLS session) and sends what a well-behaved node never would: replays, tampered
+//! frames, stale frames, datagrams out of order.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use common::*;
+use quicseal::proto::seal::{self, ChannelSealer, EXPORTER_LABEL, KEY_MATERIAL_LEN};
+use quicseal::proto::wire::MessageKind;
+use quicseal::{Error, Limits, Node, NodeConfig, Session, close_code};
+
+const EPOCH: u64 = 0xfeed_beef;
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A raw peer that completed the hello and holds the dialler's sealing key.
+struct Insider {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    key: Arc<seal::SealingKey>,
+    _control: (quinn::SendStream, quinn::RecvStream),
+}
+
+impl Insider {
+    async fn connect(pki: &Pki, server: &Node) -> (Insider, Session) {
+        let issued = pki.issue(&pki.cert("insider"));
+        let endpoint = raw_endpoint();
+        let cfg = raw_client_config(pki, Some(&issued), quicseal::ALPN);
+        let conn = raw_connect(&endpoint, cfg, server.local_addr().unwrap(), "server").await.unwrap();
+        let (control, _) = raw_hello_epoch(&conn, EPOCH).await;
+        let mut material = [0u8; KEY_MATERIAL_LEN];
+        conn.export_keying_material(&mut material, EXPORTER_LABEL, b"").unwrap();
+        let (key, _) = seal::derive_keys(&material, seal::Role::Dialler);
+        let session = server.accept().await.unwrap();
+        (Insider { _endpoint: endpoint, conn, key: Arc::new(key), _control: control }, session)
+    }
+
+    fn sealer(&self, kind: MessageKind, channel: u16) -> ChannelSealer {
+        ChannelSealer::new(self.key.clone(), EPOCH, kind, channel)
+    }
+
+    /// Opens channel `channel`'s stream and returns it after writing the stream header.
+    async fn channel(&self, channel: u16) -> quinn::SendStream {
+        let (mut send, _recv) = self.conn.open_bi().await.unwrap();
+        let c = channel.to_be_bytes();
+        send.write_all(&[1, 1, c[0], c[1]]).await.unwrap();
+        send
+    }
+}
+
+fn seal(s: &mut ChannelSealer, seq: u64, at: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.seal(seq, at, payload, &mut out).unwrap();
+    out
+}
+
+async fn recv_payload(session: &Session) -> Vec<u8> {
+    tokio::time::timeout(Duration::from_secs(10), session.recv()).await.expect("a message").unwrap().payload().to_vec()
+}
+
+/// Nothing more arrives within a short while.
+async fn assert_quiet(session: &Session) {
+    if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), session.recv()).await {
+        panic!("unexpected delivery: {r:?}");
+    }
+}
+
+#[tokio::test]
+async fn replayed_message_is_rejected_and_counted() {
+    let pki = Pki::new("ca");
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
+    let (insider, session) = Insider::connect(&pki, &server).await;
+    let mut stream = insider.channel(4).await;
+    let mut sealer = insider.sealer(MessageKind::Stream, 4);
+    let first = seal(&mut sealer, 1, now_ms(), b"pay me once");
+    stream.write_all(&first).await.unwrap();
+    stream.write_all(&first).await.unwrap(); // the same sealed bytes again
+    stream.write_all(&seal(&mut sealer, 2, now_ms(), b"next")).await.unwrap();
+    assert_eq!(recv_payload(&session).await, b"pay me once");
+    assert_eq!(recv_payload(&session).await, b"next");
+    assert_quiet(&session).await;
+    let stats = session.stats();
+    assert_eq!(stats.replays_rejected, 1, "{stats:?}");
+    assert_eq!(stats.messages_delivered, 2);
+    assert_eq!(server.stats().replays_rejected, 1);
+}
+
+#[tokio::test]
+async fn tampered_messages_are_dropped_counted_and_too_many_close_the_connection() {
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.max_tag_failures = 3;
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(limits));
+    let (insider, session) = Insider::connect(&pki, &server).await;
+    let mut stream = insider.channel(0).await;
+    let mut sealer = insider.sealer(MessageKind::Stream, 0);
+    for seq in 1..=2u64 {
+        let mut m = seal(&mut sealer, seq, now_ms(), b"tampered in flight");
+        let last = m.len() - 20;
+        m[last] ^= 0x40; // one bit of the ciphertext
+        stream.write_all(&m).await.unwrap();
+    }
+    // The next genuine message is still delivered (a gap is allowed, order is kept).
+    stream.write_all(&seal(&mut sealer, 3, now_ms(), b"genuine")).await.unwrap();
+    assert_eq!(recv_payload(&session).await, b"genuine");
+    assert_eq!(session.stats().tag_failures, 2);
+    // The third failure closes the connection.
+    let mut m = seal(&mut sealer, 4, now_ms(), b"again");
+    m[40] ^= 1;
+    stream.write_all(&m).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), insider.conn.closed()).await.unwrap();
+    assert_eq!(app_code(&e), Some(u64::from(close_code::INTEGRITY_FAILURE)), "{e:?}");
+    assert!(matches!(session.recv().await, Err(Error::ProtocolViolation { .. })));
+    assert_eq!(session.stats().tag_failures, 3);
+}
+
+#[tokio::test]
+async fn stale_and_future_messages_are_rejected() {
+    let pki = Pki::new("ca");
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
+    let (insider, session) = Insider::connect(&pki, &server).await;
+    let mut stream = insider.channel(1).await;
+    let mut sealer = insider.sealer(MessageKind::Stream, 1);
+    stream.write_all(&seal(&mut sealer, 1, now_ms() - 121_000, b"old")).await.unwrap();
+    stream.write_all(&seal(&mut sealer, 2, now_ms() + 60_000, b"future")).await.unwrap();
+    stream.write_all(&seal(&mut sealer, 3, now_ms() - 5_000, b"fine")).await.unwrap();
+    assert_eq!(recv_payload(&session).await, b"fine");
+    assert_eq!(session.stats().stale_rejected, 2);
+}
+
+#[tokio::test]
+async fn a_message_for_another_channel_or_epoch_is_refused() {
+    let pki = Pki::new("ca");
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
+    let (insider, session) = Insider::connect(&pki, &server).await;
+    let mut stream = insider.channel(1).await;
+    let mut other_epoch = ChannelSealer::new(insider.key.clone(), EPOCH + 1, MessageKind::Stream, 1);
+    stream.write_all(&seal(&mut other_epoch, 1, now_ms(), b"old session")).await.unwrap();
+    let mut sealer = insider.sealer(MessageKind::Stream, 1);
+    stream.write_all(&seal(&mut sealer, 2, now_ms(), b"current")).await.unwrap();
+    assert_eq!(recv_payload(&session).await, b"current");
+    assert_eq!(session.stats().replays_rejected, 1);
+    // A frame sealed for channel 2 written on channel 1's stream is a protocol violation.
+    let mut wrong = insider.sealer(MessageKind::Stream, 2);
+    stream.write_all(&seal(&mut wrong, 1, now_ms(), b"moved")).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), insider.conn.closed()).await.unwrap();
+    assert_eq!(app_code(&e), Some(u64::from(close_code::PROTOCOL_VIOLATION)), "{e:?}");
+}
+
+#[tokio::test]
+async fn retired_epoch_is_refused() {
+    let pki = Pki::new("ca");
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
+    let issued = pki.issue(&pki.cert("returning"));
+    let endpoint = raw_endpoint();
+    let addr = server.local_addr().unwrap();
+    let conn =
+        raw_connect(&endpoint, raw_client_config(&pki, Some(&issued), quicseal::ALPN), addr, "server").await.unwrap();
+    let _control = raw_hello_epoch(&conn, 42).await;
+    let session = server.accept().await.unwrap();
+    conn.close(0u32.into(), b"bye");
+    let _ = session.closed().await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // the node retires the epoch as the session ends
+    // The same peer comes back with the same epoch: refused.
+    let conn =
+        raw_connect(&endpoint, raw_client_config(&pki, Some(&issued), quicseal::ALPN), addr, "server").await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut hello = vec![1, 0, 0, 0, 0x01, 0, 0, 0, 12, 0, 0x10, 0, 0];
+    hello.extend_from_slice(&42u64.to_be_bytes());
+    send.write_all(&hello).await.unwrap();
+    let mut buf = [0u8; 17];
+    assert!(recv.read_exact(&mut buf).await.is_err());
+    let e = conn.closed().await;
+    assert_eq!(app_code(&e), Some(u64::from(close_code::RETIRED_EPOCH)), "{e:?}");
+    let refused = server.accept().await.unwrap_err();
+    assert!(matches!(refused, Error::ProtocolViolation { .. }), "{refused:?}");
+    // A new epoch is welcome.
+    let conn =
+        raw_connect(&endpoint, raw_client_config(&pki, Some(&issued), quicseal::ALPN), addr, "server").await.unwrap();
+    let _control = raw_hello_epoch(&conn, 43).await;
+    server.accept().await.unwrap();
+}
+
+#[tokio::test]
+async fn datagrams_between_nodes() {
+    let pki = Pki::new("ca");
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let max = ab.max_datagram_size().unwrap();
+    assert!(max > 1000 && max < 1500, "{max}");
+    for i in 0..20u8 {
+        assert_eq!(ab.send_datagram(5, vec![i; 100]).await.unwrap(), u64::from(i) + 1);
+    }
+    let mut got = Vec::new();
+    while got.len() < 20 {
+        let m = tokio::time::timeout(Duration::from_secs(5), ba.recv()).await.expect("datagrams on loopback").unwrap();
+        assert!(m.is_datagram());
+        assert_eq!(m.channel(), 5);
+        got.push(m.payload()[0]);
+    }
+    got.sort();
+    assert_eq!(got, (0..20).collect::<Vec<u8>>());
+    let e = ab.send_datagram(5, vec![0; max + 1]).await.unwrap_err();
+    assert!(matches!(e, Error::MessageTooLarge { limit, .. } if limit == max), "{e:?}");
+    assert_eq!(ab.stats().datagrams_sent, 20);
+    assert_eq!(ba.stats().datagrams_delivered, 20);
+}
+
+#[tokio::test]
+async fn datagrams_to_a_peer_that_turned_them_off_are_a_clear_error() {
+    let pki = Pki::new("ca");
+    let mut off = Limits::default();
+    off.datagram_receive_buffer = 0;
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(off));
+    let (ab, _ba) = connect(&a, &b, "b").await;
+    let ab = ab.unwrap();
+    assert!(matches!(ab.max_datagram_size(), Err(Error::DatagramsUnsupported(_))));
+    assert!(matches!(ab.send_datagram(0, &b"x"[..]).await, Err(Error::DatagramsUnsupported(_))));
+}
+
+#[tokio::test]
+async fn datagrams_out_of_order_inside_the_window_are_accepted_and_duplicates_refused() {
+    let pki = Pki::new("ca");
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
+    let (insider, session) = Insider::connect(&pki, &server).await;
+    let mut sealer = insider.sealer(MessageKind::Datagram, 2);
+    let frames: Vec<Bytes> = (1..=3000u64).map(|i| seal(&mut sealer, i, now_ms(), &i.to_be_bytes()).into()).collect();
+    // 3000 first, then 1000 (2000 behind: inside the default 2048 window), 952 (the lower edge
+    // is 953: too old), 1000 again (duplicate), 2999.
+    for i in [3000usize, 1000, 952, 1000, 2999, 953] {
+        insider.conn.send_datagram(frames[i - 1].clone()).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await; // keep the sending order
+    }
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(u64::from_be_bytes(recv_payload(&session).await.try_into().unwrap()));
+    }
+    assert_eq!(got, [3000, 1000, 2999, 953]);
+    assert_quiet(&session).await;
+    let stats = session.stats();
+    assert_eq!(stats.replays_rejected, 2, "{stats:?}");
+    assert_eq!(stats.datagrams_dropped, 2, "{stats:?}");
+    // Garbage in a datagram is dropped and counted, and does not close the session.
+    insider.conn.send_datagram(Bytes::from_static(b"not a frame")).unwrap();
+    insider.conn.send_datagram(frames[2997].clone()).unwrap(); // 2998
+    assert_eq!(u64::from_be_bytes(recv_payload(&session).await.try_into().unwrap()), 2998);
+    assert_eq!(session.stats().malformed_frames, 1);
+}
+
+/// A UDP relay between two nodes that records every datagram and can replay them.
+struct Relay {
+    addr: SocketAddr,
+    recorded: Arc<Mutex<Vec<(bool, Vec<u8>)>>>,
+    socket: Arc<tokio::net::UdpSocket>,
+    client: Arc<Mutex<Option<SocketAddr>>>,
+    server: SocketAddr,
+}
+
+impl Relay {
+    async fn start(server: SocketAddr) -> Relay {
+        let socket = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        let addr = socket.local_addr().unwrap();
+        let recorded = Arc::new(Mutex::new(Vec::new()));
+        let client = Arc::new(Mutex::new(None));
+        tokio::spawn({
+            let (socket, recorded, client) = (socket.clone(), recorded.clone(), client.clone());
+            async move {
+                let mut buf = vec![0u8; 65536];
+                // Bounded: a test relay stops by itself.
+                for _ in 0..100_000 {
+                    let Ok((n, from)) = socket.recv_from(&mut buf).await else { return };
+                    let to_server = from != server;
+                    if to_server {
+                        *client.lock().unwrap() = Some(from);
+                    }
+                    recorded.lock().unwrap().push((to_server, buf[..n].to_vec()));
+                    let to = if to_server { server } else { client.lock().unwrap().unwrap() };
+                    let _ = socket.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+        Relay { addr, recorded, socket, client, server }
+    }
+
+    /// Re-sends every recorded datagram, in order, to where it went.
+    async fn replay_all(&self) -> usize {
+        let recorded = self.recorded.lock().unwrap().clone();
+        let client = self.client.lock().unwrap().unwrap();
+        for (to_server, bytes) in &recorded {
+            let to = if *to_server { self.server } else { client };
+            self.socket.send_to(bytes, to).await.unwrap();
+        }
+        recorded.len()
+    }
+}
+
+#[tokio::test]
+async fn on_path_recording_replayed_later_delivers_nothing_extra() {
+    let pki = Pki::new("ca");
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
+    let client = bind(NodeConfig::new(pki.identity("client"), pki.trust()));
+    let relay = Relay::start(server.local_addr().unwrap()).await;
+    let (to_server, at_server) = tokio::join!(client.connect(relay.addr, "server"), server.accept());
+    let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
+    for i in 0..50u32 {
+        to_server.send(1, &i).await.unwrap();
+        to_server.send_datagram(2, i.to_be_bytes().to_vec()).await.unwrap();
+    }
+    let mut streams = 0;
+    let mut datagrams = 0;
+    while streams < 50 {
+        let m = tokio::time::timeout(Duration::from_secs(10), at_server.recv()).await.unwrap().unwrap();
+        if m.is_datagram() {
+            datagrams += 1;
+        } else {
+            assert_eq!(m.decode::<u32>().unwrap(), streams);
+            streams += 1;
+        }
+    }
+    to_server.delivered(1).await.unwrap();
+    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), at_server.recv()).await {
+        assert!(m.is_datagram());
+        datagrams += 1;
+    }
+    let before = at_server.stats();
+
+    // Re-inject the whole recording on the live connection, twice.
+    let n = relay.replay_all().await;
+    assert!(n >= 10, "{n} UDP datagrams recorded");
+    relay.replay_all().await;
+    assert_quiet(&at_server).await;
+    assert_eq!(at_server.stats().messages_delivered, before.messages_delivered);
+
+    // And towards a new connection (a new session of the same client): still nothing extra.
+    let (second, second_at) = tokio::join!(client.connect(server.local_addr().unwrap(), "server"), server.accept());
+    let (second, second_at) = (second.unwrap(), second_at.unwrap());
+    relay.replay_all().await;
+    assert_quiet(&second_at).await;
+    assert_quiet(&at_server).await;
+
+    // Both sessions still work.
+    to_server.send(1, &999u32).await.unwrap();
+    assert_eq!(at_server.recv().await.unwrap().decode::<u32>().unwrap(), 999);
+    second.send(1, &7u32).await.unwrap();
+    assert_eq!(second_at.recv().await.unwrap().decode::<u32>().unwrap(), 7);
+    assert!(datagrams <= 50);
+}
