@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench --bench seal
 //! ```
+#![allow(missing_docs)] // criterion's macros generate undocumented items
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -51,7 +52,8 @@ fn bench(c: &mut Criterion) {
                         &mut frame[32..],
                     )
                     .unwrap();
-                black_box((&frame, tag));
+                black_box(&frame);
+                black_box(tag.as_ref());
             })
         });
 
@@ -101,5 +103,9 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    config = Criterion::default();
+    targets = bench
+}
 criterion_main!(benches);
