@@ -258,10 +258,13 @@ async fn datagrams_out_of_order_inside_the_window_are_accepted_and_duplicates_re
     assert_eq!(session.stats().malformed_frames, 1);
 }
 
+/// Recorded UDP datagrams: (towards the server?, bytes).
+type Recording = Arc<Mutex<Vec<(bool, Vec<u8>)>>>;
+
 /// A UDP relay between two nodes that records every datagram and can replay them.
 struct Relay {
     addr: SocketAddr,
-    recorded: Arc<Mutex<Vec<(bool, Vec<u8>)>>>,
+    recorded: Recording,
     socket: Arc<tokio::net::UdpSocket>,
     client: Arc<Mutex<Option<SocketAddr>>>,
     server: SocketAddr,
