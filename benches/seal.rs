@@ -23,7 +23,13 @@ fn material() -> [u8; 64] {
 }
 
 fn config() -> OpenConfig {
-    OpenConfig { max_payload: 1 << 20, window_width: 2048, freshness_ms: 120_000, max_future_ms: 30_000, max_windows: 64 }
+    OpenConfig {
+        max_payload: 1 << 20,
+        window_width: 2048,
+        freshness_ms: 120_000,
+        max_future_ms: 30_000,
+        max_windows: 64,
+    }
 }
 
 fn bench(c: &mut Criterion) {

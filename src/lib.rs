@@ -12,16 +12,20 @@
 //!   fingerprint, expiry) on every session and message, and an **authorization [`Policy`]**
 //!   evaluated on both sides after the handshake.
 //! - **Ordered, reliable channels** carrying typed `serde` messages (postcard) or raw bytes,
-//!   with receipts: [`Session::delivered`] waits until the peer's application took them.
+//!   with receipts: [`Session::delivered`] waits until the peer's application took them; and
+//!   **datagrams** ([`Session::send_datagram`]) that may be lost.
+//! - **Sealed messages**: AES-256-GCM under keys exported from the TLS session, per direction,
+//!   binding kind, channel, epoch, sequence number and send time; **replay windows**
+//!   (RFC 6479), a **freshness** horizon and per-session **epochs** ([`proto::seal`]). Every
+//!   refusal is counted ([`Stats`]).
 //! - **Limits on everything a peer can make us spend** ([`Limits`]), with safe defaults. Input
 //!   from a peer never panics: it is a typed [`Error`] and a closed connection.
 //! - **PKI helpers** ([`pki`]) to create a CA, node certificates and CRLs.
 //!
 //! ## What it does not do (yet)
 //!
-//! Per-message integrity tags and replay windows above QUIC's own packet protection, delivery
-//! across reconnects (a lost connection loses unacknowledged messages; the sender sees it in
-//! [`Session::delivered`]), RPC, and certificate hot reload are not implemented. quicseal is
+//! Delivery across reconnects (a lost connection loses unacknowledged messages; the sender sees
+//! it in [`Session::delivered`]), RPC, and certificate hot reload are not implemented. quicseal is
 //! not a general-purpose TLS or HTTP library, and it does not talk to peers outside quicseal.
 //!
 //! ## Example

@@ -73,6 +73,7 @@ fn demo_runs_and_passes_its_checks() {
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("result   OK"), "{stdout}");
     assert!(stdout.contains("mallory"), "{stdout}");
+    assert!(stdout.contains("refused 1 replay(s), 1 tag failure(s)"), "{stdout}");
 }
 
 #[test]

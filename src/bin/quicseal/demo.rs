@@ -117,7 +117,28 @@ pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
         ),
     );
 
-    // 6. The legitimate session survived the intruders.
+    // 6. An insider with a valid certificate and the real message keys replays a message and
+    //    tampers with another: both are refused and counted, the genuine ones delivered.
+    let eve = ca.issue(&NodeCert::new("eve").dns("eve"))?;
+    let (insider, at_eve) = tokio::join!(insider_replay_and_tamper(&ca, &eve, bob_addr), bob.accept());
+    let at_eve = at_eve?;
+    let mut genuine = Vec::new();
+    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(300), at_eve.recv()).await {
+        genuine.push(String::from_utf8_lossy(m.payload()).into_owned());
+    }
+    let stats = at_eve.stats();
+    writeln!(out, "insider  eve (valid certificate, real keys) sends 2 genuine, 1 replayed, 1 tampered message:")?;
+    writeln!(out, "         eve: {insider}")?;
+    writeln!(
+        out,
+        "         bob delivered {:?}; refused {} replay(s), {} tag failure(s)",
+        genuine, stats.replays_rejected, stats.tag_failures
+    )?;
+    checks.record("only eve's genuine messages delivered", genuine == ["genuine 1", "genuine 2"]);
+    checks.record("eve's replay refused and counted", stats.replays_rejected == 1);
+    checks.record("eve's tampered message refused and counted", stats.tag_failures == 1);
+
+    // 7. The legitimate session survived the intruders.
     to_bob.send(2, "still here").await?;
     let still = at_bob.recv().await?.decode::<String>()?;
     checks.record("alice and bob still talking after the intruders", still == "still here");
@@ -171,6 +192,65 @@ fn write_file(dir: &Path, name: &str, contents: &str) -> std::io::Result<()> {
     let mode = if name.ends_with(".key") { 0o600 } else { 0o644 };
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(dir.join(name))?;
     f.write_all(contents.as_bytes())
+}
+
+/// An insider: a plain quinn client with a valid certificate that exports the real message keys
+/// from its own TLS session and sends, on channel 0: a genuine message, the same bytes again,
+/// a copy of the next message with one bit flipped, then that next message.
+async fn insider_replay_and_tamper(ca: &Ca, eve: &quicseal::pki::Issued, to: SocketAddr) -> String {
+    match insider(ca, eve, to).await {
+        Ok(()) => "sent".into(),
+        Err(e) => format!("failed: {e}"),
+    }
+}
+
+async fn insider(ca: &Ca, eve: &quicseal::pki::Issued, to: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    use quicseal::proto::seal::{self, ChannelSealer, EXPORTER_LABEL, KEY_MATERIAL_LEN};
+    use quicseal::proto::wire::{self, MessageKind, StreamKind};
+    use quicseal::rustls;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der().clone())?;
+    let chain =
+        rustls::pki_types::CertificateDer::pem_slice_iter(eve.chain_pem.as_bytes()).collect::<Result<Vec<_>, _>>()?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(eve.key_pem.as_bytes())?;
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    cfg.alpn_protocols = vec![quicseal::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg)?;
+    let endpoint = quinn::Endpoint::client(LOOPBACK.parse()?)?;
+    let conn = endpoint.connect_with(quinn::ClientConfig::new(Arc::new(quic)), to, "bob")?.await?;
+    // The hello, with epoch 0xe5e.
+    let epoch = 0xe5e_u64;
+    let (mut control, mut control_rx) = conn.open_bi().await?;
+    let mut hello = wire::encode_stream_header(StreamKind::Control).to_vec();
+    wire::Frame::Hello { max_message_size: 1 << 20, epoch }.encode(&mut hello);
+    control.write_all(&hello).await?;
+    let mut answer = [0u8; 17];
+    control_rx.read_exact(&mut answer).await?;
+    // The real keys, from eve's own TLS session.
+    let mut material = [0u8; KEY_MATERIAL_LEN];
+    conn.export_keying_material(&mut material, EXPORTER_LABEL, b"").map_err(|_| "exporter")?;
+    let (key, _) = seal::derive_keys(&material, seal::Role::Dialler);
+    let mut sealer = ChannelSealer::new(Arc::new(key), epoch, MessageKind::Stream, 0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    sealer.seal(1, now, b"genuine 1", &mut first)?;
+    sealer.seal(2, now, b"genuine 2", &mut second)?;
+    let mut tampered = second.clone();
+    let last = tampered.len() - 20;
+    tampered[last] ^= 0x01;
+    let (mut stream, _acks) = conn.open_bi().await?;
+    stream.write_all(&wire::encode_stream_header(StreamKind::Channel(0))).await?;
+    for frame in [&first, &first, &tampered, &second] {
+        stream.write_all(frame).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    conn.close(0u32.into(), b"done");
+    drop(control);
+    Ok(())
 }
 
 /// Dials with plain quinn and no client certificate; returns what the client saw.
