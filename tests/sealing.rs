@@ -359,3 +359,36 @@ async fn on_path_recording_replayed_later_delivers_nothing_extra() {
     assert_eq!(second_at.recv().await.unwrap().decode::<u32>().unwrap(), 7);
     assert!(datagrams <= 50);
 }
+
+/// Every single-bit flip of a sealed message's epoch, sequence number, send time, payload and
+/// tag, sent through a real session: each is refused and counted exactly once, nothing is
+/// delivered, and the genuine message is delivered afterwards. (Flips of the frame header, kind
+/// or channel are protocol violations that close the connection: see tests/limits.rs.)
+#[tokio::test]
+async fn every_bit_flip_through_a_session_is_refused_and_counted() {
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.max_tag_failures = 100_000;
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(limits));
+    let (insider, session) = Insider::connect(&pki, &server).await;
+    let mut stream = insider.channel(6).await;
+    let mut sealer = insider.sealer(MessageKind::Stream, 6);
+    stream.write_all(&seal(&mut sealer, 1, now_ms(), b"first")).await.unwrap();
+    assert_eq!(recv_payload(&session).await, b"first");
+    let genuine = seal(&mut sealer, 2, now_ms(), b"8 bytes!");
+    let first_flippable = 8; // after frame header (5), kind (1) and channel (2)
+    let mut flips = 0u64;
+    for bit in first_flippable * 8..genuine.len() * 8 {
+        let mut bad = genuine.clone();
+        bad[bit / 8] ^= 1 << (bit % 8);
+        stream.write_all(&bad).await.unwrap();
+        flips += 1;
+    }
+    stream.write_all(&genuine).await.unwrap();
+    assert_eq!(recv_payload(&session).await, b"8 bytes!");
+    assert_quiet(&session).await;
+    let s = session.stats();
+    assert_eq!(s.tag_failures + s.replays_rejected + s.stale_rejected, flips, "{s:?}");
+    assert!(s.tag_failures > 0 && s.replays_rejected > 0 && s.stale_rejected > 0, "{s:?}");
+    assert_eq!(s.messages_delivered, 2);
+}
