@@ -83,8 +83,9 @@ impl Message {
 /// What a channel reader hands to [`Session::recv`].
 struct Delivery {
     opened: Opened,
-    /// Where to acknowledge a stream message (datagrams are not acknowledged).
-    ack: Option<Arc<watch::Sender<u64>>>,
+    /// Where and what to acknowledge once the application takes it: `None` for datagrams
+    /// (never acknowledged) and for stream messages after a gap (see [`read_channel`]).
+    ack: Option<(Arc<watch::Sender<u64>>, u64)>,
     _budget: OwnedSemaphorePermit,
 }
 
@@ -397,8 +398,8 @@ impl Session {
         let mut rx = self.inner.incoming.lock().await;
         match rx.recv().await {
             Some(d) => {
-                if let Some(ack) = &d.ack {
-                    ack.send_replace(d.opened.seq);
+                if let Some((ack, seq)) = &d.ack {
+                    ack.send_replace(*seq);
                 }
                 let tally = &self.inner.shared.tally;
                 tally.add(Counter::messages_delivered, 1);
@@ -516,6 +517,10 @@ async fn read_channel(
         return shared.violation(close_code::PROTOCOL_VIOLATION, format!("channel {channel} opened twice"));
     }
     let (ack_tx, ack_rx) = watch::channel(0u64);
+    // Acknowledgements are cumulative, so they may only cover an unbroken run from 1: once a
+    // message of this channel was refused (a gap), nothing more is acknowledged, and the sender's
+    // `delivered` never reports a message that did not arrive.
+    let mut contiguous = Some(0u64);
     let ack_tx = Arc::new(ack_tx);
     tokio::spawn(write_acks(send, ack_rx));
     loop {
@@ -560,7 +565,9 @@ async fn read_channel(
         };
         match shared.open(frame) {
             Ok(opened) => {
-                if tx.send(Delivery { opened, ack: Some(ack_tx.clone()), _budget: permit }).is_err() {
+                contiguous = contiguous.filter(|c| opened.seq == c + 1).map(|_| opened.seq);
+                let ack = contiguous.map(|seq| (ack_tx.clone(), seq));
+                if tx.send(Delivery { opened, ack, _budget: permit }).is_err() {
                     return; // the session handle is gone
                 }
             }

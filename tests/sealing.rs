@@ -100,7 +100,8 @@ async fn tampered_messages_are_dropped_counted_and_too_many_close_the_connection
     limits.max_tag_failures = 3;
     let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(limits));
     let (insider, session) = Insider::connect(&pki, &server).await;
-    let mut stream = insider.channel(0).await;
+    let (mut stream, mut acks) = insider.conn.open_bi().await.unwrap();
+    stream.write_all(&[1, 1, 0, 0]).await.unwrap();
     let mut sealer = insider.sealer(MessageKind::Stream, 0);
     for seq in 1..=2u64 {
         let mut m = seal(&mut sealer, seq, now_ms(), b"tampered in flight");
@@ -112,6 +113,9 @@ async fn tampered_messages_are_dropped_counted_and_too_many_close_the_connection
     stream.write_all(&seal(&mut sealer, 3, now_ms(), b"genuine")).await.unwrap();
     assert_eq!(recv_payload(&session).await, b"genuine");
     assert_eq!(session.stats().tag_failures, 2);
+    // Messages 1 and 2 never arrived, so no acknowledgement may claim 3 (acks are cumulative).
+    let mut ack = [0u8; 13];
+    assert!(tokio::time::timeout(Duration::from_millis(300), acks.read_exact(&mut ack)).await.is_err(), "{ack:?}");
     // The third failure closes the connection.
     let mut m = seal(&mut sealer, 4, now_ms(), b"again");
     m[40] ^= 1;
