@@ -4,6 +4,7 @@
 
 pub mod channel;
 pub mod epochs;
+pub mod reliable;
 pub mod replay;
 pub mod seal;
 pub mod wire;

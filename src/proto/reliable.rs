@@ -1,0 +1,558 @@
+//! The reliability core: an [`Outbox`] that numbers, keeps and retransmits messages until the
+//! peer's application acknowledged them, and an [`Inbox`] that de-duplicates, reorders and
+//! delivers in order per channel, and says what to acknowledge.
+//!
+//! Sans-IO: time (`now`, milliseconds on any monotonic clock) and randomness (a seed) are
+//! arguments. The shell moves [`Transmit`]s and [`AckRanges`] over whatever transport it has and
+//! calls these methods in this order, as often as it likes:
+//!
+//! - sender: [`Outbox::push`] new messages; send everything [`Outbox::poll_transmit`] returns;
+//!   feed peer acks to [`Outbox::on_ack`]; wake up at [`Outbox::next_deadline`]; after a
+//!   reconnect call [`Outbox::retransmit_all`].
+//! - receiver: feed messages to [`Inbox::on_message`]; hand [`Inbox::poll_deliver`] results to
+//!   the application; call [`Inbox::ack`] when the application took one (or let
+//!   [`Inbox::poll_deliver`] do it in auto-ack mode); send what [`Inbox::poll_ack`] returns; wake up
+//!   at [`Inbox::next_deadline`].
+//!
+//! Acknowledgements are end to end: they cover messages the application took, never merely
+//! received ones. The cumulative part covers `1..=cumulative`; selective ranges above it cover
+//! messages acknowledged out of order (manual-ack mode).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use bytes::Bytes;
+
+/// Most selective ranges carried in one acknowledgement.
+pub const MAX_ACK_RANGES: usize = 32;
+
+/// What the receiver acknowledges on one channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckRanges {
+    /// The channel.
+    pub channel: u16,
+    /// Every sequence number in `1..=cumulative` was taken by the application.
+    pub cumulative: u64,
+    /// Further inclusive ranges taken, above `cumulative + 1`, ascending and disjoint, at most
+    /// [`MAX_ACK_RANGES`].
+    pub ranges: Vec<(u64, u64)>,
+}
+
+/// Sender limits and timers.
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    /// Most unacknowledged messages, all channels together.
+    pub max_messages: usize,
+    /// Most unacknowledged payload bytes, all channels together.
+    pub max_bytes: usize,
+    /// Retransmission timeout before any round-trip sample, ms.
+    pub initial_rto_ms: u64,
+    /// Smallest retransmission timeout, ms.
+    pub min_rto_ms: u64,
+    /// Largest retransmission timeout (the backoff's ceiling), ms.
+    pub max_rto_ms: u64,
+    /// Whether timeouts trigger retransmission (a transport that is itself reliable while a
+    /// connection lasts only needs [`Outbox::retransmit_all`] after a reconnect).
+    pub retransmit_on_timeout: bool,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            max_messages: 1024,
+            max_bytes: 16 << 20,
+            initial_rto_ms: 1000,
+            min_rto_ms: 200,
+            max_rto_ms: 60_000,
+            retransmit_on_timeout: true,
+        }
+    }
+}
+
+/// The outbox is full: wait for acknowledgements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("outbox full: {messages} messages, {bytes} bytes unacknowledged")]
+pub struct Full {
+    /// Unacknowledged messages.
+    pub messages: usize,
+    /// Unacknowledged bytes.
+    pub bytes: usize,
+}
+
+/// An acknowledgement that cannot be right.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AckError {
+    /// It covers sequence numbers never sent.
+    #[error("ack for channel {channel} covers {seq}, never sent (last {sent})")]
+    BeyondSent {
+        /// Channel.
+        channel: u16,
+        /// The offending number.
+        seq: u64,
+        /// Highest number sent.
+        sent: u64,
+    },
+    /// Ranges not ascending, overlapping, empty, too many, or touching the cumulative part.
+    #[error("malformed ack ranges for channel {0}")]
+    BadRanges(u16),
+}
+
+/// A message to put on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Channel.
+    pub channel: u16,
+    /// Sequence number.
+    pub seq: u64,
+    /// Payload.
+    pub payload: Bytes,
+    /// Whether it was sent before.
+    pub retransmission: bool,
+}
+
+/// What acknowledgements did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Acked {
+    /// (channel, seq) newly acknowledged, in order.
+    pub newly: Vec<(u16, u64)>,
+}
+
+/// Sender counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// Messages accepted by [`Outbox::push`].
+    pub pushed: u64,
+    /// First transmissions.
+    pub transmitted: u64,
+    /// Retransmissions.
+    pub retransmitted: u64,
+    /// Messages acknowledged.
+    pub acked: u64,
+}
+
+#[derive(Debug)]
+struct Pending {
+    payload: Bytes,
+    /// When it is due (None: never, waiting for an ack; Some(t): transmit at t).
+    due: Option<u64>,
+    /// Last transmission time.
+    sent_at: Option<u64>,
+    attempts: u32,
+}
+
+#[derive(Debug, Default)]
+struct OutChannel {
+    last_seq: u64,
+    cumulative: u64,
+    unacked: BTreeMap<u64, Pending>,
+}
+
+/// Smoothed round-trip estimate (RFC 6298).
+#[derive(Debug, Clone, Copy)]
+struct Rtt {
+    srtt: Option<u64>,
+    rttvar: u64,
+}
+
+/// The sending half of the reliability core.
+#[derive(Debug)]
+pub struct Outbox {
+    config: OutboxConfig,
+    channels: HashMap<u16, OutChannel>,
+    /// (due time, channel, seq) of every message waiting to be (re)transmitted.
+    due: BTreeSet<(u64, u16, u64)>,
+    messages: usize,
+    bytes: usize,
+    rtt: Rtt,
+    rng: u64,
+    stats: OutboxStats,
+}
+
+impl Outbox {
+    /// An empty outbox; `seed` drives the retransmission jitter.
+    pub fn new(config: OutboxConfig, seed: u64) -> Outbox {
+        Outbox {
+            config,
+            channels: HashMap::new(),
+            due: BTreeSet::new(),
+            messages: 0,
+            bytes: 0,
+            rtt: Rtt { srtt: None, rttvar: 0 },
+            rng: seed | 1,
+            stats: OutboxStats::default(),
+        }
+    }
+
+    /// Queues a message for `channel`, due at once. Returns its sequence number, or [`Full`]
+    /// when the count or byte bound would be exceeded (a message larger than the byte bound is
+    /// accepted only into an empty outbox, so it can never wait forever).
+    pub fn push(&mut self, channel: u16, payload: Bytes, now: u64) -> Result<u64, Full> {
+        let full = self.messages >= self.config.max_messages
+            || (self.messages > 0 && self.bytes + payload.len() > self.config.max_bytes);
+        if full {
+            return Err(Full { messages: self.messages, bytes: self.bytes });
+        }
+        let ch = self.channels.entry(channel).or_default();
+        ch.last_seq += 1;
+        let seq = ch.last_seq;
+        self.messages += 1;
+        self.bytes += payload.len();
+        ch.unacked.insert(seq, Pending { payload, due: Some(now), sent_at: None, attempts: 0 });
+        self.due.insert((now, channel, seq));
+        self.stats.pushed += 1;
+        Ok(seq)
+    }
+
+    /// Whether [`Outbox::push`] would accept a message of `len` bytes now.
+    pub fn has_room(&self, len: usize) -> bool {
+        self.messages < self.config.max_messages && (self.messages == 0 || self.bytes + len <= self.config.max_bytes)
+    }
+
+    /// The next message due at `now`, if any, lowest due time first (then channel, then seq).
+    pub fn poll_transmit(&mut self, now: u64) -> Option<Transmit> {
+        let &(due, channel, seq) = self.due.first()?;
+        if due > now {
+            return None;
+        }
+        self.due.pop_first();
+        let rto = self.rto();
+        let jitter = self.next_jitter(rto);
+        let retransmit_on_timeout = self.config.retransmit_on_timeout;
+        let max_rto = self.config.max_rto_ms;
+        let p = self.channels.get_mut(&channel)?.unacked.get_mut(&seq)?;
+        let retransmission = p.attempts > 0;
+        p.attempts += 1;
+        p.sent_at = Some(now);
+        // Exponential backoff: rto * 2^(attempts-1), capped, plus up to a quarter of jitter.
+        let backoff = rto.saturating_mul(1u64 << (p.attempts - 1).min(20)).min(max_rto);
+        p.due = retransmit_on_timeout.then(|| now.saturating_add(backoff).saturating_add(jitter));
+        if let Some(d) = p.due {
+            self.due.insert((d, channel, seq));
+        }
+        let payload = p.payload.clone();
+        if retransmission {
+            self.stats.retransmitted += 1;
+        } else {
+            self.stats.transmitted += 1;
+        }
+        Some(Transmit { channel, seq, payload, retransmission })
+    }
+
+    /// When the next message falls due.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.due.first().map(|&(t, _, _)| t)
+    }
+
+    /// Makes every unacknowledged message due at `now` (after a reconnect), in channel and
+    /// sequence order.
+    pub fn retransmit_all(&mut self, now: u64) {
+        self.due.clear();
+        for (&channel, ch) in &mut self.channels {
+            for (&seq, p) in &mut ch.unacked {
+                p.due = Some(now);
+                self.due.insert((now, channel, seq));
+            }
+        }
+    }
+
+    /// Applies an acknowledgement from the peer.
+    pub fn on_ack(&mut self, ack: &AckRanges, now: u64) -> Result<Acked, AckError> {
+        let Some(ch) = self.channels.get_mut(&ack.channel) else {
+            if ack.cumulative == 0 && ack.ranges.is_empty() {
+                return Ok(Acked::default());
+            }
+            return Err(AckError::BeyondSent { channel: ack.channel, seq: ack.cumulative, sent: 0 });
+        };
+        validate_ranges(ack)?;
+        let highest = ack.ranges.last().map_or(ack.cumulative, |r| r.1).max(ack.cumulative);
+        if highest > ch.last_seq {
+            return Err(AckError::BeyondSent { channel: ack.channel, seq: highest, sent: ch.last_seq });
+        }
+        let mut acked = Acked::default();
+        let mut sample = None;
+        let covered: Vec<u64> = ch
+            .unacked
+            .range(..=highest)
+            .map(|(&s, _)| s)
+            .filter(|&s| s <= ack.cumulative || ack.ranges.iter().any(|&(a, b)| a <= s && s <= b))
+            .collect();
+        for seq in covered {
+            let p = ch.unacked.remove(&seq).expect("listed above");
+            if let Some(d) = p.due {
+                self.due.remove(&(d, ack.channel, seq));
+            }
+            // Karn: only messages sent once give a round-trip sample.
+            if p.attempts == 1
+                && let Some(t) = p.sent_at
+            {
+                sample = Some(now.saturating_sub(t));
+            }
+            self.messages -= 1;
+            self.bytes -= p.payload.len();
+            self.stats.acked += 1;
+            acked.newly.push((ack.channel, seq));
+        }
+        ch.cumulative = ch.cumulative.max(ack.cumulative);
+        if let Some(s) = sample {
+            self.rtt_sample(s);
+        }
+        Ok(acked)
+    }
+
+    /// Whether `seq` of `channel` was acknowledged.
+    pub fn is_acked(&self, channel: u16, seq: u64) -> bool {
+        self.channels.get(&channel).is_some_and(|c| seq <= c.last_seq && !c.unacked.contains_key(&seq))
+    }
+
+    /// Unacknowledged messages and bytes.
+    pub fn in_flight(&self) -> (usize, usize) {
+        (self.messages, self.bytes)
+    }
+
+    /// Smoothed round-trip time, once measured (ms).
+    pub fn srtt(&self) -> Option<u64> {
+        self.rtt.srtt
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> OutboxStats {
+        self.stats
+    }
+
+    fn rto(&self) -> u64 {
+        match self.rtt.srtt {
+            None => self.config.initial_rto_ms,
+            Some(srtt) => srtt.saturating_add(4 * self.rtt.rttvar),
+        }
+        .clamp(self.config.min_rto_ms, self.config.max_rto_ms)
+    }
+
+    fn rtt_sample(&mut self, r: u64) {
+        match self.rtt.srtt {
+            None => {
+                self.rtt.srtt = Some(r);
+                self.rtt.rttvar = r / 2;
+            }
+            Some(srtt) => {
+                self.rtt.rttvar = (3 * self.rtt.rttvar + srtt.abs_diff(r)) / 4;
+                self.rtt.srtt = Some((7 * srtt + r) / 8);
+            }
+        }
+    }
+
+    fn next_jitter(&mut self, rto: u64) -> u64 {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng % (rto / 4 + 1)
+    }
+}
+
+fn validate_ranges(ack: &AckRanges) -> Result<(), AckError> {
+    if ack.ranges.len() > MAX_ACK_RANGES {
+        return Err(AckError::BadRanges(ack.channel));
+    }
+    let mut floor = ack.cumulative.saturating_add(1); // a range must start above cumulative + 1
+    for &(a, b) in &ack.ranges {
+        if a <= floor || b < a {
+            return Err(AckError::BadRanges(ack.channel));
+        }
+        floor = b.saturating_add(1);
+    }
+    Ok(())
+}
+
+/// Receiver limits and ack batching.
+#[derive(Debug, Clone)]
+pub struct InboxConfig {
+    /// How far ahead of the next expected sequence number a message may be and still be kept
+    /// (and at most how many are kept per channel). Keep it at most the replay window.
+    pub reorder_window: u64,
+    /// Most payload bytes held out of order, all channels together.
+    pub max_buffered_bytes: usize,
+    /// Most channels.
+    pub max_channels: usize,
+    /// Longest an acknowledgement waits to be batched, ms.
+    pub ack_delay_ms: u64,
+    /// Send an acknowledgement at once after this many newly taken messages.
+    pub ack_every: u64,
+    /// Acknowledge when [`Inbox::poll_deliver`] hands a message over (otherwise the application
+    /// calls [`Inbox::ack`]).
+    pub auto_ack: bool,
+}
+
+impl Default for InboxConfig {
+    fn default() -> Self {
+        InboxConfig {
+            reorder_window: 1024,
+            max_buffered_bytes: 16 << 20,
+            max_channels: 64,
+            ack_delay_ms: 5,
+            ack_every: 32,
+            auto_ack: true,
+        }
+    }
+}
+
+/// What became of a received message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// New; it will be delivered in order.
+    Accepted,
+    /// Seen before: dropped (an acknowledgement is scheduled so the sender stops resending).
+    Duplicate,
+    /// Too far ahead, or no room: dropped, the sender will resend it.
+    Dropped,
+}
+
+/// Receiver counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InboxStats {
+    /// New messages accepted.
+    pub accepted: u64,
+    /// Duplicates dropped.
+    pub duplicates: u64,
+    /// Messages dropped for lack of room or too far ahead.
+    pub dropped: u64,
+    /// Messages handed to the application.
+    pub delivered: u64,
+}
+
+#[derive(Debug, Default)]
+struct InChannel {
+    /// Everything up to here was handed to the application.
+    delivered: u64,
+    /// Received, not yet delivered (out of order, or waiting for `poll_deliver`).
+    held: BTreeMap<u64, Bytes>,
+    /// Taken by the application: all of 1..=cumulative, plus `above`.
+    cumulative: u64,
+    above: BTreeSet<u64>,
+    /// Newly taken or duplicates seen since the last acknowledgement was sent.
+    unreported: u64,
+    dirty_since: Option<u64>,
+}
+
+/// The receiving half of the reliability core.
+#[derive(Debug)]
+pub struct Inbox {
+    config: InboxConfig,
+    channels: BTreeMap<u16, InChannel>,
+    held_bytes: usize,
+    stats: InboxStats,
+}
+
+impl Inbox {
+    /// An empty inbox.
+    pub fn new(config: InboxConfig) -> Inbox {
+        Inbox { config, channels: BTreeMap::new(), held_bytes: 0, stats: InboxStats::default() }
+    }
+
+    /// Takes in a message from the transport.
+    pub fn on_message(&mut self, channel: u16, seq: u64, payload: Bytes, now: u64) -> Received {
+        if !self.channels.contains_key(&channel) && self.channels.len() >= self.config.max_channels {
+            self.stats.dropped += 1;
+            return Received::Dropped;
+        }
+        let ch = self.channels.entry(channel).or_default();
+        if seq == 0 || seq <= ch.delivered || ch.held.contains_key(&seq) {
+            self.stats.duplicates += 1;
+            // Re-acknowledge what was taken, so a sender that missed our ack stops resending.
+            if seq != 0 && (seq <= ch.cumulative || ch.above.contains(&seq)) {
+                ch.unreported += 1;
+                ch.dirty_since.get_or_insert(now);
+            }
+            return Received::Duplicate;
+        }
+        let too_far = seq - ch.delivered > self.config.reorder_window;
+        let no_room = ch.delivered + 1 != seq && self.held_bytes + payload.len() > self.config.max_buffered_bytes;
+        if too_far || no_room {
+            self.stats.dropped += 1;
+            return Received::Dropped;
+        }
+        self.held_bytes += payload.len();
+        ch.held.insert(seq, payload);
+        self.stats.accepted += 1;
+        Received::Accepted
+    }
+
+    /// The next message to hand to the application, in order per channel (channels in
+    /// ascending order). In auto-ack mode it counts as taken.
+    pub fn poll_deliver(&mut self, now: u64) -> Option<(u16, u64, Bytes)> {
+        let (&channel, ch) = self
+            .channels
+            .iter_mut()
+            .find(|(_, ch)| ch.held.first_key_value().is_some_and(|(&s, _)| s == ch.delivered + 1))?;
+        let (seq, payload) = ch.held.pop_first().expect("checked above");
+        ch.delivered = seq;
+        self.held_bytes -= payload.len();
+        self.stats.delivered += 1;
+        if self.config.auto_ack {
+            self.ack(channel, seq, now);
+        }
+        Some((channel, seq, payload))
+    }
+
+    /// Records that the application took `seq` of `channel` (manual-ack mode; idempotent).
+    /// Only delivered messages can be acknowledged.
+    pub fn ack(&mut self, channel: u16, seq: u64, now: u64) -> bool {
+        let Some(ch) = self.channels.get_mut(&channel) else { return false };
+        if seq == 0 || seq > ch.delivered || seq <= ch.cumulative || ch.above.contains(&seq) {
+            return false;
+        }
+        if seq == ch.cumulative + 1 {
+            ch.cumulative = seq;
+            while ch.above.first() == Some(&(ch.cumulative + 1)) {
+                ch.above.pop_first();
+                ch.cumulative += 1;
+            }
+        } else {
+            ch.above.insert(seq);
+        }
+        ch.unreported += 1;
+        ch.dirty_since.get_or_insert(now);
+        true
+    }
+
+    /// An acknowledgement to send now, if one is due (after `ack_delay_ms`, or at once after
+    /// `ack_every` new ones). Call until it returns `None`.
+    pub fn poll_ack(&mut self, now: u64) -> Option<AckRanges> {
+        let (delay, every) = (self.config.ack_delay_ms, self.config.ack_every);
+        let (&channel, ch) = self
+            .channels
+            .iter_mut()
+            .find(|(_, ch)| ch.dirty_since.is_some_and(|t| ch.unreported >= every || now >= t.saturating_add(delay)))?;
+        ch.unreported = 0;
+        ch.dirty_since = None;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for &s in &ch.above {
+            if let Some(r) = ranges.last_mut()
+                && r.1 + 1 == s
+            {
+                r.1 = s;
+            } else if ranges.len() == MAX_ACK_RANGES {
+                break;
+            } else {
+                ranges.push((s, s));
+            }
+        }
+        Some(AckRanges { channel, cumulative: ch.cumulative, ranges })
+    }
+
+    /// When the next batched acknowledgement falls due.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.channels.values().filter_map(|c| c.dirty_since.map(|t| t + self.config.ack_delay_ms)).min()
+    }
+
+    /// Payload bytes held (received, not yet delivered).
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> InboxStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests;

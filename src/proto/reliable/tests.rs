@@ -1,0 +1,320 @@
+//! Deterministic simulation: an outbox and an inbox talking through a simulated lossy link
+//! (loss, duplication, reordering, corruption) with a fake clock; thousands of seeds.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use super::*;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Packet {
+    Msg(Transmit),
+    Ack(AckRanges),
+}
+
+#[derive(Clone, Copy)]
+struct Faults {
+    loss: u64,
+    dup: u64,
+    corrupt: u64,
+    max_delay: u64,
+}
+
+/// A one-way link: packets arrive after a random delay (reordering), may be lost, duplicated
+/// or corrupted (a corrupted packet fails its tag in the real stack: dropped here).
+struct Link {
+    queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
+    packets: Vec<Option<Packet>>,
+    order: u64,
+}
+
+impl Link {
+    fn new() -> Link {
+        Link { queue: BinaryHeap::new(), packets: Vec::new(), order: 0 }
+    }
+    fn send(&mut self, p: Packet, now: u64, f: Option<Faults>, rng: &mut Rng) {
+        let copies = match f {
+            Some(f) if rng.chance(f.loss) || rng.chance(f.corrupt) => 0,
+            Some(f) if rng.chance(f.dup) => 2,
+            _ => 1,
+        };
+        for _ in 0..copies {
+            let delay = 1 + f.map_or(0, |f| rng.below(f.max_delay));
+            self.packets.push(Some(p.clone()));
+            self.order += 1;
+            self.queue.push(Reverse((now + delay, self.order, self.packets.len() - 1)));
+        }
+    }
+    fn next_time(&self) -> Option<u64> {
+        self.queue.peek().map(|Reverse((t, _, _))| *t)
+    }
+    fn recv(&mut self, now: u64) -> Option<Packet> {
+        let Reverse((t, _, i)) = *self.queue.peek()?;
+        if t > now {
+            return None;
+        }
+        self.queue.pop();
+        self.packets[i].take()
+    }
+}
+
+struct Outcome {
+    delivered: Vec<Vec<u64>>,
+    retransmitted: u64,
+    duplicates: u64,
+    end: u64,
+}
+
+/// Runs one simulation. `per_channel` messages on each of `channels`, faults until
+/// `fault_until` ms. Checks the invariants as it goes; returns what happened.
+fn simulate(seed: u64, channels: u16, per_channel: u64, faults: Faults, fault_until: u64, manual_ack: bool) -> Outcome {
+    let mut rng = Rng(seed.wrapping_mul(0x9e3779b97f4a7c15) | 1);
+    let out_cfg = OutboxConfig {
+        max_messages: 64,
+        max_bytes: 64 * 100,
+        initial_rto_ms: 50,
+        min_rto_ms: 20,
+        max_rto_ms: 400,
+        retransmit_on_timeout: true,
+    };
+    let in_cfg = InboxConfig {
+        reorder_window: 128,
+        max_buffered_bytes: 64 * 100,
+        max_channels: 8,
+        ack_delay_ms: 3,
+        ack_every: 8,
+        auto_ack: !manual_ack,
+    };
+    let mut outbox = Outbox::new(out_cfg.clone(), seed);
+    let mut inbox = Inbox::new(in_cfg.clone());
+    let (mut forward, mut back) = (Link::new(), Link::new());
+    let mut next_msg = vec![1u64; channels as usize];
+    let mut delivered: Vec<Vec<u64>> = vec![Vec::new(); channels as usize];
+    let mut to_ack: Vec<(u16, u64)> = Vec::new();
+    let total = per_channel * u64::from(channels);
+    let mut now = 0u64;
+    for _step in 0..2_000_000 {
+        let f = (now < fault_until).then_some(faults);
+        // The application pushes while there is room (backpressure).
+        for ch in 0..channels {
+            let i = ch as usize;
+            if next_msg[i] <= per_channel && outbox.has_room(100) {
+                let body = Bytes::from(format!("{ch}:{}", next_msg[i]));
+                let seq = outbox.push(ch, body, now).expect("has_room said yes");
+                assert_eq!(seq, next_msg[i]);
+                next_msg[i] += 1;
+            }
+        }
+        while let Some(t) = outbox.poll_transmit(now) {
+            forward.send(Packet::Msg(t), now, f, &mut rng);
+        }
+        while let Some(Packet::Msg(t)) = forward.recv(now) {
+            inbox.on_message(t.channel, t.seq, t.payload, now);
+        }
+        while let Some((ch, seq, payload)) = inbox.poll_deliver(now) {
+            // Nothing delivered twice, order kept, payload intact.
+            let got = &mut delivered[ch as usize];
+            assert_eq!(seq, got.len() as u64 + 1, "seed {seed}: channel {ch} out of order or duplicated");
+            assert_eq!(payload, Bytes::from(format!("{ch}:{seq}")));
+            got.push(seq);
+            if manual_ack {
+                to_ack.push((ch, seq));
+            }
+        }
+        // Manual mode: the application acknowledges in a shuffled order, some later.
+        while !to_ack.is_empty() && rng.chance(70) {
+            let i = rng.below(to_ack.len() as u64) as usize;
+            let (ch, seq) = to_ack.swap_remove(i);
+            assert!(inbox.ack(ch, seq, now));
+        }
+        while let Some(a) = inbox.poll_ack(now) {
+            back.send(Packet::Ack(a), now, f, &mut rng);
+        }
+        while let Some(Packet::Ack(a)) = back.recv(now) {
+            outbox.on_ack(&a, now).unwrap_or_else(|e| panic!("seed {seed}: valid ack refused: {e}"));
+        }
+        // Memory stays bounded.
+        let (n, bytes) = outbox.in_flight();
+        assert!(n <= out_cfg.max_messages && bytes <= out_cfg.max_bytes);
+        assert!(inbox.held_bytes() <= in_cfg.max_buffered_bytes + 100 * channels as usize);
+        if delivered.iter().all(|d| d.len() as u64 == per_channel) && outbox.in_flight().0 == 0 && to_ack.is_empty() {
+            let s = outbox.stats();
+            assert_eq!(s.acked, total);
+            return Outcome {
+                delivered,
+                retransmitted: s.retransmitted,
+                duplicates: inbox.stats().duplicates,
+                end: now,
+            };
+        }
+        // Advance the fake clock to the next event.
+        let next = [outbox.next_deadline(), inbox.next_deadline(), forward.next_time(), back.next_time()]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now + 1);
+        now = next.max(now + 1).min(now + 50);
+    }
+    panic!(
+        "seed {seed}: did not finish (delivered {:?}, in flight {:?})",
+        delivered.iter().map(Vec::len).collect::<Vec<_>>(),
+        outbox.in_flight()
+    );
+}
+
+const HARSH: Faults = Faults { loss: 5, dup: 5, corrupt: 2, max_delay: 40 };
+
+#[test]
+fn thousands_of_seeds_lose_nothing_duplicate_nothing_keep_order() {
+    let mut retransmitted = 0;
+    let mut duplicates = 0;
+    for seed in 0..2000 {
+        let o = simulate(seed, 3, 40, HARSH, 3_000, false);
+        assert!(o.delivered.iter().all(|d| d.len() == 40));
+        retransmitted += o.retransmitted;
+        duplicates += o.duplicates;
+    }
+    // The faults bite: without retransmission and de-duplication this would fail.
+    assert!(retransmitted > 1000, "{retransmitted}");
+    assert!(duplicates > 1000, "{duplicates}");
+}
+
+#[test]
+fn manual_out_of_order_acks_with_selective_ranges() {
+    for seed in 0..500 {
+        simulate(seed, 2, 60, HARSH, 2_000, true);
+    }
+}
+
+#[test]
+fn heavy_loss_still_converges_once_faults_stop() {
+    let brutal = Faults { loss: 40, dup: 20, corrupt: 10, max_delay: 100 };
+    for seed in 0..200 {
+        let o = simulate(seed, 4, 25, brutal, 5_000, false);
+        assert!(o.end < 200_000, "seed {seed} took {} ms", o.end);
+    }
+}
+
+#[test]
+fn clean_link_never_retransmits() {
+    let none = Faults { loss: 0, dup: 0, corrupt: 0, max_delay: 1 };
+    for seed in 0..50 {
+        let o = simulate(seed, 2, 100, none, u64::MAX, false);
+        assert_eq!(o.retransmitted, 0, "seed {seed}");
+        assert_eq!(o.duplicates, 0);
+    }
+}
+
+#[test]
+fn outbox_bounds_and_backpressure() {
+    let mut o = Outbox::new(OutboxConfig { max_messages: 2, max_bytes: 10, ..OutboxConfig::default() }, 1);
+    o.push(0, Bytes::from_static(b"12345"), 0).unwrap();
+    assert_eq!(o.push(0, Bytes::from_static(b"123456"), 0), Err(Full { messages: 1, bytes: 5 }));
+    o.push(1, Bytes::from_static(b"12345"), 0).unwrap();
+    assert_eq!(o.push(2, Bytes::new(), 0), Err(Full { messages: 2, bytes: 10 }));
+    // A message over the byte bound fits an empty outbox, so it can never wait forever.
+    let mut big = Outbox::new(OutboxConfig { max_bytes: 4, ..OutboxConfig::default() }, 1);
+    big.push(0, Bytes::from_static(b"0123456789"), 0).unwrap();
+}
+
+#[test]
+fn bad_acks_are_refused_without_changing_state() {
+    let mut o = Outbox::new(OutboxConfig::default(), 1);
+    for _ in 0..5 {
+        o.push(3, Bytes::from_static(b"x"), 0).unwrap();
+    }
+    while o.poll_transmit(0).is_some() {}
+    let ack = |cumulative, ranges: Vec<(u64, u64)>| AckRanges { channel: 3, cumulative, ranges };
+    assert!(matches!(o.on_ack(&ack(6, vec![]), 1), Err(AckError::BeyondSent { seq: 6, .. })));
+    assert!(matches!(o.on_ack(&ack(1, vec![(4, 9)]), 1), Err(AckError::BeyondSent { .. })));
+    assert_eq!(o.on_ack(&ack(1, vec![(2, 3)]), 1), Err(AckError::BadRanges(3))); // touches cumulative
+    assert_eq!(o.on_ack(&ack(0, vec![(4, 4), (3, 3)]), 1), Err(AckError::BadRanges(3))); // not ascending
+    assert_eq!(o.on_ack(&ack(0, vec![(3, 2)]), 1), Err(AckError::BadRanges(3))); // empty
+    let too_many = (0..=MAX_ACK_RANGES as u64).map(|i| (10 + 2 * i, 10 + 2 * i)).collect();
+    assert_eq!(o.on_ack(&ack(0, too_many), 1), Err(AckError::BadRanges(3)));
+    assert!(matches!(
+        o.on_ack(&AckRanges { channel: 9, cumulative: 1, ranges: vec![] }, 1),
+        Err(AckError::BeyondSent { .. })
+    ));
+    assert_eq!(o.in_flight().0, 5);
+    let a = o.on_ack(&ack(2, vec![(4, 5)]), 1).unwrap();
+    assert_eq!(a.newly, [(3, 1), (3, 2), (3, 4), (3, 5)]);
+    assert!(o.is_acked(3, 4) && !o.is_acked(3, 3));
+    // An old (smaller) cumulative ack after a bigger one changes nothing.
+    assert_eq!(o.on_ack(&ack(1, vec![]), 2).unwrap().newly, []);
+    assert_eq!(o.in_flight().0, 1);
+}
+
+#[test]
+fn retransmit_all_after_reconnect_and_backoff_grows() {
+    let cfg = OutboxConfig { initial_rto_ms: 100, min_rto_ms: 100, max_rto_ms: 1000, ..OutboxConfig::default() };
+    let mut o = Outbox::new(cfg, 7);
+    o.push(0, Bytes::from_static(b"a"), 0).unwrap();
+    assert!(!o.poll_transmit(0).unwrap().retransmission);
+    let mut last = 0;
+    let mut gaps = Vec::new();
+    for _ in 0..6 {
+        let t = o.next_deadline().unwrap();
+        assert!(o.poll_transmit(t - 1).is_none());
+        assert!(o.poll_transmit(t).unwrap().retransmission);
+        gaps.push(t - last);
+        last = t;
+    }
+    // 100, 200, 400, 800, then capped at 1000 (each plus up to 25% jitter).
+    for (i, want) in [100u64, 200, 400, 800, 1000, 1000].iter().enumerate() {
+        assert!(gaps[i] >= *want && gaps[i] <= want + want / 4, "gap {i}: {} vs {want}", gaps[i]);
+    }
+    o.retransmit_all(last + 1);
+    assert_eq!(o.next_deadline(), Some(last + 1));
+    // A transport that is reliable while connected: no timer retransmissions.
+    let mut quiet = Outbox::new(OutboxConfig { retransmit_on_timeout: false, ..OutboxConfig::default() }, 7);
+    quiet.push(0, Bytes::from_static(b"a"), 0).unwrap();
+    quiet.poll_transmit(0).unwrap();
+    assert_eq!(quiet.next_deadline(), None);
+    quiet.retransmit_all(5);
+    assert!(quiet.poll_transmit(5).unwrap().retransmission);
+}
+
+#[test]
+fn inbox_drops_what_it_cannot_hold_and_reacks_duplicates() {
+    let mut i = Inbox::new(InboxConfig {
+        reorder_window: 4,
+        max_buffered_bytes: 3,
+        max_channels: 1,
+        ack_delay_ms: 10,
+        ack_every: 100,
+        auto_ack: true,
+    });
+    assert_eq!(i.on_message(0, 6, Bytes::from_static(b"x"), 0), Received::Dropped); // too far ahead
+    assert_eq!(i.on_message(0, 3, Bytes::from_static(b"abc"), 0), Received::Accepted);
+    assert_eq!(i.on_message(0, 4, Bytes::from_static(b"d"), 0), Received::Dropped); // no room
+    assert_eq!(i.on_message(1, 1, Bytes::new(), 0), Received::Dropped); // channel limit
+    assert_eq!(i.on_message(0, 1, Bytes::from_static(b"1"), 0), Received::Accepted); // in order: always room
+    assert_eq!(i.poll_deliver(0).map(|d| d.1), Some(1));
+    assert_eq!(i.poll_deliver(0), None); // 2 missing
+    assert_eq!(i.on_message(0, 1, Bytes::from_static(b"1"), 1), Received::Duplicate);
+    assert_eq!(i.poll_ack(5), None); // batched
+    assert_eq!(i.next_deadline(), Some(10));
+    assert_eq!(i.poll_ack(10), Some(AckRanges { channel: 0, cumulative: 1, ranges: vec![] }));
+    assert_eq!(i.on_message(0, 2, Bytes::from_static(b"2"), 11), Received::Accepted);
+    assert_eq!(i.poll_deliver(11).map(|d| d.1), Some(2));
+    assert_eq!(i.poll_deliver(11).map(|d| d.1), Some(3));
+    assert_eq!(i.stats(), InboxStats { accepted: 3, duplicates: 1, dropped: 3, delivered: 3 });
+}
