@@ -69,6 +69,7 @@ mod session;
 mod stats;
 mod tls;
 
+pub mod netsim;
 pub mod pki;
 pub mod proto;
 

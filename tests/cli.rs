@@ -137,3 +137,55 @@ fn missing_files_are_named() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("nobody.crt") && stderr.contains("cannot read"), "{stderr}");
 }
+
+#[test]
+fn send_through_the_fault_injecting_proxy() {
+    let pki = Pki::new("ca");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.crt"), pki.ca.cert_pem()).unwrap();
+    write_node(dir.path(), &pki, "server");
+    write_node(dir.path(), &pki, "client");
+    let (listener, addr) = start_listener(dir.path(), &["--count", "1"]);
+    let mut proxy = Command::new(BIN)
+        .args(["proxy", "--listen", "127.0.0.1:0", "--target", &addr])
+        .args([
+            "--loss",
+            "0.1",
+            "--dup",
+            "0.1",
+            "--reorder",
+            "0.3",
+            "--corrupt",
+            "0.05",
+            "--seed",
+            "3",
+            "--duration",
+            "5",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(proxy.stdout.as_mut().unwrap()).read_line(&mut first).unwrap();
+    let via = first.split_whitespace().nth(3).unwrap_or_else(|| panic!("{first:?}")).to_owned();
+    let out = send(dir.path(), "client", "ca.crt", &via, "4", &["through a bad link"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listened = wait_with_deadline(listener);
+    assert!(String::from_utf8_lossy(&listened.stdout).contains("through a bad link"));
+    let proxied = wait_with_deadline(proxy);
+    let report = String::from_utf8_lossy(&proxied.stdout);
+    assert!(report.contains("NetsimStats") && report.contains("received"), "{report}");
+}
+
+#[test]
+fn proxy_refuses_bad_arguments() {
+    let out = Command::new(BIN)
+        .args(["proxy", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:9", "--loss", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loss must be between 0 and 1"));
+    let out = Command::new(BIN).args(["proxy", "--listen", "127.0.0.1:0", "--target", "10.1.2.3:9"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}

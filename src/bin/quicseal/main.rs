@@ -1,6 +1,7 @@
 //! The `quicseal` command: smoke tools (`listen`, `send`) and the `demo`.
 
 mod demo;
+mod proxy;
 mod smoke;
 
 use std::io::Write;
@@ -23,6 +24,9 @@ enum Command {
     Listen(smoke::ListenArgs),
     /// Send one message and exit 0 only once the listener confirmed receipt.
     Send(smoke::SendArgs),
+    /// Forward UDP between two loopback addresses with loss, duplication, reordering,
+    /// corruption and blackouts (the netsim link).
+    Proxy(proxy::ProxyArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
             Command::Demo => demo::run(&mut out).await,
             Command::Listen(args) => smoke::listen(args, &mut out).await,
             Command::Send(args) => smoke::send(args, &mut out).await,
+            Command::Proxy(args) => proxy::run(args, &mut out).await,
         }
     });
     let _ = out.flush();
