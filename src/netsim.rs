@@ -294,6 +294,16 @@ impl Proxy {
         self.faults.lock().unwrap_or_else(|e| e.into_inner()).set_blackout(on);
     }
 
+    /// Replaces the fault model from now on (a new seed sequence; a manual blackout stays).
+    pub fn reconfigure(&self, config: LinkConfig) -> Result<(), String> {
+        config.validate()?;
+        let mut faults = self.faults.lock().unwrap_or_else(|e| e.into_inner());
+        let blackout = faults.manual_blackout;
+        *faults = Faults::new(config);
+        faults.manual_blackout = blackout;
+        Ok(())
+    }
+
     /// What the proxy did so far.
     pub fn stats(&self) -> NetsimStats {
         let c = &self.counters;
