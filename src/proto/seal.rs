@@ -255,6 +255,7 @@ impl Opener {
     /// If `config.window_width` is not valid (configurations are validated first).
     pub fn new(key: OpeningKey, epoch: u64, config: OpenConfig) -> Opener {
         assert!(ReplayWindow::valid_width(config.window_width));
+        let config = OpenConfig { max_payload: config.max_payload.min(MAX_MESSAGE_SIZE), ..config };
         Opener { key, epoch, config, windows: HashMap::new() }
     }
 

@@ -81,10 +81,9 @@ impl MessageFrame {
     }
 }
 
-/// The frame header and prefix of a MESSAGE with a `payload_len`-byte payload.
-///
-/// # Panics
-/// If `payload_len` is over [`MAX_MESSAGE_SIZE`]: senders check sizes first.
+/// The frame header and prefix of a MESSAGE with a `payload_len`-byte payload. (A length that
+/// does not fit the 32-bit length field is written as `u32::MAX`: such a frame cannot exist on
+/// the wire, so its tag simply never verifies.)
 pub fn message_aad(
     kind: MessageKind,
     channel: u16,
@@ -93,8 +92,8 @@ pub fn message_aad(
     sent_at_ms: u64,
     payload_len: usize,
 ) -> [u8; MESSAGE_AAD_LEN] {
-    assert!(payload_len <= MAX_MESSAGE_SIZE, "message size checked by the caller");
-    let len = (MESSAGE_PREFIX_LEN + payload_len + TAG_LEN) as u32;
+    let len = MESSAGE_PREFIX_LEN.checked_add(payload_len).and_then(|l| l.checked_add(TAG_LEN));
+    let len = len.and_then(|l| u32::try_from(l).ok()).unwrap_or(u32::MAX);
     let mut h = [0u8; MESSAGE_AAD_LEN];
     h[0] = frame_type::MESSAGE;
     h[1..5].copy_from_slice(&len.to_be_bytes());
@@ -224,7 +223,12 @@ impl FrameHeader {
     }
 
     /// Decodes the body of a frame whose header this is. `body.len()` must equal `length`.
+    /// The header is validated again (its fields are public), so no header can make this panic.
     pub fn decode_body(&self, body: Bytes) -> Result<Frame, WireError> {
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        head[0] = self.frame_type;
+        head[1..].copy_from_slice(&self.length.to_be_bytes());
+        FrameHeader::decode(head, usize::MAX)?;
         if body.len() != self.length as usize {
             return Err(if body.len() < self.length as usize {
                 WireError::Truncated
@@ -407,6 +411,18 @@ pub(crate) mod tests {
             }
             assert_eq!(Frame::decode(&full, 64), Ok(Some((frame, full.len()))));
         }
+    }
+
+    #[test]
+    fn a_hand_made_header_cannot_make_decode_body_panic() {
+        for frame_type in [frame_type::HELLO, frame_type::MESSAGE, frame_type::ACK, 0x42] {
+            for length in [0u32, 2, 7, 11, 42] {
+                let h = FrameHeader { frame_type, length };
+                let _ = h.decode_body(Bytes::from(vec![0u8; length as usize]));
+            }
+        }
+        let aad = message_aad(MessageKind::Stream, 0, 0, 0, 0, usize::MAX);
+        assert_eq!(aad[1..5], [0xff; 4]);
     }
 
     #[test]
