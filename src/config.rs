@@ -35,6 +35,8 @@ use crate::policy::Policy;
 /// | `max_tag_failures` | 8 | messages failing their integrity check before the connection is closed |
 /// | `datagram_receive_buffer` | 1 MiB | datagrams quinn buffers before we read them (0 turns datagrams off) |
 /// | `retired_epochs` | 4,096 peers × 16 | retired session epochs remembered per node |
+/// | `outbox_messages` | 1,024 | channel messages sent and not yet acknowledged, per session (at most `replay_window`) |
+/// | `outbox_bytes` | 16 MiB | their payload bytes (one larger message may still pass alone) |
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Limits {
@@ -72,6 +74,10 @@ pub struct Limits {
     pub datagram_receive_buffer: usize,
     /// Peers whose retired epochs are remembered (16 epochs each).
     pub retired_epochs: usize,
+    /// Unacknowledged channel messages per session.
+    pub outbox_messages: usize,
+    /// Unacknowledged payload bytes per session.
+    pub outbox_bytes: usize,
 }
 
 impl Default for Limits {
@@ -94,6 +100,8 @@ impl Default for Limits {
             max_tag_failures: 8,
             datagram_receive_buffer: 1 << 20,
             retired_epochs: 4096,
+            outbox_messages: 1024,
+            outbox_bytes: 16 << 20,
         }
     }
 }
@@ -135,6 +143,13 @@ impl Limits {
         if self.max_tag_failures == 0 {
             return bad("max_tag_failures must be at least 1".into());
         }
+        if self.outbox_messages == 0 || self.outbox_bytes == 0 {
+            return bad("outbox_messages and outbox_bytes must be positive".into());
+        }
+        // A retransmitted message must still be inside the receiver's replay window.
+        if self.outbox_messages as u64 > self.replay_window {
+            return bad("outbox_messages must not exceed replay_window".into());
+        }
         Ok(())
     }
 
@@ -166,18 +181,33 @@ pub struct NodeConfig {
     pub(crate) trust: TrustStore,
     pub(crate) policy: Policy,
     pub(crate) limits: Limits,
+    pub(crate) manual_ack: bool,
 }
 
 impl NodeConfig {
     /// A configuration with the default [`Policy`] (any peer the trust store accepts) and
     /// default [`Limits`].
     pub fn new(identity: Identity, trust: TrustStore) -> NodeConfig {
-        NodeConfig { identity, trust, policy: Policy::any_authenticated(), limits: Limits::default() }
+        NodeConfig {
+            identity,
+            trust,
+            policy: Policy::any_authenticated(),
+            limits: Limits::default(),
+            manual_ack: false,
+        }
     }
 
     /// Sets the authorization policy.
     pub fn policy(mut self, policy: Policy) -> NodeConfig {
         self.policy = policy;
+        self
+    }
+
+    /// Manual-ack mode: a received channel message is acknowledged to its sender only when the
+    /// application calls [`Session::ack`](crate::Session::ack), not when
+    /// [`Session::recv`](crate::Session::recv) returns it. Unacknowledged messages are resent.
+    pub fn manual_ack(mut self, on: bool) -> NodeConfig {
+        self.manual_ack = on;
         self
     }
 
@@ -215,5 +245,6 @@ mod tests {
         assert!(Limits { replay_window: 100, ..Limits::default() }.validate().is_err());
         assert!(Limits { freshness: std::time::Duration::ZERO, ..Limits::default() }.validate().is_err());
         assert!(Limits { max_tag_failures: 0, ..Limits::default() }.validate().is_err());
+        assert!(Limits { outbox_messages: 4096, ..Limits::default() }.validate().is_err());
     }
 }

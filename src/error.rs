@@ -173,6 +173,15 @@ pub enum Error {
     /// DATAGRAM frames, or they are turned off.
     #[error("datagrams unsupported: {0}")]
     DatagramsUnsupported(&'static str),
+    /// The outbox is full of unacknowledged messages ([`Session::try_send_bytes`](crate::Session::try_send_bytes));
+    /// [`Session::send_bytes`](crate::Session::send_bytes) waits instead.
+    #[error("outbox full: {messages} messages, {bytes} bytes not yet acknowledged")]
+    Full {
+        /// Unacknowledged messages.
+        messages: usize,
+        /// Unacknowledged bytes.
+        bytes: usize,
+    },
     /// A configured resource limit was reached (connections, channels...).
     #[error("limit reached: {what} (at most {limit})")]
     Limit {

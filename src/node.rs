@@ -26,6 +26,7 @@ use crate::error::{Error, Result, Side, close_code, from_connection_error};
 use crate::identity::{Fingerprint, PeerIdentity};
 use crate::policy::Policy;
 use crate::proto::epochs::EpochBook;
+use crate::proto::reliable::{InboxConfig, OutboxConfig};
 use crate::proto::seal::{self, EXPORTER_LABEL, KEY_MATERIAL_LEN, OpenConfig};
 use crate::proto::wire::{self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, frame_type};
 use crate::session::{Session, SessionParams};
@@ -59,6 +60,7 @@ struct Shared {
     transport: Arc<quinn::TransportConfig>,
     policy: Policy,
     limits: Limits,
+    manual_ack: bool,
     counters: Arc<Counters>,
     retired: Arc<std::sync::Mutex<EpochBook<Fingerprint>>>,
 }
@@ -113,6 +115,7 @@ impl Node {
             retired: Arc::new(std::sync::Mutex::new(EpochBook::new(config.limits.retired_epochs, RETIRED_PER_PEER))),
             policy: config.policy,
             limits: config.limits,
+            manual_ack: config.manual_ack,
             counters: Arc::default(),
         });
         let (tx, rx) = mpsc::channel(shared.limits.accept_queue);
@@ -312,6 +315,22 @@ async fn establish(shared: &Shared, conn: Connection, captured: &Captured, role:
                 freshness_ms: limits.freshness.as_millis() as u64,
                 max_future_ms: limits.max_clock_skew.as_millis() as u64,
                 max_windows: usize::from(limits.max_channels),
+            },
+            outbox: OutboxConfig {
+                max_messages: limits.outbox_messages,
+                max_bytes: limits.outbox_bytes,
+                initial_rto_ms: 1000,
+                min_rto_ms: 1000,
+                max_rto_ms: 60_000,
+                retransmit_on_timeout: true,
+            },
+            inbox: InboxConfig {
+                reorder_window: limits.replay_window,
+                max_buffered_bytes: limits.receive_buffer,
+                max_channels: usize::from(limits.max_channels),
+                ack_delay_ms: 2,
+                ack_every: 64,
+                auto_ack: !shared.manual_ack,
             },
             tally,
             max_tag_failures: limits.max_tag_failures,

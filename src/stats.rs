@@ -8,12 +8,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
-    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
-        /// A snapshot of counters.
+    (
+        counters { $($(#[doc = $doc:literal])* $name:ident,)* }
+        gauges { $($(#[doc = $gdoc:literal])* $gauge:ident,)* }
+    ) => {
+        /// A snapshot of counters (totals since the start) and gauges (current values, filled in
+        /// by [`Session::stats`](crate::Session::stats) only).
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
         #[non_exhaustive]
         pub struct Stats {
             $($(#[doc = $doc])* pub $name: u64,)*
+            $($(#[doc = $gdoc])* pub $gauge: u64,)*
         }
 
         /// Live counters (atomics), shared by a session's tasks.
@@ -24,7 +29,7 @@ macro_rules! counters {
 
         impl Counters {
             pub(crate) fn snapshot(&self) -> Stats {
-                Stats { $($name: self.$name.load(Ordering::Relaxed),)* }
+                Stats { $($name: self.$name.load(Ordering::Relaxed),)* ..Stats::default() }
             }
         }
 
@@ -46,6 +51,7 @@ macro_rules! counters {
 }
 
 counters! {
+    counters {
     /// Messages sent on channels.
     messages_sent,
     /// Payload bytes sent on channels.
@@ -70,6 +76,21 @@ counters! {
     /// Datagrams dropped on receipt: refused by a check above, no room in the receive buffer,
     /// or too many datagram channels.
     datagrams_dropped,
+    /// Channel messages sent again (not yet acknowledged after a timeout or a reconnect).
+    retransmissions,
+    /// Copies of channel messages already received, dropped.
+    duplicates_dropped,
+    /// Channel messages the peer's application acknowledged.
+    acked,
+    }
+    gauges {
+    /// Channel messages sent and not yet acknowledged.
+    in_flight_messages,
+    /// Payload bytes sent and not yet acknowledged.
+    in_flight_bytes,
+    /// Smoothed round-trip time of end-to-end acknowledgements, ms (0 before the first).
+    rtt_ms,
+    }
 }
 
 /// Bumps a session's counters and its node's together.

@@ -179,11 +179,14 @@ async fn a_slow_reader_bounds_memory_through_flow_control() {
     limits.receive_buffer = 256 * 1024;
     limits.stream_receive_window = 128 * 1024;
     limits.connection_receive_window = 256 * 1024;
+    limits.outbox_bytes = 512 * 1024;
     let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
     let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
     let (ab, ba) = connect(&a, &b, "b").await;
     let (ab, ba) = (ab.unwrap(), ba.unwrap());
-    // The receiver does not read: the sender must stall well before 100 x 64 KiB are sent.
+    // The receiver does not read: the sender must stall well before 100 x 64 KiB are sent,
+    // with at most outbox_bytes unacknowledged.
+    let probe = ab.clone();
     let sender = tokio::spawn(async move {
         for i in 0..100u32 {
             ab.send_bytes(0, vec![i as u8; 64 * 1024]).await.unwrap();
@@ -191,7 +194,12 @@ async fn a_slow_reader_bounds_memory_through_flow_control() {
         ab
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(!sender.is_finished(), "the sender should be held back by flow control");
+    assert!(!sender.is_finished(), "the sender should be held back");
+    let s = probe.stats();
+    assert!(s.in_flight_bytes <= 512 * 1024 && s.in_flight_bytes > 0, "{s:?}");
+    let e = probe.try_send_bytes(1, vec![0u8; 64 * 1024]).unwrap_err();
+    assert!(matches!(e, Error::Full { .. }), "{e:?}");
+    drop(probe);
     for i in 0..100u32 {
         let m = ba.recv().await.unwrap();
         assert_eq!(m.payload()[0], i as u8);

@@ -99,23 +99,36 @@ async fn tampered_messages_are_dropped_counted_and_too_many_close_the_connection
     let mut limits = Limits::default();
     limits.max_tag_failures = 3;
     let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(limits));
-    let (insider, session) = Insider::connect(&pki, &server).await;
-    let (mut stream, mut acks) = insider.conn.open_bi().await.unwrap();
-    stream.write_all(&[1, 1, 0, 0]).await.unwrap();
+    let (mut insider, session) = Insider::connect(&pki, &server).await;
+    let mut stream = insider.channel(0).await;
     let mut sealer = insider.sealer(MessageKind::Stream, 0);
-    for seq in 1..=2u64 {
-        let mut m = seal(&mut sealer, seq, now_ms(), b"tampered in flight");
-        let last = m.len() - 20;
-        m[last] ^= 0x40; // one bit of the ciphertext
-        stream.write_all(&m).await.unwrap();
+    let genuine: Vec<Vec<u8>> =
+        (1..=3u64).map(|seq| seal(&mut sealer, seq, now_ms(), format!("genuine {seq}").as_bytes())).collect();
+    // Tampered copies of 1 and 2 (one ciphertext bit each), then the genuine 3.
+    for m in &genuine[..2] {
+        let mut bad = m.clone();
+        let i = bad.len() - 20;
+        bad[i] ^= 0x40;
+        stream.write_all(&bad).await.unwrap();
     }
-    // The next genuine message is still delivered (a gap is allowed, order is kept).
-    stream.write_all(&seal(&mut sealer, 3, now_ms(), b"genuine")).await.unwrap();
-    assert_eq!(recv_payload(&session).await, b"genuine");
+    stream.write_all(&genuine[2]).await.unwrap();
+    // 3 waits for 1 and 2 (order), and nothing is acknowledged: the application took nothing.
+    assert_quiet(&session).await;
     assert_eq!(session.stats().tag_failures, 2);
-    // Messages 1 and 2 never arrived, so no acknowledgement may claim 3 (acks are cumulative).
-    let mut ack = [0u8; 13];
-    assert!(tokio::time::timeout(Duration::from_millis(300), acks.read_exact(&mut ack)).await.is_err(), "{ack:?}");
+    let mut ack = [0u8; 16];
+    let control = &mut insider._control.1;
+    assert!(tokio::time::timeout(Duration::from_millis(300), control.read_exact(&mut ack)).await.is_err());
+    // The genuine 1 and 2 arrive (as a retransmission would bring them): all three, in order.
+    stream.write_all(&genuine[0]).await.unwrap();
+    stream.write_all(&genuine[1]).await.unwrap();
+    for seq in 1..=3 {
+        assert_eq!(recv_payload(&session).await, format!("genuine {seq}").as_bytes());
+    }
+    // Now the acknowledgement comes, on the control stream: channel 0, cumulative 3.
+    let mut ack = [0u8; 16];
+    tokio::time::timeout(Duration::from_secs(5), control.read_exact(&mut ack)).await.unwrap().unwrap();
+    assert_eq!(ack[..7], [0x03, 0, 0, 0, 11, 0, 0]);
+    assert_eq!(u64::from_be_bytes(ack[7..15].try_into().unwrap()), 3);
     // The third failure closes the connection.
     let mut m = seal(&mut sealer, 4, now_ms(), b"again");
     m[40] ^= 1;
@@ -131,12 +144,17 @@ async fn stale_and_future_messages_are_rejected() {
     let pki = Pki::new("ca");
     let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
     let (insider, session) = Insider::connect(&pki, &server).await;
-    let mut stream = insider.channel(1).await;
-    let mut sealer = insider.sealer(MessageKind::Stream, 1);
-    stream.write_all(&seal(&mut sealer, 1, now_ms() - 121_000, b"old")).await.unwrap();
-    stream.write_all(&seal(&mut sealer, 2, now_ms() + 60_000, b"future")).await.unwrap();
-    stream.write_all(&seal(&mut sealer, 3, now_ms() - 5_000, b"fine")).await.unwrap();
+    // One channel each, so a refused message leaves no gap in front of the next.
+    for (channel, at, text) in
+        [(1u16, now_ms() - 121_000, "old"), (2, now_ms() + 60_000, "future"), (3, now_ms() - 5_000, "fine")]
+    {
+        let mut stream = insider.channel(channel).await;
+        let mut sealer = insider.sealer(MessageKind::Stream, channel);
+        stream.write_all(&seal(&mut sealer, 1, at, text.as_bytes())).await.unwrap();
+        std::mem::forget(stream);
+    }
     assert_eq!(recv_payload(&session).await, b"fine");
+    assert_quiet(&session).await;
     assert_eq!(session.stats().stale_rejected, 2);
 }
 
@@ -145,12 +163,14 @@ async fn a_message_for_another_channel_or_epoch_is_refused() {
     let pki = Pki::new("ca");
     let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
     let (insider, session) = Insider::connect(&pki, &server).await;
+    let mut old = insider.channel(8).await;
+    let mut other_epoch = ChannelSealer::new(insider.key.clone(), EPOCH + 1, MessageKind::Stream, 8);
+    old.write_all(&seal(&mut other_epoch, 1, now_ms(), b"old session")).await.unwrap();
     let mut stream = insider.channel(1).await;
-    let mut other_epoch = ChannelSealer::new(insider.key.clone(), EPOCH + 1, MessageKind::Stream, 1);
-    stream.write_all(&seal(&mut other_epoch, 1, now_ms(), b"old session")).await.unwrap();
     let mut sealer = insider.sealer(MessageKind::Stream, 1);
-    stream.write_all(&seal(&mut sealer, 2, now_ms(), b"current")).await.unwrap();
+    stream.write_all(&seal(&mut sealer, 1, now_ms(), b"current")).await.unwrap();
     assert_eq!(recv_payload(&session).await, b"current");
+    assert_quiet(&session).await;
     assert_eq!(session.stats().replays_rejected, 1);
     // A frame sealed for channel 2 written on channel 1's stream is a protocol violation.
     let mut wrong = insider.sealer(MessageKind::Stream, 2);

@@ -2,7 +2,6 @@
 //! decisions. No tokio, no sockets, no clock, no global RNG in here: the async shell
 //! ([`Node`](crate::Node), [`Session`](crate::Session)) only moves bytes.
 
-pub mod channel;
 pub mod epochs;
 pub mod reliable;
 pub mod replay;

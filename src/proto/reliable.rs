@@ -299,6 +299,24 @@ impl Outbox {
         Ok(acked)
     }
 
+    /// Whether every message of `channel` up to and including `seq` was acknowledged.
+    pub fn all_acked_through(&self, channel: u16, seq: u64) -> bool {
+        match self.channels.get(&channel) {
+            None => seq == 0,
+            Some(c) => seq <= c.last_seq && c.unacked.range(..=seq).next().is_none(),
+        }
+    }
+
+    /// The last sequence number pushed on `channel` (0 if none).
+    pub fn last_seq(&self, channel: u16) -> u64 {
+        self.channels.get(&channel).map_or(0, |c| c.last_seq)
+    }
+
+    /// Channels used so far.
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
     /// Whether `seq` of `channel` was acknowledged.
     pub fn is_acked(&self, channel: u16, seq: u64) -> bool {
         self.channels.get(&channel).is_some_and(|c| seq <= c.last_seq && !c.unacked.contains_key(&seq))
@@ -455,12 +473,7 @@ impl Inbox {
         }
         let ch = self.channels.entry(channel).or_default();
         if seq == 0 || seq <= ch.delivered || ch.held.contains_key(&seq) {
-            self.stats.duplicates += 1;
-            // Re-acknowledge what was taken, so a sender that missed our ack stops resending.
-            if seq != 0 && (seq <= ch.cumulative || ch.above.contains(&seq)) {
-                ch.unreported += 1;
-                ch.dirty_since.get_or_insert(now);
-            }
+            self.note_duplicate(channel, seq, now);
             return Received::Duplicate;
         }
         let too_far = seq - ch.delivered > self.config.reorder_window;
@@ -473,6 +486,20 @@ impl Inbox {
         ch.held.insert(seq, payload);
         self.stats.accepted += 1;
         Received::Accepted
+    }
+
+    /// Records a duplicate found before the inbox saw it (for example by a replay window): counts
+    /// it, and re-acknowledges it if the application took it, so a sender that missed our
+    /// acknowledgement stops resending.
+    pub fn note_duplicate(&mut self, channel: u16, seq: u64, now: u64) {
+        self.stats.duplicates += 1;
+        if let Some(ch) = self.channels.get_mut(&channel)
+            && seq != 0
+            && (seq <= ch.cumulative || ch.above.contains(&seq))
+        {
+            ch.unreported += 1;
+            ch.dirty_since.get_or_insert(now);
+        }
     }
 
     /// The next message to hand to the application, in order per channel (channels in

@@ -31,8 +31,8 @@
 //! 1. the epoch must be the peer's current epoch;
 //! 2. the send time must be no older than the freshness horizon and no further ahead than the
 //!    allowed clock skew;
-//! 3. the replay window for (kind, channel) must accept the sequence number (on a stream it must
-//!    also be above every number delivered so far, to keep order);
+//! 3. the replay window for (kind, channel) must accept the sequence number (ordering is the
+//!    reliability layer's job: see [`super::reliable::Inbox`]);
 //! 4. the tag must verify (constant time, in ring);
 //! 5. only then is the sequence number committed to the window.
 
@@ -223,14 +223,6 @@ pub enum Reject {
     /// The replay window refused the sequence number.
     #[error("{0}")]
     Replay(ReplayError),
-    /// On a stream: not above the last delivered sequence number (order would break).
-    #[error("sequence number {seq} not above {top} on an ordered stream")]
-    OutOfOrder {
-        /// Refused.
-        seq: u64,
-        /// Last delivered.
-        top: u64,
-    },
     /// The tag did not verify: the frame was altered, or sealed with another key.
     #[error("integrity tag did not verify")]
     Tag,
@@ -293,12 +285,7 @@ impl Opener {
         }
         let key = (frame.kind, frame.channel);
         match self.windows.get(&key) {
-            Some(w) => {
-                w.check(frame.seq).map_err(Reject::Replay)?;
-                if frame.kind == MessageKind::Stream && frame.seq <= w.top() {
-                    return Err(Reject::OutOfOrder { seq: frame.seq, top: w.top() });
-                }
-            }
+            Some(w) => w.check(frame.seq).map_err(Reject::Replay)?,
             None => {
                 if self.windows.keys().filter(|(k, _)| *k == frame.kind).count() >= self.config.max_windows {
                     return Err(Reject::TooManyChannels);
@@ -438,12 +425,13 @@ mod tests {
         let m1 = sealed(&mut s, 1, NOW, b"1");
         o.open_bytes(&m1, NOW).unwrap();
         assert_eq!(o.open_bytes(&m1, NOW), Err(Reject::Replay(ReplayError::Replayed(1))));
-        // A gap is fine on a stream (a message refused in between); going back is not.
+        // Out of order inside the window is fine (the inbox restores order); twice is not.
         let m3 = sealed(&mut s, 3, NOW, b"3");
         o.open_bytes(&m3, NOW).unwrap();
         let (mut s2, _) = pair(MessageKind::Stream, 0);
         let m2 = sealed(&mut s2, 2, NOW, b"2");
-        assert_eq!(o.open_bytes(&m2, NOW), Err(Reject::OutOfOrder { seq: 2, top: 3 }));
+        o.open_bytes(&m2, NOW).unwrap();
+        assert_eq!(o.open_bytes(&m2, NOW), Err(Reject::Replay(ReplayError::Replayed(2))));
         // Freshness edges: exactly at the horizon is fine, one millisecond more is stale.
         let old = sealed(&mut s, 4, NOW - 120_000, b"4");
         o.open_bytes(&old, NOW).unwrap();

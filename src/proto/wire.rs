@@ -6,6 +6,8 @@
 
 use bytes::Bytes;
 
+use super::reliable::{AckRanges, MAX_ACK_RANGES};
+
 /// Protocol version carried in every stream header.
 pub const VERSION: u8 = 1;
 /// Size of a stream header.
@@ -39,7 +41,8 @@ pub mod frame_type {
     pub const HELLO: u8 = 0x01;
     /// MESSAGE: a sealed application message.
     pub const MESSAGE: u8 = 0x02;
-    /// ACK: highest sequence number the application has taken, on a channel's return direction.
+    /// ACK: what the peer's application took on one channel (cumulative plus ranges), on the
+    /// control stream.
     pub const ACK: u8 = 0x03;
 }
 
@@ -117,12 +120,12 @@ pub enum Frame {
     },
     /// One sealed application message.
     Message(MessageFrame),
-    /// Cumulative acknowledgement: every message up to `seq` was taken by the application.
-    Ack {
-        /// Highest acknowledged sequence number.
-        seq: u64,
-    },
+    /// End-to-end acknowledgement of one channel's stream messages.
+    Ack(AckRanges),
 }
+
+/// Size of an ACK body before its ranges: channel, cumulative, range count.
+pub const ACK_PREFIX_LEN: usize = 2 + 8 + 1;
 
 /// Why bytes are not a valid frame or stream header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -209,14 +212,19 @@ impl FrameHeader {
         let bad = Err(WireError::BadLength { frame_type, length });
         match frame_type {
             frame_type::HELLO if length != 12 => return bad,
-            frame_type::ACK if length != 8 => return bad,
+            frame_type::ACK => {
+                let Some(ranges) = (length as usize).checked_sub(ACK_PREFIX_LEN) else { return bad };
+                if ranges % 16 != 0 || ranges / 16 > MAX_ACK_RANGES {
+                    return bad;
+                }
+            }
             frame_type::MESSAGE => {
                 let Some(size) = (length as usize).checked_sub(MESSAGE_PREFIX_LEN + TAG_LEN) else { return bad };
                 if size > max_payload {
                     return Err(WireError::TooLarge { size: size as u64, limit: max_payload });
                 }
             }
-            frame_type::HELLO | frame_type::ACK => {}
+            frame_type::HELLO => {}
             t => return Err(WireError::UnknownFrameType(t)),
         }
         Ok(FrameHeader { frame_type, length })
@@ -242,7 +250,17 @@ impl FrameHeader {
                 max_message_size: u32::from_be_bytes(body[..4].try_into().expect("length checked")),
                 epoch: u64_at(4),
             },
-            frame_type::ACK => Frame::Ack { seq: u64_at(0) },
+            frame_type::ACK => {
+                let count = body[10] as usize;
+                if ACK_PREFIX_LEN + 16 * count != body.len() {
+                    return Err(WireError::BadLength { frame_type: self.frame_type, length: self.length });
+                }
+                Frame::Ack(AckRanges {
+                    channel: u16::from_be_bytes([body[0], body[1]]),
+                    cumulative: u64_at(2),
+                    ranges: (0..count).map(|i| (u64_at(11 + 16 * i), u64_at(19 + 16 * i))).collect(),
+                })
+            }
             frame_type::MESSAGE => Frame::Message(MessageFrame {
                 kind: match body[0] {
                     0 => MessageKind::Stream,
@@ -292,9 +310,17 @@ impl Frame {
                 out.extend_from_slice(&max_message_size.to_be_bytes());
                 out.extend_from_slice(&epoch.to_be_bytes());
             }
-            Frame::Ack { seq } => {
-                out.extend_from_slice(&[frame_type::ACK, 0, 0, 0, 8]);
-                out.extend_from_slice(&seq.to_be_bytes());
+            Frame::Ack(a) => {
+                let count = a.ranges.len().min(MAX_ACK_RANGES);
+                out.push(frame_type::ACK);
+                out.extend_from_slice(&((ACK_PREFIX_LEN + 16 * count) as u32).to_be_bytes());
+                out.extend_from_slice(&a.channel.to_be_bytes());
+                out.extend_from_slice(&a.cumulative.to_be_bytes());
+                out.push(count as u8);
+                for (start, end) in &a.ranges[..count] {
+                    out.extend_from_slice(&start.to_be_bytes());
+                    out.extend_from_slice(&end.to_be_bytes());
+                }
             }
             Frame::Message(m) => {
                 out.extend_from_slice(&m.aad());
@@ -337,7 +363,7 @@ pub(crate) mod tests {
         let doc = include_str!("../../PROTOCOL.md");
         let cases: [(&str, Frame); 2] = [
             ("vector-hello", Frame::Hello { max_message_size: 1 << 20, epoch: 0x0102030405060708 }),
-            ("vector-ack", Frame::Ack { seq: 258 }),
+            ("vector-ack", Frame::Ack(AckRanges { channel: 7, cumulative: 258, ranges: vec![(260, 261)] })),
         ];
         for (name, frame) in cases {
             let bytes = vector(doc, name);
@@ -376,6 +402,16 @@ pub(crate) mod tests {
         assert_eq!(d(&[0x09, 0, 0, 0, 0]), Err(WireError::UnknownFrameType(9)));
         assert_eq!(d(&[0x01, 0, 0, 0, 4]), Err(WireError::BadLength { frame_type: 1, length: 4 }));
         assert_eq!(d(&[0x03, 0, 0, 0, 7]), Err(WireError::BadLength { frame_type: 3, length: 7 }));
+        assert_eq!(d(&[0x03, 0, 0, 0, 12]), Err(WireError::BadLength { frame_type: 3, length: 12 }));
+        let too_many = (11 + 16 * 33) as u32; // 33 ranges: one more than allowed
+        let l = too_many.to_be_bytes();
+        assert_eq!(d(&[0x03, l[0], l[1], l[2], l[3]]), Err(WireError::BadLength { frame_type: 3, length: too_many }));
+        // The range count must match the length.
+        let mut lying = vec![0x03, 0, 0, 0, 27, 0, 1];
+        lying.extend_from_slice(&[0; 8]);
+        lying.push(2); // says 2 ranges, length has room for 1
+        lying.extend_from_slice(&[0; 16]);
+        assert_eq!(Frame::decode_exact(&lying.into(), max), Err(WireError::BadLength { frame_type: 3, length: 27 }));
         assert_eq!(d(&[0x02, 0, 0, 0, 42]), Err(WireError::BadLength { frame_type: 2, length: 42 }));
         assert_eq!(d(&[0x02, 0, 0, 0, 43 + 17]), Err(WireError::TooLarge { size: 17, limit: 16 }));
         // The largest length on the wire is refused from the header alone, before allocating.
@@ -391,16 +427,17 @@ pub(crate) mod tests {
         let mut long = ok.to_vec();
         long.push(0);
         assert_eq!(Frame::decode_exact(&long.into(), max), Err(WireError::TrailingBytes(1)));
-        let h = FrameHeader::decode([0x03, 0, 0, 0, 8], max).unwrap();
-        assert_eq!(h.decode_body(Bytes::from_static(&[0; 7])), Err(WireError::Truncated));
-        assert_eq!(h.decode_body(Bytes::from_static(&[0; 9])), Err(WireError::TrailingBytes(1)));
+        let h = FrameHeader::decode([0x03, 0, 0, 0, 11], max).unwrap();
+        assert_eq!(h.decode_body(Bytes::from_static(&[0; 10])), Err(WireError::Truncated));
+        assert_eq!(h.decode_body(Bytes::from_static(&[0; 12])), Err(WireError::TrailingBytes(1)));
     }
 
     #[test]
     fn truncation_at_every_length_needs_more_and_never_errs() {
         for frame in [
             Frame::Hello { max_message_size: 77, epoch: 9 },
-            Frame::Ack { seq: u64::MAX },
+            Frame::Ack(AckRanges { channel: 1, cumulative: u64::MAX, ranges: vec![] }),
+            Frame::Ack(AckRanges { channel: 2, cumulative: 1, ranges: vec![(3, 4), (9, 9)] }),
             msg(MessageKind::Stream, 9, b"0123456789abcdef0123456789"),
             msg(MessageKind::Datagram, 10, &[0; 16]),
         ] {
