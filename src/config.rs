@@ -37,6 +37,8 @@ use crate::policy::Policy;
 /// | `retired_epochs` | 4,096 peers × 16 | retired session epochs remembered per node |
 /// | `outbox_messages` | 1,024 | channel messages sent and not yet acknowledged, per session (at most `replay_window`) |
 /// | `outbox_bytes` | 16 MiB | their payload bytes (one larger message may still pass alone) |
+/// | `reconnect_backoff` | 50 ms to 2 s | wait between reconnection attempts, doubling |
+/// | `resume_timeout` | 30 s | how long a session may stay disconnected before giving up (both sides) |
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Limits {
@@ -78,6 +80,10 @@ pub struct Limits {
     pub outbox_messages: usize,
     /// Unacknowledged payload bytes per session.
     pub outbox_bytes: usize,
+    /// Shortest and longest wait between reconnection attempts.
+    pub reconnect_backoff: (Duration, Duration),
+    /// How long a disconnected session waits to be resumed before it gives up.
+    pub resume_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -102,6 +108,8 @@ impl Default for Limits {
             retired_epochs: 4096,
             outbox_messages: 1024,
             outbox_bytes: 16 << 20,
+            reconnect_backoff: (Duration::from_millis(50), Duration::from_secs(2)),
+            resume_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -145,6 +153,9 @@ impl Limits {
         }
         if self.outbox_messages == 0 || self.outbox_bytes == 0 {
             return bad("outbox_messages and outbox_bytes must be positive".into());
+        }
+        if self.reconnect_backoff.0.is_zero() || self.reconnect_backoff.0 > self.reconnect_backoff.1 {
+            return bad("reconnect_backoff must be (min, max) with 0 < min <= max".into());
         }
         // A retransmitted message must still be inside the receiver's replay window.
         if self.outbox_messages as u64 > self.replay_window {

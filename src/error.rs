@@ -230,6 +230,10 @@ pub mod close_code {
     pub const INTEGRITY_FAILURE: u32 = 0x6;
     /// The peer presented a session epoch that was retired.
     pub const RETIRED_EPOCH: u32 = 0x7;
+    /// This connection is closed, the session carries on over a new one.
+    pub const RECONNECT: u32 = 0x8;
+    /// A resuming peer asked for a session this node does not have.
+    pub const UNKNOWN_SESSION: u32 = 0x9;
 }
 
 /// The first TLS alert code, as QUIC carries it in a transport error (RFC 9001, section 4.8).
@@ -298,6 +302,12 @@ fn from_application_close(code: u64, reason: &[u8]) -> Error {
             side: Side::Remote,
             reason: "the peer refused our session epoch as retired".into(),
         },
+        Ok(close_code::RECONNECT) => {
+            Error::ConnectionLost { reason: "the peer moved the session to a new connection".into() }
+        }
+        Ok(close_code::UNKNOWN_SESSION) => {
+            Error::ProtocolViolation { side: Side::Remote, reason: "the peer has no such session to resume".into() }
+        }
         Ok(close_code::NO_ERROR) => Error::ConnectionLost { reason: format!("closed by the peer: {reason}") },
         _ => Error::ConnectionLost { reason: format!("closed by the peer with code {code}: {reason}") },
     }

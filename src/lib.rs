@@ -78,7 +78,7 @@ pub use error::{Error, LoadError, LoadProblem, Result, Side, TlsError, close_cod
 pub use identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
 pub use node::Node;
 pub use policy::Policy;
-pub use session::{Message, Session};
+pub use session::{Message, Session, SessionEvent};
 pub use stats::Stats;
 pub use tls::{ALPN, DeniedKey};
 

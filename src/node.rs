@@ -10,6 +10,7 @@
 //!    acceptor has judged the dialler's certificate, so only the acceptor's HELLO proves the
 //!    dialler was accepted: [`Node::connect`] returns after it.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -29,7 +30,7 @@ use crate::proto::epochs::EpochBook;
 use crate::proto::reliable::{InboxConfig, OutboxConfig};
 use crate::proto::seal::{self, EXPORTER_LABEL, KEY_MATERIAL_LEN, OpenConfig};
 use crate::proto::wire::{self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, frame_type};
-use crate::session::{Session, SessionParams};
+use crate::session::{EndHook, LinkParts, Redial, Resumable, ResumePolicy, Session, SessionParams};
 use crate::stats::{Counters, Stats, Tally};
 use crate::tls::{ALPN, Captured, TlsContext, take_captured};
 
@@ -63,6 +64,8 @@ struct Shared {
     manual_ack: bool,
     counters: Arc<Counters>,
     retired: Arc<std::sync::Mutex<EpochBook<Fingerprint>>>,
+    /// Accepted sessions a reconnecting peer may resume, by (peer key, peer epoch).
+    resumable: Arc<std::sync::Mutex<HashMap<(Fingerprint, u64), Resumable>>>,
 }
 
 /// Epochs remembered per peer in the retired-epoch book.
@@ -117,6 +120,7 @@ impl Node {
             limits: config.limits,
             manual_ack: config.manual_ack,
             counters: Arc::default(),
+            resumable: Arc::default(),
         });
         let (tx, rx) = mpsc::channel(shared.limits.accept_queue);
         let accept_task = tokio::spawn(accept_loop(shared.clone(), tx));
@@ -142,22 +146,23 @@ impl Node {
     /// IP address SAN). Returns once the peer has accepted us (see the module docs).
     pub async fn connect(&self, addr: SocketAddr, server_name: &str) -> Result<Session> {
         let shared = &self.inner.shared;
-        if shared.endpoint.open_connections() >= shared.limits.max_connections {
-            return Err(Error::Limit { what: "connections per node", limit: shared.limits.max_connections as u64 });
-        }
-        let (crypto, captured) = shared.tls.client_config()?;
-        let mut cfg = quinn::ClientConfig::new(crypto);
-        cfg.transport_config(shared.transport.clone());
-        let connecting = shared.endpoint.connect_with(cfg, addr, server_name).map_err(|e| match e {
-            quinn::ConnectError::EndpointStopping => Error::Closed,
-            e => Error::Config(format!("cannot dial {addr} as {server_name:?}: {e}")),
-        })?;
-        let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
-            let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
-            establish(shared, conn, &captured, Role::Dialler).await
-        })
-        .await;
-        let result = result.unwrap_or(Err(Error::Timeout { what: "handshake" }));
+        let epoch = random_epoch()?;
+        let result = dial(shared, addr, server_name, epoch, None).await;
+        let result = result.map(|h| {
+            let (peer_fp, peer_epoch) = (h.peer.fingerprint, h.peer_epoch);
+            let redial: Redial = {
+                let (node, name) = (Arc::downgrade(shared), server_name.to_owned());
+                Arc::new(move || {
+                    let (node, name) = (node.clone(), name.clone());
+                    Box::pin(async move {
+                        let node = node.upgrade().ok_or(Error::Closed)?;
+                        let h = dial(&node, addr, &name, epoch, Some((peer_fp, peer_epoch))).await?;
+                        Ok(h.parts)
+                    })
+                })
+            };
+            start_session(shared, h, epoch, Some(redial))
+        });
         match &result {
             Ok(s) => info!(peer = %s.peer(), remote = %addr, "session established (dialled)"),
             Err(e) => warn!(remote = %addr, error = %e, "dial failed"),
@@ -197,16 +202,15 @@ async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<Result<Session>>) {
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let result = accept_one(&shared, incoming).await;
-            match &result {
-                Ok(s) => info!(peer = %s.peer(), %remote, "session established (accepted)"),
-                Err(e) => warn!(%remote, error = %e, "incoming connection refused"),
-            }
             match result {
-                Ok(session) => {
+                Ok(Some(session)) => {
+                    info!(peer = %session.peer(), %remote, "session established (accepted)");
                     let _ = tx.send(Ok(session)).await;
                 }
+                Ok(None) => info!(%remote, "session resumed on a new connection"),
                 // Failures are reported when there is room; a flood of them must not queue up.
                 Err(e) => {
+                    warn!(%remote, error = %e, "incoming connection refused");
                     let _ = tx.try_send(Err(e));
                 }
             }
@@ -214,27 +218,92 @@ async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<Result<Session>>) {
     }
 }
 
-async fn accept_one(shared: &Shared, incoming: quinn::Incoming) -> Result<Session> {
+/// Accepts one connection: a new session (`Some`), or a resumed one (`None`).
+async fn accept_one(shared: &Arc<Shared>, incoming: quinn::Incoming) -> Result<Option<Session>> {
     let (crypto, captured) = shared.tls.server_config()?;
     let mut cfg = shared.base_server.clone();
     cfg.crypto = crypto;
     let connecting = incoming.accept_with(Arc::new(cfg)).map_err(|e| from_connection_error(e, None))?;
     let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
         let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
-        establish(shared, conn, &captured, Role::Acceptor).await
+        handshake(shared, conn, &captured, Role::Acceptor, None).await
     })
     .await;
-    result.unwrap_or(Err(Error::Timeout { what: "handshake" }))
+    match result.unwrap_or(Err(Error::Timeout { what: "handshake" }))? {
+        Outcome::Resumed => Ok(None),
+        Outcome::New(h) => {
+            let epoch = h.epoch;
+            Ok(Some(start_session(shared, *h, epoch, None)))
+        }
+    }
+}
+
+/// Dials `addr` and runs the quicseal handshake; `resume` is the (peer key, peer epoch) of a
+/// session to resume.
+async fn dial(
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+    server_name: &str,
+    epoch: u64,
+    resume: Option<(Fingerprint, u64)>,
+) -> Result<Handshaken> {
+    if shared.endpoint.open_connections() >= shared.limits.max_connections {
+        return Err(Error::Limit { what: "connections per node", limit: shared.limits.max_connections as u64 });
+    }
+    let (crypto, captured) = shared.tls.client_config()?;
+    let mut cfg = quinn::ClientConfig::new(crypto);
+    cfg.transport_config(shared.transport.clone());
+    let connecting = shared.endpoint.connect_with(cfg, addr, server_name).map_err(|e| match e {
+        quinn::ConnectError::EndpointStopping => Error::Closed,
+        e => Error::Config(format!("cannot dial {addr} as {server_name:?}: {e}")),
+    })?;
+    let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
+        let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
+        handshake(shared, conn, &captured, Role::Dialler(epoch), resume).await
+    })
+    .await;
+    match result.unwrap_or(Err(Error::Timeout { what: "handshake" }))? {
+        Outcome::New(h) => Ok(*h),
+        // Only an acceptor attaches connections to existing sessions.
+        Outcome::Resumed => Err(Error::Config("a dialled connection cannot be resumed by the dialler".into())),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
-    Dialler,
+    /// Dialling, with this session epoch.
+    Dialler(u64),
     Acceptor,
 }
 
-/// Steps 2 to 4 of the module docs, after the TLS handshake.
-async fn establish(shared: &Shared, conn: Connection, captured: &Captured, role: Role) -> Result<Session> {
+/// A connection that passed the quicseal handshake.
+struct Handshaken {
+    parts: LinkParts,
+    peer: PeerIdentity,
+    peer_max: usize,
+    peer_epoch: u64,
+    /// Our epoch for this session.
+    epoch: u64,
+}
+
+/// What a handshake led to.
+enum Outcome {
+    /// A connection for a new session (or, for a dialler, for the session it resumes).
+    New(Box<Handshaken>),
+    /// The acceptor attached the connection to an existing session.
+    Resumed,
+}
+
+/// Steps 2 to 4 of the module docs, after the TLS handshake. A dialler resuming a session
+/// passes the peer it expects (`resume`); an acceptor receiving a resuming HELLO attaches the
+/// connection to the session it names.
+async fn handshake(
+    shared: &Arc<Shared>,
+    conn: Connection,
+    captured: &Captured,
+    role: Role,
+    resume: Option<(Fingerprint, u64)>,
+) -> Result<Outcome> {
     let lost = |e: quinn::ConnectionError| from_connection_error(e, take_captured(captured));
     let negotiated = conn.handshake_data().and_then(|d| d.downcast::<HandshakeData>().ok()).and_then(|d| d.protocol);
     if negotiated.as_deref() != Some(ALPN) {
@@ -247,66 +316,113 @@ async fn establish(shared: &Shared, conn: Connection, captured: &Captured, role:
         return Err(Error::Unauthorized { side: Side::Local, reason });
     }
     let local_max = shared.limits.max_message_size;
-    let epoch = random_epoch()?;
-    let hello = {
-        let mut v = Vec::with_capacity(17);
-        Frame::Hello { max_message_size: local_max as u32, epoch }.encode(&mut v);
+    let hello = |epoch: u64, resume: bool| {
+        let mut v = Vec::with_capacity(18);
+        Frame::Hello { max_message_size: local_max as u32, epoch, resume }.encode(&mut v);
         Bytes::from(v)
     };
-    let (send, mut recv) = match role {
-        Role::Dialler => {
-            let (mut send, recv) = conn.open_bi().await.map_err(lost)?;
+    let retired =
+        |fp: &Fingerprint, epoch: u64| shared.retired.lock().unwrap_or_else(|e| e.into_inner()).is_retired(fp, epoch);
+    let refuse_retired = |epoch: u64| {
+        conn.close(VarInt::from_u32(close_code::RETIRED_EPOCH), b"retired epoch");
+        Error::ProtocolViolation {
+            side: Side::Local,
+            reason: format!("the peer reused retired session epoch {epoch:#x}"),
+        }
+    };
+    let (send, recv, epoch, peer_max, peer_epoch, resumable) = match role {
+        Role::Dialler(epoch) => {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(lost)?;
             let header = Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Control));
-            send.write_all_chunks(&mut [header, hello.clone()]).await.map_err(|e| write_err(e, &lost))?;
-            (send, recv)
+            send.write_all_chunks(&mut [header, hello(epoch, resume.is_some())])
+                .await
+                .map_err(|e| write_err(e, &lost))?;
+            let (peer_max, peer_epoch, _) = read_hello(&conn, &mut recv, &lost).await?;
+            match resume {
+                Some((fp, expected)) if fp != peer.fingerprint || expected != peer_epoch => {
+                    conn.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), b"protocol violation");
+                    return Err(Error::ProtocolViolation {
+                        side: Side::Local,
+                        reason: "a different peer or session answered the resumption".into(),
+                    });
+                }
+                Some(_) => {}
+                None if retired(&peer.fingerprint, peer_epoch) => return Err(refuse_retired(peer_epoch)),
+                None => {}
+            }
+            (send, recv, epoch, peer_max, peer_epoch, None)
         }
         Role::Acceptor => {
-            let (send, mut recv) = conn.accept_bi().await.map_err(lost)?;
+            let (mut send, mut recv) = conn.accept_bi().await.map_err(lost)?;
             let mut head = [0u8; STREAM_HEADER_LEN];
             read_exact(&conn, &mut recv, &mut head, &lost).await?;
             match wire::decode_stream_header(head) {
                 Ok(StreamKind::Control) => {}
-                Ok(_) => {
-                    return Err(violation(&conn, "first stream is not the control stream".into()));
-                }
+                Ok(_) => return Err(violation(&conn, "first stream is not the control stream".into())),
                 Err(e) => return Err(violation(&conn, e.to_string())),
             }
-            (send, recv)
+            let (peer_max, peer_epoch, wants_resume) = read_hello(&conn, &mut recv, &lost).await?;
+            if retired(&peer.fingerprint, peer_epoch) {
+                return Err(refuse_retired(peer_epoch));
+            }
+            let (epoch, resumable) = if wants_resume {
+                let found = shared
+                    .resumable
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&(peer.fingerprint, peer_epoch))
+                    .cloned();
+                match found.as_ref().and_then(|r| r.epoch().map(|e| (e, r.clone()))) {
+                    Some((epoch, r)) => (epoch, Some(r)),
+                    None => {
+                        conn.close(VarInt::from_u32(close_code::UNKNOWN_SESSION), b"unknown session");
+                        return Err(Error::ProtocolViolation {
+                            side: Side::Local,
+                            reason: format!("the peer asked to resume unknown session {peer_epoch:#x}"),
+                        });
+                    }
+                }
+            } else {
+                (random_epoch()?, None)
+            };
+            send.write_all(&hello(epoch, false)).await.map_err(|e| write_err(e, &lost))?;
+            (send, recv, epoch, peer_max, peer_epoch, resumable)
         }
     };
-    let (peer_max, peer_epoch) = read_hello(&conn, &mut recv, &lost).await?;
-    if shared.retired.lock().unwrap_or_else(|e| e.into_inner()).is_retired(&peer.fingerprint, peer_epoch) {
-        conn.close(VarInt::from_u32(close_code::RETIRED_EPOCH), b"retired epoch");
-        return Err(Error::ProtocolViolation {
-            side: Side::Local,
-            reason: format!("the peer reused retired session epoch {peer_epoch:#x}"),
-        });
-    }
-    let mut send = send;
-    if role == Role::Acceptor {
-        send.write_all(&hello).await.map_err(|e| write_err(e, &lost))?;
-    }
     let mut material = [0u8; KEY_MATERIAL_LEN];
     conn.export_keying_material(&mut material, EXPORTER_LABEL, b"")
         .map_err(|_| Error::Config("TLS exporter unavailable".into()))?;
-    let keys =
-        seal::derive_keys(&material, if role == Role::Dialler { seal::Role::Dialler } else { seal::Role::Acceptor });
-    let limits = &shared.limits;
-    let tally = Tally { session: Arc::default(), node: shared.counters.clone() };
-    // When the session ends: retire the peer's epoch and log its totals.
-    tokio::spawn({
-        let (conn, retired, fingerprint, session_counters) =
-            (conn.clone(), shared.retired.clone(), peer.fingerprint, tally.session.clone());
-        async move {
-            let reason = conn.closed().await;
-            retired.lock().unwrap_or_else(|e| e.into_inner()).retire(fingerprint, peer_epoch);
-            info!(remote = %conn.remote_address(), %reason, stats = ?session_counters.snapshot(), "session ended");
+    let side = if matches!(role, Role::Dialler(_)) { seal::Role::Dialler } else { seal::Role::Acceptor };
+    let keys = seal::derive_keys(&material, side);
+    let parts = LinkParts { conn, keys, control: (send, recv) };
+    if let Some(r) = resumable {
+        if !r.resume(parts) {
+            return Err(Error::ConnectionLost { reason: "the session ended while it was being resumed".into() });
         }
-    });
-    Ok(Session::start(
-        conn,
+        return Ok(Outcome::Resumed);
+    }
+    Ok(Outcome::New(Box::new(Handshaken { parts, peer, peer_max, peer_epoch, epoch })))
+}
+
+/// Starts a new session over a handshaken connection.
+fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option<Redial>) -> Session {
+    let limits = &shared.limits;
+    let local_max = limits.max_message_size;
+    let tally = Tally { session: Arc::default(), node: shared.counters.clone() };
+    let (fingerprint, peer_epoch) = (h.peer.fingerprint, h.peer_epoch);
+    let accepted = redial.is_none();
+    let on_end: EndHook = {
+        let (retired, resumable) = (shared.retired.clone(), shared.resumable.clone());
+        Box::new(move |stats| {
+            // The session is over: its peer epoch can never be used again.
+            retired.lock().unwrap_or_else(|e| e.into_inner()).retire(fingerprint, peer_epoch);
+            resumable.lock().unwrap_or_else(|e| e.into_inner()).remove(&(fingerprint, peer_epoch));
+            info!(?stats, "session ended");
+        })
+    };
+    let session = Session::start(
+        h.parts,
         SessionParams {
-            keys,
             epoch,
             peer_epoch,
             open: OpenConfig {
@@ -334,14 +450,28 @@ async fn establish(shared: &Shared, conn: Connection, captured: &Captured, role:
             },
             tally,
             max_tag_failures: limits.max_tag_failures,
-            peer,
+            peer: h.peer,
             local_max,
-            peer_max,
-            max_channels: shared.limits.max_channels,
-            receive_buffer: shared.limits.receive_buffer,
-            control: (send, recv),
+            peer_max: h.peer_max,
+            max_channels: limits.max_channels,
+            receive_buffer: limits.receive_buffer,
+            resume: ResumePolicy {
+                backoff_min: limits.reconnect_backoff.0,
+                backoff_max: limits.reconnect_backoff.1,
+                give_up_after: limits.resume_timeout,
+            },
+            redial,
+            on_end,
         },
-    ))
+    );
+    if accepted {
+        shared
+            .resumable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((fingerprint, peer_epoch), session.resumable());
+    }
+    session
 }
 
 fn peer_identity(conn: &Connection) -> Result<PeerIdentity> {
@@ -373,18 +503,18 @@ async fn read_hello(
     conn: &Connection,
     recv: &mut RecvStream,
     lost: &impl Fn(quinn::ConnectionError) -> Error,
-) -> Result<(usize, u64)> {
+) -> Result<(usize, u64, bool)> {
     let mut head = [0u8; FRAME_HEADER_LEN];
     read_exact(conn, recv, &mut head, lost).await?;
     let header = FrameHeader::decode(head, 0).map_err(|e| violation(conn, e.to_string()))?;
     if header.frame_type != frame_type::HELLO {
         return Err(violation(conn, format!("expected HELLO, got frame type {:#04x}", header.frame_type)));
     }
-    let mut body = [0u8; 12];
+    let mut body = [0u8; 13];
     read_exact(conn, recv, &mut body, lost).await?;
     match header.decode_body(Bytes::copy_from_slice(&body)) {
-        Ok(Frame::Hello { max_message_size, epoch }) if max_message_size > 0 && epoch != 0 => {
-            Ok((max_message_size as usize, epoch))
+        Ok(Frame::Hello { max_message_size, epoch, resume }) if max_message_size > 0 && epoch != 0 => {
+            Ok((max_message_size as usize, epoch, resume))
         }
         Ok(_) => Err(violation(conn, "HELLO with max_message_size 0 or epoch 0".into())),
         Err(e) => Err(violation(conn, e.to_string())),

@@ -11,7 +11,8 @@
 //!
 //! Each channel is a QUIC bidirectional stream, opened by the side that sends on it and carrying
 //! MESSAGE frames one way only; ACK frames travel on the control stream. A driver task moves
-//! what the cores produce onto the connection. Memory is bounded: the outbox by count and bytes
+//! what the cores produce onto the current connection; a supervisor moves the session to a new
+//! connection when one is lost. Memory is bounded: the outbox by count and bytes
 //! ([`Session::send`] waits, [`Session::try_send_bytes`] fails with [`Error::Full`]), the inbox by
 //! `Limits::receive_buffer` (a reader waits for room before it reads a message body, so QUIC
 //! flow control slows a peer we cannot keep up with), datagrams by the same budget (dropped and
@@ -19,15 +20,15 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -99,19 +100,189 @@ struct Core {
     datagram_bytes: usize,
 }
 
-/// State shared by the session handle and its background tasks (never the handle itself, so
-/// dropping every [`Session`] closes the connection).
-struct Shared {
+/// Something that happened to a session; see [`Session::events`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionEvent {
+    /// The connection was lost; the session will try to carry on over a new one.
+    Disconnected {
+        /// Why, as far as we know.
+        reason: String,
+    },
+    /// The dialling side starts reconnection attempt `attempt` (from 1).
+    Reconnecting {
+        /// Attempt number.
+        attempt: u32,
+    },
+    /// A new connection carries the session; unacknowledged messages are being resent.
+    Resumed,
+    /// The session could not be resumed in time, or the peer refused to resume it.
+    GaveUp {
+        /// Why.
+        reason: String,
+    },
+    /// The session is over (closed by either side, or gave up).
+    Ended,
+}
+
+/// Runs once when a session ends, with its final counters.
+pub(crate) type EndHook = Box<dyn FnOnce(Stats) + Send>;
+
+/// How a session dials again after losing its connection (dialling side only).
+pub(crate) type Redial =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<LinkParts>> + Send>> + Send + Sync>;
+
+/// What a new connection brings to a session.
+pub(crate) struct LinkParts {
+    pub(crate) conn: Connection,
+    pub(crate) keys: (SealingKey, OpeningKey),
+    pub(crate) control: (SendStream, RecvStream),
+}
+
+/// Reconnection and resumption timing.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ResumePolicy {
+    /// First wait between reconnection attempts (doubles up to `backoff_max`).
+    pub(crate) backoff_min: Duration,
+    /// Longest wait between attempts.
+    pub(crate) backoff_max: Duration,
+    /// How long a session may stay disconnected before it gives up (both sides).
+    pub(crate) give_up_after: Duration,
+}
+
+/// One QUIC connection carrying the session; a session has one at a time.
+struct Link {
     conn: Connection,
-    /// Why we closed the connection, when we did because the peer misbehaved.
+    /// Why we closed it, when we did because the peer misbehaved.
     failure: OnceLock<String>,
+    seen_channels: Mutex<HashSet<u16>>,
+    tag_failures: AtomicU32,
+    /// Closed by us to move to a new connection ([`Session::force_reconnect`]).
+    reconnecting: AtomicBool,
+}
+
+impl Link {
+    fn new(conn: Connection) -> Arc<Link> {
+        Arc::new(Link {
+            conn,
+            failure: OnceLock::new(),
+            seen_channels: Mutex::new(HashSet::new()),
+            tag_failures: AtomicU32::new(0),
+            reconnecting: AtomicBool::new(false),
+        })
+    }
+
+    /// Closes the connection because the peer broke the protocol.
+    fn violation(&self, code: u32, reason: String) {
+        warn!(peer = %self.conn.remote_address(), %reason, "closing connection: protocol violation");
+        let _ = self.failure.set(reason);
+        let wire_reason: &[u8] = match code {
+            close_code::MESSAGE_TOO_LARGE => b"message too large",
+            close_code::INTEGRITY_FAILURE => b"integrity failure",
+            _ => b"protocol violation",
+        };
+        self.conn.close(VarInt::from_u32(code), wire_reason);
+    }
+
+    fn wire_violation(&self, tally: &Tally, e: WireError) {
+        tally.add(Counter::malformed_frames, 1);
+        let code = if matches!(e, WireError::TooLarge { .. }) {
+            close_code::MESSAGE_TOO_LARGE
+        } else {
+            close_code::PROTOCOL_VIOLATION
+        };
+        self.violation(code, e.to_string());
+    }
+
+    /// Why this connection ended, as an error.
+    fn error(&self) -> Error {
+        if let Some(reason) = self.failure.get() {
+            return Error::ProtocolViolation { side: Side::Local, reason: reason.clone() };
+        }
+        match self.conn.close_reason() {
+            Some(e) => from_connection_error(e, None),
+            None => Error::ConnectionLost { reason: "connection tasks ended".into() },
+        }
+    }
+
+    /// Whether the session should carry on over a new connection after this one ended: yes for
+    /// network failures and deliberate reconnects, no when either side found a violation or
+    /// closed the session.
+    fn resumable(&self) -> bool {
+        if self.failure.get().is_some() {
+            return false; // the peer misbehaved: do not invite it back
+        }
+        use quinn::ConnectionError as C;
+        match self.conn.close_reason() {
+            Some(C::LocallyClosed) => self.reconnecting.load(Ordering::Relaxed),
+            Some(C::ApplicationClosed(a)) => u64::from(a.error_code) == u64::from(close_code::RECONNECT),
+            Some(C::TimedOut | C::Reset | C::ConnectionClosed(_) | C::TransportError(_)) => true,
+            Some(C::VersionMismatch | C::CidsExhausted) => true,
+            None => true,
+        }
+    }
+}
+
+/// Why a session ended, kept so that every caller gets the same answer.
+#[derive(Debug, Clone)]
+struct Ending {
+    kind: EndKind,
+    reason: String,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum EndKind {
+    Closed,
+    Violation,
+    RemoteViolation,
+    Unauthorized,
+    Timeout,
+    Lost,
+}
+
+impl Ending {
+    fn from_error(e: &Error) -> Ending {
+        let (kind, reason) = match e {
+            Error::Closed => (EndKind::Closed, String::new()),
+            Error::ProtocolViolation { side: Side::Local, reason } => (EndKind::Violation, reason.clone()),
+            Error::ProtocolViolation { side: Side::Remote, reason } => (EndKind::RemoteViolation, reason.clone()),
+            Error::Unauthorized { reason, .. } => (EndKind::Unauthorized, reason.clone()),
+            Error::Timeout { .. } => (EndKind::Timeout, e.to_string()),
+            other => (EndKind::Lost, other.to_string()),
+        };
+        Ending { kind, reason }
+    }
+
+    fn to_error(&self) -> Error {
+        let reason = self.reason.clone();
+        match self.kind {
+            EndKind::Closed => Error::Closed,
+            EndKind::Violation => Error::ProtocolViolation { side: Side::Local, reason },
+            EndKind::RemoteViolation => Error::ProtocolViolation { side: Side::Remote, reason },
+            EndKind::Unauthorized => Error::Unauthorized { side: Side::Remote, reason },
+            EndKind::Timeout => Error::Timeout { what: "session resumption" },
+            EndKind::Lost => Error::ConnectionLost { reason },
+        }
+    }
+}
+
+/// State shared by the session handle and its background tasks (never the handle itself, so
+/// dropping every [`Session`] ends the session).
+struct Shared {
+    link: Mutex<Arc<Link>>,
+    /// Bumped when a new connection is attached.
+    generation: watch::Sender<u64>,
+    /// Set once, when the session is over.
+    ending: OnceLock<Ending>,
+    ended: watch::Sender<bool>,
+    events: broadcast::Sender<SessionEvent>,
+    on_end: Mutex<Option<EndHook>>,
+    epoch: u64,
     max_recv: usize,
     receive_buffer: usize,
-    seen_channels: Mutex<HashSet<u16>>,
     opener: Mutex<Opener>,
     core: Mutex<Core>,
     tally: Tally,
-    tag_failures: AtomicU32,
     max_tag_failures: u32,
     /// Zero of the reliability core's clock.
     started: Instant,
@@ -134,31 +305,46 @@ impl Shared {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Closes the connection because the peer broke the protocol.
-    fn violation(&self, code: u32, reason: String) {
-        warn!(peer = %self.conn.remote_address(), %reason, "closing connection: protocol violation");
-        let _ = self.failure.set(reason);
-        let wire_reason: &[u8] = match code {
-            close_code::MESSAGE_TOO_LARGE => b"message too large",
-            close_code::INTEGRITY_FAILURE => b"integrity failure",
-            _ => b"protocol violation",
-        };
-        self.conn.close(VarInt::from_u32(code), wire_reason);
+    fn link(&self) -> Arc<Link> {
+        self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn error(&self) -> Error {
-        if let Some(reason) = self.failure.get() {
-            return Error::ProtocolViolation { side: Side::Local, reason: reason.clone() };
+    fn is_ended(&self) -> bool {
+        self.ending.get().is_some()
+    }
+
+    fn event(&self, e: SessionEvent) {
+        debug!(event = ?e, "session event");
+        let _ = self.events.send(e);
+    }
+
+    /// Ends the session (once): closes the connection, wakes every waiter, runs the end hook.
+    fn end(&self, why: Ending, code: u32) {
+        if self.ending.set(why).is_err() {
+            return;
         }
-        match self.conn.close_reason() {
-            Some(e) => from_connection_error(e, None),
-            None => Error::ConnectionLost { reason: "session tasks ended".into() },
+        self.link().conn.close(VarInt::from_u32(code), b"session ended");
+        self.ended.send_replace(true);
+        self.event(SessionEvent::Ended);
+        self.arrived.notify_waiters();
+        self.room.notify_waiters();
+        self.work.notify_one();
+        if let Some(hook) = self.on_end.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            hook(self.tally.session.snapshot());
+        }
+    }
+
+    /// The error callers see: why the session ended, else why the current connection did.
+    fn error(&self) -> Error {
+        match self.ending.get() {
+            Some(e) => e.to_error(),
+            None => self.link().error(),
         }
     }
 
     /// Counts and logs a refused message; closes the connection when too many failed their
     /// integrity check.
-    fn reject(&self, kind: MessageKind, r: &Reject) {
+    fn reject(&self, link: &Link, kind: MessageKind, r: &Reject) {
         let counter = match r {
             Reject::Tag => Counter::tag_failures,
             Reject::Stale { .. } | Reject::Future { .. } => Counter::stale_rejected,
@@ -170,11 +356,11 @@ impl Shared {
         if kind == MessageKind::Datagram && counter != Counter::datagrams_dropped {
             self.tally.add(Counter::datagrams_dropped, 1);
         }
-        debug!(target: "quicseal::reject", peer = %self.conn.remote_address(), ?kind, reason = %r, "message refused");
+        debug!(target: "quicseal::reject", peer = %link.conn.remote_address(), ?kind, reason = %r, "message refused");
         if matches!(r, Reject::Tag) {
-            let failures = self.tag_failures.fetch_add(1, Ordering::Relaxed) + 1;
+            let failures = link.tag_failures.fetch_add(1, Ordering::Relaxed) + 1;
             if failures >= self.max_tag_failures {
-                self.violation(
+                link.violation(
                     close_code::INTEGRITY_FAILURE,
                     format!("{failures} messages failed their integrity check"),
                 );
@@ -186,14 +372,24 @@ impl Shared {
         self.opener.lock().unwrap_or_else(|e| e.into_inner()).open(frame, now_ms())
     }
 
-    fn wire_violation(&self, e: WireError) {
-        self.tally.add(Counter::malformed_frames, 1);
-        let code = if matches!(e, WireError::TooLarge { .. }) {
-            close_code::MESSAGE_TOO_LARGE
-        } else {
-            close_code::PROTOCOL_VIOLATION
-        };
-        self.violation(code, e.to_string());
+    /// Puts a new connection under the session: fresh keys (the replay windows stay), per
+    /// connection tasks, and every unacknowledged message due again.
+    fn attach(self: &Arc<Self>, parts: LinkParts, seal_key: &Mutex<Arc<SealingKey>>) {
+        let link = Link::new(parts.conn);
+        let (sealing, opening) = parts.keys;
+        let sealing = Arc::new(sealing);
+        *seal_key.lock().unwrap_or_else(|e| e.into_inner()) = sealing.clone();
+        self.opener.lock().unwrap_or_else(|e| e.into_inner()).rekey(opening);
+        let (control_send, control_recv) = parts.control;
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = link.clone();
+        let now = self.now();
+        self.core().outbox.retransmit_all(now);
+        tokio::spawn(read_datagrams(self.clone(), link.clone()));
+        tokio::spawn(accept_channels(self.clone(), link.clone()));
+        tokio::spawn(read_control(self.clone(), link.clone(), control_recv));
+        tokio::spawn(drive(self.clone(), link, sealing, self.epoch, control_send));
+        self.generation.send_modify(|g| *g += 1);
+        self.work.notify_one();
     }
 }
 
@@ -202,26 +398,34 @@ struct SessionInner {
     peer: Arc<PeerIdentity>,
     max_send: usize,
     max_channels: u16,
-    seal_key: Arc<SealingKey>,
-    epoch: u64,
+    /// The sealing key of the current connection (for datagrams).
+    seal_key: Arc<Mutex<Arc<SealingKey>>>,
+    /// Datagram sealers, with the key they were made for.
     datagram_sealers: Mutex<HashMap<u16, ChannelSealer>>,
+    datagram_key_generation: Mutex<u64>,
     manual_ack: bool,
-    driver: JoinHandle<()>,
-    _control_recv: JoinHandle<()>,
+    supervisor: JoinHandle<()>,
 }
 
 impl Drop for SessionInner {
     fn drop(&mut self) {
-        self.shared.conn.close(VarInt::from_u32(close_code::NO_ERROR), b"session closed");
-        self.driver.abort();
+        self.shared.end(Ending { kind: EndKind::Closed, reason: String::new() }, close_code::NO_ERROR);
+        self.supervisor.abort();
     }
 }
 
-/// An authenticated connection to one peer. Cheap to clone.
+/// A session with one peer: mutually authenticated, surviving the loss of its connection.
+/// Cheap to clone.
 ///
-/// The connection closes when the last clone is dropped or [`Session::close`] is called, at
-/// once, as a quinn connection does: messages not yet acknowledged may be lost. Call
-/// [`Session::delivered`] first when they matter.
+/// When the connection is lost (network failure, idle timeout, [`Session::force_reconnect`]),
+/// the dialling side reconnects with backoff, re-authenticates with mutual TLS and resumes the
+/// same session; unacknowledged messages are resent and the receiver drops what it already
+/// had, so each channel message is delivered exactly once, in order. The session gives up after
+/// `Limits::resume_timeout`. Follow it with [`Session::events`].
+///
+/// The session ends when the last clone is dropped or [`Session::close`] is called, at once:
+/// messages not yet acknowledged may be lost. Call [`Session::delivered`] first when they
+/// matter.
 #[derive(Clone)]
 pub struct Session {
     inner: Arc<SessionInner>,
@@ -231,7 +435,7 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("peer", &self.inner.peer.display_name())
-            .field("remote", &self.inner.shared.conn.remote_address())
+            .field("remote", &self.inner.shared.link().conn.remote_address())
             .finish()
     }
 }
@@ -239,7 +443,6 @@ impl std::fmt::Debug for Session {
 /// What [`Session::start`] needs besides the connection.
 pub(crate) struct SessionParams {
     pub(crate) peer: PeerIdentity,
-    pub(crate) keys: (SealingKey, OpeningKey),
     pub(crate) epoch: u64,
     pub(crate) peer_epoch: u64,
     pub(crate) open: OpenConfig,
@@ -251,20 +454,59 @@ pub(crate) struct SessionParams {
     pub(crate) peer_max: usize,
     pub(crate) max_channels: u16,
     pub(crate) receive_buffer: usize,
-    pub(crate) control: (SendStream, RecvStream),
+    pub(crate) resume: ResumePolicy,
+    /// How to dial again (the dialling side); `None` on the accepting side, which waits.
+    pub(crate) redial: Option<Redial>,
+    /// Runs once when the session ends, with its final counters.
+    pub(crate) on_end: EndHook,
+}
+
+/// A handle the node keeps to resume a session when its peer reconnects.
+#[derive(Clone)]
+pub(crate) struct Resumable {
+    shared: std::sync::Weak<Shared>,
+    seal_key: std::sync::Weak<Mutex<Arc<SealingKey>>>,
+}
+
+impl Resumable {
+    /// The session's own epoch, if it still exists.
+    pub(crate) fn epoch(&self) -> Option<u64> {
+        self.shared.upgrade().filter(|s| !s.is_ended()).map(|s| s.epoch)
+    }
+
+    /// Attaches a new connection; false if the session is gone.
+    pub(crate) fn resume(&self, parts: LinkParts) -> bool {
+        let (Some(shared), Some(key)) = (self.shared.upgrade(), self.seal_key.upgrade()) else { return false };
+        if shared.is_ended() {
+            return false;
+        }
+        // Close what is left of the old connection before the new one takes over.
+        let old = shared.link();
+        old.reconnecting.store(true, Ordering::Relaxed);
+        old.conn.close(VarInt::from_u32(close_code::RECONNECT), b"resumed elsewhere");
+        shared.attach(parts, &key);
+        shared.event(SessionEvent::Resumed);
+        shared.tally.add(Counter::reconnects, 1);
+        true
+    }
 }
 
 impl Session {
-    pub(crate) fn start(conn: Connection, p: SessionParams) -> Session {
+    pub(crate) fn start(parts: LinkParts, p: SessionParams) -> Session {
         let manual_ack = !p.inbox.auto_ack;
         let seed = p.epoch ^ p.peer_epoch;
+        let LinkParts { conn, keys: (sealing, opening), control } = parts;
         let shared = Arc::new(Shared {
-            conn,
-            failure: OnceLock::new(),
+            link: Mutex::new(Link::new(conn.clone())),
+            generation: watch::Sender::new(0),
+            ending: OnceLock::new(),
+            ended: watch::Sender::new(false),
+            events: broadcast::channel(64).0,
+            on_end: Mutex::new(Some(p.on_end)),
+            epoch: p.epoch,
             max_recv: p.local_max,
             receive_buffer: p.receive_buffer,
-            seen_channels: Mutex::new(HashSet::new()),
-            opener: Mutex::new(Opener::new(p.keys.1, p.peer_epoch, p.open)),
+            opener: Mutex::new(Opener::new(opening, p.peer_epoch, p.open)),
             core: Mutex::new(Core {
                 outbox: Outbox::new(p.outbox, seed),
                 inbox: Inbox::new(p.inbox),
@@ -272,7 +514,6 @@ impl Session {
                 datagram_bytes: 0,
             }),
             tally: p.tally,
-            tag_failures: AtomicU32::new(0),
             max_tag_failures: p.max_tag_failures,
             started: Instant::now(),
             work: Notify::new(),
@@ -280,12 +521,18 @@ impl Session {
             room: Notify::new(),
             acked: watch::Sender::new(0),
         });
-        let seal_key = Arc::new(p.keys.0);
-        let (control_send, control_recv) = p.control;
-        tokio::spawn(read_datagrams(shared.clone()));
-        tokio::spawn(accept_channels(shared.clone()));
-        let control_recv = tokio::spawn(read_control(shared.clone(), control_recv));
-        let driver = tokio::spawn(drive(shared.clone(), seal_key.clone(), p.epoch, control_send));
+        let seal_key = Arc::new(Mutex::new(Arc::new(sealing)));
+        // The first connection: attach it like any later one (its keys are already in place).
+        {
+            let link = shared.link();
+            let (control_send, control_recv) = control;
+            let key = seal_key.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            tokio::spawn(read_datagrams(shared.clone(), link.clone()));
+            tokio::spawn(accept_channels(shared.clone(), link.clone()));
+            tokio::spawn(read_control(shared.clone(), link.clone(), control_recv));
+            tokio::spawn(drive(shared.clone(), link, key, p.epoch, control_send));
+        }
+        let supervisor = tokio::spawn(supervise(shared.clone(), seal_key.clone(), p.resume, p.redial));
         Session {
             inner: Arc::new(SessionInner {
                 shared,
@@ -293,13 +540,16 @@ impl Session {
                 max_send: p.local_max.min(p.peer_max),
                 max_channels: p.max_channels,
                 seal_key,
-                epoch: p.epoch,
                 datagram_sealers: Mutex::new(HashMap::new()),
+                datagram_key_generation: Mutex::new(0),
                 manual_ack,
-                driver,
-                _control_recv: control_recv,
+                supervisor,
             }),
         }
+    }
+
+    pub(crate) fn resumable(&self) -> Resumable {
+        Resumable { shared: Arc::downgrade(&self.inner.shared), seal_key: Arc::downgrade(&self.inner.seal_key) }
     }
 
     /// The authenticated peer.
@@ -307,14 +557,28 @@ impl Session {
         &self.inner.peer
     }
 
-    /// The peer's UDP address.
+    /// The peer's UDP address (of the current connection).
     pub fn remote_address(&self) -> SocketAddr {
-        self.inner.shared.conn.remote_address()
+        self.inner.shared.link().conn.remote_address()
     }
 
-    /// This side's session epoch (random per session).
+    /// This side's session epoch (random per session, kept across reconnects).
     pub fn epoch(&self) -> u64 {
-        self.inner.epoch
+        self.inner.shared.epoch
+    }
+
+    /// Session events: disconnections, reconnection attempts, resumption, giving up.
+    pub fn events(&self) -> broadcast::Receiver<SessionEvent> {
+        self.inner.shared.events.subscribe()
+    }
+
+    /// Closes the current connection and carries on over a new one (the dialling side
+    /// reconnects; the accepting side waits for it). Unacknowledged messages are resent. Useful
+    /// to move to a fresh connection, and to test that nothing is lost when one dies.
+    pub fn force_reconnect(&self) {
+        let link = self.inner.shared.link();
+        link.reconnecting.store(true, Ordering::Relaxed);
+        link.conn.close(VarInt::from_u32(close_code::RECONNECT), b"reconnect");
     }
 
     /// What this session sent, delivered and refused so far, with the reliability layer's
@@ -344,19 +608,21 @@ impl Session {
     /// sequence number on the channel.
     ///
     /// Messages on one channel arrive in order, exactly once; channels are independent. The
-    /// message is kept and retransmitted until the peer's application acknowledged it: see
-    /// [`Session::delivered`] and [`Session::wait_acked`].
+    /// message is kept and resent (across reconnects too) until the peer's application
+    /// acknowledged it: see [`Session::delivered`] and [`Session::wait_acked`].
     pub async fn send_bytes(&self, channel: u16, payload: impl Into<Bytes>) -> Result<u64> {
         let payload = payload.into();
-        let mut acked = self.inner.shared.acked.subscribe();
+        let shared = &self.inner.shared;
+        let mut acked = shared.acked.subscribe();
+        let mut ended = shared.ended.subscribe();
         loop {
             match self.try_send_bytes(channel, payload.clone()) {
                 Err(Error::Full { .. }) => {}
                 other => return other,
             }
             tokio::select! {
-                r = acked.changed() => if r.is_err() { return Err(self.inner.shared.error()) },
-                _ = self.inner.shared.conn.closed() => return Err(self.inner.shared.error()),
+                r = acked.changed() => if r.is_err() { return Err(shared.error()) },
+                _ = ended.wait_for(|e| *e) => return Err(shared.error()),
             }
         }
     }
@@ -365,19 +631,17 @@ impl Session {
     /// outbox is full.
     pub fn try_send_bytes(&self, channel: u16, payload: impl Into<Bytes>) -> Result<u64> {
         let payload = payload.into();
+        let shared = &self.inner.shared;
         if payload.len() > self.inner.max_send {
             return Err(Error::MessageTooLarge { size: payload.len(), limit: self.inner.max_send });
         }
-        if let Some(reason) = self.inner.shared.conn.close_reason() {
-            return Err(self.inner.shared.failure.get().map_or_else(
-                || from_connection_error(reason, None),
-                |r| Error::ProtocolViolation { side: Side::Local, reason: r.clone() },
-            ));
+        if shared.is_ended() {
+            return Err(shared.error());
         }
         let len = payload.len() as u64;
-        let now = self.inner.shared.now();
+        let now = shared.now();
         let seq = {
-            let mut core = self.inner.shared.core();
+            let mut core = shared.core();
             let new_channel = core.outbox.last_seq(channel) == 0;
             if new_channel && core.outbox.channel_count() >= usize::from(self.inner.max_channels) {
                 return Err(Error::Limit { what: "channels per session", limit: u64::from(self.inner.max_channels) });
@@ -387,9 +651,9 @@ impl Session {
             }
             core.outbox.push(channel, payload, now).map_err(|f| Error::Full { messages: f.messages, bytes: f.bytes })?
         };
-        self.inner.shared.tally.add(Counter::messages_sent, 1);
-        self.inner.shared.tally.add(Counter::bytes_sent, len);
-        self.inner.shared.work.notify_one();
+        shared.tally.add(Counter::messages_sent, 1);
+        shared.tally.add(Counter::bytes_sent, len);
+        shared.work.notify_one();
         Ok(seq)
     }
 
@@ -402,6 +666,8 @@ impl Session {
     /// [`Session::max_datagram_size`]).
     pub async fn send_datagram(&self, channel: u16, payload: impl Into<Bytes>) -> Result<u64> {
         let payload = payload.into();
+        let shared = &self.inner.shared;
+        let link = shared.link();
         let limit = self.max_datagram_size()?;
         if payload.len() > limit {
             return Err(Error::MessageTooLarge { size: payload.len(), limit });
@@ -409,36 +675,50 @@ impl Session {
         let mut frame = Vec::with_capacity(payload.len() + MESSAGE_OVERHEAD);
         let seq = {
             let mut sealers = self.inner.datagram_sealers.lock().unwrap_or_else(|e| e.into_inner());
+            // A new connection has a new key: start new sealers, continuing the numbering.
+            let generation = *shared.generation.borrow();
+            let mut known = self.inner.datagram_key_generation.lock().unwrap_or_else(|e| e.into_inner());
+            if *known != generation {
+                *known = generation;
+                let key = self.inner.seal_key.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                for (channel, sealer) in sealers.iter_mut() {
+                    let last = sealer.last_seq();
+                    *sealer = ChannelSealer::new(key.clone(), shared.epoch, MessageKind::Datagram, *channel);
+                    sealer.skip_to(last);
+                }
+            }
             if !sealers.contains_key(&channel) && sealers.len() >= usize::from(self.inner.max_channels) {
                 return Err(Error::Limit {
                     what: "datagram channels per session",
                     limit: u64::from(self.inner.max_channels),
                 });
             }
-            let sealer = sealers.entry(channel).or_insert_with(|| {
-                ChannelSealer::new(self.inner.seal_key.clone(), self.inner.epoch, MessageKind::Datagram, channel)
-            });
+            let key = self.inner.seal_key.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let sealer = sealers
+                .entry(channel)
+                .or_insert_with(|| ChannelSealer::new(key, shared.epoch, MessageKind::Datagram, channel));
             let seq = sealer.last_seq() + 1;
             sealer.seal(seq, now_ms(), &payload, &mut frame).map_err(seal_error)?;
             seq
         };
-        self.inner.shared.conn.send_datagram(frame.into()).map_err(|e| match e {
+        link.conn.send_datagram(frame.into()).map_err(|e| match e {
             quinn::SendDatagramError::UnsupportedByPeer => {
                 Error::DatagramsUnsupported("the peer does not accept datagrams")
             }
             quinn::SendDatagramError::Disabled => Error::DatagramsUnsupported("datagrams are turned off locally"),
             quinn::SendDatagramError::TooLarge => Error::MessageTooLarge { size: payload.len(), limit },
-            quinn::SendDatagramError::ConnectionLost(_) => self.inner.shared.error(),
+            quinn::SendDatagramError::ConnectionLost(_) => shared.error(),
         })?;
-        self.inner.shared.tally.add(Counter::datagrams_sent, 1);
+        shared.tally.add(Counter::datagrams_sent, 1);
         Ok(seq)
     }
 
     /// The largest datagram payload the path and the peer allow now (it can change with the
     /// path MTU), or [`Error::DatagramsUnsupported`].
     pub fn max_datagram_size(&self) -> Result<usize> {
-        let conn = &self.inner.shared.conn;
-        let quic = conn.max_datagram_size().ok_or(Error::DatagramsUnsupported("the peer does not accept datagrams"))?;
+        let link = self.inner.shared.link();
+        let quic =
+            link.conn.max_datagram_size().ok_or(Error::DatagramsUnsupported("the peer does not accept datagrams"))?;
         Ok(quic.saturating_sub(MESSAGE_OVERHEAD).min(self.inner.max_send))
     }
 
@@ -457,14 +737,15 @@ impl Session {
     async fn wait_until(&self, done: impl Fn(&Core) -> bool) -> Result<()> {
         let shared = &self.inner.shared;
         let mut acked = shared.acked.subscribe();
+        let mut ended = shared.ended.subscribe();
         loop {
             if done(&shared.core()) {
                 return Ok(());
             }
             tokio::select! {
                 r = acked.changed() => if r.is_err() { return Err(shared.error()) },
-                _ = shared.conn.closed() => {
-                    // The last acknowledgement may have raced the close.
+                _ = ended.wait_for(|e| *e) => {
+                    // The last acknowledgement may have raced the end.
                     return if done(&shared.core()) { Ok(()) } else { Err(shared.error()) };
                 }
             }
@@ -472,14 +753,15 @@ impl Session {
     }
 
     /// Receives the next message: channel messages in order per channel, exactly once, and
-    /// datagrams as they come.
+    /// datagrams as they come. Waits across reconnects.
     ///
     /// In the default mode the message is acknowledged to the sender when this returns it; in
     /// manual-ack mode ([`NodeConfig::manual_ack`](crate::NodeConfig::manual_ack)) only when
     /// [`Session::ack`] is called. Returns an error once the session has ended and nothing is
-    /// left: its kind says why (closed by the peer, protocol violation, idle timeout...).
+    /// left: its kind says why (closed by the peer, protocol violation, gave up...).
     pub async fn recv(&self) -> Result<Message> {
         let shared = &self.inner.shared;
+        let mut ended = shared.ended.subscribe();
         loop {
             let arrived = shared.arrived.notified();
             tokio::pin!(arrived);
@@ -487,12 +769,12 @@ impl Session {
             if let Some(m) = self.poll_message() {
                 return Ok(m);
             }
-            if shared.conn.close_reason().is_some() {
+            if shared.is_ended() {
                 return Err(shared.error());
             }
             tokio::select! {
                 _ = &mut arrived => {}
-                _ = shared.conn.closed() => {}
+                _ = ended.wait_for(|e| *e) => {}
             }
         }
     }
@@ -533,21 +815,110 @@ impl Session {
         newly
     }
 
-    /// Closes the session; the peer sees a normal close.
+    /// Ends the session; the peer sees a normal close.
     pub fn close(&self) {
-        self.inner.shared.conn.close(VarInt::from_u32(close_code::NO_ERROR), b"closed");
+        self.inner.shared.end(Ending { kind: EndKind::Closed, reason: String::new() }, close_code::NO_ERROR);
     }
 
     /// Waits until the session has ended and returns why.
     pub async fn closed(&self) -> Error {
-        self.inner.shared.conn.closed().await;
-        self.inner.shared.error()
+        let shared = &self.inner.shared;
+        let _ = shared.ended.subscribe().wait_for(|e| *e).await;
+        shared.error()
+    }
+}
+
+/// Watches the current connection; when it is lost, carries the session over to a new one
+/// (dialling side: reconnect with backoff; accepting side: wait for the peer) or ends it.
+async fn supervise(
+    shared: Arc<Shared>,
+    seal_key: Arc<Mutex<Arc<SealingKey>>>,
+    policy: ResumePolicy,
+    redial: Option<Redial>,
+) {
+    let mut generation = shared.generation.subscribe();
+    loop {
+        let current = *generation.borrow_and_update();
+        let link = shared.link();
+        tokio::select! {
+            _ = link.conn.closed() => {}
+            // Resumed by the node on a new connection while this one still looked alive.
+            _ = generation.changed() => continue,
+        }
+        if shared.is_ended() {
+            return;
+        }
+        if !link.resumable() {
+            let error = link.error();
+            let code =
+                if matches!(error, Error::Closed) { close_code::NO_ERROR } else { close_code::PROTOCOL_VIOLATION };
+            shared.end(Ending::from_error(&error), code);
+            return;
+        }
+        let reason = link.error().to_string();
+        shared.event(SessionEvent::Disconnected { reason: reason.clone() });
+        let deadline = Instant::now() + policy.give_up_after;
+        match &redial {
+            Some(redial) => {
+                let mut backoff = policy.backoff_min;
+                let mut attempt = 0u32;
+                loop {
+                    attempt += 1;
+                    shared.event(SessionEvent::Reconnecting { attempt });
+                    match tokio::time::timeout_at(deadline, redial()).await {
+                        Ok(Ok(parts)) => {
+                            shared.attach(parts, &seal_key);
+                            shared.tally.add(Counter::reconnects, 1);
+                            shared.event(SessionEvent::Resumed);
+                            break;
+                        }
+                        Ok(Err(e)) if e.is_refusal_by_peer() || matches!(e, Error::ProtocolViolation { .. }) => {
+                            shared.event(SessionEvent::GaveUp { reason: e.to_string() });
+                            shared.end(Ending::from_error(&e), close_code::NO_ERROR);
+                            return;
+                        }
+                        Ok(Err(e)) => {
+                            debug!(attempt, error = %e, "reconnection attempt failed");
+                            let wake = (Instant::now() + backoff).min(deadline);
+                            if wake >= deadline {
+                                let e = Error::Timeout { what: "session resumption" };
+                                shared.event(SessionEvent::GaveUp {
+                                    reason: format!("no connection after {attempt} attempts"),
+                                });
+                                shared.end(Ending::from_error(&e), close_code::NO_ERROR);
+                                return;
+                            }
+                            tokio::time::sleep_until(wake).await;
+                            backoff = (backoff * 2).min(policy.backoff_max);
+                        }
+                        Err(_) => {
+                            let e = Error::Timeout { what: "session resumption" };
+                            shared.event(SessionEvent::GaveUp {
+                                reason: format!("no connection after {attempt} attempts"),
+                            });
+                            shared.end(Ending::from_error(&e), close_code::NO_ERROR);
+                            return;
+                        }
+                    }
+                }
+            }
+            None => {
+                // The peer dials again; the node attaches its new connection (Resumable).
+                let resumed = tokio::time::timeout_at(deadline, generation.wait_for(|g| *g != current)).await;
+                if !matches!(resumed, Ok(Ok(_))) {
+                    let e = Error::Timeout { what: "session resumption" };
+                    shared.event(SessionEvent::GaveUp { reason: "the peer did not come back in time".into() });
+                    shared.end(Ending::from_error(&e), close_code::NO_ERROR);
+                    return;
+                }
+            }
+        }
     }
 }
 
 /// The driver: takes what the reliability core wants sent (messages, acknowledgements) and
 /// writes it to the connection; sleeps until the next deadline or new work.
-async fn drive(shared: Arc<Shared>, key: Arc<SealingKey>, epoch: u64, mut control: SendStream) {
+async fn drive(shared: Arc<Shared>, link: Arc<Link>, key: Arc<SealingKey>, epoch: u64, mut control: SendStream) {
     // Per channel: its stream and sealer on this connection.
     let mut streams: HashMap<u16, (SendStream, RecvStream, ChannelSealer)> = HashMap::new();
     // Sealed frames already sent on this connection, for retransmission: a (channel, seq) is
@@ -597,7 +968,7 @@ async fn drive(shared: Arc<Shared>, key: Arc<SealingKey>, epoch: u64, mut contro
                     let (_, _, sealer) = match streams.entry(t.channel) {
                         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                         std::collections::hash_map::Entry::Vacant(v) => {
-                            let Ok((mut send, recv)) = shared.conn.open_bi().await else { return };
+                            let Ok((mut send, recv)) = link.conn.open_bi().await else { return };
                             let header = wire::encode_stream_header(StreamKind::Channel(t.channel));
                             if send.write_all(&header).await.is_err() {
                                 return;
@@ -609,7 +980,7 @@ async fn drive(shared: Arc<Shared>, key: Arc<SealingKey>, epoch: u64, mut contro
                     let mut out = Vec::with_capacity(t.payload.len() + MESSAGE_OVERHEAD);
                     if let Err(e) = sealer.seal(t.seq, now_ms(), &t.payload, &mut out) {
                         warn!(error = %e, "cannot seal: closing the session");
-                        shared.conn.close(VarInt::from_u32(close_code::NO_ERROR), b"sequence numbers exhausted");
+                        link.conn.close(VarInt::from_u32(close_code::NO_ERROR), b"sequence numbers exhausted");
                         return;
                     }
                     let f = Bytes::from(out);
@@ -634,40 +1005,40 @@ async fn drive(shared: Arc<Shared>, key: Arc<SealingKey>, epoch: u64, mut contro
         tokio::select! {
             _ = &mut work => {}
             _ = sleep => {}
-            _ = shared.conn.closed() => return,
+            _ = link.conn.closed() => return,
         }
     }
 }
 
 /// Reads the peer's ACK frames from the control stream.
-async fn read_control(shared: Arc<Shared>, mut recv: RecvStream) {
+async fn read_control(shared: Arc<Shared>, link: Arc<Link>, mut recv: RecvStream) {
     loop {
         let head = match read_frame_header(&mut recv).await {
             Ok(Some(h)) => h,
             Ok(None) | Err(ReadFailure::Gone) => return,
-            Err(ReadFailure::Wire(e)) => return shared.wire_violation(e),
+            Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
         };
         let header = match FrameHeader::decode(head, 0) {
             Ok(h) if h.frame_type == frame_type::ACK => h,
             Ok(h) => {
-                return shared.violation(
+                return link.violation(
                     close_code::PROTOCOL_VIOLATION,
                     format!("frame type {:#04x} on the control stream after the hello", h.frame_type),
                 );
             }
-            Err(e) => return shared.wire_violation(e),
+            Err(e) => return link.wire_violation(&shared.tally, e),
         };
         // The header bounds the body (at most 11 + 16 x 32 bytes).
         let mut body = vec![0u8; header.length as usize];
         match read_exact(&mut recv, &mut body).await {
             Ok(()) => {}
             Err(ReadFailure::Gone) => return,
-            Err(ReadFailure::Wire(e)) => return shared.wire_violation(e),
+            Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
         }
         let ack = match header.decode_body(body.into()) {
             Ok(Frame::Ack(a)) => a,
-            Ok(_) => return shared.violation(close_code::PROTOCOL_VIOLATION, "not an ACK".into()),
-            Err(e) => return shared.wire_violation(e),
+            Ok(_) => return link.violation(close_code::PROTOCOL_VIOLATION, "not an ACK".into()),
+            Err(e) => return link.wire_violation(&shared.tally, e),
         };
         let now = shared.now();
         let result = shared.core().outbox.on_ack(&ack, now);
@@ -676,7 +1047,7 @@ async fn read_control(shared: Arc<Shared>, mut recv: RecvStream) {
                 shared.tally.add(Counter::acked, acked.newly.len() as u64);
                 shared.acked.send_modify(|n| *n = n.wrapping_add(1));
             }
-            Err(e) => return shared.violation(close_code::PROTOCOL_VIOLATION, e.to_string()),
+            Err(e) => return link.violation(close_code::PROTOCOL_VIOLATION, e.to_string()),
         }
     }
 }
@@ -707,13 +1078,13 @@ async fn read_exact(recv: &mut RecvStream, buf: &mut [u8]) -> Result<(), ReadFai
 }
 
 /// Accepts the channels the peer opens and spawns a reader for each.
-async fn accept_channels(shared: Arc<Shared>) {
-    while let Ok((send, recv)) = shared.conn.accept_bi().await {
-        tokio::spawn(read_channel(shared.clone(), send, recv));
+async fn accept_channels(shared: Arc<Shared>, link: Arc<Link>) {
+    while let Ok((send, recv)) = link.conn.accept_bi().await {
+        tokio::spawn(read_channel(shared.clone(), link.clone(), send, recv));
     }
 }
 
-async fn read_channel(shared: Arc<Shared>, send: SendStream, mut recv: RecvStream) {
+async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, mut recv: RecvStream) {
     // Nothing is ever written back on a channel stream.
     let mut send = send;
     let _ = send.finish();
@@ -721,33 +1092,33 @@ async fn read_channel(shared: Arc<Shared>, send: SendStream, mut recv: RecvStrea
     match read_exact(&mut recv, &mut head).await {
         Ok(()) => {}
         Err(ReadFailure::Gone) => return,
-        Err(ReadFailure::Wire(e)) => return shared.wire_violation(e),
+        Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
     }
     let channel = match wire::decode_stream_header(head) {
         Ok(StreamKind::Channel(c)) => c,
         Ok(StreamKind::Control) => {
-            return shared.violation(close_code::PROTOCOL_VIOLATION, "second control stream".into());
+            return link.violation(close_code::PROTOCOL_VIOLATION, "second control stream".into());
         }
-        Err(e) => return shared.wire_violation(e),
+        Err(e) => return link.wire_violation(&shared.tally, e),
     };
-    if !shared.seen_channels.lock().unwrap_or_else(|e| e.into_inner()).insert(channel) {
-        return shared.violation(close_code::PROTOCOL_VIOLATION, format!("channel {channel} opened twice"));
+    if !link.seen_channels.lock().unwrap_or_else(|e| e.into_inner()).insert(channel) {
+        return link.violation(close_code::PROTOCOL_VIOLATION, format!("channel {channel} opened twice"));
     }
     loop {
         let head = match read_frame_header(&mut recv).await {
             Ok(Some(h)) => h,
             Ok(None) | Err(ReadFailure::Gone) => return,
-            Err(ReadFailure::Wire(e)) => return shared.wire_violation(e),
+            Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
         };
         let header = match FrameHeader::decode(head, shared.max_recv) {
             Ok(h) if h.frame_type == frame_type::MESSAGE => h,
             Ok(h) => {
-                return shared.violation(
+                return link.violation(
                     close_code::PROTOCOL_VIOLATION,
                     format!("frame type {:#04x} on an inbound channel", h.frame_type),
                 );
             }
-            Err(e) => return shared.wire_violation(e),
+            Err(e) => return link.wire_violation(&shared.tally, e),
         };
         // Bound memory before allocating: wait until the inbox has room for this message (or is
         // empty, so a single message larger than the buffer can still pass).
@@ -762,24 +1133,24 @@ async fn read_channel(shared: Arc<Shared>, send: SendStream, mut recv: RecvStrea
             }
             tokio::select! {
                 _ = &mut room => {}
-                _ = shared.conn.closed() => return,
+                _ = link.conn.closed() => return,
             }
         }
         let mut body = vec![0u8; len];
         match read_exact(&mut recv, &mut body).await {
             Ok(()) => {}
             Err(ReadFailure::Gone) => return,
-            Err(ReadFailure::Wire(e)) => return shared.wire_violation(e),
+            Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
         }
         let frame = match header.decode_body(body.into()) {
             Ok(Frame::Message(m)) if m.kind == MessageKind::Stream && m.channel == channel => m,
             Ok(_) => {
-                return shared.violation(
+                return link.violation(
                     close_code::PROTOCOL_VIOLATION,
                     format!("channel {channel} stream carries a datagram or another channel's message"),
                 );
             }
-            Err(e) => return shared.wire_violation(e),
+            Err(e) => return link.wire_violation(&shared.tally, e),
         };
         let seq = frame.seq;
         match shared.open(frame) {
@@ -802,15 +1173,15 @@ async fn read_channel(shared: Arc<Shared>, send: SendStream, mut recv: RecvStrea
                 shared.core().inbox.note_duplicate(channel, seq, now);
                 shared.work.notify_one();
             }
-            Err(r) => shared.reject(MessageKind::Stream, &r),
+            Err(r) => shared.reject(&link, MessageKind::Stream, &r),
         }
     }
 }
 
 /// Reads, opens and queues the peer's datagrams. A datagram that finds no room in the receive
 /// buffer is dropped and counted: datagrams may be lost, and never wait.
-async fn read_datagrams(shared: Arc<Shared>) {
-    while let Ok(bytes) = shared.conn.read_datagram().await {
+async fn read_datagrams(shared: Arc<Shared>, link: Arc<Link>) {
+    while let Ok(bytes) = link.conn.read_datagram().await {
         let opened = shared.opener.lock().unwrap_or_else(|e| e.into_inner()).open_bytes(&bytes, now_ms());
         match opened {
             Ok(opened) => {
@@ -828,7 +1199,7 @@ async fn read_datagrams(shared: Arc<Shared>) {
             }
             // A malformed datagram is dropped like any refused one: it cannot desynchronise a
             // stream, so it does not close the connection.
-            Err(r) => shared.reject(MessageKind::Datagram, &r),
+            Err(r) => shared.reject(&link, MessageKind::Datagram, &r),
         }
     }
 }

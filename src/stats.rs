@@ -82,6 +82,8 @@ counters! {
     duplicates_dropped,
     /// Channel messages the peer's application acknowledged.
     acked,
+    /// Times a session moved to a new connection after losing one.
+    reconnects,
     }
     gauges {
     /// Channel messages sent and not yet acknowledged.

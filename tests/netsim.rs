@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use quicseal::netsim::{LinkConfig, Proxy};
-use quicseal::{Error, Limits, NodeConfig};
+use quicseal::{Error, Limits, NodeConfig, SessionEvent};
 
 #[tokio::test]
 async fn messages_survive_a_lossy_duplicating_reordering_corrupting_link() {
@@ -54,21 +54,33 @@ async fn messages_survive_a_lossy_duplicating_reordering_corrupting_link() {
 }
 
 #[tokio::test]
-async fn a_blackout_longer_than_the_idle_timeout_ends_the_session() {
+async fn a_blackout_longer_than_the_resume_timeout_ends_the_session() {
     let pki = Pki::new("ca");
     let mut limits = Limits::default();
     limits.idle_timeout = Duration::from_millis(600);
     limits.keep_alive = Some(Duration::from_millis(200));
+    limits.resume_timeout = Duration::from_secs(1);
     let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(limits.clone()));
     let client = bind(NodeConfig::new(pki.identity("client"), pki.trust()).limits(limits));
     let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), server.local_addr().unwrap(), LinkConfig::default())
         .await
         .unwrap();
     let (to_server, at_server) = tokio::join!(client.connect(proxy.local_addr(), "server"), server.accept());
-    let (to_server, _at_server) = (to_server.unwrap(), at_server.unwrap());
+    let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
+    let mut events = to_server.events();
     proxy.set_blackout(true);
-    let e = tokio::time::timeout(Duration::from_secs(10), to_server.closed()).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(20), to_server.closed()).await.unwrap();
+    assert!(matches!(e, Error::Timeout { what: "session resumption" }), "{e:?}");
+    let e = tokio::time::timeout(Duration::from_secs(20), at_server.closed()).await.unwrap();
     assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+    let mut seen = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        seen.push(ev);
+    }
+    assert!(matches!(seen.first(), Some(SessionEvent::Disconnected { .. })), "{seen:?}");
+    assert!(seen.iter().any(|e| matches!(e, SessionEvent::Reconnecting { .. })), "{seen:?}");
+    assert!(seen.iter().any(|e| matches!(e, SessionEvent::GaveUp { .. })), "{seen:?}");
+    assert_eq!(seen.last(), Some(&SessionEvent::Ended));
     assert!(proxy.stats().blackout_lost > 0);
 }
 

@@ -197,10 +197,8 @@ async fn retired_epoch_is_refused() {
     let conn =
         raw_connect(&endpoint, raw_client_config(&pki, Some(&issued), quicseal::ALPN), addr, "server").await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let mut hello = vec![1, 0, 0, 0, 0x01, 0, 0, 0, 12, 0, 0x10, 0, 0];
-    hello.extend_from_slice(&42u64.to_be_bytes());
-    send.write_all(&hello).await.unwrap();
-    let mut buf = [0u8; 17];
+    send.write_all(&hello_bytes(42)).await.unwrap();
+    let mut buf = [0u8; 18];
     assert!(recv.read_exact(&mut buf).await.is_err());
     let e = conn.closed().await;
     assert_eq!(app_code(&e), Some(u64::from(close_code::RETIRED_EPOCH)), "{e:?}");

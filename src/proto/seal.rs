@@ -137,6 +137,12 @@ impl ChannelSealer {
         self.last
     }
 
+    /// Continues a numbering begun under another key: the next sequence number sealed must be
+    /// above `last`. Only ever raises the floor, so it cannot cause a nonce to repeat.
+    pub fn skip_to(&mut self, last: u64) {
+        self.last = self.last.max(last);
+    }
+
     /// Appends the sealed MESSAGE frame for `payload` to `out`.
     pub fn seal(&mut self, seq: u64, sent_at_ms: u64, payload: &[u8], out: &mut Vec<u8>) -> Result<(), SealError> {
         if seq <= self.last {
@@ -249,6 +255,12 @@ impl Opener {
         assert!(ReplayWindow::valid_width(config.window_width));
         let config = OpenConfig { max_payload: config.max_payload.min(MAX_MESSAGE_SIZE), ..config };
         Opener { key, epoch, config, windows: HashMap::new() }
+    }
+
+    /// Opens with a new key from now on (a new connection of the same session): the epoch and the
+    /// replay windows stay, so nothing accepted before can be accepted again.
+    pub fn rekey(&mut self, key: OpeningKey) {
+        self.key = key;
     }
 
     /// The replay window of (kind, channel), if any message was accepted there.

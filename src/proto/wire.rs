@@ -117,12 +117,18 @@ pub enum Frame {
         max_message_size: u32,
         /// The sender's session epoch (random, non-zero).
         epoch: u64,
+        /// Set by a dialler resuming an existing session on a new connection (see
+        /// [`HELLO_RESUME`]).
+        resume: bool,
     },
     /// One sealed application message.
     Message(MessageFrame),
     /// End-to-end acknowledgement of one channel's stream messages.
     Ack(AckRanges),
 }
+
+/// HELLO flag: the dialler resumes the session of this epoch instead of starting one.
+pub const HELLO_RESUME: u8 = 0x01;
 
 /// Size of an ACK body before its ranges: channel, cumulative, range count.
 pub const ACK_PREFIX_LEN: usize = 2 + 8 + 1;
@@ -143,6 +149,9 @@ pub enum WireError {
     /// A frame type we do not know.
     #[error("unknown frame type {0:#04x}")]
     UnknownFrameType(u8),
+    /// A HELLO with flags this version does not define.
+    #[error("unknown HELLO flags {0:#04x}")]
+    UnknownFlags(u8),
     /// A MESSAGE with a kind other than stream (0) or datagram (1).
     #[error("unknown message kind {0:#04x}")]
     UnknownMessageKind(u8),
@@ -211,7 +220,7 @@ impl FrameHeader {
         let length = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
         let bad = Err(WireError::BadLength { frame_type, length });
         match frame_type {
-            frame_type::HELLO if length != 12 => return bad,
+            frame_type::HELLO if length != 13 => return bad,
             frame_type::ACK => {
                 let Some(ranges) = (length as usize).checked_sub(ACK_PREFIX_LEN) else { return bad };
                 if ranges % 16 != 0 || ranges / 16 > MAX_ACK_RANGES {
@@ -246,10 +255,17 @@ impl FrameHeader {
         }
         let u64_at = |at: usize| u64::from_be_bytes(body[at..at + 8].try_into().expect("length checked"));
         Ok(match self.frame_type {
-            frame_type::HELLO => Frame::Hello {
-                max_message_size: u32::from_be_bytes(body[..4].try_into().expect("length checked")),
-                epoch: u64_at(4),
-            },
+            frame_type::HELLO => {
+                let flags = body[12];
+                if flags & !HELLO_RESUME != 0 {
+                    return Err(WireError::UnknownFlags(flags));
+                }
+                Frame::Hello {
+                    max_message_size: u32::from_be_bytes(body[..4].try_into().expect("length checked")),
+                    epoch: u64_at(4),
+                    resume: flags & HELLO_RESUME != 0,
+                }
+            }
             frame_type::ACK => {
                 let count = body[10] as usize;
                 if ACK_PREFIX_LEN + 16 * count != body.len() {
@@ -305,10 +321,11 @@ impl Frame {
     /// Appends the encoded frame to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            Frame::Hello { max_message_size, epoch } => {
-                out.extend_from_slice(&[frame_type::HELLO, 0, 0, 0, 12]);
+            Frame::Hello { max_message_size, epoch, resume } => {
+                out.extend_from_slice(&[frame_type::HELLO, 0, 0, 0, 13]);
                 out.extend_from_slice(&max_message_size.to_be_bytes());
                 out.extend_from_slice(&epoch.to_be_bytes());
+                out.push(if *resume { HELLO_RESUME } else { 0 });
             }
             Frame::Ack(a) => {
                 let count = a.ranges.len().min(MAX_ACK_RANGES);
@@ -362,7 +379,7 @@ pub(crate) mod tests {
     fn protocol_md_vectors() {
         let doc = include_str!("../../PROTOCOL.md");
         let cases: [(&str, Frame); 2] = [
-            ("vector-hello", Frame::Hello { max_message_size: 1 << 20, epoch: 0x0102030405060708 }),
+            ("vector-hello", Frame::Hello { max_message_size: 1 << 20, epoch: 0x0102030405060708, resume: false }),
             ("vector-ack", Frame::Ack(AckRanges { channel: 7, cumulative: 258, ranges: vec![(260, 261)] })),
         ];
         for (name, frame) in cases {
@@ -401,6 +418,10 @@ pub(crate) mod tests {
         let d = |b: &[u8]| Frame::decode(&Bytes::copy_from_slice(b), max);
         assert_eq!(d(&[0x09, 0, 0, 0, 0]), Err(WireError::UnknownFrameType(9)));
         assert_eq!(d(&[0x01, 0, 0, 0, 4]), Err(WireError::BadLength { frame_type: 1, length: 4 }));
+        let mut flags = vec![0x01, 0, 0, 0, 13];
+        flags.extend_from_slice(&[0; 12]);
+        flags.push(0x02);
+        assert_eq!(Frame::decode_exact(&flags.into(), max), Err(WireError::UnknownFlags(2)));
         assert_eq!(d(&[0x03, 0, 0, 0, 7]), Err(WireError::BadLength { frame_type: 3, length: 7 }));
         assert_eq!(d(&[0x03, 0, 0, 0, 12]), Err(WireError::BadLength { frame_type: 3, length: 12 }));
         let too_many = (11 + 16 * 33) as u32; // 33 ranges: one more than allowed
@@ -435,7 +456,7 @@ pub(crate) mod tests {
     #[test]
     fn truncation_at_every_length_needs_more_and_never_errs() {
         for frame in [
-            Frame::Hello { max_message_size: 77, epoch: 9 },
+            Frame::Hello { max_message_size: 77, epoch: 9, resume: true },
             Frame::Ack(AckRanges { channel: 1, cumulative: u64::MAX, ranges: vec![] }),
             Frame::Ack(AckRanges { channel: 2, cumulative: 1, ranges: vec![(3, 4), (9, 9)] }),
             msg(MessageKind::Stream, 9, b"0123456789abcdef0123456789"),

@@ -107,13 +107,19 @@ pub async fn raw_connect(
 pub async fn raw_hello_epoch(conn: &quinn::Connection, epoch: u64) -> ((quinn::SendStream, quinn::RecvStream), u64) {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     // Stream header (version 1, control), then HELLO: max_message_size 1 MiB, epoch.
-    let mut hello = vec![1, 0, 0, 0, 0x01, 0, 0, 0, 12, 0, 0x10, 0, 0];
-    hello.extend_from_slice(&epoch.to_be_bytes());
-    send.write_all(&hello).await.unwrap();
-    let mut answer = [0u8; 17];
+    send.write_all(&hello_bytes(epoch)).await.unwrap();
+    let mut answer = [0u8; 18];
     recv.read_exact(&mut answer).await.unwrap();
-    assert_eq!(answer[..5], [0x01, 0, 0, 0, 12]);
-    ((send, recv), u64::from_be_bytes(answer[9..].try_into().unwrap()))
+    assert_eq!(answer[..5], [0x01, 0, 0, 0, 13]);
+    ((send, recv), u64::from_be_bytes(answer[9..17].try_into().unwrap()))
+}
+
+/// Control stream header and a HELLO (max_message_size 1 MiB, `epoch`, no flags).
+pub fn hello_bytes(epoch: u64) -> Vec<u8> {
+    let mut hello = vec![1, 0, 0, 0, 0x01, 0, 0, 0, 13, 0, 0x10, 0, 0];
+    hello.extend_from_slice(&epoch.to_be_bytes());
+    hello.push(0);
+    hello
 }
 
 /// [`raw_hello_epoch`] with a fixed epoch.

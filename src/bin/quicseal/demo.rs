@@ -226,9 +226,9 @@ async fn insider(ca: &Ca, eve: &quicseal::pki::Issued, to: SocketAddr) -> Result
     let epoch = 0xe5e_u64;
     let (mut control, mut control_rx) = conn.open_bi().await?;
     let mut hello = wire::encode_stream_header(StreamKind::Control).to_vec();
-    wire::Frame::Hello { max_message_size: 1 << 20, epoch }.encode(&mut hello);
+    wire::Frame::Hello { max_message_size: 1 << 20, epoch, resume: false }.encode(&mut hello);
     control.write_all(&hello).await?;
-    let mut answer = [0u8; 17];
+    let mut answer = [0u8; 18];
     control_rx.read_exact(&mut answer).await?;
     // The real keys, from eve's own TLS session.
     let mut material = [0u8; KEY_MATERIAL_LEN];

@@ -1,0 +1,164 @@
+//! Sessions that survive the loss of their connection: forced reconnects, blackouts through the
+//! netsim link, giving up, and a peer that no longer knows the session.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use quicseal::netsim::{LinkConfig, Proxy};
+use quicseal::{Error, Limits, NodeConfig, Session, SessionEvent};
+
+fn quick_limits() -> Limits {
+    let mut l = Limits::default();
+    l.idle_timeout = Duration::from_millis(800);
+    l.keep_alive = Some(Duration::from_millis(200));
+    l.reconnect_backoff = (Duration::from_millis(20), Duration::from_millis(200));
+    l.resume_timeout = Duration::from_secs(10);
+    l
+}
+
+async fn wait_resumed(events: &mut tokio::sync::broadcast::Receiver<SessionEvent>) {
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("resumed in time").unwrap();
+        if e == SessionEvent::Resumed {
+            return;
+        }
+    }
+}
+
+/// Receives `n` messages and checks each channel's numbers arrive in order, exactly once.
+async fn receive_in_order(session: &Session, n: usize, channels: u16) {
+    let mut next = vec![0u32; channels as usize];
+    for _ in 0..n {
+        let m = tokio::time::timeout(Duration::from_secs(30), session.recv()).await.expect("a message").unwrap();
+        let ch = m.channel() as usize;
+        let v: u32 = m.decode().unwrap();
+        assert_eq!(v, next[ch], "channel {ch}: out of order or duplicated");
+        next[ch] += 1;
+    }
+}
+
+#[tokio::test]
+async fn forced_reconnects_lose_and_duplicate_nothing() {
+    let pki = Pki::new("ca");
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(quick_limits()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(quick_limits()));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let epoch = ab.epoch();
+    const N: u32 = 3000;
+    let sender = tokio::spawn({
+        let ab = ab.clone();
+        async move {
+            let mut events = ab.events();
+            for i in 0..N {
+                ab.send((i % 4) as u16, &(i / 4)).await.unwrap();
+                if i % 300 == 150 {
+                    ab.force_reconnect();
+                    wait_resumed(&mut events).await;
+                }
+            }
+            for ch in 0..4 {
+                ab.delivered(ch).await.unwrap();
+            }
+        }
+    });
+    receive_in_order(&ba, N as usize, 4).await;
+    tokio::time::timeout(Duration::from_secs(30), sender).await.unwrap().unwrap();
+    let s = ab.stats();
+    assert_eq!(s.reconnects, 10, "{s:?}");
+    assert_eq!(s.acked, u64::from(N));
+    assert_eq!(ab.epoch(), epoch, "the session keeps its epoch across connections");
+    assert_eq!(ba.stats().messages_delivered, u64::from(N));
+    assert_eq!(ba.stats().reconnects, 10);
+    // Still one session on each side, still working.
+    ba.send(0, &7u32).await.unwrap();
+    assert_eq!(ab.recv().await.unwrap().decode::<u32>().unwrap(), 7);
+}
+
+#[tokio::test]
+async fn the_accepting_side_can_force_a_reconnect_too() {
+    let pki = Pki::new("ca");
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(quick_limits()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(quick_limits()));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let mut events = ba.events();
+    for i in 0..200u32 {
+        ba.send(1, &i).await.unwrap();
+        if i == 50 || i == 120 {
+            ba.force_reconnect();
+            wait_resumed(&mut events).await;
+        }
+    }
+    let mut next = 0u32;
+    while next < 200 {
+        let m = tokio::time::timeout(Duration::from_secs(20), ab.recv()).await.unwrap().unwrap();
+        assert_eq!(m.decode::<u32>().unwrap(), next);
+        next += 1;
+    }
+    ba.delivered(1).await.unwrap();
+    assert_eq!(ba.stats().reconnects, 2);
+}
+
+#[tokio::test]
+async fn a_blackout_is_survived_when_the_link_comes_back() {
+    let pki = Pki::new("ca");
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(quick_limits()));
+    let client = bind(NodeConfig::new(pki.identity("client"), pki.trust()).limits(quick_limits()));
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), server.local_addr().unwrap(), LinkConfig::default())
+        .await
+        .unwrap();
+    let (to_server, at_server) = tokio::join!(client.connect(proxy.local_addr(), "server"), server.accept());
+    let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
+    let mut events = to_server.events();
+    for i in 0..100u32 {
+        to_server.send(0, &i).await.unwrap();
+    }
+    proxy.set_blackout(true);
+    for i in 100..200u32 {
+        to_server.send(0, &i).await.unwrap(); // queued while the link is dark
+    }
+    // Wait until the client noticed and started reconnecting, then bring the link back.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await.unwrap().unwrap() {
+            SessionEvent::Reconnecting { .. } => break,
+            _ => continue,
+        }
+    }
+    proxy.set_blackout(false);
+    receive_in_order(&at_server, 200, 1).await;
+    to_server.delivered(0).await.unwrap();
+    assert!(to_server.stats().reconnects >= 1);
+}
+
+#[tokio::test]
+async fn resuming_a_session_the_peer_forgot_gives_up_at_once() {
+    let pki = Pki::new("ca");
+    let server_id = pki.identity("server");
+    let server = bind(NodeConfig::new(server_id.clone(), pki.trust()).limits(quick_limits()));
+    let addr = server.local_addr().unwrap();
+    let client = bind(NodeConfig::new(pki.identity("client"), pki.trust()).limits(quick_limits()));
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), addr, LinkConfig::default()).await.unwrap();
+    let (to_server, at_server) = tokio::join!(client.connect(proxy.local_addr(), "server"), server.accept());
+    let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
+    let mut events = to_server.events();
+    // The server crashes (its goodbye is lost in a blackout) and restarts on the same address
+    // with no memory of the session.
+    proxy.set_blackout(true);
+    drop(at_server);
+    drop(server);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let restarted = quicseal::Node::bind(addr, NodeConfig::new(server_id, pki.trust()).limits(quick_limits())).unwrap();
+    proxy.set_blackout(false);
+    let e = tokio::time::timeout(Duration::from_secs(10), to_server.closed()).await.unwrap();
+    assert!(matches!(e, Error::ProtocolViolation { .. }), "refused, not timed out: {e:?}");
+    let mut gave_up = false;
+    while let Ok(ev) = events.try_recv() {
+        gave_up |= matches!(ev, SessionEvent::GaveUp { .. });
+    }
+    assert!(gave_up);
+    let refused = tokio::time::timeout(Duration::from_secs(5), restarted.accept()).await.unwrap().unwrap_err();
+    assert!(matches!(refused, Error::ProtocolViolation { .. }), "{refused:?}");
+}
