@@ -29,6 +29,7 @@ fn config() -> OpenConfig {
         freshness_ms: 120_000,
         max_future_ms: 30_000,
         max_windows: 64,
+        stream_replay_check: true,
     }
 }
 

@@ -12,8 +12,9 @@
 //!   fingerprint, expiry) on every session and message, and an **authorization [`Policy`]**
 //!   evaluated on both sides after the handshake.
 //! - **Ordered, reliable channels** carrying typed `serde` messages (postcard) or raw bytes,
-//!   with receipts: [`Session::delivered`] waits until the peer's application took them; and
-//!   **datagrams** ([`Session::send_datagram`]) that may be lost.
+//!   each delivered **exactly once**, with end-to-end receipts ([`Session::delivered`] waits until
+//!   the peer's application took them), through connection loss: sessions reconnect and resume
+//!   ([`SessionEvent`]); and **datagrams** ([`Session::send_datagram`]) that may be lost.
 //! - **Sealed messages**: AES-256-GCM under keys exported from the TLS session, per direction,
 //!   binding kind, channel, epoch, sequence number and send time; **replay windows**
 //!   (RFC 6479), a **freshness** horizon and per-session **epochs** ([`proto::seal`]). Every
@@ -24,8 +25,9 @@
 //!
 //! ## What it does not do (yet)
 //!
-//! Delivery across reconnects (a lost connection loses unacknowledged messages; the sender sees
-//! it in [`Session::delivered`]), RPC, and certificate hot reload are not implemented. quicseal is
+//! RPC and certificate hot reload are not implemented. A session that cannot be resumed within
+//! `Limits::resume_timeout` ends, and what was not acknowledged by then is lost (the sender sees
+//! it in [`Session::delivered`]). quicseal is
 //! not a general-purpose TLS or HTTP library, and it does not talk to peers outside quicseal.
 //!
 //! ## Example

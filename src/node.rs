@@ -62,6 +62,7 @@ struct Shared {
     policy: Policy,
     limits: Limits,
     manual_ack: bool,
+    no_dedup: bool,
     counters: Arc<Counters>,
     retired: Arc<std::sync::Mutex<EpochBook<Fingerprint>>>,
     /// Accepted sessions a reconnecting peer may resume, by (peer key, peer epoch).
@@ -119,6 +120,7 @@ impl Node {
             policy: config.policy,
             limits: config.limits,
             manual_ack: config.manual_ack,
+            no_dedup: config.no_dedup,
             counters: Arc::default(),
             resumable: Arc::default(),
         });
@@ -431,12 +433,16 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
                 freshness_ms: limits.freshness.as_millis() as u64,
                 max_future_ms: limits.max_clock_skew.as_millis() as u64,
                 max_windows: usize::from(limits.max_channels),
+                stream_replay_check: !shared.no_dedup,
             },
             outbox: OutboxConfig {
                 max_messages: limits.outbox_messages,
                 max_bytes: limits.outbox_bytes,
-                initial_rto_ms: 1000,
-                min_rto_ms: 1000,
+                // QUIC already retransmits inside a connection; our timer only fills gaps left by
+                // messages the receiver refused (tag, freshness), so it is deliberately slow.
+                // After a reconnect everything unacknowledged is resent at once.
+                initial_rto_ms: 5_000,
+                min_rto_ms: 5_000,
                 max_rto_ms: 60_000,
                 retransmit_on_timeout: true,
             },
@@ -447,6 +453,7 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
                 ack_delay_ms: 2,
                 ack_every: 64,
                 auto_ack: !shared.manual_ack,
+                dedup: !shared.no_dedup,
             },
             tally,
             max_tag_failures: limits.max_tag_failures,

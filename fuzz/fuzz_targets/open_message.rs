@@ -19,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
         freshness_ms: 120_000,
         max_future_ms: 30_000,
         max_windows: 4,
+        stream_replay_check: true,
     };
     let mut opener = Opener::new(key, 0x0102030405060708, config);
     // Split the input into frames at 0xfe bytes, so sequences of messages are explored.

@@ -18,7 +18,7 @@
 //! received ones. The cumulative part covers `1..=cumulative`; selective ranges above it cover
 //! messages acknowledged out of order (manual-ack mode).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use bytes::Bytes;
 
@@ -397,6 +397,9 @@ pub struct InboxConfig {
     /// Acknowledge when [`Inbox::poll_deliver`] hands a message over (otherwise the application
     /// calls [`Inbox::ack`]).
     pub auto_ack: bool,
+    /// De-duplicate (always, except to demonstrate in a test what duplicates a faulty network
+    /// produces: then a copy of an already delivered message is delivered again).
+    pub dedup: bool,
 }
 
 impl Default for InboxConfig {
@@ -408,6 +411,7 @@ impl Default for InboxConfig {
             ack_delay_ms: 5,
             ack_every: 32,
             auto_ack: true,
+            dedup: true,
         }
     }
 }
@@ -457,12 +461,14 @@ pub struct Inbox {
     channels: BTreeMap<u16, InChannel>,
     held_bytes: usize,
     stats: InboxStats,
+    /// Copies delivered again when de-duplication is off.
+    again: VecDeque<(u16, u64, Bytes)>,
 }
 
 impl Inbox {
     /// An empty inbox.
     pub fn new(config: InboxConfig) -> Inbox {
-        Inbox { config, channels: BTreeMap::new(), held_bytes: 0, stats: InboxStats::default() }
+        Inbox { config, channels: BTreeMap::new(), held_bytes: 0, stats: InboxStats::default(), again: VecDeque::new() }
     }
 
     /// Takes in a message from the transport.
@@ -473,6 +479,9 @@ impl Inbox {
         }
         let ch = self.channels.entry(channel).or_default();
         if seq == 0 || seq <= ch.delivered || ch.held.contains_key(&seq) {
+            if !self.config.dedup && seq != 0 && self.again.len() < self.config.reorder_window as usize {
+                self.again.push_back((channel, seq, payload));
+            }
             self.note_duplicate(channel, seq, now);
             return Received::Duplicate;
         }
@@ -505,6 +514,9 @@ impl Inbox {
     /// The next message to hand to the application, in order per channel (channels in
     /// ascending order). In auto-ack mode it counts as taken.
     pub fn poll_deliver(&mut self, now: u64) -> Option<(u16, u64, Bytes)> {
+        if let Some(copy) = self.again.pop_front() {
+            return Some(copy);
+        }
         let (&channel, ch) = self
             .channels
             .iter_mut()

@@ -184,6 +184,9 @@ pub struct OpenConfig {
     /// Most windows kept per kind (streams, datagrams) for one peer epoch: the number of
     /// channels a peer may use.
     pub max_windows: usize,
+    /// Check stream messages against the replay window (always, except to demonstrate in a
+    /// test what a faulty network would deliver without it).
+    pub stream_replay_check: bool,
 }
 
 /// A message that passed every check.
@@ -296,7 +299,8 @@ impl Opener {
             return Err(Reject::Future { ahead_ms: ahead });
         }
         let key = (frame.kind, frame.channel);
-        match self.windows.get(&key) {
+        let check = frame.kind == MessageKind::Datagram || self.config.stream_replay_check;
+        match self.windows.get(&key).filter(|_| check) {
             Some(w) => w.check(frame.seq).map_err(Reject::Replay)?,
             None => {
                 if self.windows.keys().filter(|(k, _)| *k == frame.kind).count() >= self.config.max_windows {
@@ -317,11 +321,10 @@ impl Opener {
             .len();
         buf.truncate(plain_len);
         let width = self.config.window_width;
-        self.windows
-            .entry(key)
-            .or_insert_with(|| ReplayWindow::new(width))
-            .commit(frame.seq)
-            .map_err(Reject::Replay)?;
+        let window = self.windows.entry(key).or_insert_with(|| ReplayWindow::new(width));
+        if check {
+            window.commit(frame.seq).map_err(Reject::Replay)?;
+        }
         Ok(Opened {
             kind: frame.kind,
             channel: frame.channel,
@@ -345,6 +348,7 @@ mod tests {
             freshness_ms: 120_000,
             max_future_ms: 30_000,
             max_windows: 4,
+            stream_replay_check: true,
         }
     }
 

@@ -101,6 +101,7 @@ fn simulate(seed: u64, channels: u16, per_channel: u64, faults: Faults, fault_un
         ack_delay_ms: 3,
         ack_every: 8,
         auto_ack: !manual_ack,
+        dedup: true,
     };
     let mut outbox = Outbox::new(out_cfg.clone(), seed);
     let mut inbox = Inbox::new(in_cfg.clone());
@@ -301,6 +302,7 @@ fn inbox_drops_what_it_cannot_hold_and_reacks_duplicates() {
         ack_delay_ms: 10,
         ack_every: 100,
         auto_ack: true,
+        dedup: true,
     });
     assert_eq!(i.on_message(0, 6, Bytes::from_static(b"x"), 0), Received::Dropped); // too far ahead
     assert_eq!(i.on_message(0, 3, Bytes::from_static(b"abc"), 0), Received::Accepted);
