@@ -162,3 +162,51 @@ async fn resuming_a_session_the_peer_forgot_gives_up_at_once() {
     let refused = tokio::time::timeout(Duration::from_secs(5), restarted.accept()).await.unwrap().unwrap_err();
     assert!(matches!(refused, Error::ProtocolViolation { .. }), "{refused:?}");
 }
+
+#[tokio::test]
+async fn manual_ack_mode_acknowledges_only_what_the_application_acked() {
+    let pki = Pki::new("ca");
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(quick_limits()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(quick_limits()).manual_ack(true));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let s1 = ab.send(0, &1u32).await.unwrap();
+    let s2 = ab.send(0, &2u32).await.unwrap();
+    let m1 = ba.recv().await.unwrap();
+    let m2 = ba.recv().await.unwrap();
+    // Received but not acknowledged: no receipt yet.
+    assert!(tokio::time::timeout(Duration::from_millis(300), ab.wait_acked(0, s1)).await.is_err());
+    // Out of order: 2 first (a selective range), then 1.
+    assert!(ba.ack(&m2));
+    tokio::time::timeout(Duration::from_secs(5), ab.wait_acked(0, s2)).await.unwrap().unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(200), ab.delivered(0)).await.is_err(), "1 is not acked yet");
+    assert!(ba.ack(&m1));
+    assert!(!ba.ack(&m1), "idempotent");
+    tokio::time::timeout(Duration::from_secs(5), ab.delivered(0)).await.unwrap().unwrap();
+    assert_eq!(ab.stats().acked, 2);
+}
+
+#[tokio::test]
+async fn a_full_outbox_makes_try_send_fail_and_send_wait() {
+    let pki = Pki::new("ca");
+    let mut limits = quick_limits();
+    limits.outbox_messages = 4;
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(quick_limits()).manual_ack(true));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    for i in 0..4u32 {
+        ab.try_send_bytes(0, i.to_be_bytes().to_vec()).unwrap();
+    }
+    let e = ab.try_send_bytes(0, vec![9]).unwrap_err();
+    assert!(matches!(e, Error::Full { messages: 4, .. }), "{e:?}");
+    let waiting = tokio::spawn({
+        let ab = ab.clone();
+        async move { ab.send_bytes(0, vec![4]).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiting.is_finished());
+    let m = ba.recv().await.unwrap();
+    ba.ack(&m);
+    assert_eq!(tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap(), 5);
+}
