@@ -161,6 +161,33 @@ fn record<T>(captured: &Captured, r: Result<T, rustls::Error>) -> Result<T, rust
     r
 }
 
+/// The signature methods both verifiers share: TLS 1.2 is never negotiated (QUIC requires TLS
+/// 1.3), TLS 1.3 signatures are checked by webpki; every refusal is recorded.
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            _message: &[u8],
+            _cert: &CertificateDer<'_>,
+            _dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            let refused = rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic);
+            record(&self.captured, Err(refused))
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            record(&self.captured, self.inner.verify_tls13_signature(message, cert, dss))
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.inner.supported_verify_schemes()
+        }
+    };
+}
+
 struct ClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     denied: Arc<HashSet<Fingerprint>>,
@@ -193,26 +220,7 @@ impl ClientCertVerifier for ClientVerifier {
             .and_then(|()| self.inner.verify_client_cert(end_entity, intermediates, now));
         record(&self.captured, r)
     }
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // TLS 1.2 is never negotiated (QUIC requires TLS 1.3).
-        record(&self.captured, Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic)))
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        record(&self.captured, self.inner.verify_tls13_signature(message, cert, dss))
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    signature_checks!();
 }
 
 #[derive(Debug)]
@@ -235,25 +243,7 @@ impl ServerCertVerifier for ServerVerifier {
             .and_then(|()| self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now));
         record(&self.captured, r)
     }
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        record(&self.captured, Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic)))
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        record(&self.captured, self.inner.verify_tls13_signature(message, cert, dss))
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
+    signature_checks!();
 }
 
 /// Presents this node's certificate, as a server and as a client.
