@@ -26,7 +26,7 @@ struct Insider {
     _endpoint: quinn::Endpoint,
     conn: quinn::Connection,
     key: Arc<seal::SealingKey>,
-    _control: (quinn::SendStream, quinn::RecvStream),
+    control: (quinn::SendStream, quinn::RecvStream),
 }
 
 impl Insider {
@@ -40,7 +40,7 @@ impl Insider {
         conn.export_keying_material(&mut material, EXPORTER_LABEL, b"").unwrap();
         let (key, _) = seal::derive_keys(&material, seal::Role::Dialler);
         let session = server.accept().await.unwrap();
-        (Insider { _endpoint: endpoint, conn, key: Arc::new(key), _control: control }, session)
+        (Insider { _endpoint: endpoint, conn, key: Arc::new(key), control }, session)
     }
 
     fn sealer(&self, kind: MessageKind, channel: u16) -> ChannelSealer {
@@ -116,7 +116,7 @@ async fn tampered_messages_are_dropped_counted_and_too_many_close_the_connection
     assert_quiet(&session).await;
     assert_eq!(session.stats().tag_failures, 2);
     let mut ack = [0u8; 16];
-    let control = &mut insider._control.1;
+    let control = &mut insider.control.1;
     assert!(tokio::time::timeout(Duration::from_millis(300), control.read_exact(&mut ack)).await.is_err());
     // The genuine 1 and 2 arrive (as a retransmission would bring them): all three, in order.
     stream.write_all(&genuine[0]).await.unwrap();
