@@ -5,5 +5,6 @@
 pub mod epochs;
 pub mod reliable;
 pub mod replay;
+pub mod rpc;
 pub mod seal;
 pub mod wire;

@@ -1,0 +1,491 @@
+//! Request/response frames and the server's at-most-once response cache (sans-IO).
+//!
+//! RPC frames travel as the payloads of ordinary sealed, reliable channel messages, so they get
+//! integrity tags, replay protection and exactly-once delivery across reconnects for free. This
+//! module only defines their layout and the cache that keeps a retried request from running its
+//! handler twice. (Wiring into sessions is a later step.)
+//!
+//! Layout (integers big-endian), after a one-byte kind:
+//!
+//! | kind | fields |
+//! |---|---|
+//! | `0x01` REQUEST | `id` u64, `flags` u8 (`0x01` idempotent), `budget_ms` u32 (relative deadline), `method_len` u8 (1 to 255), `method` (UTF-8), body (rest) |
+//! | `0x02` RESPONSE | `id` u64, `status` u8, for status `0x01` APPLICATION: `code` u32, `message_len` u16 (at most 1,024), `message` (UTF-8); body (rest) |
+//! | `0x03` CANCEL | `id` u64, nothing else |
+//!
+//! Deadlines travel as relative budgets (as tarpc does), so clock skew between nodes does not
+//! break them.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+
+use bytes::Bytes;
+
+/// Longest method name, bytes.
+pub const MAX_METHOD_LEN: usize = 255;
+/// Longest application error message, bytes.
+pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
+
+/// How a call ended, as the server reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Status {
+    /// The handler returned a response (in the body).
+    Ok,
+    /// The handler returned an application error.
+    Application {
+        /// Application-defined code.
+        code: u32,
+        /// Human-readable message.
+        message: String,
+    },
+    /// No handler for the method.
+    UnknownMethod,
+    /// The server's concurrency limit was reached.
+    Overloaded,
+    /// The budget ran out before the handler finished.
+    DeadlineExceeded,
+    /// The handler panicked (the server survived).
+    HandlerPanicked,
+    /// The request was larger than the server accepts.
+    RequestTooLarge,
+    /// The caller cancelled the call.
+    Cancelled,
+}
+
+impl Status {
+    fn code(&self) -> u8 {
+        match self {
+            Status::Ok => 0,
+            Status::Application { .. } => 1,
+            Status::UnknownMethod => 2,
+            Status::Overloaded => 3,
+            Status::DeadlineExceeded => 4,
+            Status::HandlerPanicked => 5,
+            Status::RequestTooLarge => 6,
+            Status::Cancelled => 7,
+        }
+    }
+}
+
+/// One RPC frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RpcFrame {
+    /// A call.
+    Request {
+        /// Unique per caller session.
+        id: u64,
+        /// The method name.
+        method: String,
+        /// Milliseconds the caller will wait, from when the server receives it.
+        budget_ms: u32,
+        /// The caller marked the call safe to run more than once.
+        idempotent: bool,
+        /// The encoded request.
+        body: Bytes,
+    },
+    /// The answer to a call.
+    Response {
+        /// The request's id.
+        id: u64,
+        /// How it ended.
+        status: Status,
+        /// The encoded response (empty unless `status` is [`Status::Ok`]).
+        body: Bytes,
+    },
+    /// The caller gave up on a call.
+    Cancel {
+        /// The request's id.
+        id: u64,
+    },
+}
+
+/// Why bytes are not an RPC frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RpcError {
+    /// Input ended inside a field.
+    #[error("truncated RPC frame")]
+    Truncated,
+    /// A kind other than request, response or cancel.
+    #[error("unknown RPC frame kind {0:#04x}")]
+    UnknownKind(u8),
+    /// A status this version does not define.
+    #[error("unknown RPC status {0:#04x}")]
+    UnknownStatus(u8),
+    /// Flags this version does not define.
+    #[error("unknown RPC flags {0:#04x}")]
+    UnknownFlags(u8),
+    /// An empty method name.
+    #[error("empty method name")]
+    EmptyMethod,
+    /// A method name or message that is not UTF-8.
+    #[error("method name or message is not UTF-8")]
+    NotUtf8,
+    /// A method name over [`MAX_METHOD_LEN`] (when encoding).
+    #[error("method name of {0} bytes is over the limit")]
+    MethodTooLong(usize),
+    /// An error message over [`MAX_ERROR_MESSAGE_LEN`].
+    #[error("error message of {0} bytes is over the limit")]
+    MessageTooLong(usize),
+    /// Bytes after a CANCEL.
+    #[error("{0} trailing bytes")]
+    TrailingBytes(usize),
+}
+
+/// A bounds-checked reader over a byte slice.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], RpcError> {
+        let end = self.at.checked_add(n).ok_or(RpcError::Truncated)?;
+        let s = self.bytes.get(self.at..end).ok_or(RpcError::Truncated)?;
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, RpcError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, RpcError> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, RpcError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, RpcError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn str(&mut self, n: usize) -> Result<String, RpcError> {
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| RpcError::NotUtf8)
+    }
+}
+
+impl RpcFrame {
+    /// Decodes a whole message payload as one RPC frame. Never panics; allocates only for
+    /// the method name or error message, both bounded.
+    pub fn decode(bytes: &Bytes) -> Result<RpcFrame, RpcError> {
+        let mut r = Reader { bytes, at: 0 };
+        let kind = r.u8()?;
+        let id = r.u64()?;
+        match kind {
+            0x01 => {
+                let flags = r.u8()?;
+                if flags & !0x01 != 0 {
+                    return Err(RpcError::UnknownFlags(flags));
+                }
+                let budget_ms = r.u32()?;
+                let len = r.u8()? as usize;
+                if len == 0 {
+                    return Err(RpcError::EmptyMethod);
+                }
+                let method = r.str(len)?;
+                Ok(RpcFrame::Request {
+                    id,
+                    method,
+                    budget_ms,
+                    idempotent: flags & 0x01 != 0,
+                    body: bytes.slice(r.at..),
+                })
+            }
+            0x02 => {
+                let status = match r.u8()? {
+                    0 => Status::Ok,
+                    1 => {
+                        let code = r.u32()?;
+                        let len = r.u16()? as usize;
+                        if len > MAX_ERROR_MESSAGE_LEN {
+                            return Err(RpcError::MessageTooLong(len));
+                        }
+                        Status::Application { code, message: r.str(len)? }
+                    }
+                    2 => Status::UnknownMethod,
+                    3 => Status::Overloaded,
+                    4 => Status::DeadlineExceeded,
+                    5 => Status::HandlerPanicked,
+                    6 => Status::RequestTooLarge,
+                    7 => Status::Cancelled,
+                    s => return Err(RpcError::UnknownStatus(s)),
+                };
+                Ok(RpcFrame::Response { id, status, body: bytes.slice(r.at..) })
+            }
+            0x03 if r.at == bytes.len() => Ok(RpcFrame::Cancel { id }),
+            0x03 => Err(RpcError::TrailingBytes(bytes.len() - r.at)),
+            k => Err(RpcError::UnknownKind(k)),
+        }
+    }
+
+    /// Encodes the frame. Method names over [`MAX_METHOD_LEN`] or empty, and error messages
+    /// over [`MAX_ERROR_MESSAGE_LEN`], are refused.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), RpcError> {
+        match self {
+            RpcFrame::Request { id, method, budget_ms, idempotent, body } => {
+                if method.is_empty() {
+                    return Err(RpcError::EmptyMethod);
+                }
+                let len = u8::try_from(method.len()).map_err(|_| RpcError::MethodTooLong(method.len()))?;
+                out.push(0x01);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.push(u8::from(*idempotent));
+                out.extend_from_slice(&budget_ms.to_be_bytes());
+                out.push(len);
+                out.extend_from_slice(method.as_bytes());
+                out.extend_from_slice(body);
+            }
+            RpcFrame::Response { id, status, body } => {
+                if let Status::Application { message, .. } = status
+                    && message.len() > MAX_ERROR_MESSAGE_LEN
+                {
+                    return Err(RpcError::MessageTooLong(message.len()));
+                }
+                out.push(0x02);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.push(status.code());
+                if let Status::Application { code, message } = status {
+                    out.extend_from_slice(&code.to_be_bytes());
+                    out.extend_from_slice(&(message.len() as u16).to_be_bytes());
+                    out.extend_from_slice(message.as_bytes());
+                }
+                out.extend_from_slice(body);
+            }
+            RpcFrame::Cancel { id } => {
+                out.push(0x03);
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bounds of the response cache.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheConfig {
+    /// Most remembered calls (finished or running).
+    pub max_entries: usize,
+    /// Most bytes of cached response bodies.
+    pub max_bytes: usize,
+    /// How long a finished call's response is kept, ms. A retry that arrives later is treated
+    /// as a new call: it runs again if the caller marked it idempotent, and is otherwise the
+    /// caller's to avoid (the client retries automatically only within this horizon).
+    pub horizon_ms: u64,
+}
+
+impl Default for CacheConfig {
+    /// 10,000 calls, 16 MiB, 2 minutes (NATS JetStream's duplicate window).
+    fn default() -> Self {
+        CacheConfig { max_entries: 10_000, max_bytes: 16 << 20, horizon_ms: 120_000 }
+    }
+}
+
+/// What to do with an incoming request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// First time: run the handler, then call [`ResponseCache::finish`].
+    Run,
+    /// The same call is running now: wait for its response, do not run it again.
+    Running,
+    /// The call already finished: answer with this, do not run it again.
+    Answer(Status, Bytes),
+}
+
+#[derive(Debug)]
+enum Entry {
+    Running,
+    Done { status: Status, body: Bytes },
+}
+
+/// The server's at-most-once memory of calls, keyed by whatever identifies a call (quicseal
+/// uses (peer key, peer epoch, request id)). Bounded by count, bytes and time; a running call
+/// is never forgotten.
+#[derive(Debug)]
+pub struct ResponseCache<K> {
+    config: CacheConfig,
+    entries: HashMap<K, Entry>,
+    /// Finished calls, oldest first, for eviction.
+    finished: VecDeque<(u64, K)>,
+    bytes: usize,
+}
+
+impl<K: Hash + Eq + Clone> ResponseCache<K> {
+    /// An empty cache.
+    pub fn new(config: CacheConfig) -> ResponseCache<K> {
+        ResponseCache { config, entries: HashMap::new(), finished: VecDeque::new(), bytes: 0 }
+    }
+
+    /// Decides about a request for `key` arriving at `now`. `None` means the cache is full of
+    /// running calls: answer [`Status::Overloaded`].
+    pub fn begin(&mut self, key: K, now: u64) -> Option<Begin> {
+        self.evict(now);
+        match self.entries.get(&key) {
+            Some(Entry::Running) => return Some(Begin::Running),
+            Some(Entry::Done { status, body, .. }) => return Some(Begin::Answer(status.clone(), body.clone())),
+            None => {}
+        }
+        if self.entries.len() >= self.config.max_entries {
+            return None;
+        }
+        self.entries.insert(key, Entry::Running);
+        Some(Begin::Run)
+    }
+
+    /// Records how a call that [`ResponseCache::begin`] said to run ended.
+    pub fn finish(&mut self, key: K, status: Status, body: Bytes, now: u64) {
+        if !matches!(self.entries.get(&key), Some(Entry::Running)) {
+            return;
+        }
+        self.bytes += body.len();
+        self.entries.insert(key.clone(), Entry::Done { status, body });
+        self.finished.push_back((now, key));
+        self.evict(now);
+    }
+
+    /// Forgets finished calls older than the horizon, and the oldest ones beyond the bounds.
+    pub fn evict(&mut self, now: u64) {
+        while let Some((at, key)) = self.finished.front() {
+            let expired = now.saturating_sub(*at) > self.config.horizon_ms;
+            let over = self.entries.len() > self.config.max_entries || self.bytes > self.config.max_bytes;
+            if !expired && !over {
+                break;
+            }
+            if let Some(Entry::Done { body, .. }) = self.entries.remove(key) {
+                self.bytes -= body.len();
+            }
+            self.finished.pop_front();
+        }
+    }
+
+    /// Remembered calls (running and finished).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Bytes of cached response bodies.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(f: &RpcFrame) -> Bytes {
+        let mut v = Vec::new();
+        f.encode(&mut v).unwrap();
+        v.into()
+    }
+
+    fn samples() -> Vec<RpcFrame> {
+        vec![
+            RpcFrame::Request {
+                id: 7,
+                method: "kv.get".into(),
+                budget_ms: 1500,
+                idempotent: true,
+                body: Bytes::from_static(b"key"),
+            },
+            RpcFrame::Request { id: u64::MAX, method: "m".into(), budget_ms: 0, idempotent: false, body: Bytes::new() },
+            RpcFrame::Response { id: 7, status: Status::Ok, body: Bytes::from_static(b"value") },
+            RpcFrame::Response {
+                id: 8,
+                status: Status::Application { code: 404, message: "no such key".into() },
+                body: Bytes::new(),
+            },
+            RpcFrame::Response { id: 9, status: Status::HandlerPanicked, body: Bytes::new() },
+            RpcFrame::Response { id: 10, status: Status::Cancelled, body: Bytes::new() },
+            RpcFrame::Cancel { id: 11 },
+        ]
+    }
+
+    #[test]
+    fn round_trips_and_exact_bytes() {
+        for f in samples() {
+            assert_eq!(RpcFrame::decode(&enc(&f)).unwrap(), f);
+        }
+        let req = enc(&samples()[0]);
+        assert_eq!(&req[..], b"\x01\x00\x00\x00\x00\x00\x00\x00\x07\x01\x00\x00\x05\xdc\x06kv.getkey");
+    }
+
+    #[test]
+    fn every_error_path() {
+        let d = |b: &[u8]| RpcFrame::decode(&Bytes::copy_from_slice(b));
+        assert_eq!(d(&[]), Err(RpcError::Truncated));
+        assert_eq!(d(&[9, 0, 0, 0, 0, 0, 0, 0, 0]), Err(RpcError::UnknownKind(9)));
+        assert_eq!(d(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 1, b'm']), Err(RpcError::UnknownFlags(2)));
+        assert_eq!(d(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Err(RpcError::EmptyMethod));
+        assert_eq!(d(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff]), Err(RpcError::NotUtf8));
+        assert_eq!(d(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, b'a']), Err(RpcError::Truncated));
+        assert_eq!(d(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 8]), Err(RpcError::UnknownStatus(8)));
+        assert_eq!(d(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0x04, 0x01]), Err(RpcError::MessageTooLong(1025)));
+        assert_eq!(d(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 1]), Err(RpcError::TrailingBytes(1)));
+        let mut out = Vec::new();
+        let long =
+            RpcFrame::Request { id: 1, method: "x".repeat(256), budget_ms: 0, idempotent: false, body: Bytes::new() };
+        assert_eq!(long.encode(&mut out), Err(RpcError::MethodTooLong(256)));
+        let empty =
+            RpcFrame::Request { id: 1, method: String::new(), budget_ms: 0, idempotent: false, body: Bytes::new() };
+        assert_eq!(empty.encode(&mut out), Err(RpcError::EmptyMethod));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn truncation_at_every_length_and_arbitrary_bytes_never_panic() {
+        for f in samples() {
+            let full = enc(&f);
+            for cut in 0..full.len() {
+                let r = RpcFrame::decode(&full.slice(..cut));
+                // A request or response may legitimately end where its body starts.
+                if let Ok(g) = r {
+                    assert!(!matches!(g, RpcFrame::Cancel { .. }));
+                }
+            }
+        }
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        for _ in 0..50_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = (x % 48) as usize;
+            let bytes: Vec<u8> = (0..len).map(|i| (x >> (i % 8 * 8)) as u8 ^ (i as u8).wrapping_mul(31)).collect();
+            let _ = RpcFrame::decode(&bytes.into());
+        }
+    }
+
+    #[test]
+    fn at_most_once_while_running_and_after() {
+        let mut c = ResponseCache::new(CacheConfig::default());
+        assert_eq!(c.begin(("peer", 1u64), 0), Some(Begin::Run));
+        assert_eq!(c.begin(("peer", 1), 5), Some(Begin::Running), "a retry while it runs does not run it again");
+        c.finish(("peer", 1), Status::Ok, Bytes::from_static(b"answer"), 10);
+        assert_eq!(c.begin(("peer", 1), 20), Some(Begin::Answer(Status::Ok, Bytes::from_static(b"answer"))));
+        assert_eq!(c.begin(("other", 1), 20), Some(Begin::Run), "keys are per caller");
+        // Past the horizon the call is forgotten: a late retry would run again.
+        assert_eq!(c.begin(("peer", 1), 10 + 120_001), Some(Begin::Run));
+    }
+
+    #[test]
+    fn bounded_by_count_and_bytes_and_running_calls_are_never_forgotten() {
+        let mut c = ResponseCache::new(CacheConfig { max_entries: 3, max_bytes: 10, horizon_ms: 1_000_000 });
+        assert_eq!(c.begin(1u64, 0), Some(Begin::Run));
+        assert_eq!(c.begin(2, 0), Some(Begin::Run));
+        assert_eq!(c.begin(3, 0), Some(Begin::Run));
+        assert_eq!(c.begin(4, 0), None, "full of running calls: overloaded");
+        c.finish(1, Status::Ok, Bytes::from_static(b"123456"), 1);
+        c.finish(2, Status::Ok, Bytes::from_static(b"123456"), 2); // 12 bytes > 10: 1 is evicted
+        assert_eq!(c.bytes(), 6);
+        assert_eq!(c.begin(1, 3), Some(Begin::Run));
+        assert_eq!(c.begin(3, 3), Some(Begin::Running));
+        assert_eq!(c.len(), 3);
+        // finish for an unknown or already finished key changes nothing.
+        c.finish(99, Status::Ok, Bytes::from_static(b"x"), 4);
+        c.finish(2, Status::Cancelled, Bytes::new(), 4);
+        assert_eq!(c.begin(2, 5), Some(Begin::Answer(Status::Ok, Bytes::from_static(b"123456"))));
+    }
+}
