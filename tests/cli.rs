@@ -17,6 +17,16 @@ fn write_node(dir: &Path, pki: &Pki, name: &str) {
     std::fs::write(dir.join(format!("{name}.key")), issued.key_pem).unwrap();
 }
 
+/// A temp dir with `ca.crt` and a certificate and key for each of `nodes`.
+fn pki_dir(pki: &Pki, nodes: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.crt"), pki.ca.cert_pem()).unwrap();
+    for node in nodes {
+        write_node(dir.path(), pki, node);
+    }
+    dir
+}
+
 fn tls_args(dir: &Path, name: &str, ca: &str) -> Vec<String> {
     vec![
         "--cert".into(),
@@ -79,10 +89,7 @@ fn demo_runs_and_passes_its_checks() {
 #[test]
 fn send_exits_zero_only_after_the_listener_confirmed() {
     let pki = Pki::new("ca");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.crt"), pki.ca.cert_pem()).unwrap();
-    write_node(dir.path(), &pki, "server");
-    write_node(dir.path(), &pki, "client");
+    let dir = pki_dir(&pki, &["server", "client"]);
     let (listener, addr) = start_listener(dir.path(), &["--count", "1"]);
     let out = send(dir.path(), "client", "ca.crt", &addr, "5", &["hello there"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -141,10 +148,7 @@ fn missing_files_are_named() {
 #[test]
 fn send_through_the_fault_injecting_proxy() {
     let pki = Pki::new("ca");
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.crt"), pki.ca.cert_pem()).unwrap();
-    write_node(dir.path(), &pki, "server");
-    write_node(dir.path(), &pki, "client");
+    let dir = pki_dir(&pki, &["server", "client"]);
     let (listener, addr) = start_listener(dir.path(), &["--count", "1"]);
     let mut proxy = Command::new(BIN)
         .args(["proxy", "--listen", "127.0.0.1:0", "--target", &addr])

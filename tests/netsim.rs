@@ -13,20 +13,8 @@ async fn messages_survive_a_lossy_duplicating_reordering_corrupting_link() {
     let pki = Pki::new("ca");
     let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
     let client = bind(NodeConfig::new(pki.identity("client"), pki.trust()));
-    let mut link = LinkConfig::default();
-    link.loss = 0.05;
-    link.duplicate = 0.05;
-    link.reorder = 0.4;
-    link.jitter = Duration::from_millis(10);
-    link.corrupt = 0.02;
-    link.seed = 7;
-    // A clean link for the handshake (lost handshake packets cost whole probe timeouts), then
-    // the faults.
-    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), server.local_addr().unwrap(), LinkConfig::default())
-        .await
-        .unwrap();
-    let (to_server, at_server) = tokio::join!(client.connect(proxy.local_addr(), "server"), server.accept());
-    let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
+    let link = lossy_link(Duration::from_millis(10), 7);
+    let (proxy, to_server, at_server) = connect_via_proxy(&client, &server, "server").await;
     proxy.reconfigure(link).unwrap();
     let sender = tokio::spawn(async move {
         for i in 0..2000u32 {
@@ -62,11 +50,7 @@ async fn a_blackout_longer_than_the_resume_timeout_ends_the_session() {
     limits.resume_timeout = Duration::from_secs(1);
     let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(limits.clone()));
     let client = bind(NodeConfig::new(pki.identity("client"), pki.trust()).limits(limits));
-    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), server.local_addr().unwrap(), LinkConfig::default())
-        .await
-        .unwrap();
-    let (to_server, at_server) = tokio::join!(client.connect(proxy.local_addr(), "server"), server.accept());
-    let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
+    let (proxy, to_server, at_server) = connect_via_proxy(&client, &server, "server").await;
     let mut events = to_server.events();
     proxy.set_blackout(true);
     let e = tokio::time::timeout(Duration::from_secs(20), to_server.closed()).await.unwrap();

@@ -107,11 +107,7 @@ async fn a_blackout_is_survived_when_the_link_comes_back() {
     let pki = Pki::new("ca");
     let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(quick_limits()));
     let client = bind(NodeConfig::new(pki.identity("client"), pki.trust()).limits(quick_limits()));
-    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), server.local_addr().unwrap(), LinkConfig::default())
-        .await
-        .unwrap();
-    let (to_server, at_server) = tokio::join!(client.connect(proxy.local_addr(), "server"), server.accept());
-    let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
+    let (proxy, to_server, at_server) = connect_via_proxy(&client, &server, "server").await;
     let mut events = to_server.events();
     for i in 0..100u32 {
         to_server.send(0, &i).await.unwrap();

@@ -68,14 +68,7 @@ fn soak_limits() -> Limits {
 }
 
 fn faults() -> LinkConfig {
-    let mut link = LinkConfig::default();
-    link.loss = 0.05;
-    link.duplicate = 0.05;
-    link.reorder = 0.4;
-    link.jitter = Duration::from_millis(1);
-    link.corrupt = 0.02;
-    link.seed = 2026;
-    link
+    lossy_link(Duration::from_millis(1), 2026)
 }
 
 struct Outcome {
@@ -103,11 +96,7 @@ async fn run(plan: &Plan, dedup: bool) -> Outcome {
             .limits(soak_limits())
             .dangerous_disable_deduplication(!dedup),
     );
-    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), server.local_addr().unwrap(), LinkConfig::default())
-        .await
-        .unwrap();
-    let (to_server, at_server) = tokio::join!(client.connect(proxy.local_addr(), "server"), server.accept());
-    let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
+    let (proxy, to_server, at_server) = connect_via_proxy(&client, &server, "server").await;
     proxy.reconfigure(faults()).unwrap();
 
     let n = plan.messages;

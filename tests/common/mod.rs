@@ -144,3 +144,35 @@ pub fn app_code(e: &quinn::ConnectionError) -> Option<u64> {
         _ => None,
     }
 }
+
+/// Starts a clean netsim link in front of `server`, dials through it from `client` and accepts:
+/// the link, the dialler's session and the acceptor's. (Faults are turned on afterwards with
+/// `Proxy::reconfigure`, so the handshake is not slowed by lost handshake packets.)
+pub async fn connect_via_proxy(
+    client: &Node,
+    server: &Node,
+    name: &str,
+) -> (quicseal::netsim::Proxy, Session, Session) {
+    let proxy = quicseal::netsim::Proxy::start(
+        SocketAddr::new(LOCALHOST, 0),
+        server.local_addr().unwrap(),
+        quicseal::netsim::LinkConfig::default(),
+    )
+    .await
+    .unwrap();
+    let (dialled, accepted) = tokio::join!(client.connect(proxy.local_addr(), name), server.accept());
+    (proxy, dialled.unwrap(), accepted.unwrap())
+}
+
+/// The fault mix: 5% loss, 5% duplication, 40% reordering (by up to `jitter`), 2%
+/// corruption, seeded.
+pub fn lossy_link(jitter: Duration, seed: u64) -> quicseal::netsim::LinkConfig {
+    let mut link = quicseal::netsim::LinkConfig::default();
+    link.loss = 0.05;
+    link.duplicate = 0.05;
+    link.reorder = 0.4;
+    link.jitter = jitter;
+    link.corrupt = 0.02;
+    link.seed = seed;
+    link
+}
