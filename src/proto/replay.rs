@@ -131,10 +131,55 @@ impl ReplayWindow {
     }
 }
 
+/// The accept rule written as plainly as possible, with a set of seen numbers: the reference
+/// that differential tests and the `replay_window` fuzz target compare [`ReplayWindow`] with.
+/// It forgets numbers that fell out of the window, so its memory stays bounded too.
+#[derive(Debug, Clone)]
+pub struct ReferenceWindow {
+    seen: std::collections::BTreeSet<u64>,
+    top: u64,
+    width: u64,
+}
+
+impl ReferenceWindow {
+    /// A reference window `width` bits wide.
+    pub fn new(width: u64) -> ReferenceWindow {
+        ReferenceWindow { seen: std::collections::BTreeSet::new(), top: 0, width }
+    }
+
+    /// The highest committed number.
+    pub fn top(&self) -> u64 {
+        self.top
+    }
+
+    /// What the accept rule says about `seq`.
+    pub fn check(&self, seq: u64) -> Result<(), ReplayError> {
+        if seq == 0 || seq > MAX_SEQ {
+            Err(ReplayError::OutOfRange(seq))
+        } else if seq > self.top {
+            Ok(())
+        } else if self.top - seq >= self.width {
+            Err(ReplayError::TooOld { seq, top: self.top })
+        } else if self.seen.contains(&seq) {
+            Err(ReplayError::Replayed(seq))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Records `seq` if the rule accepts it.
+    pub fn commit(&mut self, seq: u64) -> Result<(), ReplayError> {
+        self.check(seq)?;
+        self.seen.insert(seq);
+        self.top = self.top.max(seq);
+        self.seen = self.seen.split_off(&self.top.saturating_sub(self.width));
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
 
     #[test]
     fn edges() {
@@ -186,39 +231,25 @@ mod tests {
     fn matches_a_set_model_for_a_million_operations() {
         for &width in &[64u64, 1024, 2048] {
             let mut r = ReplayWindow::new(width);
-            let mut seen = BTreeSet::new();
-            let mut top = 0u64;
+            let mut model = ReferenceWindow::new(width);
             let mut x: u64 = 0x2545F4914F6CDD1D ^ width;
             let ops = if width == 1024 { 1_000_000 } else { 200_000 };
             for _ in 0..ops {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
+                let top = model.top();
                 let seq = match x % 16 {
                     0 => top + 1 + (x >> 8) % (3 * width),                           // jump ahead
                     1 => top.saturating_sub(width) + (x >> 8) % 3,                   // around the lower edge
                     2 => (x >> 8) % 4,                                               // tiny numbers, incl. 0
                     _ => top.saturating_sub((x >> 8) % (width + 8)) + (x >> 40) % 4, // inside or near
                 };
-                let expected = if seq == 0 || seq > MAX_SEQ {
-                    Err(ReplayError::OutOfRange(seq))
-                } else if seq > top {
-                    Ok(())
-                } else if top - seq >= width {
-                    Err(ReplayError::TooOld { seq, top })
-                } else if seen.contains(&seq) {
-                    Err(ReplayError::Replayed(seq))
-                } else {
-                    Ok(())
-                };
+                let expected = model.check(seq);
                 assert_eq!(r.check(seq), expected, "width {width} top {top} seq {seq}");
                 if expected.is_ok() && (x >> 60) != 0 {
                     r.commit(seq).unwrap();
-                    seen.insert(seq);
-                    top = top.max(seq);
-                    // Keep the model small: forget what fell out of the window.
-                    let floor = top.saturating_sub(width);
-                    seen = seen.split_off(&floor);
+                    model.commit(seq).unwrap();
                 }
             }
         }
