@@ -372,6 +372,16 @@ impl Shared {
         self.opener.lock().unwrap_or_else(|e| e.into_inner()).open(frame, now_ms())
     }
 
+    /// Starts the tasks that serve one connection: datagrams, inbound channels, the peer's
+    /// acknowledgements, and the driver. They end when the connection does.
+    fn run_link(self: &Arc<Self>, link: Arc<Link>, key: Arc<SealingKey>, control: (SendStream, RecvStream)) {
+        let (control_send, control_recv) = control;
+        tokio::spawn(read_datagrams(self.clone(), link.clone()));
+        tokio::spawn(accept_channels(self.clone(), link.clone()));
+        tokio::spawn(read_control(self.clone(), link.clone(), control_recv));
+        tokio::spawn(drive(self.clone(), link, key, self.epoch, control_send));
+    }
+
     /// Puts a new connection under the session: fresh keys (the replay windows stay), per
     /// connection tasks, and every unacknowledged message due again.
     fn attach(self: &Arc<Self>, parts: LinkParts, seal_key: &Mutex<Arc<SealingKey>>) {
@@ -380,14 +390,10 @@ impl Shared {
         let sealing = Arc::new(sealing);
         *seal_key.lock().unwrap_or_else(|e| e.into_inner()) = sealing.clone();
         self.opener.lock().unwrap_or_else(|e| e.into_inner()).rekey(opening);
-        let (control_send, control_recv) = parts.control;
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) = link.clone();
         let now = self.now();
         self.core().outbox.retransmit_all(now);
-        tokio::spawn(read_datagrams(self.clone(), link.clone()));
-        tokio::spawn(accept_channels(self.clone(), link.clone()));
-        tokio::spawn(read_control(self.clone(), link.clone(), control_recv));
-        tokio::spawn(drive(self.clone(), link, sealing, self.epoch, control_send));
+        self.run_link(link, sealing, parts.control);
         self.generation.send_modify(|g| *g += 1);
         self.work.notify_one();
     }
@@ -524,13 +530,8 @@ impl Session {
         let seal_key = Arc::new(Mutex::new(Arc::new(sealing)));
         // The first connection: attach it like any later one (its keys are already in place).
         {
-            let link = shared.link();
-            let (control_send, control_recv) = control;
             let key = seal_key.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            tokio::spawn(read_datagrams(shared.clone(), link.clone()));
-            tokio::spawn(accept_channels(shared.clone(), link.clone()));
-            tokio::spawn(read_control(shared.clone(), link.clone(), control_recv));
-            tokio::spawn(drive(shared.clone(), link, key, p.epoch, control_send));
+            shared.run_link(shared.link(), key, control);
         }
         let supervisor = tokio::spawn(supervise(shared.clone(), seal_key.clone(), p.resume, p.redial));
         Session {
