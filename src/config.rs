@@ -167,8 +167,8 @@ impl Limits {
     /// The quinn transport configuration, with every limit set explicitly.
     pub(crate) fn transport(&self) -> TransportConfig {
         let mut t = TransportConfig::default();
-        // One control stream plus the channels.
-        t.max_concurrent_bidi_streams(VarInt::from_u32(u32::from(self.max_channels) + 1));
+        // One control stream, the channels, and the two RPC channels.
+        t.max_concurrent_bidi_streams(VarInt::from_u32(u32::from(self.max_channels) + 3));
         t.max_concurrent_uni_streams(VarInt::from_u32(0));
         t.max_idle_timeout(Some(IdleTimeout::try_from(self.idle_timeout).expect("validated")));
         t.keep_alive_interval(self.keep_alive);
@@ -194,6 +194,7 @@ pub struct NodeConfig {
     pub(crate) limits: Limits,
     pub(crate) manual_ack: bool,
     pub(crate) no_dedup: bool,
+    pub(crate) rpc: Option<crate::rpc::Router>,
 }
 
 impl NodeConfig {
@@ -207,7 +208,16 @@ impl NodeConfig {
             limits: Limits::default(),
             manual_ack: false,
             no_dedup: false,
+            rpc: None,
         }
+    }
+
+    /// Serves RPC calls with these handlers, on every session of the node (accepted and
+    /// dialled). Without a router, every call to this node is answered with
+    /// [`RemoteError::UnknownMethod`](crate::RemoteError::UnknownMethod).
+    pub fn rpc(mut self, router: crate::rpc::Router) -> NodeConfig {
+        self.rpc = Some(router);
+        self
     }
 
     /// Sets the authorization policy.

@@ -190,6 +190,15 @@ pub enum Error {
         /// Its value.
         limit: u64,
     },
+    /// The server answered an RPC call with an error: the handler's application error, or one
+    /// of the server's refusals (unknown method, overloaded, handler panic...). The session and
+    /// the server are fine; compare transport failures ([`Error::ConnectionLost`],
+    /// [`Error::Timeout`]).
+    #[error("remote: {0}")]
+    Remote(crate::rpc::RemoteError),
+    /// Channels 0xFFFE and 0xFFFF carry RPC; applications cannot send on them.
+    #[error("channel {0:#06x} is reserved for RPC")]
+    ReservedChannel(u16),
     /// A typed message could not be encoded or decoded.
     #[error("message encoding: {0}")]
     Encoding(#[from] postcard::Error),

@@ -67,6 +67,7 @@ mod error;
 mod identity;
 mod node;
 mod policy;
+mod rpc;
 mod session;
 mod stats;
 mod tls;
@@ -80,6 +81,11 @@ pub use error::{Error, LoadError, LoadProblem, Result, Side, TlsError, close_cod
 pub use identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
 pub use node::Node;
 pub use policy::Policy;
+pub use proto::rpc::{CacheConfig, CallId};
+pub use rpc::{
+    ApplicationError, Call, CallOptions, CancelReason, FIRST_RESERVED_CHANNEL, REQUEST_CHANNEL, RESPONSE_CHANNEL,
+    RemoteError, Router, RouterConfig, RpcClient,
+};
 pub use session::{Message, Session, SessionEvent};
 pub use stats::Stats;
 pub use tls::{ALPN, DeniedKey};

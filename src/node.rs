@@ -30,6 +30,7 @@ use crate::proto::epochs::EpochBook;
 use crate::proto::reliable::{InboxConfig, OutboxConfig};
 use crate::proto::seal::{self, EXPORTER_LABEL, KEY_MATERIAL_LEN, OpenConfig};
 use crate::proto::wire::{self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, frame_type};
+use crate::rpc::RpcServer;
 use crate::session::{EndHook, LinkParts, Redial, Resumable, ResumePolicy, Session, SessionParams};
 use crate::stats::{Counters, Stats, Tally};
 use crate::tls::{ALPN, Captured, TlsContext, take_captured};
@@ -65,6 +66,8 @@ struct Shared {
     no_dedup: bool,
     counters: Arc<Counters>,
     retired: Arc<std::sync::Mutex<EpochBook<Fingerprint>>>,
+    /// RPC handlers and their shared state (cache, node-wide concurrency).
+    rpc: Arc<RpcServer>,
     /// Accepted sessions a reconnecting peer may resume, by (peer key, peer epoch).
     resumable: Arc<std::sync::Mutex<HashMap<(Fingerprint, u64), Resumable>>>,
 }
@@ -96,6 +99,9 @@ impl Node {
     /// runtime.
     pub fn bind(addr: SocketAddr, config: NodeConfig) -> Result<Node> {
         config.limits.validate()?;
+        if let Some(router) = &config.rpc {
+            RpcServer::validate(router)?;
+        }
         let tls = TlsContext::new(&config.identity, &config.trust)?;
         let transport = config.transport();
         let (crypto, _) = tls.server_config()?;
@@ -121,6 +127,7 @@ impl Node {
             limits: config.limits,
             manual_ack: config.manual_ack,
             no_dedup: config.no_dedup,
+            rpc: RpcServer::new(config.rpc),
             counters: Arc::default(),
             resumable: Arc::default(),
         });
@@ -179,6 +186,24 @@ impl Node {
     /// [`Error::Closed`] means the node was closed.
     pub async fn accept(&self) -> Result<Session> {
         self.inner.accepted.lock().await.recv().await.unwrap_or(Err(Error::Closed))
+    }
+
+    /// Accepts sessions until the node is closed and keeps each one open until it ends, for a
+    /// node whose application only serves RPC ([`NodeConfig::rpc`](crate::NodeConfig::rpc)):
+    /// sessions end when the last handle is dropped, so someone has to hold them. Refused
+    /// connections are logged and skipped.
+    pub async fn serve(&self) {
+        loop {
+            match self.accept().await {
+                Ok(session) => {
+                    tokio::spawn(async move {
+                        session.closed().await;
+                    });
+                }
+                Err(Error::Closed) => return,
+                Err(e) => tracing::debug!(error = %e, "serve: connection refused"),
+            }
+        }
     }
 
     /// Closes every connection and stops accepting.
@@ -432,7 +457,8 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
                 window_width: limits.replay_window,
                 freshness_ms: limits.freshness.as_millis() as u64,
                 max_future_ms: limits.max_clock_skew.as_millis() as u64,
-                max_windows: usize::from(limits.max_channels),
+                // The application's channels and the two RPC channels.
+                max_windows: usize::from(limits.max_channels) + 2,
                 stream_replay_check: !shared.no_dedup,
             },
             outbox: OutboxConfig {
@@ -454,6 +480,7 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
                 ack_every: 64,
                 auto_ack: !shared.manual_ack,
                 dedup: !shared.no_dedup,
+                reserved_from: Some(crate::rpc::FIRST_RESERVED_CHANNEL),
             },
             tally,
             max_tag_failures: limits.max_tag_failures,
@@ -469,6 +496,7 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
             },
             redial,
             on_end,
+            rpc: shared.rpc.clone(),
         },
     );
     if accepted {
@@ -493,7 +521,7 @@ fn peer_identity(conn: &Connection) -> Result<PeerIdentity> {
 }
 
 /// A random, non-zero session epoch.
-fn random_epoch() -> Result<u64> {
+pub(crate) fn random_epoch() -> Result<u64> {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 8];
     loop {

@@ -36,11 +36,13 @@ use tracing::{debug, warn};
 use crate::error::{Error, Result, Side, close_code, from_connection_error};
 use crate::identity::PeerIdentity;
 use crate::proto::reliable::{Inbox, InboxConfig, Outbox, OutboxConfig, Received};
+use crate::proto::rpc::CallId;
 use crate::proto::seal::{ChannelSealer, OpenConfig, Opened, Opener, OpeningKey, Reject, SealError, SealingKey};
 use crate::proto::wire::{
     self, FRAME_HEADER_LEN, Frame, FrameHeader, MESSAGE_OVERHEAD, MessageKind, STREAM_HEADER_LEN, StreamKind,
     WireError, frame_type,
 };
+use crate::rpc::{self, CallOptions, RpcServer, SessionRpc};
 use crate::stats::{Counter, Stats, Tally};
 
 /// Most transmissions the driver takes from the outbox before it looks at acks again.
@@ -84,12 +86,17 @@ impl Message {
     /// Decodes a typed message sent with [`Session::send`] (postcard encoding). Trailing bytes
     /// are an error.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
-        let (value, rest) = postcard::take_from_bytes(&self.payload)?;
-        if !rest.is_empty() {
-            return Err(Error::Encoding(postcard::Error::DeserializeBadEncoding));
-        }
-        Ok(value)
+        decode_exact(&self.payload)
     }
+}
+
+/// Decodes a postcard value that fills `bytes` exactly.
+pub(crate) fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    let (value, rest) = postcard::take_from_bytes(bytes)?;
+    if !rest.is_empty() {
+        return Err(Error::Encoding(postcard::Error::DeserializeBadEncoding));
+    }
+    Ok(value)
 }
 
 /// The reliability state, behind one lock.
@@ -294,6 +301,12 @@ struct Shared {
     room: Notify,
     /// Bumped whenever acknowledgements arrive (waiters re-check the outbox).
     acked: watch::Sender<u64>,
+    /// The largest payload we send: the smaller of our limit and the peer's.
+    max_send: usize,
+    /// Most application channels we open.
+    max_channels: u16,
+    /// Calls and the share of the node's RPC server.
+    rpc: Arc<SessionRpc>,
 }
 
 impl Shared {
@@ -331,6 +344,57 @@ impl Shared {
         self.work.notify_one();
         if let Some(hook) = self.on_end.lock().unwrap_or_else(|e| e.into_inner()).take() {
             hook(self.tally.session.snapshot());
+        }
+    }
+
+    /// Queues a channel message; fails with [`Error::Full`] when the outbox is full. `user` is
+    /// false for the library's own reserved channels, which do not count against
+    /// `max_channels`.
+    fn push(&self, channel: u16, payload: Bytes, user: bool) -> Result<u64> {
+        if payload.len() > self.max_send {
+            return Err(Error::MessageTooLarge { size: payload.len(), limit: self.max_send });
+        }
+        if self.is_ended() {
+            return Err(self.error());
+        }
+        let len = payload.len() as u64;
+        let now = self.now();
+        let seq = {
+            let mut core = self.core();
+            let new_channel = core.outbox.last_seq(channel) == 0;
+            if user && new_channel {
+                let reserved =
+                    (rpc::FIRST_RESERVED_CHANNEL..=u16::MAX).filter(|&c| core.outbox.last_seq(c) != 0).count();
+                if core.outbox.channel_count() - reserved >= usize::from(self.max_channels) {
+                    return Err(Error::Limit { what: "channels per session", limit: u64::from(self.max_channels) });
+                }
+            }
+            if core.outbox.last_seq(channel) >= crate::proto::replay::MAX_SEQ {
+                return Err(seal_error(SealError::SeqExhausted));
+            }
+            core.outbox.push(channel, payload, now).map_err(|f| Error::Full { messages: f.messages, bytes: f.bytes })?
+        };
+        if user {
+            self.tally.add(Counter::messages_sent, 1);
+            self.tally.add(Counter::bytes_sent, len);
+        }
+        self.work.notify_one();
+        Ok(seq)
+    }
+
+    /// Like [`Shared::push`], but waits while the outbox is full.
+    async fn send(&self, channel: u16, payload: Bytes, user: bool) -> Result<u64> {
+        let mut acked = self.acked.subscribe();
+        let mut ended = self.ended.subscribe();
+        loop {
+            match self.push(channel, payload.clone(), user) {
+                Err(Error::Full { .. }) => {}
+                other => return other,
+            }
+            tokio::select! {
+                r = acked.changed() => if r.is_err() { return Err(self.error()) },
+                _ = ended.wait_for(|e| *e) => return Err(self.error()),
+            }
         }
     }
 
@@ -402,8 +466,6 @@ impl Shared {
 struct SessionInner {
     shared: Arc<Shared>,
     peer: Arc<PeerIdentity>,
-    max_send: usize,
-    max_channels: u16,
     /// The sealing key of the current connection (for datagrams).
     seal_key: Arc<Mutex<Arc<SealingKey>>>,
     /// Datagram sealers, with the key they were made for.
@@ -465,6 +527,8 @@ pub(crate) struct SessionParams {
     pub(crate) redial: Option<Redial>,
     /// Runs once when the session ends, with its final counters.
     pub(crate) on_end: EndHook,
+    /// The node's RPC server.
+    pub(crate) rpc: Arc<RpcServer>,
 }
 
 /// A handle the node keeps to resume a session when its peer reconnects.
@@ -502,6 +566,7 @@ impl Session {
         let manual_ack = !p.inbox.auto_ack;
         let seed = p.epoch ^ p.peer_epoch;
         let LinkParts { conn, keys: (sealing, opening), control } = parts;
+        let peer = Arc::new(p.peer);
         let shared = Arc::new(Shared {
             link: Mutex::new(Link::new(conn.clone())),
             generation: watch::Sender::new(0),
@@ -526,7 +591,11 @@ impl Session {
             arrived: Notify::new(),
             room: Notify::new(),
             acked: watch::Sender::new(0),
+            max_send: p.local_max.min(p.peer_max),
+            max_channels: p.max_channels,
+            rpc: Arc::new(SessionRpc::new(p.rpc, peer.clone())),
         });
+        tokio::spawn(pump_rpc(Outlet(shared.clone())));
         let seal_key = Arc::new(Mutex::new(Arc::new(sealing)));
         // The first connection: attach it like any later one (its keys are already in place).
         {
@@ -537,9 +606,7 @@ impl Session {
         Session {
             inner: Arc::new(SessionInner {
                 shared,
-                peer: Arc::new(p.peer),
-                max_send: p.local_max.min(p.peer_max),
-                max_channels: p.max_channels,
+                peer,
                 seal_key,
                 datagram_sealers: Mutex::new(HashMap::new()),
                 datagram_key_generation: Mutex::new(0),
@@ -566,6 +633,11 @@ impl Session {
     /// This side's session epoch (random per session, kept across reconnects).
     pub fn epoch(&self) -> u64 {
         self.inner.shared.epoch
+    }
+
+    /// Whether the session is over (closed, or gave up).
+    pub fn is_ended(&self) -> bool {
+        self.inner.shared.is_ended()
     }
 
     /// Session events: disconnections, reconnection attempts, resumption, giving up.
@@ -596,7 +668,7 @@ impl Session {
 
     /// The largest payload this session will send: the smaller of our limit and the peer's.
     pub fn max_message_size(&self) -> usize {
-        self.inner.max_send
+        self.inner.shared.max_send
     }
 
     /// Sends a typed message on `channel` (postcard encoding). Returns its sequence number.
@@ -612,50 +684,15 @@ impl Session {
     /// message is kept and resent (across reconnects too) until the peer's application
     /// acknowledged it: see [`Session::delivered`] and [`Session::wait_acked`].
     pub async fn send_bytes(&self, channel: u16, payload: impl Into<Bytes>) -> Result<u64> {
-        let payload = payload.into();
-        let shared = &self.inner.shared;
-        let mut acked = shared.acked.subscribe();
-        let mut ended = shared.ended.subscribe();
-        loop {
-            match self.try_send_bytes(channel, payload.clone()) {
-                Err(Error::Full { .. }) => {}
-                other => return other,
-            }
-            tokio::select! {
-                r = acked.changed() => if r.is_err() { return Err(shared.error()) },
-                _ = ended.wait_for(|e| *e) => return Err(shared.error()),
-            }
-        }
+        reserved(channel)?;
+        self.inner.shared.send(channel, payload.into(), true).await
     }
 
     /// Like [`Session::send_bytes`], but fails with [`Error::Full`] instead of waiting when the
     /// outbox is full.
     pub fn try_send_bytes(&self, channel: u16, payload: impl Into<Bytes>) -> Result<u64> {
-        let payload = payload.into();
-        let shared = &self.inner.shared;
-        if payload.len() > self.inner.max_send {
-            return Err(Error::MessageTooLarge { size: payload.len(), limit: self.inner.max_send });
-        }
-        if shared.is_ended() {
-            return Err(shared.error());
-        }
-        let len = payload.len() as u64;
-        let now = shared.now();
-        let seq = {
-            let mut core = shared.core();
-            let new_channel = core.outbox.last_seq(channel) == 0;
-            if new_channel && core.outbox.channel_count() >= usize::from(self.inner.max_channels) {
-                return Err(Error::Limit { what: "channels per session", limit: u64::from(self.inner.max_channels) });
-            }
-            if core.outbox.last_seq(channel) >= crate::proto::replay::MAX_SEQ {
-                return Err(seal_error(SealError::SeqExhausted));
-            }
-            core.outbox.push(channel, payload, now).map_err(|f| Error::Full { messages: f.messages, bytes: f.bytes })?
-        };
-        shared.tally.add(Counter::messages_sent, 1);
-        shared.tally.add(Counter::bytes_sent, len);
-        shared.work.notify_one();
-        Ok(seq)
+        reserved(channel)?;
+        self.inner.shared.push(channel, payload.into(), true)
     }
 
     /// Sends `payload` as one QUIC datagram on `channel`: it may be lost, duplicated copies and
@@ -688,10 +725,10 @@ impl Session {
                     sealer.skip_to(last);
                 }
             }
-            if !sealers.contains_key(&channel) && sealers.len() >= usize::from(self.inner.max_channels) {
+            if !sealers.contains_key(&channel) && sealers.len() >= usize::from(self.inner.shared.max_channels) {
                 return Err(Error::Limit {
                     what: "datagram channels per session",
-                    limit: u64::from(self.inner.max_channels),
+                    limit: u64::from(self.inner.shared.max_channels),
                 });
             }
             let key = self.inner.seal_key.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -720,7 +757,7 @@ impl Session {
         let link = self.inner.shared.link();
         let quic =
             link.conn.max_datagram_size().ok_or(Error::DatagramsUnsupported("the peer does not accept datagrams"))?;
-        Ok(quic.saturating_sub(MESSAGE_OVERHEAD).min(self.inner.max_send))
+        Ok(quic.saturating_sub(MESSAGE_OVERHEAD).min(self.inner.shared.max_send))
     }
 
     /// Waits until the peer's application has taken every message sent so far on `channel`.
@@ -826,6 +863,157 @@ impl Session {
         let shared = &self.inner.shared;
         let _ = shared.ended.subscribe().wait_for(|e| *e).await;
         shared.error()
+    }
+
+    /// Calls `method` on the peer with a typed request (postcard) and waits at most `timeout`
+    /// for its typed response. See [`Session::request_bytes`] for the errors.
+    ///
+    /// ```no_run
+    /// # async fn run(session: quicseal::Session) -> quicseal::Result<()> {
+    /// use std::time::Duration;
+    /// let sum: u64 = session.request("add", &(2u64, 3u64), Duration::from_secs(1)).await?;
+    /// assert_eq!(sum, 5);
+    /// # Ok(()) }
+    /// ```
+    pub async fn request<Req, Resp>(&self, method: &str, request: &Req, timeout: Duration) -> Result<Resp>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        self.request_with(method, request, CallOptions::new(timeout)).await
+    }
+
+    /// [`Session::request`] with [`CallOptions`].
+    pub async fn request_with<Req, Resp>(&self, method: &str, request: &Req, options: CallOptions) -> Result<Resp>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        let body = postcard::to_allocvec(request)?;
+        let response = self.request_bytes(method, body, options).await?;
+        decode_exact(&response)
+    }
+
+    /// Calls `method` on the peer with raw bytes and waits for the raw response.
+    ///
+    /// The request is a sealed channel message like any other: it is resent across reconnects
+    /// and runs at most once on the server. Dropping the returned future before it completes
+    /// cancels the call on the server (the handler sees [`Call::cancelled`](crate::Call::cancelled)).
+    ///
+    /// Errors: [`Error::Timeout`] when `options.timeout` passes (here or at the server);
+    /// [`Error::Remote`] when the server answered with an error (the handler's
+    /// [`ApplicationError`](crate::ApplicationError), unknown method, overloaded, handler panic,
+    /// request too large...); [`Error::MessageTooLarge`] when the request does not fit in one
+    /// message; the session's error when it ends first.
+    pub async fn request_bytes(&self, method: &str, body: impl Into<Bytes>, options: CallOptions) -> Result<Bytes> {
+        let call = CallId { epoch: self.epoch(), id: self.inner.shared.rpc.next_id() };
+        self.call(call, method, body.into(), options.idempotent, deadline_after(options.timeout)).await
+    }
+
+    /// Makes a call with a given identity (an [`RpcClient`](crate::RpcClient) retrying it keeps
+    /// the same one).
+    pub(crate) async fn call(
+        &self,
+        call: CallId,
+        method: &str,
+        body: Bytes,
+        idempotent: bool,
+        deadline: Instant,
+    ) -> Result<Bytes> {
+        let outlet = Outlet(self.inner.shared.clone());
+        self.inner.shared.rpc.call(&outlet, call, method, body, idempotent, deadline).await
+    }
+}
+
+/// Now plus `timeout`, or a year from now if that overflows.
+pub(crate) fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout).unwrap_or(now + Duration::from_secs(365 * 86_400))
+}
+
+/// The RPC layer's handle on a session: sends on the reserved channels, counts, and tells
+/// whether the session ended. It does not keep the session open (only [`Session`] handles do).
+#[derive(Clone)]
+pub(crate) struct Outlet(Arc<Shared>);
+
+impl Outlet {
+    /// Queues a message on a reserved channel, waiting for room in the outbox.
+    pub(crate) async fn send(&self, channel: u16, payload: Bytes) -> Result<()> {
+        self.0.send(channel, payload, false).await.map(drop)
+    }
+    /// Queues a message on a reserved channel if there is room now.
+    pub(crate) fn try_send(&self, channel: u16, payload: Bytes) -> Result<()> {
+        self.0.push(channel, payload, false).map(drop)
+    }
+    pub(crate) fn max_send(&self) -> usize {
+        self.0.max_send
+    }
+    pub(crate) fn is_ended(&self) -> bool {
+        self.0.is_ended()
+    }
+    pub(crate) fn error(&self) -> Error {
+        self.0.error()
+    }
+    pub(crate) fn count(&self, c: Counter) {
+        self.0.tally.add(c, 1);
+    }
+    pub(crate) fn count_n(&self, c: Counter, n: u64) {
+        if n > 0 {
+            self.0.tally.add(c, n);
+        }
+    }
+}
+
+/// Takes RPC frames from the reserved channels as they arrive, in order: responses always (they
+/// complete our calls), requests while the session owes few enough answers. Ends with the
+/// session, failing the calls still waiting.
+async fn pump_rpc(outlet: Outlet) {
+    let shared = &outlet.0;
+    let rpc = shared.rpc.clone();
+    let mut ended = shared.ended.subscribe();
+    loop {
+        let arrived = shared.arrived.notified();
+        let paid = rpc.paid().notified();
+        tokio::pin!(arrived, paid);
+        arrived.as_mut().enable();
+        paid.as_mut().enable();
+        let mut took = false;
+        loop {
+            let now = shared.now();
+            let next = shared.core().inbox.poll_deliver_channel(rpc::RESPONSE_CHANNEL, now);
+            let Some((_, payload)) = next else { break };
+            took = true;
+            if let Err(reason) = rpc.on_response(&outlet, &payload) {
+                shared.tally.add(Counter::malformed_frames, 1);
+                shared.link().violation(close_code::PROTOCOL_VIOLATION, reason);
+                break;
+            }
+        }
+        while rpc.may_take_request() {
+            let now = shared.now();
+            let next = shared.core().inbox.poll_deliver_channel(rpc::REQUEST_CHANNEL, now);
+            let Some((_, payload)) = next else { break };
+            took = true;
+            if let Err(reason) = rpc.on_request(&outlet, &payload) {
+                shared.tally.add(Counter::malformed_frames, 1);
+                shared.link().violation(close_code::PROTOCOL_VIOLATION, reason);
+                break;
+            }
+        }
+        if took {
+            // Room for channel readers; acknowledgements are due.
+            shared.room.notify_waiters();
+            shared.work.notify_one();
+        }
+        if shared.is_ended() {
+            rpc.fail_pending();
+            return;
+        }
+        tokio::select! {
+            _ = &mut arrived => {}
+            _ = &mut paid => {}
+            _ = ended.wait_for(|e| *e) => {}
+        }
     }
 }
 
@@ -1208,6 +1396,14 @@ async fn read_datagrams(shared: Arc<Shared>, link: Arc<Link>) {
 /// Milliseconds since the Unix epoch by the local clock (0 if the clock is before 1970).
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Refuses the channels reserved for RPC.
+fn reserved(channel: u16) -> Result<()> {
+    if channel >= rpc::FIRST_RESERVED_CHANNEL {
+        return Err(Error::ReservedChannel(channel));
+    }
+    Ok(())
 }
 
 fn seal_error(e: SealError) -> Error {

@@ -84,6 +84,27 @@ counters! {
     acked,
     /// Times a session moved to a new connection after losing one.
     reconnects,
+    /// RPC calls this side made (each attempt).
+    rpc_calls,
+    /// RPC requests received from the peer.
+    rpc_requests,
+    /// RPC handlers started.
+    rpc_handled,
+    /// RPC requests answered from the at-most-once cache, or joined to the same call still
+    /// running, without running the handler again.
+    rpc_cache_hits,
+    /// Finished RPC calls the cache forgot before its horizon because it was over its bounds.
+    rpc_cache_evictions,
+    /// RPC requests refused because a concurrency limit or the cache was full.
+    rpc_overloaded,
+    /// RPC calls the caller cancelled while their handler ran.
+    rpc_cancelled,
+    /// RPC handlers still running at their deadline (no longer waited for).
+    rpc_deadline_exceeded,
+    /// RPC handlers that panicked.
+    rpc_panics,
+    /// RPC responses that arrived after their caller stopped waiting (dropped).
+    rpc_late_responses,
     }
     gauges {
     /// Channel messages sent and not yet acknowledged.

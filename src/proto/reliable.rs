@@ -400,6 +400,10 @@ pub struct InboxConfig {
     /// De-duplicate (always, except to demonstrate in a test what duplicates a faulty network
     /// produces: then a copy of an already delivered message is delivered again).
     pub dedup: bool,
+    /// Channels from this number up are the library's own (RPC): [`Inbox::poll_deliver`] skips
+    /// them (they are taken with [`Inbox::poll_deliver_channel`]) and they do not count
+    /// against `max_channels`.
+    pub reserved_from: Option<u16>,
 }
 
 impl Default for InboxConfig {
@@ -412,6 +416,7 @@ impl Default for InboxConfig {
             ack_every: 32,
             auto_ack: true,
             dedup: true,
+            reserved_from: None,
         }
     }
 }
@@ -473,13 +478,17 @@ impl Inbox {
 
     /// Takes in a message from the transport.
     pub fn on_message(&mut self, channel: u16, seq: u64, payload: Bytes, now: u64) -> Received {
-        if !self.channels.contains_key(&channel) && self.channels.len() >= self.config.max_channels {
+        if !self.is_reserved(channel)
+            && !self.channels.contains_key(&channel)
+            && self.channels.keys().filter(|&&c| !self.is_reserved(c)).count() >= self.config.max_channels
+        {
             self.stats.dropped += 1;
             return Received::Dropped;
         }
+        let reserved = self.is_reserved(channel);
         let ch = self.channels.entry(channel).or_default();
         if seq == 0 || seq <= ch.delivered || ch.held.contains_key(&seq) {
-            if !self.config.dedup && seq != 0 && self.again.len() < self.config.reorder_window as usize {
+            if !self.config.dedup && !reserved && seq != 0 && self.again.len() < self.config.reorder_window as usize {
                 self.again.push_back((channel, seq, payload));
             }
             self.note_duplicate(channel, seq, now);
@@ -517,18 +526,45 @@ impl Inbox {
         if let Some(copy) = self.again.pop_front() {
             return Some(copy);
         }
-        let (&channel, ch) = self
+        let reserved_from = self.config.reserved_from.unwrap_or(u16::MAX);
+        let reserved = self.config.reserved_from.is_some();
+        let channel = *self
             .channels
-            .iter_mut()
-            .find(|(_, ch)| ch.held.first_key_value().is_some_and(|(&s, _)| s == ch.delivered + 1))?;
-        let (seq, payload) = ch.held.pop_first().expect("checked above");
-        ch.delivered = seq;
-        self.held_bytes -= payload.len();
-        self.stats.delivered += 1;
+            .iter()
+            .find(|&(&c, ch)| {
+                !(reserved && c >= reserved_from)
+                    && ch.held.first_key_value().is_some_and(|(&s, _)| s == ch.delivered + 1)
+            })?
+            .0;
+        let (seq, payload) = self.take_next(channel)?;
         if self.config.auto_ack {
             self.ack(channel, seq, now);
         }
         Some((channel, seq, payload))
+    }
+
+    /// The next message of `channel` in order, if it is here; it counts as taken (acknowledged)
+    /// at once, whatever the ack mode. For the library's own reserved channels.
+    pub fn poll_deliver_channel(&mut self, channel: u16, now: u64) -> Option<(u64, Bytes)> {
+        let (seq, payload) = self.take_next(channel)?;
+        self.ack(channel, seq, now);
+        Some((seq, payload))
+    }
+
+    fn is_reserved(&self, channel: u16) -> bool {
+        self.config.reserved_from.is_some_and(|r| channel >= r)
+    }
+
+    fn take_next(&mut self, channel: u16) -> Option<(u64, Bytes)> {
+        let ch = self.channels.get_mut(&channel)?;
+        if ch.held.first_key_value().is_none_or(|(&s, _)| s != ch.delivered + 1) {
+            return None;
+        }
+        let (seq, payload) = ch.held.pop_first()?;
+        ch.delivered = seq;
+        self.held_bytes -= payload.len();
+        self.stats.delivered += 1;
+        Some((seq, payload))
     }
 
     /// Records that the application took `seq` of `channel` (manual-ack mode; idempotent).

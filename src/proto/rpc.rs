@@ -3,15 +3,16 @@
 //! RPC frames travel as the payloads of ordinary sealed, reliable channel messages, so they get
 //! integrity tags, replay protection and exactly-once delivery across reconnects for free. This
 //! module only defines their layout and the cache that keeps a retried request from running its
-//! handler twice. (Wiring into sessions is a later step.)
+//! handler twice. The async side (routing, deadlines, cancellation) is in `crate::rpc`.
 //!
-//! Layout (integers big-endian), after a one-byte kind:
+//! Every frame names its call by a [`CallId`]: the caller's epoch and a request id. Layout
+//! (integers big-endian), after a one-byte kind:
 //!
 //! | kind | fields |
 //! |---|---|
-//! | `0x01` REQUEST | `id` u64, `flags` u8 (`0x01` idempotent), `budget_ms` u32 (relative deadline), `method_len` u8 (1 to 255), `method` (UTF-8), body (rest) |
-//! | `0x02` RESPONSE | `id` u64, `status` u8, for status `0x01` APPLICATION: `code` u32, `message_len` u16 (at most 1,024), `message` (UTF-8); body (rest) |
-//! | `0x03` CANCEL | `id` u64, nothing else |
+//! | `0x01` REQUEST | `epoch` u64, `id` u64, `flags` u8 (`0x01` idempotent), `budget_ms` u32 (relative deadline), `method_len` u8 (1 to 255), `method` (UTF-8), body (rest) |
+//! | `0x02` RESPONSE | `epoch` u64, `id` u64, `status` u8, for status `0x01` APPLICATION: `code` u32, `message_len` u16 (at most 1,024), `message` (UTF-8); body (rest) |
+//! | `0x03` CANCEL | `epoch` u64, `id` u64, nothing else |
 //!
 //! Deadlines travel as relative budgets (as tarpc does), so clock skew between nodes does not
 //! break them.
@@ -25,6 +26,17 @@ use bytes::Bytes;
 pub const MAX_METHOD_LEN: usize = 255;
 /// Longest application error message, bytes.
 pub const MAX_ERROR_MESSAGE_LEN: usize = 1024;
+
+/// The identity of a call: the caller's epoch (random, chosen by the caller) and a request id
+/// unique within that epoch. A retry of a call carries the same identity, which is what lets
+/// the server run it at most once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CallId {
+    /// The caller's epoch.
+    pub epoch: u64,
+    /// The request id within the epoch.
+    pub id: u64,
+}
 
 /// How a call ended, as the server reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +63,11 @@ pub enum Status {
     RequestTooLarge,
     /// The caller cancelled the call.
     Cancelled,
+    /// The request body does not decode as the method's request type.
+    InvalidRequest,
+    /// The server could not send the handler's response (it did not encode, or it was over the
+    /// message size limit); the handler did run.
+    Internal,
 }
 
 impl Status {
@@ -64,6 +81,8 @@ impl Status {
             Status::HandlerPanicked => 5,
             Status::RequestTooLarge => 6,
             Status::Cancelled => 7,
+            Status::InvalidRequest => 8,
+            Status::Internal => 9,
         }
     }
 }
@@ -73,8 +92,8 @@ impl Status {
 pub enum RpcFrame {
     /// A call.
     Request {
-        /// Unique per caller session.
-        id: u64,
+        /// Which call.
+        call: CallId,
         /// The method name.
         method: String,
         /// Milliseconds the caller will wait, from when the server receives it.
@@ -86,8 +105,8 @@ pub enum RpcFrame {
     },
     /// The answer to a call.
     Response {
-        /// The request's id.
-        id: u64,
+        /// Which call.
+        call: CallId,
         /// How it ended.
         status: Status,
         /// The encoded response (empty unless `status` is [`Status::Ok`]).
@@ -95,8 +114,8 @@ pub enum RpcFrame {
     },
     /// The caller gave up on a call.
     Cancel {
-        /// The request's id.
-        id: u64,
+        /// Which call.
+        call: CallId,
     },
 }
 
@@ -169,7 +188,7 @@ impl RpcFrame {
     pub fn decode(bytes: &Bytes) -> Result<RpcFrame, RpcError> {
         let mut r = Reader { bytes, at: 0 };
         let kind = r.u8()?;
-        let id = r.u64()?;
+        let call = CallId { epoch: r.u64()?, id: r.u64()? };
         match kind {
             0x01 => {
                 let flags = r.u8()?;
@@ -183,7 +202,7 @@ impl RpcFrame {
                 }
                 let method = r.str(len)?;
                 Ok(RpcFrame::Request {
-                    id,
+                    call,
                     method,
                     budget_ms,
                     idempotent: flags & 0x01 != 0,
@@ -207,11 +226,13 @@ impl RpcFrame {
                     5 => Status::HandlerPanicked,
                     6 => Status::RequestTooLarge,
                     7 => Status::Cancelled,
+                    8 => Status::InvalidRequest,
+                    9 => Status::Internal,
                     s => return Err(RpcError::UnknownStatus(s)),
                 };
-                Ok(RpcFrame::Response { id, status, body: bytes.slice(r.at..) })
+                Ok(RpcFrame::Response { call, status, body: bytes.slice(r.at..) })
             }
-            0x03 if r.at == bytes.len() => Ok(RpcFrame::Cancel { id }),
+            0x03 if r.at == bytes.len() => Ok(RpcFrame::Cancel { call }),
             0x03 => Err(RpcError::TrailingBytes(bytes.len() - r.at)),
             k => Err(RpcError::UnknownKind(k)),
         }
@@ -221,27 +242,27 @@ impl RpcFrame {
     /// over [`MAX_ERROR_MESSAGE_LEN`], are refused.
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), RpcError> {
         match self {
-            RpcFrame::Request { id, method, budget_ms, idempotent, body } => {
+            RpcFrame::Request { call, method, budget_ms, idempotent, body } => {
                 if method.is_empty() {
                     return Err(RpcError::EmptyMethod);
                 }
                 let len = u8::try_from(method.len()).map_err(|_| RpcError::MethodTooLong(method.len()))?;
                 out.push(0x01);
-                out.extend_from_slice(&id.to_be_bytes());
+                put_call(out, call);
                 out.push(u8::from(*idempotent));
                 out.extend_from_slice(&budget_ms.to_be_bytes());
                 out.push(len);
                 out.extend_from_slice(method.as_bytes());
                 out.extend_from_slice(body);
             }
-            RpcFrame::Response { id, status, body } => {
+            RpcFrame::Response { call, status, body } => {
                 if let Status::Application { message, .. } = status
                     && message.len() > MAX_ERROR_MESSAGE_LEN
                 {
                     return Err(RpcError::MessageTooLong(message.len()));
                 }
                 out.push(0x02);
-                out.extend_from_slice(&id.to_be_bytes());
+                put_call(out, call);
                 out.push(status.code());
                 if let Status::Application { code, message } = status {
                     out.extend_from_slice(&code.to_be_bytes());
@@ -250,13 +271,25 @@ impl RpcFrame {
                 }
                 out.extend_from_slice(body);
             }
-            RpcFrame::Cancel { id } => {
+            RpcFrame::Cancel { call } => {
                 out.push(0x03);
-                out.extend_from_slice(&id.to_be_bytes());
+                put_call(out, call);
             }
         }
         Ok(())
     }
+
+    /// The call this frame belongs to.
+    pub fn call(&self) -> CallId {
+        match self {
+            RpcFrame::Request { call, .. } | RpcFrame::Response { call, .. } | RpcFrame::Cancel { call } => *call,
+        }
+    }
+}
+
+fn put_call(out: &mut Vec<u8>, call: &CallId) {
+    out.extend_from_slice(&call.epoch.to_be_bytes());
+    out.extend_from_slice(&call.id.to_be_bytes());
 }
 
 /// Bounds of the response cache.
@@ -306,12 +339,14 @@ pub struct ResponseCache<K> {
     /// Finished calls, oldest first, for eviction.
     finished: VecDeque<(u64, K)>,
     bytes: usize,
+    /// Finished calls forgotten before their horizon (over the bounds), not yet taken.
+    early: u64,
 }
 
 impl<K: Hash + Eq + Clone> ResponseCache<K> {
     /// An empty cache.
     pub fn new(config: CacheConfig) -> ResponseCache<K> {
-        ResponseCache { config, entries: HashMap::new(), finished: VecDeque::new(), bytes: 0 }
+        ResponseCache { config, entries: HashMap::new(), finished: VecDeque::new(), bytes: 0, early: 0 }
     }
 
     /// Decides about a request for `key` arriving at `now`. `None` means the cache is full of
@@ -341,6 +376,14 @@ impl<K: Hash + Eq + Clone> ResponseCache<K> {
         self.evict(now);
     }
 
+    /// Forgets a call that [`ResponseCache::begin`] said to run but that did not start after all
+    /// (the server was overloaded): a retry may run it.
+    pub fn abandon(&mut self, key: &K) {
+        if matches!(self.entries.get(key), Some(Entry::Running)) {
+            self.entries.remove(key);
+        }
+    }
+
     /// Forgets finished calls older than the horizon, and the oldest ones beyond the bounds.
     pub fn evict(&mut self, now: u64) {
         while let Some((at, key)) = self.finished.front() {
@@ -349,11 +392,20 @@ impl<K: Hash + Eq + Clone> ResponseCache<K> {
             if !expired && !over {
                 break;
             }
+            if !expired {
+                self.early += 1;
+            }
             if let Some(Entry::Done { body, .. }) = self.entries.remove(key) {
                 self.bytes -= body.len();
             }
             self.finished.pop_front();
         }
+    }
+
+    /// How many finished calls were forgotten before their horizon because the cache was over
+    /// its bounds, since the last call of this method. A retry of such a call runs again.
+    pub fn take_early_evictions(&mut self) -> u64 {
+        std::mem::take(&mut self.early)
     }
 
     /// Remembered calls (running and finished).
@@ -382,25 +434,37 @@ mod tests {
         v.into()
     }
 
+    fn c(id: u64) -> CallId {
+        CallId { epoch: 0x0102_0304_0506_0708, id }
+    }
+
     fn samples() -> Vec<RpcFrame> {
         vec![
             RpcFrame::Request {
-                id: 7,
+                call: c(7),
                 method: "kv.get".into(),
                 budget_ms: 1500,
                 idempotent: true,
                 body: Bytes::from_static(b"key"),
             },
-            RpcFrame::Request { id: u64::MAX, method: "m".into(), budget_ms: 0, idempotent: false, body: Bytes::new() },
-            RpcFrame::Response { id: 7, status: Status::Ok, body: Bytes::from_static(b"value") },
+            RpcFrame::Request {
+                call: CallId { epoch: u64::MAX, id: u64::MAX },
+                method: "m".into(),
+                budget_ms: 0,
+                idempotent: false,
+                body: Bytes::new(),
+            },
+            RpcFrame::Response { call: c(7), status: Status::Ok, body: Bytes::from_static(b"value") },
             RpcFrame::Response {
-                id: 8,
+                call: c(8),
                 status: Status::Application { code: 404, message: "no such key".into() },
                 body: Bytes::new(),
             },
-            RpcFrame::Response { id: 9, status: Status::HandlerPanicked, body: Bytes::new() },
-            RpcFrame::Response { id: 10, status: Status::Cancelled, body: Bytes::new() },
-            RpcFrame::Cancel { id: 11 },
+            RpcFrame::Response { call: c(9), status: Status::HandlerPanicked, body: Bytes::new() },
+            RpcFrame::Response { call: c(10), status: Status::Cancelled, body: Bytes::new() },
+            RpcFrame::Response { call: c(11), status: Status::InvalidRequest, body: Bytes::new() },
+            RpcFrame::Response { call: c(12), status: Status::Internal, body: Bytes::new() },
+            RpcFrame::Cancel { call: c(13) },
         ]
     }
 
@@ -410,27 +474,58 @@ mod tests {
             assert_eq!(RpcFrame::decode(&enc(&f)).unwrap(), f);
         }
         let req = enc(&samples()[0]);
-        assert_eq!(&req[..], b"\x01\x00\x00\x00\x00\x00\x00\x00\x07\x01\x00\x00\x05\xdc\x06kv.getkey");
+        assert_eq!(
+            &req[..],
+            b"\x01\x01\x02\x03\x04\x05\x06\x07\x08\x00\x00\x00\x00\x00\x00\x00\x07\x01\x00\x00\x05\xdc\x06kv.getkey"
+        );
+        for f in samples() {
+            assert_eq!(f.call(), RpcFrame::decode(&enc(&f)).unwrap().call());
+        }
     }
 
     #[test]
     fn every_error_path() {
         let d = |b: &[u8]| RpcFrame::decode(&Bytes::copy_from_slice(b));
         assert_eq!(d(&[]), Err(RpcError::Truncated));
-        assert_eq!(d(&[9, 0, 0, 0, 0, 0, 0, 0, 0]), Err(RpcError::UnknownKind(9)));
-        assert_eq!(d(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 1, b'm']), Err(RpcError::UnknownFlags(2)));
-        assert_eq!(d(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Err(RpcError::EmptyMethod));
-        assert_eq!(d(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff]), Err(RpcError::NotUtf8));
-        assert_eq!(d(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, b'a']), Err(RpcError::Truncated));
-        assert_eq!(d(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 8]), Err(RpcError::UnknownStatus(8)));
-        assert_eq!(d(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0x04, 0x01]), Err(RpcError::MessageTooLong(1025)));
-        assert_eq!(d(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 1]), Err(RpcError::TrailingBytes(1)));
+        assert_eq!(d(&[9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Err(RpcError::UnknownKind(9)));
+        assert_eq!(
+            d(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 0, 1, b'm']),
+            Err(RpcError::UnknownFlags(2))
+        );
+        assert_eq!(
+            d(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(RpcError::EmptyMethod)
+        );
+        assert_eq!(
+            d(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff]),
+            Err(RpcError::NotUtf8)
+        );
+        assert_eq!(
+            d(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, b'a']),
+            Err(RpcError::Truncated)
+        );
+        assert_eq!(d(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 10]), Err(RpcError::UnknownStatus(10)));
+        assert_eq!(
+            d(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0x04, 0x01]),
+            Err(RpcError::MessageTooLong(1025))
+        );
+        assert_eq!(d(&[3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]), Err(RpcError::TrailingBytes(1)));
         let mut out = Vec::new();
-        let long =
-            RpcFrame::Request { id: 1, method: "x".repeat(256), budget_ms: 0, idempotent: false, body: Bytes::new() };
+        let long = RpcFrame::Request {
+            call: c(1),
+            method: "x".repeat(256),
+            budget_ms: 0,
+            idempotent: false,
+            body: Bytes::new(),
+        };
         assert_eq!(long.encode(&mut out), Err(RpcError::MethodTooLong(256)));
-        let empty =
-            RpcFrame::Request { id: 1, method: String::new(), budget_ms: 0, idempotent: false, body: Bytes::new() };
+        let empty = RpcFrame::Request {
+            call: c(1),
+            method: String::new(),
+            budget_ms: 0,
+            idempotent: false,
+            body: Bytes::new(),
+        };
         assert_eq!(empty.encode(&mut out), Err(RpcError::EmptyMethod));
         assert!(out.is_empty());
     }
@@ -468,6 +563,7 @@ mod tests {
         assert_eq!(c.begin(("other", 1), 20), Some(Begin::Run), "keys are per caller");
         // Past the horizon the call is forgotten: a late retry would run again.
         assert_eq!(c.begin(("peer", 1), 10 + 120_001), Some(Begin::Run));
+        assert_eq!(c.take_early_evictions(), 0, "expiry is not an early eviction");
     }
 
     #[test]
@@ -480,6 +576,8 @@ mod tests {
         c.finish(1, Status::Ok, Bytes::from_static(b"123456"), 1);
         c.finish(2, Status::Ok, Bytes::from_static(b"123456"), 2); // 12 bytes > 10: 1 is evicted
         assert_eq!(c.bytes(), 6);
+        assert_eq!(c.take_early_evictions(), 1);
+        assert_eq!(c.take_early_evictions(), 0);
         assert_eq!(c.begin(1, 3), Some(Begin::Run));
         assert_eq!(c.begin(3, 3), Some(Begin::Running));
         assert_eq!(c.len(), 3);
@@ -487,5 +585,10 @@ mod tests {
         c.finish(99, Status::Ok, Bytes::from_static(b"x"), 4);
         c.finish(2, Status::Cancelled, Bytes::new(), 4);
         assert_eq!(c.begin(2, 5), Some(Begin::Answer(Status::Ok, Bytes::from_static(b"123456"))));
+        // An abandoned call (never started) is forgotten; a finished one is not.
+        c.abandon(&3);
+        c.abandon(&2);
+        assert_eq!(c.begin(3, 6), Some(Begin::Run));
+        assert_eq!(c.begin(2, 6), Some(Begin::Answer(Status::Ok, Bytes::from_static(b"123456"))));
     }
 }

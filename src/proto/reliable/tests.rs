@@ -102,6 +102,7 @@ fn simulate(seed: u64, channels: u16, per_channel: u64, faults: Faults, fault_un
         ack_every: 8,
         auto_ack: !manual_ack,
         dedup: true,
+        reserved_from: None,
     };
     let mut outbox = Outbox::new(out_cfg.clone(), seed);
     let mut inbox = Inbox::new(in_cfg.clone());
@@ -303,6 +304,7 @@ fn inbox_drops_what_it_cannot_hold_and_reacks_duplicates() {
         ack_every: 100,
         auto_ack: true,
         dedup: true,
+        reserved_from: None,
     });
     assert_eq!(i.on_message(0, 6, Bytes::from_static(b"x"), 0), Received::Dropped); // too far ahead
     assert_eq!(i.on_message(0, 3, Bytes::from_static(b"abc"), 0), Received::Accepted);
@@ -319,4 +321,37 @@ fn inbox_drops_what_it_cannot_hold_and_reacks_duplicates() {
     assert_eq!(i.poll_deliver(11).map(|d| d.1), Some(2));
     assert_eq!(i.poll_deliver(11).map(|d| d.1), Some(3));
     assert_eq!(i.stats(), InboxStats { accepted: 3, duplicates: 1, dropped: 3, delivered: 3 });
+}
+
+#[test]
+fn reserved_channels_are_skipped_by_poll_deliver_and_exempt_from_the_channel_limit() {
+    let mut i = Inbox::new(InboxConfig {
+        max_channels: 1,
+        auto_ack: false,
+        reserved_from: Some(0xFFFE),
+        ..InboxConfig::default()
+    });
+    assert_eq!(i.on_message(0xFFFF, 1, Bytes::from_static(b"r1"), 0), Received::Accepted);
+    assert_eq!(i.on_message(0xFFFE, 1, Bytes::from_static(b"q1"), 0), Received::Accepted);
+    assert_eq!(i.on_message(3, 1, Bytes::from_static(b"a"), 0), Received::Accepted, "reserved ones do not count");
+    assert_eq!(i.on_message(4, 1, Bytes::from_static(b"b"), 0), Received::Dropped, "one ordinary channel only");
+    assert_eq!(i.poll_deliver(0), Some((3, 1, Bytes::from_static(b"a"))));
+    assert_eq!(i.poll_deliver(0), None, "reserved channels are not handed to the application");
+    assert_eq!(i.poll_deliver_channel(0xFFFF, 0), Some((1, Bytes::from_static(b"r1"))));
+    assert_eq!(i.poll_deliver_channel(0xFFFF, 0), None);
+    // Out of order on a reserved channel: held until the gap fills.
+    assert_eq!(i.on_message(0xFFFE, 3, Bytes::from_static(b"q3"), 0), Received::Accepted);
+    assert_eq!(i.poll_deliver_channel(0xFFFE, 0), Some((1, Bytes::from_static(b"q1"))));
+    assert_eq!(i.poll_deliver_channel(0xFFFE, 0), None);
+    assert_eq!(i.on_message(0xFFFE, 2, Bytes::from_static(b"q2"), 0), Received::Accepted);
+    assert_eq!(i.poll_deliver_channel(0xFFFE, 0), Some((2, Bytes::from_static(b"q2"))));
+    assert_eq!(i.poll_deliver_channel(0xFFFE, 0), Some((3, Bytes::from_static(b"q3"))));
+    // Reserved channels are acknowledged when taken, even in manual-ack mode; ordinary ones not.
+    let mut acks = Vec::new();
+    while let Some(a) = i.poll_ack(1_000) {
+        acks.push((a.channel, a.cumulative));
+    }
+    acks.sort();
+    assert_eq!(acks, [(0xFFFE, 3), (0xFFFF, 1)]);
+    assert_eq!(i.held_bytes(), 0);
 }
