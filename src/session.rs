@@ -358,9 +358,9 @@ impl Shared {
             return Err(self.error());
         }
         let len = payload.len() as u64;
-        let now = self.now();
         let seq = {
             let mut core = self.core();
+            let now = self.now();
             let new_channel = core.outbox.last_seq(channel) == 0;
             if user && new_channel {
                 let reserved =
@@ -1169,7 +1169,11 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>, key: Arc<SealingKey>, epoch
                     let mut out = Vec::with_capacity(t.payload.len() + MESSAGE_OVERHEAD);
                     if let Err(e) = sealer.seal(t.seq, now_ms(), &t.payload, &mut out) {
                         warn!(error = %e, "cannot seal: closing the session");
-                        link.conn.close(VarInt::from_u32(close_code::NO_ERROR), b"sequence numbers exhausted");
+                        let reason: &[u8] = match e {
+                            SealError::SeqExhausted => b"sequence numbers exhausted",
+                            _ => b"cannot seal",
+                        };
+                        link.conn.close(VarInt::from_u32(close_code::NO_ERROR), reason);
                         return;
                     }
                     let f = Bytes::from(out);

@@ -414,3 +414,93 @@ async fn every_bit_flip_through_a_session_is_refused_and_counted() {
     assert!(s.tag_failures > 0 && s.replays_rejected > 0 && s.stale_rejected > 0, "{s:?}");
     assert_eq!(s.messages_delivered, 2);
 }
+
+fn rpc_request(epoch: u64, id: u64, method: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    quicseal::proto::rpc::RpcFrame::Request {
+        call: quicseal::CallId { epoch, id },
+        method: method.into(),
+        budget_ms: 5_000,
+        idempotent: false,
+        body: Bytes::copy_from_slice(body),
+    }
+    .encode(&mut out)
+    .unwrap();
+    out
+}
+
+fn counting_router(runs: Arc<std::sync::atomic::AtomicUsize>) -> quicseal::Router {
+    quicseal::Router::new().handle_bytes("count", move |_call, body: Bytes| {
+        let runs = runs.clone();
+        async move {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(body)
+        }
+    })
+}
+
+#[tokio::test]
+async fn rpc_requests_are_sealed_messages_a_replayed_request_does_not_run_again() {
+    let pki = Pki::new("ca");
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).rpc(counting_router(runs.clone())));
+    let (insider, session) = Insider::connect(&pki, &server).await;
+    let mut stream = insider.channel(quicseal::REQUEST_CHANNEL).await;
+    let mut sealer = insider.sealer(MessageKind::Stream, quicseal::REQUEST_CHANNEL);
+    let request = seal(&mut sealer, 1, now_ms(), &rpc_request(EPOCH, 1, "count", b"x"));
+    stream.write_all(&request).await.unwrap();
+    stream.write_all(&request).await.unwrap(); // replayed byte for byte
+    // A tampered copy of a new request fails its tag.
+    let intact = seal(&mut sealer, 2, now_ms(), &rpc_request(EPOCH, 2, "count", b"y"));
+    let mut tampered = intact.clone();
+    let last = tampered.len() - 20;
+    tampered[last] ^= 1;
+    stream.write_all(&tampered).await.unwrap();
+    let third = seal(&mut sealer, 3, now_ms(), &rpc_request(EPOCH, 3, "count", b"z"));
+    stream.write_all(&third).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while runs.load(std::sync::atomic::Ordering::SeqCst) < 1 || session.stats().tag_failures < 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Request 3 waits behind the lost request 2 (in order per channel): only request 1 ran.
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let stats = session.stats();
+    assert_eq!((stats.replays_rejected, stats.tag_failures, stats.rpc_requests), (1, 1, 1), "{stats:?}");
+    // The sender resends request 2 intact: 2 and 3 run, once each.
+    stream.write_all(&intact).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while runs.load(std::sync::atomic::Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(session.stats().rpc_requests, 3);
+}
+
+#[tokio::test]
+async fn a_malformed_rpc_frame_closes_the_session_as_a_protocol_violation() {
+    for (channel, payload, why) in [
+        (quicseal::REQUEST_CHANNEL, vec![0x01, 0, 0], "truncated request"),
+        (quicseal::REQUEST_CHANNEL, vec![0x09; 17], "unknown kind"),
+        (quicseal::RESPONSE_CHANNEL, rpc_request(EPOCH, 1, "count", b""), "request on the response channel"),
+    ] {
+        let pki = Pki::new("ca");
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).rpc(counting_router(runs.clone())));
+        let (insider, session) = Insider::connect(&pki, &server).await;
+        let mut stream = insider.channel(channel).await;
+        let mut sealer = insider.sealer(MessageKind::Stream, channel);
+        stream.write_all(&seal(&mut sealer, 1, now_ms(), &payload)).await.unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(10), session.closed()).await.expect("closed");
+        assert!(matches!(e, Error::ProtocolViolation { side: quicseal::Side::Local, .. }), "{why}: {e:?}");
+        assert_eq!(session.stats().malformed_frames, 1, "{why}");
+        let reason = insider.conn.closed().await;
+        assert_eq!(app_code(&reason), Some(u64::from(close_code::PROTOCOL_VIOLATION)), "{why}");
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+}

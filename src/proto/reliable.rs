@@ -143,6 +143,9 @@ struct Pending {
 #[derive(Debug, Default)]
 struct OutChannel {
     last_seq: u64,
+    /// When the last message was queued: a later one is never due before it, so first
+    /// transmissions leave in sequence order even if callers' clocks were read out of order.
+    last_push: u64,
     cumulative: u64,
     unacked: BTreeMap<u64, Pending>,
 }
@@ -195,10 +198,12 @@ impl Outbox {
         let ch = self.channels.entry(channel).or_default();
         ch.last_seq += 1;
         let seq = ch.last_seq;
+        let due = now.max(ch.last_push);
+        ch.last_push = due;
         self.messages += 1;
         self.bytes += payload.len();
-        ch.unacked.insert(seq, Pending { payload, due: Some(now), sent_at: None, attempts: 0 });
-        self.due.insert((now, channel, seq));
+        ch.unacked.insert(seq, Pending { payload, due: Some(due), sent_at: None, attempts: 0 });
+        self.due.insert((due, channel, seq));
         self.stats.pushed += 1;
         Ok(seq)
     }

@@ -355,3 +355,15 @@ fn reserved_channels_are_skipped_by_poll_deliver_and_exempt_from_the_channel_lim
     assert_eq!(acks, [(0xFFFE, 3), (0xFFFF, 1)]);
     assert_eq!(i.held_bytes(), 0);
 }
+
+#[test]
+fn first_transmissions_leave_in_sequence_order_even_with_clock_readings_out_of_order() {
+    // Two threads may read the clock, then queue in the other order; sealing needs sequence
+    // order per channel.
+    let mut o = Outbox::new(OutboxConfig::default(), 1);
+    assert_eq!(o.push(3, Bytes::from_static(b"a"), 11), Ok(1));
+    assert_eq!(o.push(3, Bytes::from_static(b"b"), 10), Ok(2));
+    assert_eq!(o.push(4, Bytes::from_static(b"c"), 10), Ok(1));
+    let order: Vec<(u16, u64)> = std::iter::from_fn(|| o.poll_transmit(20)).map(|t| (t.channel, t.seq)).collect();
+    assert_eq!(order, [(4, 1), (3, 1), (3, 2)]);
+}
