@@ -19,13 +19,18 @@
 //!   binding kind, channel, epoch, sequence number and send time; **replay windows**
 //!   (RFC 6479), a **freshness** horizon and per-session **epochs** ([`proto::seal`]). Every
 //!   refusal is counted ([`Stats`]).
+//! - **Request/response RPC** ([`Router`], [`Session::request`], [`RpcClient`]): typed or raw
+//!   calls with deadlines carried as relative budgets, cancellation when the caller's future is
+//!   dropped, typed remote errors ([`RemoteError`]), per-session and per-node concurrency limits,
+//!   and at-most-once execution across retries and reconnects ([`Router`] explains the cache
+//!   and its horizon).
 //! - **Limits on everything a peer can make us spend** ([`Limits`]), with safe defaults. Input
 //!   from a peer never panics: it is a typed [`Error`] and a closed connection.
 //! - **PKI helpers** ([`pki`]) to create a CA, node certificates and CRLs.
 //!
 //! ## What it does not do (yet)
 //!
-//! RPC and certificate hot reload are not implemented. A session that cannot be resumed within
+//! Certificate hot reload is not implemented. A session that cannot be resumed within
 //! `Limits::resume_timeout` ends, and what was not acknowledged by then is lost (the sender sees
 //! it in [`Session::delivered`]). quicseal is
 //! not a general-purpose TLS or HTTP library, and it does not talk to peers outside quicseal.

@@ -240,7 +240,26 @@ impl Default for RouterConfig {
 }
 
 /// The server side of RPC: handlers by method name, and their limits. Give it to
-/// [`NodeConfig::rpc`](crate::NodeConfig::rpc).
+/// [`NodeConfig::rpc`](crate::NodeConfig::rpc); it serves every session of the node.
+///
+/// - Requests and responses are ordinary sealed channel messages on the reserved channels
+///   [`REQUEST_CHANNEL`] and [`RESPONSE_CHANNEL`]: integrity tags, replay windows and
+///   exactly-once delivery across reconnects apply to them.
+/// - Concurrency is limited per session and per node ([`RouterConfig`]); beyond, callers get
+///   [`RemoteError::Overloaded`] and nothing runs.
+/// - A handler whose deadline passed or whose caller cancelled is told through
+///   [`Call::cancelled`], no longer waited for, and dropped after
+///   [`RouterConfig::cancel_grace`]. A panicking handler is answered with
+///   [`RemoteError::HandlerPanicked`]; the server carries on.
+/// - **At most once.** The server remembers each call by (the caller's key fingerprint, caller
+///   epoch, request id) in a bounded cache. A request that arrives again (a retry on a new
+///   session, see [`RpcClient`]) is answered from the cache, or joined to the same call still
+///   running, and never runs its handler twice. **Horizon**: a finished call is remembered for
+///   [`CacheConfig::horizon_ms`] (2 minutes by default), fewer when more than `max_entries`
+///   calls or `max_bytes` of responses pile up (oldest first, counted in
+///   `Stats::rpc_cache_evictions`), and not across a restart of the node. A retry after that
+///   runs the handler again, which is why [`RpcClient`] retries calls that are not idempotent
+///   only within the horizon.
 ///
 /// ```
 /// use quicseal::{ApplicationError, Call, Router};

@@ -483,6 +483,39 @@ mod tests {
         }
     }
 
+    // PROTOCOL.md, section "Test vectors".
+    #[test]
+    fn protocol_md_vectors() {
+        let doc = include_str!("../../PROTOCOL.md");
+        let call = CallId { epoch: 0x0102_0304_0506_0708, id: 7 };
+        let cases = [
+            (
+                "vector-rpc-request",
+                RpcFrame::Request {
+                    call,
+                    method: "kv.get".into(),
+                    budget_ms: 1500,
+                    idempotent: true,
+                    body: Bytes::from_static(b"key"),
+                },
+            ),
+            (
+                "vector-rpc-response",
+                RpcFrame::Response {
+                    call,
+                    status: Status::Application { code: 404, message: "no such key".into() },
+                    body: Bytes::new(),
+                },
+            ),
+            ("vector-rpc-cancel", RpcFrame::Cancel { call }),
+        ];
+        for (name, frame) in cases {
+            let bytes = crate::proto::wire::tests::vector(doc, name);
+            assert_eq!(enc(&frame), bytes, "{name}");
+            assert_eq!(RpcFrame::decode(&bytes).unwrap(), frame, "{name}");
+        }
+    }
+
     #[test]
     fn every_error_path() {
         let d = |b: &[u8]| RpcFrame::decode(&Bytes::copy_from_slice(b));
