@@ -629,9 +629,12 @@ impl SessionRpc {
         let mut cancelled = ctx.cancel.clone();
         let server = &self.server;
         let mut task = tokio::spawn(handler(ctx, body));
+        // A cancelled call stays cancelled even if its handler finished in the same instant (its
+        // caller is gone); a result that is ready wins over a deadline that is too.
         let finished = tokio::select! {
-            r = &mut task => Some(r),
+            biased;
             _ = cancelled.wait_for(Option::is_some) => None,
+            r = &mut task => Some(r),
             _ = tokio::time::sleep_until(deadline) => None,
         };
         let (status, response) = match finished {

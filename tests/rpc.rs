@@ -279,61 +279,116 @@ fn quick_limits() -> Limits {
     l
 }
 
+/// A server whose "transfer" handler counts its runs and takes 300 ms, behind a netsim link,
+/// and an RpcClient of it.
+struct LostSession {
+    runs: Arc<AtomicUsize>,
+    started: mpsc::UnboundedReceiver<()>,
+    server: Node,
+    client_node: Node,
+    proxy: quicseal::netsim::Proxy,
+    serve: tokio::task::JoinHandle<()>,
+}
+
+impl LostSession {
+    async fn start() -> LostSession {
+        let pki = Pki::new("ca");
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (started_tx, started) = mpsc::unbounded_channel();
+        let router = Router::new().handle("transfer", {
+            let runs = runs.clone();
+            move |_call: Call, amount: u64| {
+                let (runs, started) = (runs.clone(), started_tx.clone());
+                async move {
+                    let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                    started.send(()).unwrap();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, ApplicationError>(format!("moved {amount}, run {n}"))
+                }
+            }
+        });
+        let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(quick_limits()).rpc(router));
+        let client_node = bind(NodeConfig::new(pki.identity("client"), pki.trust()).limits(quick_limits()));
+        let proxy = quicseal::netsim::Proxy::start(
+            "127.0.0.1:0".parse().unwrap(),
+            server.local_addr().unwrap(),
+            quicseal::netsim::LinkConfig::default(),
+        )
+        .await
+        .unwrap();
+        let serve = tokio::spawn({
+            let server = server.clone();
+            async move { server.serve().await }
+        });
+        LostSession { runs, started, server, client_node, proxy, serve }
+    }
+
+    fn client(&self) -> RpcClient {
+        RpcClient::new(self.client_node.clone(), self.proxy.local_addr(), "server").unwrap()
+    }
+
+    /// Makes a call and, once its handler started, darkens the link for longer than the idle
+    /// and resume timeouts, so the session gives up; then lights it again. Returns the call's
+    /// result and the first session.
+    async fn call_across_a_lost_session(
+        &mut self,
+        client: Arc<RpcClient>,
+        options: CallOptions,
+    ) -> (quicseal::Result<String>, Session) {
+        let first_session = client.session().await.unwrap();
+        let call = tokio::spawn({
+            let client = client.clone();
+            async move { client.request_with::<_, String>("transfer", &5u64, options).await }
+        });
+        tokio::time::timeout(5 * SECOND, self.started.recv()).await.unwrap().unwrap();
+        self.proxy.set_blackout(true);
+        tokio::time::timeout(Duration::from_secs(10), first_session.closed()).await.expect("the session gave up");
+        self.proxy.set_blackout(false);
+        let answer = tokio::time::timeout(Duration::from_secs(30), call).await.unwrap().unwrap();
+        (answer, first_session)
+    }
+}
+
+impl Drop for LostSession {
+    fn drop(&mut self) {
+        self.serve.abort();
+    }
+}
+
 #[tokio::test]
 async fn a_retry_on_a_new_session_is_answered_from_the_cache_without_running_again() {
-    // The session is lost for good (longer than the resume timeout) while the handler runs;
-    // the RpcClient dials a new session and sends the same call again: the server answers it
-    // from its at-most-once cache.
-    let pki = Pki::new("ca");
-    let runs = Arc::new(AtomicUsize::new(0));
-    let (started_tx, mut started_rx) = mpsc::unbounded_channel();
-    let router = Router::new().handle("transfer", {
-        let runs = runs.clone();
-        move |_call: Call, amount: u64| {
-            let (runs, started) = (runs.clone(), started_tx.clone());
-            async move {
-                let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
-                started.send(()).unwrap();
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                Ok::<_, ApplicationError>(format!("moved {amount}, run {n}"))
-            }
-        }
-    });
-    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(quick_limits()).rpc(router));
-    let client_node = bind(NodeConfig::new(pki.identity("client"), pki.trust()).limits(quick_limits()));
-    let proxy = quicseal::netsim::Proxy::start(
-        "127.0.0.1:0".parse().unwrap(),
-        server.local_addr().unwrap(),
-        quicseal::netsim::LinkConfig::default(),
-    )
-    .await
-    .unwrap();
-    let serve = tokio::spawn({
-        let server = server.clone();
-        async move { server.serve().await }
-    });
-    let client = RpcClient::new(client_node.clone(), proxy.local_addr(), "server").unwrap();
-    let first_session = client.session().await.unwrap();
-    let call = tokio::spawn(async move {
-        let r: quicseal::Result<String> = client.request("transfer", &5u64, Duration::from_secs(30)).await;
-        (r, client)
-    });
-    tokio::time::timeout(5 * SECOND, started_rx.recv()).await.unwrap().unwrap();
-    // Dark for longer than both the idle timeout and the resume timeout: the session gives up.
-    proxy.set_blackout(true);
-    tokio::time::timeout(Duration::from_secs(10), first_session.closed()).await.expect("the first session gave up");
-    proxy.set_blackout(false);
-    let (answer, client) = tokio::time::timeout(Duration::from_secs(30), call).await.unwrap().unwrap();
+    // The session is lost for good while the handler runs; the RpcClient dials a new session
+    // and sends the same call again: the server answers it from its at-most-once cache.
+    let mut t = LostSession::start().await;
+    let client = Arc::new(t.client());
+    let (answer, first_session) =
+        t.call_across_a_lost_session(client.clone(), CallOptions::new(Duration::from_secs(30))).await;
     assert_eq!(answer.unwrap(), "moved 5, run 1");
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "the retry did not run the handler again");
+    assert_eq!(t.runs.load(Ordering::SeqCst), 1, "the retry did not run the handler again");
     let second_session = client.session().await.unwrap();
     assert_ne!(second_session.epoch(), first_session.epoch(), "the retry went over a new session");
-    assert!(server.stats().rpc_cache_hits >= 1, "{:?}", server.stats());
-    assert!(client_node.stats().rpc_calls >= 2, "{:?}", client_node.stats());
-    // New calls through the client keep working.
+    assert!(t.server.stats().rpc_cache_hits >= 1, "{:?}", t.server.stats());
+    assert!(t.client_node.stats().rpc_calls >= 2, "{:?}", t.client_node.stats());
+    // New calls keep working.
     let again: String = second_session.request("transfer", &6u64, Duration::from_secs(5)).await.unwrap();
     assert_eq!(again, "moved 6, run 2");
-    serve.abort();
+}
+
+#[tokio::test]
+async fn past_the_retry_horizon_only_idempotent_calls_are_retried() {
+    let mut t = LostSession::start().await;
+    let client = Arc::new(t.client().retry_horizon(Duration::ZERO));
+    // Not idempotent, and older than the (zero) horizon: the session's loss is the answer.
+    let (answer, _) = t.call_across_a_lost_session(client.clone(), CallOptions::new(Duration::from_secs(30))).await;
+    let e = answer.unwrap_err();
+    assert!(matches!(e, Error::Timeout { what: "session resumption" }), "{e:?}");
+    assert_eq!(t.client_node.stats().rpc_calls, 1, "not retried");
+    // Idempotent: retried on a new session.
+    let options = CallOptions::new(Duration::from_secs(30)).idempotent(true);
+    let (answer, _) = t.call_across_a_lost_session(client.clone(), options).await;
+    assert_eq!(answer.unwrap(), "moved 5, run 2");
+    assert_eq!(t.runs.load(Ordering::SeqCst), 2, "each call ran once");
+    assert_eq!(t.client_node.stats().rpc_calls, 3);
 }
 
 #[tokio::test]

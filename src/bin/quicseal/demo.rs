@@ -1,15 +1,17 @@
 //! `quicseal demo`: a throwaway PKI in a temp dir, two nodes on loopback exchanging messages
-//! both ways, and two intruders refused. Exits 0 only if everything behaved.
+//! both ways, intruders refused, messages and RPC calls through a lossy link. Exits 0 only if
+//! everything behaved.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use quicseal::netsim::{LinkConfig, Proxy};
 use quicseal::pki::{Ca, KeyType, NodeCert};
-use quicseal::{Error, Identity, Node, NodeConfig, TlsError, TrustStore};
+use quicseal::{ApplicationError, Call, Error, Identity, Node, NodeConfig, Router, TlsError, TrustStore};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -42,7 +44,21 @@ pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
         Identity::from_pem_files(dir.path().join(format!("{name}.crt")), dir.path().join(format!("{name}.key")))
     };
     let alice = Node::bind(LOOPBACK.parse().expect("literal"), NodeConfig::new(load("alice")?, trust.clone()))?;
-    let bob = Node::bind(LOOPBACK.parse().expect("literal"), NodeConfig::new(load("bob")?, trust.clone()))?;
+    // bob also serves RPC: "double" counts how often it runs, "slow" outlives any sane deadline.
+    let runs = Arc::new(AtomicU64::new(0));
+    let router = Router::new()
+        .handle("double", {
+            let runs = runs.clone();
+            move |_call: Call, x: u64| {
+                runs.fetch_add(1, Ordering::Relaxed);
+                async move { Ok::<_, ApplicationError>(x * 2) }
+            }
+        })
+        .handle("slow", |call: Call, ()| async move {
+            call.cancelled().await;
+            Ok::<_, ApplicationError>(())
+        });
+    let bob = Node::bind(LOOPBACK.parse().expect("literal"), NodeConfig::new(load("bob")?, trust.clone()).rpc(router))?;
     let bob_addr = bob.local_addr()?;
     writeln!(out, "nodes    alice on {}, bob on {bob_addr}", alice.local_addr()?)?;
 
@@ -207,9 +223,40 @@ pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
     checks.record("lossy link: delivered set equals sent set, exactly once", exact);
     checks.record("lossy link: order kept per channel", ordered);
     checks.record("lossy link: 4 forced reconnects survived", sent_stats.reconnects == 4);
+
+    // 8. RPC over the same lossy session, with a forced reconnect among the calls: every call
+    //    answered, every handler run exactly once; a call past its deadline is a timeout.
+    const CALLS: u64 = 200;
+    let calls: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let lossy = lossy.clone();
+            tokio::spawn(async move {
+                if i == CALLS / 2 {
+                    lossy.force_reconnect();
+                }
+                lossy.request::<_, u64>("double", &i, Duration::from_secs(30)).await.map(|r| r == 2 * i)
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for call in calls {
+        if call.await.map_err(|e| Error::Config(e.to_string()))?? {
+            answered += 1;
+        }
+    }
+    let timed_out = lossy.request::<_, ()>("slow", &(), Duration::from_millis(200)).await;
+    let ran = runs.load(Ordering::Relaxed);
+    writeln!(
+        out,
+        "rpc      alice -> bob over the lossy link: {CALLS} calls, {answered} answered correctly, handler ran {ran} times"
+    )?;
+    writeln!(out, "         a call to a handler slower than its 200 ms deadline: {}", describe(&timed_out))?;
+    checks.record("rpc: every call answered correctly", answered == CALLS);
+    checks.record("rpc: each handler ran exactly once", ran == CALLS);
+    checks.record("rpc: a late call is a timeout", matches!(timed_out, Err(Error::Timeout { .. })));
     lossy.close();
 
-    // 8. The legitimate session survived the intruders.
+    // 9. The legitimate session survived the intruders.
     to_bob.send(2, "still here").await?;
     let still = at_bob.recv().await?.decode::<String>()?;
     checks.record("alice and bob still talking after the intruders", still == "still here");
@@ -248,6 +295,13 @@ impl Checks {
     }
     fn record_quiet(&mut self, ok: bool) {
         self.record("message carried the sender's identity", ok);
+    }
+}
+
+fn describe<T>(r: &quicseal::Result<T>) -> String {
+    match r {
+        Ok(_) => "answered (unexpected!)".into(),
+        Err(e) => e.to_string(),
     }
 }
 
