@@ -195,7 +195,9 @@ impl Call {
     }
     /// Waits until the call is cancelled (the caller gave up, or the deadline passed) and says
     /// why. A handler doing long work can `select!` on it to stop early; after cancellation it
-    /// has [`RouterConfig::cancel_grace`] to finish before it is dropped.
+    /// has [`RouterConfig::cancel_grace`] to finish before it is dropped. (A copy of the `Call`
+    /// kept by a task that outlives the call returns [`CancelReason::Caller`] once the call is
+    /// over.)
     pub async fn cancelled(&self) -> CancelReason {
         let mut rx = self.cancel.clone();
         match rx.wait_for(Option::is_some).await {
@@ -453,12 +455,14 @@ pub(crate) struct SessionRpc {
     next_id: AtomicU64,
 }
 
-/// Most calls one session has waiting for a response; more wait for a slot. Half of the default
-/// outbox, so that responses always find room next to our own requests.
+/// Most calls one session has waiting for a response; more wait for a slot. At most half of
+/// the outbox, so that our requests never fill it: responses (which the peer always takes at
+/// once) find room next to them, and two nodes calling each other cannot both stall.
 const MAX_PENDING_CALLS: usize = 512;
 
 impl SessionRpc {
-    pub(crate) fn new(server: Arc<RpcServer>, peer: Arc<PeerIdentity>) -> SessionRpc {
+    pub(crate) fn new(server: Arc<RpcServer>, peer: Arc<PeerIdentity>, outbox_messages: usize) -> SessionRpc {
+        let max_pending = MAX_PENDING_CALLS.min(outbox_messages / 2).max(1);
         SessionRpc {
             session_permits: Arc::new(Semaphore::new(server.config.per_session)),
             server,
@@ -466,7 +470,7 @@ impl SessionRpc {
             owed: AtomicUsize::new(0),
             paid: Notify::new(),
             pending: Mutex::new(HashMap::new()),
-            pending_permits: Arc::new(Semaphore::new(MAX_PENDING_CALLS)),
+            pending_permits: Arc::new(Semaphore::new(max_pending)),
             next_id: AtomicU64::new(1),
         }
     }

@@ -567,6 +567,7 @@ impl Session {
         let seed = p.epoch ^ p.peer_epoch;
         let LinkParts { conn, keys: (sealing, opening), control } = parts;
         let peer = Arc::new(p.peer);
+        let outbox_messages = p.outbox.max_messages;
         let shared = Arc::new(Shared {
             link: Mutex::new(Link::new(conn.clone())),
             generation: watch::Sender::new(0),
@@ -593,7 +594,7 @@ impl Session {
             acked: watch::Sender::new(0),
             max_send: p.local_max.min(p.peer_max),
             max_channels: p.max_channels,
-            rpc: Arc::new(SessionRpc::new(p.rpc, peer.clone())),
+            rpc: Arc::new(SessionRpc::new(p.rpc, peer.clone(), outbox_messages)),
         });
         tokio::spawn(pump_rpc(Outlet(shared.clone())));
         let seal_key = Arc::new(Mutex::new(Arc::new(sealing)));

@@ -19,7 +19,7 @@ use tokio::sync::{Notify, mpsc};
 
 const SECOND: Duration = Duration::from_secs(1);
 
-fn limits(f: impl FnOnce(&mut RouterConfig)) -> RouterConfig {
+fn limits_of(f: impl FnOnce(&mut RouterConfig)) -> RouterConfig {
     let mut c = RouterConfig::default();
     f(&mut c);
     c
@@ -125,7 +125,7 @@ async fn deadline_exceeded_is_a_timeout_and_the_server_stops_waiting() {
     // A handler that ignores cancellation and would run for a minute; one slot per session.
     let started = Arc::new(AtomicUsize::new(0));
     let router = Router::new()
-        .config(limits(|c| {
+        .config(limits_of(|c| {
             c.per_session = 1;
             c.cancel_grace = Duration::from_millis(100);
         }))
@@ -396,7 +396,7 @@ async fn concurrency_limits_per_session_and_per_node() {
     let gate = Arc::new(Notify::new());
     let running = Arc::new(AtomicUsize::new(0));
     let router = Router::new()
-        .config(limits(|c| {
+        .config(limits_of(|c| {
             c.per_session = 2;
             c.per_node = 3;
         }))
@@ -461,7 +461,7 @@ async fn concurrency_limits_per_session_and_per_node() {
 #[tokio::test]
 async fn oversize_requests_are_refused_by_the_server_or_before_sending() {
     let router = Router::new()
-        .config(limits(|c| {
+        .config(limits_of(|c| {
             c.max_request_size = 1000;
         }))
         .handle_bytes("sink", |_call, body: Bytes| async move { Ok(Bytes::from(body.len().to_string())) });
@@ -505,7 +505,7 @@ async fn a_thousand_concurrent_calls_on_one_session() {
     let peak = Arc::new(AtomicUsize::new(0));
     let now_running = Arc::new(AtomicUsize::new(0));
     let router = Router::new()
-        .config(limits(|c| {
+        .config(limits_of(|c| {
             c.per_session = 1024;
         }))
         .handle("square", {
@@ -580,4 +580,52 @@ async fn calls_through_a_lossy_link_complete_exactly_once() {
     assert!(counts.values().all(|&n| n == 1), "every handler ran exactly once");
     let lost = proxy.stats().lost;
     assert!(lost > 0, "the link did drop packets: {:?}", proxy.stats());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_calling_each_other_through_a_tiny_outbox_do_not_stall() {
+    // Each side takes few requests at a time (one handler slot, so few answers owed) and sends
+    // through an outbox of 8. Requests may fill at most half of it, so answers always find room
+    // and the peer always takes answers: heavy calling in both directions keeps moving.
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.outbox_messages = 8;
+    let echo = || {
+        Router::new()
+            .config(limits_of(|c| c.per_session = 1))
+            .handle_bytes("echo", |_call, body| async move { Ok(body) })
+    };
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()).rpc(echo()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits).rpc(echo()));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let mut calls = Vec::new();
+    for i in 0..300u32 {
+        for s in [&ab, &ba] {
+            let s = s.clone();
+            calls.push(tokio::spawn(async move {
+                let body = i.to_be_bytes().to_vec();
+                match s.request_bytes("echo", body.clone(), CallOptions::new(Duration::from_secs(30))).await {
+                    Ok(echoed) => {
+                        assert_eq!(echoed.to_vec(), body);
+                        true
+                    }
+                    Err(Error::Remote(RemoteError::Overloaded)) => false,
+                    Err(e) => panic!("{e:?}"),
+                }
+            }));
+        }
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut answered = 0;
+        for c in calls {
+            answered += usize::from(c.await.unwrap());
+        }
+        answered
+    })
+    .await
+    .expect("no stall");
+    let handled = (a.stats().rpc_handled + b.stats().rpc_handled) as usize;
+    assert_eq!(answered, handled);
+    assert!(answered > 0);
 }
