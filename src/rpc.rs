@@ -894,9 +894,7 @@ impl RpcClient {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let body = postcard::to_allocvec(request)?;
-        let response = self.request_bytes(method, body, options).await?;
-        crate::session::decode_exact(&response)
+        typed(request, |body| self.request_bytes(method, body, options)).await
     }
 
     /// Raw call, as [`Session::request_bytes`](crate::Session::request_bytes), with retries.
@@ -929,6 +927,17 @@ impl RpcClient {
             }
         }
     }
+}
+
+/// A typed call over a raw one: postcard in, postcard out (trailing bytes are an error).
+pub(crate) async fn typed<Req, Resp, Fut>(request: &Req, call: impl FnOnce(Vec<u8>) -> Fut) -> Result<Resp>
+where
+    Req: Serialize + ?Sized,
+    Resp: DeserializeOwned,
+    Fut: Future<Output = Result<Bytes>>,
+{
+    let response = call(postcard::to_allocvec(request)?).await?;
+    crate::session::decode_exact(&response)
 }
 
 /// Failures that a new connection may cure: the network, not the peer's judgement of us.

@@ -890,9 +890,7 @@ impl Session {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let body = postcard::to_allocvec(request)?;
-        let response = self.request_bytes(method, body, options).await?;
-        decode_exact(&response)
+        rpc::typed(request, |body| self.request_bytes(method, body, options)).await
     }
 
     /// Calls `method` on the peer with raw bytes and waits for the raw response.
@@ -978,29 +976,9 @@ async fn pump_rpc(outlet: Outlet) {
         tokio::pin!(arrived, paid);
         arrived.as_mut().enable();
         paid.as_mut().enable();
-        let mut took = false;
-        loop {
-            let now = shared.now();
-            let next = shared.core().inbox.poll_deliver_channel(rpc::RESPONSE_CHANNEL, now);
-            let Some((_, payload)) = next else { break };
-            took = true;
-            if let Err(reason) = rpc.on_response(&outlet, &payload) {
-                shared.tally.add(Counter::malformed_frames, 1);
-                shared.link().violation(close_code::PROTOCOL_VIOLATION, reason);
-                break;
-            }
-        }
-        while rpc.may_take_request() {
-            let now = shared.now();
-            let next = shared.core().inbox.poll_deliver_channel(rpc::REQUEST_CHANNEL, now);
-            let Some((_, payload)) = next else { break };
-            took = true;
-            if let Err(reason) = rpc.on_request(&outlet, &payload) {
-                shared.tally.add(Counter::malformed_frames, 1);
-                shared.link().violation(close_code::PROTOCOL_VIOLATION, reason);
-                break;
-            }
-        }
+        // Responses always; requests while the session owes few enough answers.
+        let took = drain(shared, rpc::RESPONSE_CHANNEL, || true, |p| rpc.on_response(&outlet, p))
+            | drain(shared, rpc::REQUEST_CHANNEL, || rpc.may_take_request(), |p| rpc.on_request(&outlet, p));
         if took {
             // Room for channel readers; acknowledgements are due.
             shared.room.notify_waiters();
@@ -1016,6 +994,30 @@ async fn pump_rpc(outlet: Outlet) {
             _ = ended.wait_for(|e| *e) => {}
         }
     }
+}
+
+/// Hands the messages of a reserved channel to `handle`, in order, while `more` allows; a
+/// handler's `Err` is a protocol violation that closes the connection. Returns whether it took
+/// any.
+fn drain(
+    shared: &Shared,
+    channel: u16,
+    more: impl Fn() -> bool,
+    mut handle: impl FnMut(&Bytes) -> std::result::Result<(), String>,
+) -> bool {
+    let mut took = false;
+    while more() {
+        let now = shared.now();
+        let next = shared.core().inbox.poll_deliver_channel(channel, now);
+        let Some((_, payload)) = next else { break };
+        took = true;
+        if let Err(reason) = handle(&payload) {
+            shared.tally.add(Counter::malformed_frames, 1);
+            shared.link().violation(close_code::PROTOCOL_VIOLATION, reason);
+            break;
+        }
+    }
+    took
 }
 
 /// Watches the current connection; when it is lost, carries the session over to a new one
