@@ -233,6 +233,11 @@ impl Identity {
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.key.cert
     }
+
+    /// What this identity's own certificate says (names, key, expiry).
+    pub fn certificate(&self) -> Result<PeerIdentity> {
+        PeerIdentity::from_certificate(&self.key.cert[0])
+    }
 }
 
 /// The CAs we accept peers from, optional CRLs, and an optional deny-list of keys.
@@ -305,6 +310,52 @@ impl TrustStore {
     pub fn ca_count(&self) -> usize {
         self.cas.len()
     }
+
+    /// The fingerprints on the deny-list.
+    pub fn denied_keys(&self) -> Vec<Fingerprint> {
+        self.denied.iter().copied().collect()
+    }
+
+    /// The CA certificates.
+    pub fn cas(&self) -> &[CertificateDer<'static>] {
+        &self.cas
+    }
+
+    /// Checks a certificate chain (leaf first) exactly as a node's handshake does, now: the
+    /// deny-list, then the CAs and CRLs of this store (webpki). With `server_name`, as a node
+    /// dialling `server_name` checks the node it reached (the name must be a SAN, `serverAuth`
+    /// required); without, as a node checks a peer that dialled it (`clientAuth` required).
+    ///
+    /// Errors are [`Error::Tls`] with [`TlsError::Local`](crate::TlsError::Local) and rustls'
+    /// reason (for example `CertificateError::Expired`, `Revoked`, `UnknownIssuer`,
+    /// `NotValidForName`).
+    pub fn verify(&self, chain: &[CertificateDer<'static>], server_name: Option<&str>) -> Result<PeerIdentity> {
+        self.verify_at(chain, server_name, SystemTime::now())
+    }
+
+    /// [`TrustStore::verify`] at a given time.
+    pub fn verify_at(
+        &self,
+        chain: &[CertificateDer<'static>],
+        server_name: Option<&str>,
+        at: SystemTime,
+    ) -> Result<PeerIdentity> {
+        let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(secs));
+        crate::tls::verify_chain(self, chain, server_name, now)
+            .map_err(|error| Error::Tls(crate::error::TlsError::Local { error, alert: None }))?;
+        PeerIdentity::from_certificate(&chain[0])
+    }
+}
+
+/// Reads every certificate of a PEM file (a certificate or a chain), leaf first.
+pub fn load_certificates(path: impl AsRef<Path>) -> Result<Vec<CertificateDer<'static>>> {
+    let path = path.as_ref();
+    let pem = read(path)?;
+    Ok(sections(&pem, Some(path), "CERTIFICATE", |k| matches!(k, SectionKind::Certificate))?
+        .into_iter()
+        .map(|(_, der)| CertificateDer::from(der))
+        .collect())
 }
 
 fn check_crl(der: &[u8], path: Option<&Path>) -> Result<()> {

@@ -72,6 +72,7 @@ mod error;
 mod identity;
 mod node;
 mod policy;
+mod reload;
 mod rpc;
 mod session;
 mod stats;
@@ -83,10 +84,11 @@ pub mod proto;
 
 pub use config::{Limits, NodeConfig};
 pub use error::{Error, LoadError, LoadProblem, Result, Side, TlsError, close_code};
-pub use identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
+pub use identity::{Fingerprint, Identity, PeerIdentity, TrustStore, load_certificates};
 pub use node::Node;
 pub use policy::Policy;
 pub use proto::rpc::{CacheConfig, CallId};
+pub use reload::{CertExpiry, CertFiles, CertWatcher, EXPIRY_WARNING, Expiry, WatchStatus};
 pub use rpc::{
     ApplicationError, Call, CallOptions, CancelReason, FIRST_RESERVED_CHANNEL, REQUEST_CHANNEL, RESPONSE_CHANNEL,
     RemoteError, Router, RouterConfig, RpcClient,

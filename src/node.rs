@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::config::{Limits, NodeConfig};
 use crate::error::{Error, Result, Side, close_code, from_connection_error};
-use crate::identity::{Fingerprint, PeerIdentity};
+use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
 use crate::policy::Policy;
 use crate::proto::epochs::EpochBook;
 use crate::proto::reliable::{InboxConfig, OutboxConfig};
@@ -57,7 +57,10 @@ pub struct Node {
 
 struct Shared {
     endpoint: Endpoint,
-    tls: TlsContext,
+    /// The TLS material new handshakes use; swapped by [`Node::reload`].
+    tls: std::sync::RwLock<Arc<TlsContext>>,
+    /// The identity and trust store behind `tls`.
+    material: std::sync::RwLock<(Identity, TrustStore)>,
     base_server: quinn::ServerConfig,
     transport: Arc<quinn::TransportConfig>,
     policy: Policy,
@@ -72,10 +75,16 @@ struct Shared {
     resumable: Arc<std::sync::Mutex<HashMap<(Fingerprint, u64), Resumable>>>,
 }
 
+impl Shared {
+    fn tls(&self) -> Arc<TlsContext> {
+        self.tls.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 /// Epochs remembered per peer in the retired-epoch book.
 const RETIRED_PER_PEER: usize = 16;
 
-struct NodeInner {
+pub(crate) struct NodeInner {
     shared: Arc<Shared>,
     accepted: tokio::sync::Mutex<mpsc::Receiver<Result<Session>>>,
     accept_task: JoinHandle<()>,
@@ -103,6 +112,7 @@ impl Node {
             RpcServer::validate(router)?;
         }
         let tls = TlsContext::new(&config.identity, &config.trust)?;
+        crate::reload::Expiry::of(&config.identity, &config.trust).log_warnings();
         let transport = config.transport();
         let (crypto, _) = tls.server_config()?;
         let mut base_server = quinn::ServerConfig::with_crypto(crypto);
@@ -119,7 +129,8 @@ impl Node {
         let endpoint = Endpoint::server(base_server.clone(), addr)?;
         let shared = Arc::new(Shared {
             endpoint,
-            tls,
+            tls: std::sync::RwLock::new(Arc::new(tls)),
+            material: std::sync::RwLock::new((config.identity.clone(), config.trust.clone())),
             base_server,
             transport,
             retired: Arc::new(std::sync::Mutex::new(EpochBook::new(config.limits.retired_epochs, RETIRED_PER_PEER))),
@@ -206,6 +217,54 @@ impl Node {
         }
     }
 
+    /// Replaces this node's identity and trust store (CAs, CRLs, deny-list) without a restart.
+    ///
+    /// New handshakes (new sessions, and reconnections of existing ones) use the new material;
+    /// established connections keep running. Material that does not make a usable TLS
+    /// configuration (no CA, unusable CA certificate...) is refused with an error and the node
+    /// keeps what it had. Certificates and CAs that expire within 30 days are logged.
+    pub fn reload(&self, identity: Identity, trust: TrustStore) -> Result<()> {
+        let shared = &self.inner.shared;
+        let context = TlsContext::new(&identity, &trust)?;
+        let expiry = crate::reload::Expiry::of(&identity, &trust);
+        *shared.tls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(context);
+        *shared.material.write().unwrap_or_else(|e| e.into_inner()) = (identity, trust);
+        info!(fingerprint = %expiry.certificate.fingerprint, "TLS identity and trust store reloaded");
+        expiry.log_warnings();
+        Ok(())
+    }
+
+    /// Replaces only the trust store (a new CRL, another CA, a longer deny-list); see
+    /// [`Node::reload`].
+    pub fn reload_trust(&self, trust: TrustStore) -> Result<()> {
+        self.reload(self.identity(), trust)
+    }
+
+    /// The identity new handshakes present.
+    pub fn identity(&self) -> Identity {
+        self.inner.shared.material.read().unwrap_or_else(|e| e.into_inner()).0.clone()
+    }
+
+    /// The trust store new handshakes use.
+    pub fn trust(&self) -> TrustStore {
+        self.inner.shared.material.read().unwrap_or_else(|e| e.into_inner()).1.clone()
+    }
+
+    /// When this node's certificate and its trusted CAs expire, with days left.
+    pub fn expiry(&self) -> crate::reload::Expiry {
+        let (identity, trust) = &*self.inner.shared.material.read().unwrap_or_else(|e| e.into_inner());
+        crate::reload::Expiry::of(identity, trust)
+    }
+
+    /// A handle that does not keep the node open (for background tasks).
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<NodeInner> {
+        Arc::downgrade(&self.inner)
+    }
+
+    pub(crate) fn upgrade(weak: &std::sync::Weak<NodeInner>) -> Option<Node> {
+        weak.upgrade().map(|inner| Node { inner })
+    }
+
     /// Closes every connection and stops accepting.
     pub fn close(&self) {
         self.inner.shared.endpoint.close(VarInt::from_u32(close_code::NO_ERROR), b"node closed");
@@ -247,7 +306,7 @@ async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<Result<Session>>) {
 
 /// Accepts one connection: a new session (`Some`), or a resumed one (`None`).
 async fn accept_one(shared: &Arc<Shared>, incoming: quinn::Incoming) -> Result<Option<Session>> {
-    let (crypto, captured) = shared.tls.server_config()?;
+    let (crypto, captured) = shared.tls().server_config()?;
     let mut cfg = shared.base_server.clone();
     cfg.crypto = crypto;
     let connecting = incoming.accept_with(Arc::new(cfg)).map_err(|e| from_connection_error(e, None))?;
@@ -277,7 +336,7 @@ async fn dial(
     if shared.endpoint.open_connections() >= shared.limits.max_connections {
         return Err(Error::Limit { what: "connections per node", limit: shared.limits.max_connections as u64 });
     }
-    let (crypto, captured) = shared.tls.client_config()?;
+    let (crypto, captured) = shared.tls().client_config()?;
     let mut cfg = quinn::ClientConfig::new(crypto);
     cfg.transport_config(shared.transport.clone());
     let connecting = shared.endpoint.connect_with(cfg, addr, server_name).map_err(|e| match e {

@@ -134,6 +134,50 @@ impl NodeCert {
         self
     }
 
+    /// What an existing certificate says (common name, SANs, key usages, key type), with a new
+    /// validity of `validity` from one minute ago: the starting point to renew it.
+    pub fn from_certificate(cert_der: &[u8], validity: Duration) -> Result<NodeCert> {
+        let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+            .map_err(|e| Error::Config(format!("not a certificate: {e}")))?;
+        let common_name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or_else(|| Error::Config("the certificate has no common name".into()))?;
+        let now = SystemTime::now();
+        let mut node = NodeCert::new(common_name).validity(now - Duration::from_secs(60), now + validity);
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            use x509_parser::extensions::GeneralName;
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(d) => node = node.dns(*d),
+                    GeneralName::URI(u) => node = node.uri(*u),
+                    GeneralName::IPAddress(b) if b.len() == 4 => {
+                        node = node.ip(IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default()))
+                    }
+                    GeneralName::IPAddress(b) if b.len() == 16 => {
+                        node = node.ip(IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default()))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Ok(Some(eku)) = cert.extended_key_usage() {
+            node.usage = match (eku.value.client_auth, eku.value.server_auth) {
+                (true, false) => Usage::ClientOnly,
+                (false, true) => Usage::ServerOnly,
+                _ => Usage::ClientAndServer,
+            };
+        }
+        node.key_type = if cert.public_key().algorithm.algorithm == x509_parser::oid_registry::OID_SIG_ED25519 {
+            KeyType::Ed25519
+        } else {
+            KeyType::EcdsaP256
+        };
+        Ok(node)
+    }
+
     fn params(&self) -> Result<CertificateParams> {
         let mut p = CertificateParams::default();
         p.distinguished_name = dn(&self.common_name);
@@ -269,6 +313,31 @@ impl Ca {
         })
     }
 
+    /// Issues a node certificate for an existing private key (PEM), for example to renew a
+    /// certificate without changing its key. The returned `key_pem` is that key.
+    pub fn issue_with_key(&self, node: &NodeCert, key_pem: &str) -> Result<Issued> {
+        let key = KeyPair::from_pem(key_pem).map_err(pki_err)?;
+        let params = node.params()?;
+        let serial = params.serial_number.as_ref().map(|s| s.to_bytes()).unwrap_or_default();
+        let cert = params.signed_by(&key, &self.issuer).map_err(pki_err)?;
+        Ok(Issued {
+            chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
+            cert_der: cert.der().clone(),
+            key_pem: key_pem.to_owned(),
+            serial,
+        })
+    }
+
+    /// Whether `cert_der` names this CA as its issuer (issuer name equals our subject name).
+    pub fn is_issuer_of(&self, cert_der: &[u8]) -> bool {
+        let (Ok((_, ours)), Ok((_, theirs))) =
+            (x509_parser::parse_x509_certificate(&self.cert_der), x509_parser::parse_x509_certificate(cert_der))
+        else {
+            return false;
+        };
+        ours.subject().as_raw() == theirs.issuer().as_raw()
+    }
+
     /// Signs a CRL listing `revoked`, valid from `this_update` until `next_update`; returns PEM.
     pub fn crl(
         &self,
@@ -359,6 +428,36 @@ mod tests {
         again.issue(&NodeCert::new("b").dns("b.example")).unwrap();
         let other = Ca::new("other", KeyType::Ed25519, Duration::from_secs(3600)).unwrap();
         assert!(matches!(Ca::from_pem(ca.cert_pem(), other.key_pem()), Err(Error::Config(_))));
+    }
+
+    #[test]
+    fn a_certificate_renews_with_its_names_and_optionally_its_key() {
+        let ca = Ca::new("test CA", KeyType::EcdsaP256, Duration::from_secs(3600)).unwrap();
+        let old = ca
+            .issue(
+                &NodeCert::new("n")
+                    .dns("n.example")
+                    .ip("10.0.0.1".parse().unwrap())
+                    .uri("spiffe://t/n")
+                    .usage(Usage::ServerOnly)
+                    .key_type(KeyType::Ed25519),
+            )
+            .unwrap();
+        let spec = NodeCert::from_certificate(&old.cert_der, Duration::from_secs(7200)).unwrap();
+        assert_eq!(spec.common_name, "n");
+        assert_eq!(spec.dns, ["n.example"]);
+        assert_eq!(spec.ips, ["10.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(spec.uris, ["spiffe://t/n"]);
+        assert_eq!((spec.usage, spec.key_type), (Usage::ServerOnly, KeyType::Ed25519));
+        let same_key = ca.issue_with_key(&spec, &old.key_pem).unwrap();
+        let new_key = ca.issue(&spec).unwrap();
+        let spki = |der: &[u8]| x509_parser::parse_x509_certificate(der).unwrap().1.public_key().raw.to_vec();
+        assert_eq!(spki(&same_key.cert_der), spki(&old.cert_der));
+        assert_ne!(spki(&new_key.cert_der), spki(&old.cert_der));
+        assert_ne!(same_key.serial, old.serial);
+        assert!(ca.is_issuer_of(&same_key.cert_der));
+        let other = Ca::new("other CA", KeyType::EcdsaP256, Duration::from_secs(3600)).unwrap();
+        assert!(!other.is_issuer_of(&same_key.cert_der));
     }
 
     #[test]

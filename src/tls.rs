@@ -64,32 +64,61 @@ pub(crate) struct TlsContext {
     denied: Arc<HashSet<Fingerprint>>,
 }
 
+/// Checks a peer's certificate chain (leaf first) exactly as a node does in its handshake:
+/// the deny-list, then webpki with the trust store's CAs and CRLs at time `now`. With a
+/// `server_name`, as a dialler checks the node it dials (name, `serverAuth`); without, as an
+/// acceptor checks a dialling node (`clientAuth`).
+pub(crate) fn verify_chain(
+    trust: &TrustStore,
+    chain: &[CertificateDer<'static>],
+    server_name: Option<&str>,
+    now: UnixTime,
+) -> Result<(), rustls::Error> {
+    let (client_verifier, server_verifier) = verifiers(trust).map_err(|e| rustls::Error::General(e.to_string()))?;
+    let (end_entity, intermediates) = chain.split_first().ok_or(rustls::Error::NoCertificatesPresented)?;
+    check_denied(&trust.denied, end_entity)?;
+    match server_name {
+        Some(name) => {
+            let name = ServerName::try_from(name.to_owned())
+                .map_err(|_| rustls::Error::General(format!("not a DNS name or IP address: {name:?}")))?;
+            server_verifier.verify_server_cert(end_entity, intermediates, &name, &[], now).map(drop)
+        }
+        None => client_verifier.verify_client_cert(end_entity, intermediates, now).map(drop),
+    }
+}
+
+/// The webpki verifiers for a trust store.
+fn verifiers(trust: &TrustStore) -> Result<(Arc<dyn ClientCertVerifier>, Arc<WebPkiServerVerifier>)> {
+    if trust.cas.is_empty() {
+        return Err(Error::Config("the trust store has no CA certificate".into()));
+    }
+    let mut roots = RootCertStore::empty();
+    for ca in &trust.cas {
+        roots
+            .add(ca.clone())
+            .map_err(|e| Error::Config(format!("CA certificate not usable as a trust anchor: {e}")))?;
+    }
+    let roots = Arc::new(roots);
+    // A CA with no CRL in the store is not revocation-checked; a CRL past its next-update
+    // time fails every certificate of its CA (fail closed).
+    let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .with_crls(trust.crls.iter().cloned())
+        .allow_unknown_revocation_status()
+        .enforce_revocation_expiration()
+        .build()
+        .map_err(|e| Error::Config(format!("client verifier: {e}")))?;
+    let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
+        .with_crls(trust.crls.iter().cloned())
+        .allow_unknown_revocation_status()
+        .enforce_revocation_expiration()
+        .build()
+        .map_err(|e| Error::Config(format!("server verifier: {e}")))?;
+    Ok((client_verifier, server_verifier))
+}
+
 impl TlsContext {
     pub(crate) fn new(identity: &Identity, trust: &TrustStore) -> Result<TlsContext> {
-        if trust.cas.is_empty() {
-            return Err(Error::Config("the trust store has no CA certificate".into()));
-        }
-        let mut roots = RootCertStore::empty();
-        for ca in &trust.cas {
-            roots
-                .add(ca.clone())
-                .map_err(|e| Error::Config(format!("CA certificate not usable as a trust anchor: {e}")))?;
-        }
-        let roots = Arc::new(roots);
-        // A CA with no CRL in the store is not revocation-checked; a CRL past its next-update
-        // time fails every certificate of its CA (fail closed).
-        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-            .with_crls(trust.crls.iter().cloned())
-            .allow_unknown_revocation_status()
-            .enforce_revocation_expiration()
-            .build()
-            .map_err(|e| Error::Config(format!("client verifier: {e}")))?;
-        let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
-            .with_crls(trust.crls.iter().cloned())
-            .allow_unknown_revocation_status()
-            .enforce_revocation_expiration()
-            .build()
-            .map_err(|e| Error::Config(format!("server verifier: {e}")))?;
+        let (client_verifier, server_verifier) = verifiers(trust)?;
         Ok(TlsContext {
             key: identity.key.clone(),
             client_verifier,

@@ -1,5 +1,7 @@
-//! The `quicseal` command: smoke tools (`listen`, `send`) and the `demo`.
+//! The `quicseal` command: the PKI (`cert`), smoke tools (`listen`, `send`, `proxy`) and the
+//! `demo`.
 
+mod cert;
 mod demo;
 mod proxy;
 mod smoke;
@@ -18,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create and manage certificates: CA, node certificates, revocation, CRLs, inspection.
+    Cert(cert::CertArgs),
     /// Run a self-contained demonstration on loopback (throwaway CA, two nodes, refusals).
     Demo,
     /// Accept sessions and print every message with the sender's identity.
@@ -35,6 +39,20 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let cli = match cli.command {
+        Command::Cert(args) => {
+            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+            return match cert::run(args, &mut out, &mut err) {
+                Ok(code) => ExitCode::from(code),
+                Err(e) => {
+                    let _ = out.flush();
+                    eprintln!("error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        command => Cli { command },
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -49,6 +67,7 @@ fn main() -> ExitCode {
             Command::Listen(args) => smoke::listen(args, &mut out).await,
             Command::Send(args) => smoke::send(args, &mut out).await,
             Command::Proxy(args) => proxy::run(args, &mut out).await,
+            Command::Cert(_) => unreachable!("handled above"),
         }
     });
     let _ = out.flush();
