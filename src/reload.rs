@@ -177,7 +177,8 @@ pub struct WatchStatus {
     pub reloads: u64,
     /// Times changed files could not be used (the node kept its last good material).
     pub failures: u64,
-    /// Why the last failure happened, until the next successful reload.
+    /// Why the last failure happened, until the files are usable again (or back to what the
+    /// node runs on).
     pub last_error: Option<String>,
 }
 
@@ -218,6 +219,8 @@ impl crate::Node {
             let status = status.clone();
             async move {
                 let mut loaded = files.digest();
+                // The contents that failed last, not tried again until they change.
+                let mut failed = None;
                 let mut warned_at = tokio::time::Instant::now();
                 let mut tick = tokio::time::interval(files.interval.max(Duration::from_millis(10)));
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -228,7 +231,11 @@ impl crate::Node {
                     let now = files.digest();
                     let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
                     st.checks += 1;
-                    if now != loaded {
+                    if now == loaded {
+                        // Back to the files the node runs on (a bad edit was undone).
+                        st.last_error = None;
+                        failed = None;
+                    } else if failed != Some(now) {
                         let result = files.load().and_then(|(identity, mut trust)| {
                             for fp in node.trust().denied_keys() {
                                 trust.deny(fp);
@@ -238,11 +245,13 @@ impl crate::Node {
                         match result {
                             Ok(()) => {
                                 loaded = now;
+                                failed = None;
                                 st.reloads += 1;
                                 st.last_error = None;
                                 info!(cert = %files.cert.display(), "certificate files changed: reloaded");
                             }
                             Err(e) => {
+                                failed = Some(now);
                                 st.failures += 1;
                                 warn!(error = %e, "certificate files changed but cannot be used: keeping the last good ones");
                                 st.last_error = Some(e.to_string());
