@@ -26,11 +26,13 @@
 //!   and its horizon).
 //! - **Limits on everything a peer can make us spend** ([`Limits`]), with safe defaults. Input
 //!   from a peer never panics: it is a typed [`Error`] and a closed connection.
-//! - **PKI helpers** ([`pki`]) to create a CA, node certificates and CRLs.
+//! - **PKI helpers** ([`pki`]) to create a CA, node certificates and CRLs, and **hot reload**:
+//!   [`Node::reload`] and a file watcher ([`Node::watch`]) swap identity, CAs and CRLs without a
+//!   restart; [`Node::expiry`] says how many days the certificates have left.
 //!
-//! ## What it does not do (yet)
+//! ## What it does not do
 //!
-//! Certificate hot reload is not implemented. A session that cannot be resumed within
+//! A session that cannot be resumed within
 //! `Limits::resume_timeout` ends, and what was not acknowledged by then is lost (the sender sees
 //! it in [`Session::delivered`]). quicseal is
 //! not a general-purpose TLS or HTTP library, and it does not talk to peers outside quicseal.
