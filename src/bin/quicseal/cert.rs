@@ -262,6 +262,14 @@ fn load_ca(dir: &Path) -> quicseal::Result<Ca> {
 }
 
 fn issue(a: IssueArgs, out: &mut impl Write) -> quicseal::Result<u8> {
+    // NODE names the files too: keep it a plain file name.
+    let plain = a.node.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if a.node.is_empty() || a.node.starts_with('.') || !plain {
+        return Err(Error::Config(format!(
+            "node name {:?}: use letters, digits, '-', '_' and '.' (it names the files too)",
+            a.node
+        )));
+    }
     let ca = load_ca(&a.ca_dir)?;
     let now = SystemTime::now();
     let mut node =
@@ -697,6 +705,10 @@ mod tests {
         assert_eq!(mode(&dir.path().join("a.key")), 0o600);
         let (r, _) = cert(&["issue", "a", "--ca-dir", d]);
         assert!(matches!(r, Err(Error::Config(m)) if m.contains("a.crt exists")));
+        for bad in ["../escape", ".hidden", "a/b", ""] {
+            let (r, _) = cert(&["issue", bad, "--ca-dir", d]);
+            assert!(matches!(r, Err(Error::Config(m)) if m.contains("names the files")), "{bad:?}");
+        }
         ok(&["issue", "a", "--ca-dir", d, "--force", "--client-only", "--no-default-san", "--dns", "a.example"]);
         let chain = quicseal::load_certificates(dir.path().join("a.crt")).unwrap();
         assert_eq!(chain.len(), 2, "leaf then CA");
