@@ -20,6 +20,9 @@ use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 
+mod inspect;
+pub use inspect::{Inspection, Report, WARN_DAYS, inspect_pem};
+
 /// The key algorithm of a generated key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]

@@ -21,12 +21,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand, ValueEnum};
 use quicseal::pki::{Ca, KeyType, NodeCert, Revoked, Usage};
 use quicseal::rustls::CertificateError;
-use quicseal::{Error, Fingerprint, TlsError, TrustStore};
+use quicseal::{Error, TlsError, TrustStore};
 use x509_parser::prelude::*;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
-/// Certificates expiring sooner than this are flagged by `inspect`.
-const WARN_DAYS: i64 = 30;
 
 /// `quicseal cert` arguments.
 #[derive(Args, Debug)]
@@ -407,26 +405,12 @@ fn crl(a: CrlArgs, out: &mut impl Write) -> quicseal::Result<u8> {
 
 fn inspect(a: InspectArgs, out: &mut impl Write, err: &mut impl Write) -> quicseal::Result<u8> {
     let bytes = std::fs::read(&a.file).map_err(|e| Error::Config(format!("{}: {e}", a.file.display())))?;
-    let mut reports = Vec::new();
-    for pem in Pem::iter_from_buffer(&bytes) {
-        let pem = pem.map_err(|e| Error::Config(format!("{}: not PEM: {e}", a.file.display())))?;
-        match pem.label.as_str() {
-            "CERTIFICATE" => {
-                let (_, cert) = X509Certificate::from_der(&pem.contents)
-                    .map_err(|e| Error::Config(format!("{}: certificate does not parse: {e}", a.file.display())))?;
-                reports.push(describe_cert(&cert));
-            }
-            "X509 CRL" => {
-                let (_, crl) = CertificateRevocationList::from_der(&pem.contents)
-                    .map_err(|e| Error::Config(format!("{}: CRL does not parse: {e}", a.file.display())))?;
-                reports.push(describe_crl(&crl));
-            }
-            other => writeln!(err, "skipping a PEM `{other}` section")?,
-        }
+    let inspection =
+        quicseal::pki::inspect_pem(&bytes).map_err(|e| Error::Config(format!("{}: {e}", a.file.display())))?;
+    for label in &inspection.skipped {
+        writeln!(err, "skipping a PEM `{label}` section")?;
     }
-    if reports.is_empty() {
-        return Err(Error::Config(format!("{}: no certificate or CRL in it", a.file.display())));
-    }
+    let reports = inspection.reports;
     if a.json {
         let mut reports: Vec<serde_json::Value> = reports
             .into_iter()
@@ -456,105 +440,6 @@ fn inspect(a: InspectArgs, out: &mut impl Write, err: &mut impl Write) -> quicse
         }
     }
     Ok(0)
-}
-
-fn time_str(t: ASN1Time) -> String {
-    t.to_rfc2822().unwrap_or_else(|_| t.timestamp().to_string())
-}
-
-/// A report: fields in display order.
-type Report = Vec<(&'static str, serde_json::Value)>;
-
-fn describe_cert(cert: &X509Certificate<'_>) -> Report {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    let not_after = cert.validity().not_after.timestamp();
-    let days_left = (not_after - now).div_euclid(86_400);
-    let mut sans = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for name in &san.value.general_names {
-            sans.push(match name {
-                GeneralName::DNSName(d) => format!("DNS:{d}"),
-                GeneralName::URI(u) => format!("URI:{u}"),
-                GeneralName::IPAddress(b) if b.len() == 4 => {
-                    format!("IP:{}", IpAddr::from(<[u8; 4]>::try_from(*b).unwrap_or_default()))
-                }
-                GeneralName::IPAddress(b) if b.len() == 16 => {
-                    format!("IP:{}", IpAddr::from(<[u8; 16]>::try_from(*b).unwrap_or_default()))
-                }
-                other => format!("{other:?}"),
-            });
-        }
-    }
-    let mut ekus = Vec::new();
-    if let Ok(Some(eku)) = cert.extended_key_usage() {
-        if eku.value.server_auth {
-            ekus.push("serverAuth");
-        }
-        if eku.value.client_auth {
-            ekus.push("clientAuth");
-        }
-    }
-    let alg = &cert.public_key().algorithm.algorithm;
-    let key_type = if *alg == x509_parser::oid_registry::OID_SIG_ED25519 {
-        "Ed25519".to_owned()
-    } else if *alg == x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY {
-        let curve = cert.public_key().algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
-        match curve {
-            Some(c) if c == x509_parser::oid_registry::OID_EC_P256 => "ECDSA P-256".to_owned(),
-            Some(c) => format!("ECDSA ({c})"),
-            None => "ECDSA".to_owned(),
-        }
-    } else if *alg == x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION {
-        "RSA".to_owned()
-    } else {
-        alg.to_id_string()
-    };
-    let warning = if days_left < 0 || not_after <= now {
-        Some("EXPIRED".to_owned())
-    } else if days_left < WARN_DAYS {
-        Some(format!("expires in {days_left} days"))
-    } else {
-        None
-    };
-    use serde_json::json;
-    let mut r: Report = vec![
-        ("type", json!(if cert.is_ca() { "CA certificate" } else { "certificate" })),
-        ("subject", json!(cert.subject().to_string())),
-        ("sans", json!(sans)),
-        ("issuer", json!(cert.issuer().to_string())),
-        ("serial", json!(hex(cert.raw_serial()))),
-        ("fingerprint", json!(Fingerprint::of_spki(cert.tbs_certificate.subject_pki.raw).to_string())),
-        ("key_type", json!(key_type)),
-        ("ekus", json!(ekus)),
-        ("not_before", json!(time_str(cert.validity().not_before))),
-        ("not_after", json!(time_str(cert.validity().not_after))),
-        ("days_left", json!(days_left)),
-    ];
-    if let Some(w) = warning {
-        r.push(("warning", json!(w)));
-    }
-    r
-}
-
-fn describe_crl(crl: &CertificateRevocationList<'_>) -> Report {
-    let revoked: Vec<String> = crl.iter_revoked_certificates().map(|r| hex(r.raw_serial())).collect();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    use serde_json::json;
-    let mut r: Report = vec![
-        ("type", json!("CRL")),
-        ("issuer", json!(crl.issuer().to_string())),
-        ("crl_number", json!(crl.crl_number().map(|n| n.to_string()))),
-        ("this_update", json!(time_str(crl.last_update()))),
-        ("next_update", json!(crl.next_update().map(time_str))),
-        ("revoked", json!(revoked)),
-    ];
-    if let Some(next) = crl.next_update() {
-        r.push(("days_left", json!((next.timestamp() - now).div_euclid(86_400))));
-        if next.timestamp() <= now {
-            r.push(("warning", json!("EXPIRED: nodes refuse every certificate of this CA until a new CRL")));
-        }
-    }
-    r
 }
 
 fn verify(a: VerifyArgs, out: &mut impl Write) -> quicseal::Result<u8> {
