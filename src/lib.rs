@@ -80,6 +80,8 @@ mod session;
 mod stats;
 mod tls;
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod netsim;
 pub mod pki;
 pub mod proto;
