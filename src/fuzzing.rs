@@ -16,8 +16,11 @@ use crate::proto::rpc::{Begin, CacheConfig, ResponseCache, RpcFrame, Status};
 use crate::proto::seal::{self, ChannelSealer, OpenConfig, Opener, Role};
 use crate::proto::wire::{self, Frame};
 
+/// A target's body.
+pub type Target = fn(&[u8]);
+
 /// Every target, by the name of its cargo-fuzz binary and corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("frame_decode", frame_decode),
     ("open_message", open_message),
     ("replay_window", replay_window),
