@@ -65,6 +65,18 @@ pub const TEST_NOW_MS: u64 = 1_700_000_000_000;
 /// The sender's epoch [`open_message`] expects.
 pub const TEST_EPOCH: u64 = 0x0102_0304_0506_0708;
 
+/// The opening rules of [`open_message`]: small limits, fixed clock horizons.
+fn test_open_config() -> OpenConfig {
+    OpenConfig {
+        max_payload: 4096,
+        window_width: 128,
+        freshness_ms: 120_000,
+        max_future_ms: 30_000,
+        max_windows: 4,
+        stream_replay_check: true,
+    }
+}
+
 /// Opening messages with a fixed test key: decode, epoch, freshness, replay window, tag. The
 /// input is a sequence of `[length u16][frame]` records. Never panics; a message opens only if
 /// it is exactly what the test key seals for its header (no forgery); nothing refused moves a
@@ -73,15 +85,7 @@ pub fn open_message(data: &[u8]) {
     let (_, opening) = seal::derive_keys(&TEST_KEY_MATERIAL, Role::Acceptor);
     let (sealing, _) = seal::derive_keys(&TEST_KEY_MATERIAL, Role::Dialler);
     let sealing = Arc::new(sealing);
-    let config = OpenConfig {
-        max_payload: 4096,
-        window_width: 128,
-        freshness_ms: 120_000,
-        max_future_ms: 30_000,
-        max_windows: 4,
-        stream_replay_check: true,
-    };
-    let mut opener = Opener::new(opening, TEST_EPOCH, config);
+    let mut opener = Opener::new(opening, TEST_EPOCH, test_open_config());
     let mut rest = data;
     while let [a, b, tail @ ..] = rest {
         let len = usize::from(u16::from_be_bytes([*a, *b])).min(tail.len());
@@ -294,15 +298,7 @@ mod tests {
         let mut frame = Vec::new();
         sealer.seal(1, TEST_NOW_MS, b"genuine", &mut frame).unwrap();
         let (_, opening) = seal::derive_keys(&TEST_KEY_MATERIAL, Role::Acceptor);
-        let config = OpenConfig {
-            max_payload: 4096,
-            window_width: 128,
-            freshness_ms: 120_000,
-            max_future_ms: 30_000,
-            max_windows: 4,
-            stream_replay_check: true,
-        };
-        let mut opener = Opener::new(opening, TEST_EPOCH, config);
+        let mut opener = Opener::new(opening, TEST_EPOCH, test_open_config());
         let mut flipped = frame.clone();
         flipped[20] ^= 1;
         assert!(opener.open_bytes(&Bytes::from(flipped), TEST_NOW_MS).is_err());

@@ -302,31 +302,26 @@ impl Ca {
         &self.key_pem
     }
 
-    /// Issues a node certificate signed by this CA. The returned chain is leaf then CA.
+    /// Issues a node certificate signed by this CA, with a new key. The returned chain is leaf
+    /// then CA.
     pub fn issue(&self, node: &NodeCert) -> Result<Issued> {
-        let key = node.key_type.generate()?;
+        self.sign(node, &node.key_type.generate()?)
+    }
+
+    /// Issues a node certificate for an existing private key (PEM), for example to renew a
+    /// certificate without changing its key. The returned `key_pem` is that key (as PKCS#8).
+    pub fn issue_with_key(&self, node: &NodeCert, key_pem: &str) -> Result<Issued> {
+        self.sign(node, &KeyPair::from_pem(key_pem).map_err(pki_err)?)
+    }
+
+    fn sign(&self, node: &NodeCert, key: &KeyPair) -> Result<Issued> {
         let params = node.params()?;
         let serial = params.serial_number.as_ref().map(|s| s.to_bytes()).unwrap_or_default();
-        let cert = params.signed_by(&key, &self.issuer).map_err(pki_err)?;
+        let cert = params.signed_by(key, &self.issuer).map_err(pki_err)?;
         Ok(Issued {
             chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
             cert_der: cert.der().clone(),
             key_pem: key.serialize_pem(),
-            serial,
-        })
-    }
-
-    /// Issues a node certificate for an existing private key (PEM), for example to renew a
-    /// certificate without changing its key. The returned `key_pem` is that key.
-    pub fn issue_with_key(&self, node: &NodeCert, key_pem: &str) -> Result<Issued> {
-        let key = KeyPair::from_pem(key_pem).map_err(pki_err)?;
-        let params = node.params()?;
-        let serial = params.serial_number.as_ref().map(|s| s.to_bytes()).unwrap_or_default();
-        let cert = params.signed_by(&key, &self.issuer).map_err(pki_err)?;
-        Ok(Issued {
-            chain_pem: format!("{}{}", cert.pem(), self.cert_pem),
-            cert_der: cert.der().clone(),
-            key_pem: key_pem.to_owned(),
             serial,
         })
     }
