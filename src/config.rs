@@ -164,6 +164,13 @@ impl Limits {
         Ok(())
     }
 
+    /// The quinn transport configuration a node uses with these limits, every setting
+    /// explicit. Public so that comparisons (the `compare` benchmark's raw quinn baseline) run
+    /// with exactly the same transport.
+    pub fn quinn_transport(&self) -> TransportConfig {
+        self.transport()
+    }
+
     /// The quinn transport configuration, with every limit set explicitly.
     pub(crate) fn transport(&self) -> TransportConfig {
         let mut t = TransportConfig::default();

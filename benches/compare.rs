@@ -1,0 +1,716 @@
+//! quicseal side by side with raw quinn and with TLS over TCP (tokio-rustls), in the same run.
+//!
+//! ```text
+//! cargo bench --bench compare              # full run
+//! cargo bench --bench compare -- --quick   # under a minute (CI runs this; no thresholds)
+//! ```
+//!
+//! Every stack uses the same certificates, rustls on ring with TLS 1.3 and mutual
+//! authentication; the raw quinn baseline uses quicseal's own transport settings
+//! (`Limits::quinn_transport`). Baselines are written the way a competent user would:
+//! length-prefixed frames, one write per frame batch, `TCP_NODELAY` and buffered writes on TCP,
+//! a bidirectional stream per call for RPC over raw quinn. Runs of the stacks alternate; the
+//! table shows medians and the ratios quicseal/quinn and quicseal/TCP. Results are also written
+//! as JSON to `target/bench/compare.json`.
+//!
+//! Workloads: W1 bulk one way in 1 MiB messages; W2 small messages (64 B, 1 KiB) one way with 1
+//! and 64 in flight (a message is in flight until the receiving application confirmed it);
+//! W3 RPC of 64 B, closed loop at concurrency 1 and 64 (p50/p99); W4 mutual-TLS handshakes per
+//! second including the first message.
+#![allow(missing_docs)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use quicseal::pki::{Ca, Issued, KeyType, NodeCert};
+use quicseal::{ApplicationError, CallOptions, Identity, Limits, Node, NodeConfig, Router, TrustStore};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::sync::{Mutex, oneshot};
+
+const ALPN: &[u8] = b"quicseal-bench";
+
+struct Pki {
+    ca: Ca,
+    server: Issued,
+    client: Issued,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let ca = Ca::new("bench CA", KeyType::EcdsaP256, Duration::from_secs(3600)).unwrap();
+        let server = ca.issue(&NodeCert::new("server").dns("server")).unwrap();
+        let client = ca.issue(&NodeCert::new("client").dns("client")).unwrap();
+        Pki { ca, server, client }
+    }
+    fn trust(&self) -> TrustStore {
+        let mut t = TrustStore::new();
+        t.add_ca_pem(self.ca.cert_pem().as_bytes()).unwrap();
+        t
+    }
+    fn identity(i: &Issued) -> Identity {
+        Identity::from_pem(i.chain_pem.as_bytes(), i.key_pem.as_bytes()).unwrap()
+    }
+    fn chain(i: &Issued) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let chain = CertificateDer::pem_slice_iter(i.chain_pem.as_bytes()).map(|c| c.unwrap()).collect();
+        (chain, PrivateKeyDer::from_pem_slice(i.key_pem.as_bytes()).unwrap())
+    }
+    fn roots(&self) -> Arc<rustls::RootCertStore> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca.cert_der().clone()).unwrap();
+        Arc::new(roots)
+    }
+    /// Mutual TLS 1.3 on ring, no resumption, no early data: the same policy as quicseal.
+    fn server_tls(&self) -> rustls::ServerConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots(), provider.clone())
+            .build()
+            .unwrap();
+        let (chain, key) = Pki::chain(&self.server);
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap();
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.send_tls13_tickets = 0;
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg
+    }
+    fn client_tls(&self) -> rustls::ClientConfig {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (chain, key) = Pki::chain(&self.client);
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(self.roots())
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.resumption = rustls::client::Resumption::disabled();
+        cfg
+    }
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The three stacks, each as "a connected pair" with the operations the workloads need.
+
+/// One message stream, one way, with an end-to-end confirmation per message from the receiving
+/// application (the receiver confirms cumulatively).
+trait Pair {
+    /// Sends `count` messages of `size` bytes, keeping at most `window` unconfirmed; returns when
+    /// the receiver confirmed the last one.
+    async fn stream(&mut self, count: usize, size: usize, window: usize) -> Duration;
+    /// `calls` RPC round trips of `size` bytes at concurrency `concurrency`; latencies.
+    async fn rpc(&mut self, calls: usize, size: usize, concurrency: usize) -> Vec<Duration>;
+}
+
+// --- quicseal -------------------------------------------------------------------------------
+
+struct Quicseal {
+    server: Node,
+    client: Node,
+    to_server: quicseal::Session,
+    at_server: quicseal::Session,
+}
+
+impl Quicseal {
+    async fn new(pki: &Pki) -> Quicseal {
+        let router = Router::new().handle_bytes("echo", |_call, body| async move { Ok::<_, ApplicationError>(body) });
+        let server =
+            Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.server), pki.trust()).rpc(router)).unwrap();
+        let client = Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.client), pki.trust())).unwrap();
+        let (to_server, at_server) =
+            tokio::join!(client.connect(server.local_addr().unwrap(), "server"), server.accept());
+        Quicseal { server, client, to_server: to_server.unwrap(), at_server: at_server.unwrap() }
+    }
+}
+
+impl Pair for Quicseal {
+    async fn stream(&mut self, count: usize, size: usize, window: usize) -> Duration {
+        let payload = Bytes::from(vec![7u8; size]);
+        let receiver = self.at_server.clone();
+        let reader = tokio::spawn(async move {
+            for _ in 0..count {
+                receiver.recv().await.unwrap();
+            }
+        });
+        let start = Instant::now();
+        let mut seqs = std::collections::VecDeque::with_capacity(window);
+        for _ in 0..count {
+            if seqs.len() == window {
+                let oldest = seqs.pop_front().unwrap();
+                self.to_server.wait_acked(1, oldest).await.unwrap();
+            }
+            seqs.push_back(self.to_server.send_bytes(1, payload.clone()).await.unwrap());
+        }
+        self.to_server.delivered(1).await.unwrap();
+        let elapsed = start.elapsed();
+        reader.await.unwrap();
+        elapsed
+    }
+
+    async fn rpc(&mut self, calls: usize, size: usize, concurrency: usize) -> Vec<Duration> {
+        let body = Bytes::from(vec![1u8; size]);
+        let session = self.to_server.clone();
+        closed_loop(calls, concurrency, move || {
+            let (session, body) = (session.clone(), body.clone());
+            async move {
+                let r = session.request_bytes("echo", body, CallOptions::new(Duration::from_secs(30))).await.unwrap();
+                assert_eq!(r.len(), size);
+            }
+        })
+        .await
+    }
+}
+
+// --- raw quinn ------------------------------------------------------------------------------
+
+struct RawQuinn {
+    _server: quinn::Endpoint,
+    client: quinn::Endpoint,
+    conn: quinn::Connection,
+}
+
+fn quinn_server(pki: &Pki) -> quinn::Endpoint {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(pki.server_tls()).unwrap();
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(Limits::default().quinn_transport()));
+    cfg.migration(false);
+    quinn::Endpoint::server(cfg, loopback()).unwrap()
+}
+
+fn quinn_client_config(pki: &Pki) -> quinn::ClientConfig {
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(pki.client_tls()).unwrap();
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(Limits::default().quinn_transport()));
+    cfg
+}
+
+/// The raw quinn server: a bidirectional stream is either a message stream (first byte 0:
+/// length-prefixed frames in, a cumulative u64 confirmation out every time it read some) or
+/// one RPC call (first byte 1: request in, the same bytes back).
+fn serve_quinn(endpoint: quinn::Endpoint) {
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    tokio::spawn(quinn_stream(send, recv));
+                }
+            });
+        }
+    });
+}
+
+async fn quinn_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let mut kind = [0u8; 1];
+    if recv.read_exact(&mut kind).await.is_err() {
+        return;
+    }
+    if kind[0] == 1 {
+        let Ok(req) = recv.read_to_end(1 << 20).await else { return };
+        let _ = send.write_all(&req).await;
+        let _ = send.finish();
+        return;
+    }
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let mut len = [0u8; 4];
+        if recv.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if recv.read_exact(&mut buf[..len]).await.is_err() {
+            return;
+        }
+        got += 1;
+        // Confirm when nothing more is buffered right now (cumulative).
+        if send.write_all(&got.to_be_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl RawQuinn {
+    async fn new(pki: &Pki) -> RawQuinn {
+        let server = quinn_server(pki);
+        let addr = server.local_addr().unwrap();
+        serve_quinn(server.clone());
+        let mut client = quinn::Endpoint::client(loopback()).unwrap();
+        client.set_default_client_config(quinn_client_config(pki));
+        let conn = client.connect(addr, "server").unwrap().await.unwrap();
+        RawQuinn { _server: server, client, conn }
+    }
+}
+
+/// Sends length-prefixed frames on `send`, coalesced up to 64 KiB per write, keeping at most
+/// `window` unconfirmed; reads cumulative u64 confirmations from `recv`.
+async fn framed_stream<W, R>(send: &mut W, recv: &mut R, count: usize, size: usize, window: usize) -> Duration
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    R: tokio::io::AsyncRead + Unpin,
+{
+    let payload = vec![7u8; size];
+    let start = Instant::now();
+    let (mut sent, mut confirmed) = (0usize, 0usize);
+    let mut batch = Vec::with_capacity(64 * 1024 + size + 4);
+    while confirmed < count {
+        while sent < count && sent - confirmed < window && batch.len() < 64 * 1024 {
+            batch.extend_from_slice(&(size as u32).to_be_bytes());
+            batch.extend_from_slice(&payload);
+            sent += 1;
+        }
+        if !batch.is_empty() {
+            send.write_all(&batch).await.unwrap();
+            send.flush().await.unwrap();
+            batch.clear();
+        }
+        if sent - confirmed >= window || sent == count {
+            let mut c = [0u8; 8];
+            recv.read_exact(&mut c).await.unwrap();
+            confirmed = u64::from_be_bytes(c) as usize;
+        }
+    }
+    start.elapsed()
+}
+
+impl Pair for RawQuinn {
+    async fn stream(&mut self, count: usize, size: usize, window: usize) -> Duration {
+        let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
+        send.write_all(&[0]).await.unwrap();
+        let d = framed_stream(&mut send, &mut recv, count, size, window).await;
+        let _ = send.finish();
+        d
+    }
+
+    async fn rpc(&mut self, calls: usize, size: usize, concurrency: usize) -> Vec<Duration> {
+        let conn = self.conn.clone();
+        let body = vec![1u8; size];
+        closed_loop(calls, concurrency, move || {
+            let (conn, body) = (conn.clone(), body.clone());
+            async move {
+                let (mut send, mut recv) = conn.open_bi().await.unwrap();
+                let mut req = Vec::with_capacity(body.len() + 1);
+                req.push(1);
+                req.extend_from_slice(&body);
+                send.write_all(&req).await.unwrap();
+                send.finish().unwrap();
+                let r = recv.read_to_end(1 << 20).await.unwrap();
+                assert_eq!(r.len(), size);
+            }
+        })
+        .await
+    }
+}
+
+// --- TLS over TCP ---------------------------------------------------------------------------
+
+type TlsServerStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+type TlsClientStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+struct Tcp {
+    addr: SocketAddr,
+    connector: tokio_rustls::TlsConnector,
+}
+
+/// The TCP server: each connection starts with a kind byte, as for raw quinn. Message streams
+/// are confirmed cumulatively; RPC connections carry `[id u32][len u32][body]` frames both ways.
+async fn serve_tcp(listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+    while let Ok((tcp, _)) = listener.accept().await {
+        tcp.set_nodelay(true).unwrap();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let Ok(tls) = acceptor.accept(tcp).await else { return };
+            tcp_conn(tls).await;
+        });
+    }
+}
+
+async fn tcp_conn(tls: TlsServerStream) {
+    let (rd, wr) = tokio::io::split(tls);
+    let mut rd = tokio::io::BufReader::with_capacity(128 * 1024, rd);
+    let mut wr = BufWriter::new(wr);
+    let mut kind = [0u8; 1];
+    if rd.read_exact(&mut kind).await.is_err() {
+        return;
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    loop {
+        let mut head = [0u8; 8];
+        let head_len = if kind[0] == 1 { 8 } else { 4 };
+        if rd.read_exact(&mut head[..head_len]).await.is_err() {
+            return;
+        }
+        let len = u32::from_be_bytes(head[head_len - 4..head_len].try_into().unwrap()) as usize;
+        if rd.read_exact(&mut buf[..len]).await.is_err() {
+            return;
+        }
+        if kind[0] == 1 {
+            // Echo the call back.
+            let _ = wr.write_all(&head).await;
+            let _ = wr.write_all(&buf[..len]).await;
+        } else {
+            got += 1;
+            let _ = wr.write_all(&got.to_be_bytes()).await;
+        }
+        // Answer in one write once everything already received is handled.
+        if rd.buffer().is_empty() && wr.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Tcp {
+    async fn new(pki: &Pki) -> Tcp {
+        let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_tcp(listener, tokio_rustls::TlsAcceptor::from(Arc::new(pki.server_tls()))));
+        Tcp { addr, connector: tokio_rustls::TlsConnector::from(Arc::new(pki.client_tls())) }
+    }
+
+    async fn connect(&self, kind: u8) -> TlsClientStream {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let name = rustls::pki_types::ServerName::try_from("server").unwrap();
+        let mut tls = self.connector.connect(name, tcp).await.unwrap();
+        tls.write_all(&[kind]).await.unwrap();
+        tls
+    }
+}
+
+impl Pair for Tcp {
+    async fn stream(&mut self, count: usize, size: usize, window: usize) -> Duration {
+        let tls = self.connect(0).await;
+        let (mut rd, wr) = tokio::io::split(tls);
+        let mut wr = BufWriter::with_capacity(128 * 1024, wr);
+        framed_stream(&mut wr, &mut rd, count, size, window).await
+    }
+
+    async fn rpc(&mut self, calls: usize, size: usize, concurrency: usize) -> Vec<Duration> {
+        // One connection, calls multiplexed by id (as an RPC library over TCP does).
+        let tls = self.connect(1).await;
+        let (mut rd, wr) = tokio::io::split(tls);
+        let wr = Arc::new(Mutex::new(BufWriter::new(wr)));
+        let pending: Arc<std::sync::Mutex<HashMap<u32, oneshot::Sender<usize>>>> = Arc::default();
+        let reader = tokio::spawn({
+            let pending = pending.clone();
+            async move {
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let mut head = [0u8; 8];
+                    if rd.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let id = u32::from_be_bytes(head[..4].try_into().unwrap());
+                    let len = u32::from_be_bytes(head[4..].try_into().unwrap()) as usize;
+                    rd.read_exact(&mut buf[..len]).await.unwrap();
+                    if let Some(tx) = pending.lock().unwrap().remove(&id) {
+                        let _ = tx.send(len);
+                    }
+                }
+            }
+        });
+        let next = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let body = vec![1u8; size];
+        let lat = closed_loop(calls, concurrency, move || {
+            let (wr, pending, next, body) = (wr.clone(), pending.clone(), next.clone(), body.clone());
+            async move {
+                let id = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let (tx, rx) = oneshot::channel();
+                pending.lock().unwrap().insert(id, tx);
+                {
+                    let mut w = wr.lock().await;
+                    w.write_all(&id.to_be_bytes()).await.unwrap();
+                    w.write_all(&(body.len() as u32).to_be_bytes()).await.unwrap();
+                    w.write_all(&body).await.unwrap();
+                    w.flush().await.unwrap();
+                }
+                assert_eq!(rx.await.unwrap(), size);
+            }
+        })
+        .await;
+        reader.abort();
+        lat
+    }
+}
+
+/// Runs `calls` calls of `one()` with `concurrency` callers in a closed loop; the latency of
+/// each.
+async fn closed_loop<F, Fut>(calls: usize, concurrency: usize, one: F) -> Vec<Duration>
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let per = calls / concurrency;
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let one = one.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(per);
+                for _ in 0..per {
+                    let t = Instant::now();
+                    one().await;
+                    lat.push(t.elapsed());
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(calls);
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handshakes (W4): a new connection, authenticated both ways, plus its first message confirmed.
+
+async fn handshake_quicseal(pki: &Pki, n: usize) -> Duration {
+    let server = Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.server), pki.trust())).unwrap();
+    let client = Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.client), pki.trust())).unwrap();
+    let addr = server.local_addr().unwrap();
+    let accept = tokio::spawn(async move {
+        for _ in 0..n {
+            let s = server.accept().await.unwrap();
+            s.recv().await.unwrap();
+            tokio::spawn(async move { s.closed().await });
+        }
+    });
+    let start = Instant::now();
+    for _ in 0..n {
+        let s = client.connect(addr, "server").await.unwrap();
+        s.send_bytes(0, &b"hi"[..]).await.unwrap();
+        s.delivered(0).await.unwrap();
+        s.close();
+    }
+    let d = start.elapsed();
+    accept.await.unwrap();
+    d
+}
+
+async fn handshake_quinn(pki: &Pki, n: usize) -> Duration {
+    let server = quinn_server(pki);
+    let addr = server.local_addr().unwrap();
+    serve_quinn(server.clone());
+    let mut client = quinn::Endpoint::client(loopback()).unwrap();
+    client.set_default_client_config(quinn_client_config(pki));
+    let start = Instant::now();
+    for _ in 0..n {
+        let conn = client.connect(addr, "server").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&[0, 0, 0, 0, 2, b'h', b'i']).await.unwrap();
+        let mut c = [0u8; 8];
+        recv.read_exact(&mut c).await.unwrap();
+        conn.close(0u32.into(), b"");
+    }
+    start.elapsed()
+}
+
+async fn handshake_tcp(tcp: &Tcp, n: usize) -> Duration {
+    let start = Instant::now();
+    for _ in 0..n {
+        let mut tls = tcp.connect(0).await;
+        tls.write_all(&[0, 0, 0, 2, b'h', b'i']).await.unwrap();
+        let mut c = [0u8; 8];
+        tls.read_exact(&mut c).await.unwrap();
+    }
+    start.elapsed()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reporting.
+
+#[derive(Default)]
+struct Row {
+    workload: String,
+    unit: &'static str,
+    /// Higher is better (throughput) or lower is better (latency).
+    higher_better: bool,
+    values: [Vec<f64>; 3],
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+fn percentile(lat: &mut [Duration], p: f64) -> f64 {
+    lat.sort_unstable();
+    let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
+    lat[i].as_secs_f64() * 1e6
+}
+
+fn ratio(row: &Row, base: usize) -> f64 {
+    let (q, b) = (median(&row.values[0]), median(&row.values[base]));
+    // Ratios read "quicseal is this fraction of the baseline's performance" for throughput,
+    // and "quicseal takes this multiple of the baseline's time" for latency.
+    q / b
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(run(quick));
+}
+
+async fn run(quick: bool) {
+    let pki = Pki::new();
+    let mut q = Quicseal::new(&pki).await;
+    let mut r = RawQuinn::new(&pki).await;
+    let mut t = Tcp::new(&pki).await;
+    let rounds = if quick { 3 } else { 5 };
+    let bulk_mib = if quick { 64 } else { 1024 };
+    let small = if quick { 5_000 } else { 50_000 };
+    let rpcs = if quick { 2_000 } else { 20_000 };
+    let handshakes = if quick { 20 } else { 200 };
+    let mut rows: Vec<Row> = Vec::new();
+    let mut row = |name: String, unit, higher_better| {
+        rows.push(Row { workload: name, unit, higher_better, ..Row::default() });
+        rows.len() - 1
+    };
+    let w1 = row(format!("W1 bulk {bulk_mib} MiB in 1 MiB messages"), "MiB/s", true);
+    let w2: Vec<(usize, usize, usize)> = [(64, 1), (64, 64), (1024, 1), (1024, 64)]
+        .iter()
+        .map(|&(size, window)| (row(format!("W2 {size} B messages, {window} in flight"), "msg/s", true), size, window))
+        .collect();
+    let w3: Vec<(usize, usize, usize)> = [1, 64]
+        .iter()
+        .flat_map(|&c| {
+            [
+                (row(format!("W3 RPC 64 B, concurrency {c}, p50"), "µs", false), c, 50),
+                (row(format!("W3 RPC 64 B, concurrency {c}, p99"), "µs", false), c, 99),
+            ]
+        })
+        .collect();
+    let w4 = row("W4 handshakes + first message".into(), "per s", true);
+    for round in 0..rounds {
+        // Alternate the order of the stacks from round to round.
+        let order: [usize; 3] = [[0, 1, 2], [1, 2, 0], [2, 0, 1]][round % 3];
+        for &stack in &order {
+            let pair: &mut dyn PairDyn = match stack {
+                0 => &mut q,
+                1 => &mut r,
+                _ => &mut t,
+            };
+            let d = pair.stream_dyn(bulk_mib, 1 << 20, 8).await;
+            rows[w1].values[stack].push(bulk_mib as f64 / d.as_secs_f64());
+            for &(i, size, window) in &w2 {
+                let d = pair.stream_dyn(small / if window == 1 { 10 } else { 1 }, size, window).await;
+                let n = small / if window == 1 { 10 } else { 1 };
+                rows[i].values[stack].push(n as f64 / d.as_secs_f64());
+            }
+            for &(i, c, p) in &w3 {
+                if p == 50 {
+                    let mut lat = pair.rpc_dyn(rpcs / if c == 1 { 4 } else { 1 }, 64, c).await;
+                    let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
+                    rows[i].values[stack].push(p50);
+                    rows[i + 1].values[stack].push(p99);
+                }
+            }
+            let d = match stack {
+                0 => handshake_quicseal(&pki, handshakes).await,
+                1 => handshake_quinn(&pki, handshakes).await,
+                _ => handshake_tcp(&t, handshakes).await,
+            };
+            rows[w4].values[stack].push(handshakes as f64 / d.as_secs_f64());
+        }
+    }
+    print_table(&rows, quick);
+    write_json(&rows);
+    drop((q.server, q.client));
+    drop(r.client);
+}
+
+/// Object-safe wrappers (the workloads pick a stack at run time).
+trait PairDyn {
+    fn stream_dyn<'a>(
+        &'a mut self,
+        count: usize,
+        size: usize,
+        window: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Duration> + 'a>>;
+    fn rpc_dyn<'a>(
+        &'a mut self,
+        calls: usize,
+        size: usize,
+        concurrency: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Duration>> + 'a>>;
+}
+
+impl<P: Pair> PairDyn for P {
+    fn stream_dyn<'a>(
+        &'a mut self,
+        count: usize,
+        size: usize,
+        window: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Duration> + 'a>> {
+        Box::pin(self.stream(count, size, window))
+    }
+    fn rpc_dyn<'a>(
+        &'a mut self,
+        calls: usize,
+        size: usize,
+        concurrency: usize,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Duration>> + 'a>> {
+        Box::pin(self.rpc(calls, size, concurrency))
+    }
+}
+
+fn print_table(rows: &[Row], quick: bool) {
+    println!(
+        "\nquicseal vs raw quinn vs TLS over TCP ({}; medians of alternating runs)\n",
+        if quick { "quick" } else { "full" }
+    );
+    println!("| workload | unit | quicseal | raw quinn | TLS/TCP | quicseal/quinn | quicseal/TCP |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for row in rows {
+        let m: Vec<f64> = row.values.iter().map(|v| median(v)).collect();
+        println!(
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2}{} | {:.2}{} |",
+            row.workload,
+            row.unit,
+            m[0],
+            m[1],
+            m[2],
+            ratio(row, 1),
+            if row.higher_better { "" } else { " (time)" },
+            ratio(row, 2),
+            if row.higher_better { "" } else { " (time)" },
+        );
+    }
+}
+
+fn write_json(rows: &[Row]) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = serde_json::json!(
+        rows.iter()
+            .map(|r| serde_json::json!({
+                "workload": r.workload,
+                "unit": r.unit,
+                "higher_is_better": r.higher_better,
+                "quicseal": r.values[0],
+                "quinn": r.values[1],
+                "tcp": r.values[2],
+                "median": { "quicseal": median(&r.values[0]), "quinn": median(&r.values[1]), "tcp": median(&r.values[2]) },
+            }))
+            .collect::<Vec<_>>()
+    );
+    let path = dir.join("compare.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    println!("\nwrote {}", path.display());
+}
