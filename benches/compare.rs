@@ -16,7 +16,9 @@
 //! Workloads: W1 bulk one way in 1 MiB messages; W2 small messages (64 B, 1 KiB) one way with 1
 //! and 64 in flight (a message is in flight until the receiving application confirmed it);
 //! W3 RPC of 64 B, closed loop at concurrency 1 and 64 (p50/p99); W4 mutual-TLS handshakes per
-//! second including the first message.
+//! second including the first message; W5 goodput through the `netsim` link at 1% and 5% loss
+//! (quicseal vs raw quinn); W6 resident memory per idle session (quicseal vs raw quinn, each in a
+//! fresh process).
 #![allow(missing_docs)]
 
 use std::collections::HashMap;
@@ -531,6 +533,102 @@ async fn handshake_tcp(tcp: &Tcp, n: usize) -> Duration {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Loss (W5): goodput of a one-way transfer through the netsim link, quicseal vs raw quinn.
+
+fn lossy(loss: f64, seed: u64) -> quicseal::netsim::LinkConfig {
+    let mut link = quicseal::netsim::LinkConfig::default();
+    link.loss = loss;
+    link.seed = seed;
+    link
+}
+
+async fn lossy_quicseal(pki: &Pki, loss: f64, mib: usize) -> Duration {
+    let server = Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.server), pki.trust())).unwrap();
+    let client = Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.client), pki.trust())).unwrap();
+    let proxy =
+        quicseal::netsim::Proxy::start(loopback(), server.local_addr().unwrap(), Default::default()).await.unwrap();
+    let (to, at) = tokio::join!(client.connect(proxy.local_addr(), "server"), server.accept());
+    let (to, at) = (to.unwrap(), at.unwrap());
+    proxy.reconfigure(lossy(loss, 7)).unwrap();
+    let mut pair = Quicseal { server, client, to_server: to, at_server: at };
+    pair.stream(mib * 16, 64 * 1024, 64).await
+}
+
+async fn lossy_quinn(pki: &Pki, loss: f64, mib: usize) -> Duration {
+    let server = quinn_server(pki);
+    serve_quinn(server.clone());
+    let proxy =
+        quicseal::netsim::Proxy::start(loopback(), server.local_addr().unwrap(), Default::default()).await.unwrap();
+    let mut client = quinn::Endpoint::client(loopback()).unwrap();
+    client.set_default_client_config(quinn_client_config(pki));
+    let conn = client.connect(proxy.local_addr(), "server").unwrap().await.unwrap();
+    proxy.reconfigure(lossy(loss, 7)).unwrap();
+    let mut pair = RawQuinn { _server: server, client, conn };
+    pair.stream(mib * 16, 64 * 1024, 64).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory (W6): resident memory per idle session, each stack measured in a fresh process.
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    pages * 4096
+}
+
+/// In a child process: opens `n` idle sessions (both ends in this process) and prints the
+/// resident memory they added, per session.
+async fn memory_child(stack: &str, n: usize) {
+    let pki = Pki::new();
+    let mut limits = Limits::default();
+    limits.max_connections = n + 16;
+    let before = rss_bytes();
+    let mut keep: Vec<Box<dyn std::any::Any>> = Vec::new();
+    match stack {
+        "quicseal" => {
+            let server =
+                Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.server), pki.trust()).limits(limits.clone()))
+                    .unwrap();
+            let client =
+                Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.client), pki.trust()).limits(limits))
+                    .unwrap();
+            let addr = server.local_addr().unwrap();
+            for _ in 0..n {
+                let (a, b) = tokio::join!(client.connect(addr, "server"), server.accept());
+                keep.push(Box::new((a.unwrap(), b.unwrap())));
+            }
+            keep.push(Box::new((server, client)));
+        }
+        _ => {
+            let server = quinn_server(&pki);
+            let addr = server.local_addr().unwrap();
+            let mut client = quinn::Endpoint::client(loopback()).unwrap();
+            client.set_default_client_config(quinn_client_config(&pki));
+            for _ in 0..n {
+                let (a, b) = tokio::join!(async { client.connect(addr, "server").unwrap().await.unwrap() }, async {
+                    server.accept().await.unwrap().await.unwrap()
+                });
+                keep.push(Box::new((a, b)));
+            }
+            keep.push(Box::new((server, client)));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes();
+    println!("{}", (after.saturating_sub(before)) as f64 / n as f64 / 1024.0);
+    drop(keep);
+}
+
+fn memory_of(stack: &str, n: usize) -> f64 {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--memory-child", stack, &n.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
 // Reporting.
 
 #[derive(Default)]
@@ -556,14 +654,17 @@ fn percentile(lat: &mut [Duration], p: f64) -> f64 {
 
 fn ratio(row: &Row, base: usize) -> f64 {
     let (q, b) = (median(&row.values[0]), median(&row.values[base]));
-    // Ratios read "quicseal is this fraction of the baseline's performance" for throughput,
-    // and "quicseal takes this multiple of the baseline's time" for latency.
-    q / b
+    if b == 0.0 || b.is_nan() { f64::NAN } else { q / b }
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    if let Some(i) = args.iter().position(|a| a == "--memory-child") {
+        runtime.block_on(memory_child(&args[i + 1], args[i + 2].parse().unwrap()));
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
     runtime.block_on(run(quick));
 }
 
@@ -597,6 +698,13 @@ async fn run(quick: bool) {
         })
         .collect();
     let w4 = row("W4 handshakes + first message".into(), "per s", true);
+    let lossy_mib = if quick { 4 } else { 32 };
+    let w5: Vec<(usize, f64)> = [0.01, 0.05]
+        .iter()
+        .map(|&l| (row(format!("W5 goodput at {}% loss ({lossy_mib} MiB)", l * 100.0), "MiB/s", true), l))
+        .collect();
+    let sessions = if quick { 100 } else { 1000 };
+    let w6 = row(format!("W6 memory per idle session ({sessions})"), "KiB", false);
     for round in 0..rounds {
         // Alternate the order of the stacks from round to round.
         let order: [usize; 3] = [[0, 1, 2], [1, 2, 0], [2, 0, 1]][round % 3];
@@ -627,6 +735,18 @@ async fn run(quick: bool) {
                 _ => handshake_tcp(&t, handshakes).await,
             };
             rows[w4].values[stack].push(handshakes as f64 / d.as_secs_f64());
+            // W5 and W6 compare with raw quinn only (TCP is not QUIC over the netsim link).
+            for &(i, loss) in &w5 {
+                let d = match stack {
+                    0 => Some(lossy_quicseal(&pki, loss, lossy_mib).await),
+                    1 => Some(lossy_quinn(&pki, loss, lossy_mib).await),
+                    _ => None,
+                };
+                rows[i].values[stack].extend(d.map(|d| lossy_mib as f64 / d.as_secs_f64()));
+            }
+            if round == 0 && stack < 2 {
+                rows[w6].values[stack].push(memory_of(if stack == 0 { "quicseal" } else { "quinn" }, sessions));
+            }
         }
     }
     print_table(&rows, quick);
@@ -677,21 +797,30 @@ fn print_table(rows: &[Row], quick: bool) {
     );
     println!("| workload | unit | quicseal | raw quinn | TLS/TCP | quicseal/quinn | quicseal/TCP |");
     println!("|---|---|---:|---:|---:|---:|---:|");
+    let num = |x: f64| if x.is_nan() { "-".to_owned() } else { format!("{x:.1}") };
     for row in rows {
         let m: Vec<f64> = row.values.iter().map(|v| median(v)).collect();
+        let r = |base| {
+            let x = ratio(row, base);
+            if x.is_nan() {
+                "-".to_owned()
+            } else {
+                format!("{x:.2}{}", if row.higher_better { "" } else { " (cost)" })
+            }
+        };
         println!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.2}{} | {:.2}{} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             row.workload,
             row.unit,
-            m[0],
-            m[1],
-            m[2],
-            ratio(row, 1),
-            if row.higher_better { "" } else { " (time)" },
-            ratio(row, 2),
-            if row.higher_better { "" } else { " (time)" },
+            num(m[0]),
+            num(m[1]),
+            num(m[2]),
+            r(1),
+            r(2)
         );
     }
+    println!("\nRatios: throughput as quicseal's share of the baseline (higher is better); \"(cost)\" rows as");
+    println!("quicseal's multiple of the baseline's time or memory (lower is better).");
 }
 
 fn write_json(rows: &[Row]) {
