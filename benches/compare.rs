@@ -484,9 +484,10 @@ async fn handshake_quicseal(pki: &Pki, n: usize) -> Duration {
     let server = Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.server), pki.trust())).unwrap();
     let client = Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.client), pki.trust())).unwrap();
     let addr = server.local_addr().unwrap();
+    let acceptor = server.clone(); // the server stays open until the last message is confirmed
     let accept = tokio::spawn(async move {
         for _ in 0..n {
-            let s = server.accept().await.unwrap();
+            let s = acceptor.accept().await.unwrap();
             s.recv().await.unwrap();
             tokio::spawn(async move { s.closed().await });
         }
@@ -500,6 +501,7 @@ async fn handshake_quicseal(pki: &Pki, n: usize) -> Duration {
     }
     let d = start.elapsed();
     accept.await.unwrap();
+    drop(server);
     d
 }
 
