@@ -537,6 +537,7 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
                 max_channels: usize::from(limits.max_channels),
                 ack_delay_ms: 2,
                 ack_every: 64,
+                ack_when_drained: true,
                 auto_ack: !shared.manual_ack,
                 dedup: !shared.no_dedup,
                 reserved_from: Some(crate::rpc::FIRST_RESERVED_CHANNEL),

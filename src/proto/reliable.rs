@@ -399,6 +399,11 @@ pub struct InboxConfig {
     pub ack_delay_ms: u64,
     /// Send an acknowledgement at once after this many newly taken messages.
     pub ack_every: u64,
+    /// Also acknowledge at once when the application has taken everything received on the
+    /// channel (nothing is held): a sender waiting on its last messages hears back without the
+    /// batching delay, while a busy stream, whose receiver always has more to take, still
+    /// batches.
+    pub ack_when_drained: bool,
     /// Acknowledge when [`Inbox::poll_deliver`] hands a message over (otherwise the application
     /// calls [`Inbox::ack`]).
     pub auto_ack: bool,
@@ -419,6 +424,7 @@ impl Default for InboxConfig {
             max_channels: 64,
             ack_delay_ms: 5,
             ack_every: 32,
+            ack_when_drained: false,
             auto_ack: true,
             dedup: true,
             reserved_from: None,
@@ -593,14 +599,16 @@ impl Inbox {
         true
     }
 
-    /// An acknowledgement to send now, if one is due (after `ack_delay_ms`, or at once after
-    /// `ack_every` new ones). Call until it returns `None`.
+    /// An acknowledgement to send now, if one is due (after `ack_delay_ms`, at once after
+    /// `ack_every` new ones, or at once when the channel is drained and `ack_when_drained`).
+    /// Call until it returns `None`.
     pub fn poll_ack(&mut self, now: u64) -> Option<AckRanges> {
-        let (delay, every) = (self.config.ack_delay_ms, self.config.ack_every);
-        let (&channel, ch) = self
-            .channels
-            .iter_mut()
-            .find(|(_, ch)| ch.dirty_since.is_some_and(|t| ch.unreported >= every || now >= t.saturating_add(delay)))?;
+        let (delay, every, drained) = (self.config.ack_delay_ms, self.config.ack_every, self.config.ack_when_drained);
+        let (&channel, ch) = self.channels.iter_mut().find(|(_, ch)| {
+            ch.dirty_since.is_some_and(|t| {
+                ch.unreported >= every || now >= t.saturating_add(delay) || (drained && ch.held.is_empty())
+            })
+        })?;
         ch.unreported = 0;
         ch.dirty_since = None;
         let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -620,7 +628,13 @@ impl Inbox {
 
     /// When the next batched acknowledgement falls due.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.channels.values().filter_map(|c| c.dirty_since.map(|t| t + self.config.ack_delay_ms)).min()
+        let drained = self.config.ack_when_drained;
+        self.channels
+            .values()
+            .filter_map(|c| {
+                c.dirty_since.map(|t| if drained && c.held.is_empty() { t } else { t + self.config.ack_delay_ms })
+            })
+            .min()
     }
 
     /// Payload bytes held (received, not yet delivered).

@@ -100,6 +100,7 @@ fn simulate(seed: u64, channels: u16, per_channel: u64, faults: Faults, fault_un
         max_channels: 8,
         ack_delay_ms: 3,
         ack_every: 8,
+        ack_when_drained: seed % 2 == 0,
         auto_ack: !manual_ack,
         dedup: true,
         reserved_from: None,
@@ -302,6 +303,7 @@ fn inbox_drops_what_it_cannot_hold_and_reacks_duplicates() {
         max_channels: 1,
         ack_delay_ms: 10,
         ack_every: 100,
+        ack_when_drained: false,
         auto_ack: true,
         dedup: true,
         reserved_from: None,
@@ -366,4 +368,26 @@ fn first_transmissions_leave_in_sequence_order_even_with_clock_readings_out_of_o
     assert_eq!(o.push(4, Bytes::from_static(b"c"), 10), Ok(1));
     let order: Vec<(u16, u64)> = std::iter::from_fn(|| o.poll_transmit(20)).map(|t| (t.channel, t.seq)).collect();
     assert_eq!(order, [(4, 1), (3, 1), (3, 2)]);
+}
+
+#[test]
+fn a_drained_channel_is_acknowledged_at_once_a_busy_one_is_batched() {
+    let mut i = Inbox::new(InboxConfig {
+        ack_delay_ms: 100,
+        ack_every: 1000,
+        ack_when_drained: true,
+        ..InboxConfig::default()
+    });
+    for seq in 1..=3 {
+        assert_eq!(i.on_message(0, seq, Bytes::from_static(b"x"), 0), Received::Accepted);
+    }
+    i.poll_deliver(0);
+    assert_eq!(i.poll_ack(0), None, "two more are waiting to be taken: batch");
+    assert_eq!(i.next_deadline(), Some(100));
+    i.poll_deliver(0);
+    i.poll_deliver(0);
+    assert_eq!(i.next_deadline(), Some(0), "drained: due now");
+    let ack = i.poll_ack(0).expect("due at once");
+    assert_eq!(ack.cumulative, 3);
+    assert_eq!(i.poll_ack(0), None);
 }
