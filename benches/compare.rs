@@ -3,6 +3,7 @@
 //! ```text
 //! cargo bench --bench compare              # full run
 //! cargo bench --bench compare -- --quick   # under a minute (CI runs this; no thresholds)
+//! cargo bench --bench compare -- --only W2,W3 --stacks quicseal   # a subset, e.g. to profile
 //! ```
 //!
 //! Every stack uses the same certificates, rustls on ring with TLS 1.3 and mutual
@@ -110,8 +111,9 @@ fn loopback() -> SocketAddr {
 /// application (the receiver confirms cumulatively).
 trait Pair {
     /// Sends `count` messages of `size` bytes, keeping at most `window` unconfirmed; returns when
-    /// the receiver confirmed the last one.
-    async fn stream(&mut self, count: usize, size: usize, window: usize) -> Duration;
+    /// the receiver confirmed the last one. `coalesce`: the baselines gather frames into 64 KiB
+    /// writes instead of one `write_all` per frame (quicseal decides for itself).
+    async fn stream(&mut self, count: usize, size: usize, window: usize, coalesce: bool) -> Duration;
     /// `calls` RPC round trips of `size` bytes at concurrency `concurrency`; latencies.
     async fn rpc(&mut self, calls: usize, size: usize, concurrency: usize) -> Vec<Duration>;
 }
@@ -138,7 +140,7 @@ impl Quicseal {
 }
 
 impl Pair for Quicseal {
-    async fn stream(&mut self, count: usize, size: usize, window: usize) -> Duration {
+    async fn stream(&mut self, count: usize, size: usize, window: usize, _coalesce: bool) -> Duration {
         let payload = Bytes::from(vec![7u8; size]);
         let receiver = self.at_server.clone();
         let reader = tokio::spawn(async move {
@@ -256,9 +258,17 @@ impl RawQuinn {
     }
 }
 
-/// Sends length-prefixed frames on `send`, coalesced up to 64 KiB per write, keeping at most
-/// `window` unconfirmed; reads cumulative u64 confirmations from `recv`.
-async fn framed_stream<W, R>(send: &mut W, recv: &mut R, count: usize, size: usize, window: usize) -> Duration
+/// Sends length-prefixed frames on `send`, keeping at most `window` unconfirmed; reads cumulative
+/// u64 confirmations from `recv`. Each frame is one `write_all`, or with `coalesce` frames are
+/// gathered into writes of up to 64 KiB; one flush per batch either way.
+async fn framed_stream<W, R>(
+    send: &mut W,
+    recv: &mut R,
+    count: usize,
+    size: usize,
+    window: usize,
+    coalesce: bool,
+) -> Duration
 where
     W: tokio::io::AsyncWrite + Unpin,
     R: tokio::io::AsyncRead + Unpin,
@@ -268,15 +278,24 @@ where
     let (mut sent, mut confirmed) = (0usize, 0usize);
     let mut batch = Vec::with_capacity(64 * 1024 + size + 4);
     while confirmed < count {
+        let mut wrote = false;
         while sent < count && sent - confirmed < window && batch.len() < 64 * 1024 {
             batch.extend_from_slice(&(size as u32).to_be_bytes());
             batch.extend_from_slice(&payload);
             sent += 1;
+            if !coalesce {
+                send.write_all(&batch).await.unwrap();
+                batch.clear();
+                wrote = true;
+            }
         }
         if !batch.is_empty() {
             send.write_all(&batch).await.unwrap();
-            send.flush().await.unwrap();
             batch.clear();
+            wrote = true;
+        }
+        if wrote {
+            send.flush().await.unwrap();
         }
         if sent - confirmed >= window || sent == count {
             let mut c = [0u8; 8];
@@ -288,10 +307,10 @@ where
 }
 
 impl Pair for RawQuinn {
-    async fn stream(&mut self, count: usize, size: usize, window: usize) -> Duration {
+    async fn stream(&mut self, count: usize, size: usize, window: usize, coalesce: bool) -> Duration {
         let (mut send, mut recv) = self.conn.open_bi().await.unwrap();
         send.write_all(&[0]).await.unwrap();
-        let d = framed_stream(&mut send, &mut recv, count, size, window).await;
+        let d = framed_stream(&mut send, &mut recv, count, size, window, coalesce).await;
         let _ = send.finish();
         d
     }
@@ -393,11 +412,11 @@ impl Tcp {
 }
 
 impl Pair for Tcp {
-    async fn stream(&mut self, count: usize, size: usize, window: usize) -> Duration {
+    async fn stream(&mut self, count: usize, size: usize, window: usize, coalesce: bool) -> Duration {
         let tls = self.connect(0).await;
         let (mut rd, wr) = tokio::io::split(tls);
         let mut wr = BufWriter::with_capacity(128 * 1024, wr);
-        framed_stream(&mut wr, &mut rd, count, size, window).await
+        framed_stream(&mut wr, &mut rd, count, size, window, coalesce).await
     }
 
     async fn rpc(&mut self, calls: usize, size: usize, concurrency: usize) -> Vec<Duration> {
@@ -553,7 +572,7 @@ async fn lossy_quicseal(pki: &Pki, loss: f64, mib: usize) -> Duration {
     let (to, at) = (to.unwrap(), at.unwrap());
     proxy.reconfigure(lossy(loss, 7)).unwrap();
     let mut pair = Quicseal { server, client, to_server: to, at_server: at };
-    pair.stream(mib * 16, 64 * 1024, 64).await
+    pair.stream(mib * 16, 64 * 1024, 64, true).await
 }
 
 async fn lossy_quinn(pki: &Pki, loss: f64, mib: usize) -> Duration {
@@ -566,7 +585,7 @@ async fn lossy_quinn(pki: &Pki, loss: f64, mib: usize) -> Duration {
     let conn = client.connect(proxy.local_addr(), "server").unwrap().await.unwrap();
     proxy.reconfigure(lossy(loss, 7)).unwrap();
     let mut pair = RawQuinn { _server: server, client, conn };
-    pair.stream(mib * 16, 64 * 1024, 64).await
+    pair.stream(mib * 16, 64 * 1024, 64, true).await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -667,10 +686,32 @@ fn main() {
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
-    runtime.block_on(run(quick));
+    let list = |flag: &str| -> Option<Vec<String>> {
+        let i = args.iter().position(|a| a == flag)?;
+        let v = args.get(i + 1).unwrap_or_else(|| panic!("{flag} needs a comma-separated list"));
+        Some(v.split(',').map(str::to_owned).collect())
+    };
+    let select = Select { workloads: list("--only"), stacks: list("--stacks") };
+    runtime.block_on(run(quick, &select));
 }
 
-async fn run(quick: bool) {
+/// What `--only W1,W2` and `--stacks quicseal,quinn,tcp` keep (everything by default).
+struct Select {
+    workloads: Option<Vec<String>>,
+    stacks: Option<Vec<String>>,
+}
+
+impl Select {
+    fn workload(&self, w: &str) -> bool {
+        self.workloads.as_ref().is_none_or(|l| l.iter().any(|x| x.eq_ignore_ascii_case(w)))
+    }
+    fn stack(&self, s: usize) -> bool {
+        let name = ["quicseal", "quinn", "tcp"][s];
+        self.stacks.as_ref().is_none_or(|l| l.iter().any(|x| x == name))
+    }
+}
+
+async fn run(quick: bool, select: &Select) {
     let pki = Pki::new();
     let mut q = Quicseal::new(&pki).await;
     let mut r = RawQuinn::new(&pki).await;
@@ -686,10 +727,19 @@ async fn run(quick: bool) {
         rows.len() - 1
     };
     let w1 = row(format!("W1 bulk {bulk_mib} MiB in 1 MiB messages"), "MiB/s", true);
-    let w2: Vec<(usize, usize, usize)> = [(64, 1), (64, 64), (1024, 1), (1024, 64)]
-        .iter()
-        .map(|&(size, window)| (row(format!("W2 {size} B messages, {window} in flight"), "msg/s", true), size, window))
-        .collect();
+    // The W2 targets are against baselines writing one frame per `write_all`; the last row has
+    // them gather frames into 64 KiB writes, the best a user can do by hand.
+    let w2: Vec<(usize, usize, usize, bool)> =
+        [(64, 1, false), (64, 64, false), (1024, 1, false), (1024, 64, false), (64, 64, true)]
+            .iter()
+            .map(|&(size, window, coalesce)| {
+                let name = format!(
+                    "W2 {size} B messages, {window} in flight{}",
+                    if coalesce { ", baselines coalescing writes" } else { "" }
+                );
+                (row(name, "msg/s", true), size, window, coalesce)
+            })
+            .collect();
     let w3: Vec<(usize, usize, usize)> = [1, 64]
         .iter()
         .flat_map(|&c| {
@@ -710,20 +760,22 @@ async fn run(quick: bool) {
     for round in 0..rounds {
         // Alternate the order of the stacks from round to round.
         let order: [usize; 3] = [[0, 1, 2], [1, 2, 0], [2, 0, 1]][round % 3];
-        for &stack in &order {
+        for &stack in order.iter().filter(|&&s| select.stack(s)) {
             let pair: &mut dyn PairDyn = match stack {
                 0 => &mut q,
                 1 => &mut r,
                 _ => &mut t,
             };
-            let d = pair.stream_dyn(bulk_mib, 1 << 20, 8).await;
-            rows[w1].values[stack].push(bulk_mib as f64 / d.as_secs_f64());
-            for &(i, size, window) in &w2 {
-                let d = pair.stream_dyn(small / if window == 1 { 10 } else { 1 }, size, window).await;
+            if select.workload("W1") {
+                let d = pair.stream_dyn(bulk_mib, 1 << 20, 8, false).await;
+                rows[w1].values[stack].push(bulk_mib as f64 / d.as_secs_f64());
+            }
+            for &(i, size, window, coalesce) in w2.iter().filter(|_| select.workload("W2")) {
+                let d = pair.stream_dyn(small / if window == 1 { 10 } else { 1 }, size, window, coalesce).await;
                 let n = small / if window == 1 { 10 } else { 1 };
                 rows[i].values[stack].push(n as f64 / d.as_secs_f64());
             }
-            for &(i, c, p) in &w3 {
+            for &(i, c, p) in w3.iter().filter(|_| select.workload("W3")) {
                 if p == 50 {
                     let mut lat = pair.rpc_dyn(rpcs / if c == 1 { 4 } else { 1 }, 64, c).await;
                     let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
@@ -731,14 +783,16 @@ async fn run(quick: bool) {
                     rows[i + 1].values[stack].push(p99);
                 }
             }
-            let d = match stack {
-                0 => handshake_quicseal(&pki, handshakes).await,
-                1 => handshake_quinn(&pki, handshakes).await,
-                _ => handshake_tcp(&t, handshakes).await,
-            };
-            rows[w4].values[stack].push(handshakes as f64 / d.as_secs_f64());
+            if select.workload("W4") {
+                let d = match stack {
+                    0 => handshake_quicseal(&pki, handshakes).await,
+                    1 => handshake_quinn(&pki, handshakes).await,
+                    _ => handshake_tcp(&t, handshakes).await,
+                };
+                rows[w4].values[stack].push(handshakes as f64 / d.as_secs_f64());
+            }
             // W5 and W6 compare with raw quinn only (TCP is not QUIC over the netsim link).
-            for &(i, loss) in &w5 {
+            for &(i, loss) in w5.iter().filter(|_| select.workload("W5")) {
                 let d = match stack {
                     0 => Some(lossy_quicseal(&pki, loss, lossy_mib).await),
                     1 => Some(lossy_quinn(&pki, loss, lossy_mib).await),
@@ -746,7 +800,7 @@ async fn run(quick: bool) {
                 };
                 rows[i].values[stack].extend(d.map(|d| lossy_mib as f64 / d.as_secs_f64()));
             }
-            if round == 0 && stack < 2 {
+            if round == 0 && stack < 2 && select.workload("W6") {
                 rows[w6].values[stack].push(memory_of(if stack == 0 { "quicseal" } else { "quinn" }, sessions));
             }
         }
@@ -764,6 +818,7 @@ trait PairDyn {
         count: usize,
         size: usize,
         window: usize,
+        coalesce: bool,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Duration> + 'a>>;
     fn rpc_dyn<'a>(
         &'a mut self,
@@ -779,8 +834,9 @@ impl<P: Pair> PairDyn for P {
         count: usize,
         size: usize,
         window: usize,
+        coalesce: bool,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Duration> + 'a>> {
-        Box::pin(self.stream(count, size, window))
+        Box::pin(self.stream(count, size, window, coalesce))
     }
     fn rpc_dyn<'a>(
         &'a mut self,
@@ -800,7 +856,7 @@ fn print_table(rows: &[Row], quick: bool) {
     println!("| workload | unit | quicseal | raw quinn | TLS/TCP | quicseal/quinn | quicseal/TCP |");
     println!("|---|---|---:|---:|---:|---:|---:|");
     let num = |x: f64| if x.is_nan() { "-".to_owned() } else { format!("{x:.1}") };
-    for row in rows {
+    for row in rows.iter().filter(|r| r.values.iter().any(|v| !v.is_empty())) {
         let m: Vec<f64> = row.values.iter().map(|v| median(v)).collect();
         let r = |base| {
             let x = ratio(row, base);
