@@ -1150,6 +1150,9 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>, key: Arc<SealingKey>, epoch
             }
         }
         let batch_full = transmits.len() == TRANSMIT_BATCH;
+        // The batch's frames per channel, in order: one write per stream (quinn has no Nagle:
+        // a write per frame costs a lock and a wake-up of the connection each).
+        let mut writes: Vec<(u16, Vec<Bytes>)> = Vec::new();
         for t in transmits {
             if t.retransmission {
                 shared.tally.add(Counter::retransmissions, 1);
@@ -1184,8 +1187,14 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>, key: Arc<SealingKey>, epoch
                     f
                 }
             };
-            let Some((send, _, _)) = streams.get_mut(&t.channel) else { continue };
-            if send.write_all(&frame).await.is_err() {
+            match writes.iter_mut().find(|(c, _)| *c == t.channel) {
+                Some((_, frames)) => frames.push(frame),
+                None => writes.push((t.channel, vec![frame])),
+            }
+        }
+        for (channel, mut frames) in writes {
+            let Some((send, _, _)) = streams.get_mut(&channel) else { continue };
+            if send.write_all_chunks(&mut frames).await.is_err() {
                 return;
             }
         }
