@@ -307,6 +307,9 @@ struct Shared {
     max_channels: u16,
     /// Calls and the share of the node's RPC server.
     rpc: Arc<SessionRpc>,
+    /// Held while RPC frames are taken from the reserved channels, so they are handled in
+    /// order whichever task takes them (a channel reader, or the RPC pump).
+    rpc_taking: Mutex<()>,
 }
 
 impl Shared {
@@ -595,6 +598,7 @@ impl Session {
             max_send: p.local_max.min(p.peer_max),
             max_channels: p.max_channels,
             rpc: Arc::new(SessionRpc::new(p.rpc, peer.clone(), outbox_messages)),
+            rpc_taking: Mutex::new(()),
         });
         tokio::spawn(pump_rpc(Outlet(shared.clone())));
         let seal_key = Arc::new(Mutex::new(Arc::new(sealing)));
@@ -963,9 +967,30 @@ impl Outlet {
     }
 }
 
-/// Takes RPC frames from the reserved channels as they arrive, in order: responses always (they
-/// complete our calls), requests while the session owes few enough answers. Ends with the
-/// session, failing the calls still waiting.
+/// Takes the RPC frames waiting on the reserved channels, in order: responses always (they
+/// complete our calls), requests while the session owes few enough answers. Channel readers
+/// call it as soon as an RPC frame arrives (no task hop on the way to the handler or the
+/// caller); [`pump_rpc`] calls it when the session may take more requests. Returns whether it
+/// took any.
+fn take_rpc(outlet: &Outlet) -> bool {
+    let shared = &outlet.0;
+    let rpc = &shared.rpc;
+    let took = {
+        let _in_order = shared.rpc_taking.lock().unwrap_or_else(|e| e.into_inner());
+        drain(shared, rpc::RESPONSE_CHANNEL, || true, |p| rpc.on_response(outlet, p))
+            | drain(shared, rpc::REQUEST_CHANNEL, || rpc.may_take_request(), |p| rpc.on_request(outlet, p))
+    };
+    if took {
+        // Room for channel readers; acknowledgements are due.
+        shared.room.notify_waiters();
+        shared.work.notify_one();
+    }
+    took
+}
+
+/// Takes the RPC frames that the channel readers left behind (requests held back while the
+/// session owed too many answers), whenever an answer is paid. Ends with the session, failing
+/// the calls still waiting.
 async fn pump_rpc(outlet: Outlet) {
     let shared = &outlet.0;
     let rpc = shared.rpc.clone();
@@ -976,14 +1001,7 @@ async fn pump_rpc(outlet: Outlet) {
         tokio::pin!(arrived, paid);
         arrived.as_mut().enable();
         paid.as_mut().enable();
-        // Responses always; requests while the session owes few enough answers.
-        let took = drain(shared, rpc::RESPONSE_CHANNEL, || true, |p| rpc.on_response(&outlet, p))
-            | drain(shared, rpc::REQUEST_CHANNEL, || rpc.may_take_request(), |p| rpc.on_request(&outlet, p));
-        if took {
-            // Room for channel readers; acknowledgements are due.
-            shared.room.notify_waiters();
-            shared.work.notify_one();
-        }
+        take_rpc(&outlet);
         if shared.is_ended() {
             rpc.fail_pending();
             return;
@@ -1363,6 +1381,9 @@ async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, mu
                 let now = shared.now();
                 let received = shared.core().inbox.on_message(channel, opened.seq, opened.payload, now);
                 match received {
+                    Received::Accepted if channel >= rpc::FIRST_RESERVED_CHANNEL => {
+                        take_rpc(&Outlet(shared.clone()));
+                    }
                     Received::Accepted => shared.arrived.notify_waiters(),
                     Received::Duplicate => shared.tally.add(Counter::duplicates_dropped, 1),
                     Received::Dropped => {}
