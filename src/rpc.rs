@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, Semaphore, oneshot, watch};
@@ -632,13 +633,19 @@ impl SessionRpc {
         let deadline = ctx.deadline;
         let mut cancelled = ctx.cancel.clone();
         let server = &self.server;
-        let mut task = tokio::spawn(handler(ctx, body));
+        // The handler runs in this task (no hop to another task and back); a panic in it is
+        // caught here and answered, and the server carries on.
+        let mut task = std::panic::AssertUnwindSafe(handler(ctx, body)).catch_unwind();
+        let mut task_done = false;
         // A cancelled call stays cancelled even if its handler finished in the same instant (its
         // caller is gone); a result that is ready wins over a deadline that is too.
         let finished = tokio::select! {
             biased;
             _ = cancelled.wait_for(Option::is_some) => None,
-            r = &mut task => Some(r),
+            r = &mut task => {
+                task_done = true;
+                Some(r)
+            }
             _ = tokio::time::sleep_until(deadline) => None,
         };
         let (status, response) = match finished {
@@ -648,12 +655,11 @@ impl SessionRpc {
             }
             Some(Ok(Ok(response))) => (Status::Ok, response),
             Some(Ok(Err(status))) => (status, Bytes::new()),
-            Some(Err(e)) if e.is_panic() => {
+            Some(Err(_panic)) => {
                 outlet.count(Counter::rpc_panics);
                 warn!(call = ?key.1, "RPC handler panicked");
                 (Status::HandlerPanicked, Bytes::new())
             }
-            Some(Err(_)) => (Status::Internal, Bytes::new()),
             None => {
                 // The caller's cancel, or else the deadline (decided once, under the watch's lock).
                 let mut reason = CancelReason::Caller;
@@ -688,9 +694,8 @@ impl SessionRpc {
         } else {
             self.paid_one();
         }
-        if !task.is_finished() && tokio::time::timeout(server.config.cancel_grace, &mut task).await.is_err() {
+        if !task_done && tokio::time::timeout(server.config.cancel_grace, &mut task).await.is_err() {
             debug!("RPC handler did not stop within the grace period: dropping it");
-            task.abort();
         }
     }
 
