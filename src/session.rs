@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -166,6 +166,8 @@ struct Link {
     tag_failures: AtomicU32,
     /// Closed by us to move to a new connection ([`Session::force_reconnect`]).
     reconnecting: AtomicBool,
+    /// Writes the channel frames; set when the connection's tasks start.
+    writer: OnceLock<tokio::sync::Mutex<Writer>>,
 }
 
 impl Link {
@@ -176,7 +178,19 @@ impl Link {
             seen_channels: Mutex::new(HashSet::new()),
             tag_failures: AtomicU32::new(0),
             reconnecting: AtomicBool::new(false),
+            writer: OnceLock::new(),
         })
+    }
+
+    /// A frame could not be sealed (its channel ran out of sequence numbers): the session
+    /// cannot go on, and says why.
+    fn seal_failed(&self, e: SealError) {
+        warn!(error = %e, "cannot seal: closing the session");
+        let reason: &[u8] = match e {
+            SealError::SeqExhausted => b"sequence numbers exhausted",
+            _ => b"cannot seal",
+        };
+        self.conn.close(VarInt::from_u32(close_code::NO_ERROR), reason);
     }
 
     /// Closes the connection because the peer broke the protocol.
@@ -295,6 +309,9 @@ struct Shared {
     started: Instant,
     /// Wakes the driver: something to send.
     work: Notify,
+    /// The driver's next timer while it sleeps (reliability core clock, ms; `u64::MAX`: none),
+    /// 0 while it is awake.
+    drive_sleeps_until: AtomicU64,
     /// Wakes receivers: something to deliver.
     arrived: Notify,
     /// Wakes readers waiting for room in the inbox.
@@ -381,7 +398,7 @@ impl Shared {
             self.tally.add(Counter::messages_sent, 1);
             self.tally.add(Counter::bytes_sent, len);
         }
-        self.work.notify_one();
+        self.transmit_now();
         Ok(seq)
     }
 
@@ -446,7 +463,8 @@ impl Shared {
         tokio::spawn(read_datagrams(self.clone(), link.clone()));
         tokio::spawn(accept_channels(self.clone(), link.clone()));
         tokio::spawn(read_control(self.clone(), link.clone(), control_recv));
-        tokio::spawn(drive(self.clone(), link, key, self.epoch, control_send));
+        let _ = link.writer.set(tokio::sync::Mutex::new(Writer::new(key, self.epoch)));
+        tokio::spawn(drive(self.clone(), link, control_send));
     }
 
     /// Puts a new connection under the session: fresh keys (the replay windows stay), per
@@ -592,6 +610,7 @@ impl Session {
             max_tag_failures: p.max_tag_failures,
             started: Instant::now(),
             work: Notify::new(),
+            drive_sleeps_until: AtomicU64::new(0),
             arrived: Notify::new(),
             room: Notify::new(),
             acked: watch::Sender::new(0),
@@ -1126,20 +1145,47 @@ async fn supervise(
     }
 }
 
-/// The driver: takes what the reliability core wants sent (messages, acknowledgements) and
-/// writes it to the connection; sleeps until the next deadline or new work.
-async fn drive(shared: Arc<Shared>, link: Arc<Link>, key: Arc<SealingKey>, epoch: u64, mut control: SendStream) {
-    // Per channel: its stream and sealer on this connection.
-    let mut streams: HashMap<u16, (SendStream, RecvStream, ChannelSealer)> = HashMap::new();
-    // Sealed frames already sent on this connection, for retransmission: a (channel, seq) is
-    // sealed once per key (GCM nonces never repeat), and resent byte for byte.
-    let mut sealed: HashMap<(u16, u64), Bytes> = HashMap::new();
-    loop {
-        let work = shared.work.notified();
-        tokio::pin!(work);
-        work.as_mut().enable();
+/// What writes one connection's channel frames: the channel streams, their sealers, the frames
+/// sealed on this connection, and the frames quinn has not taken yet. The driver task uses it,
+/// and so does a sender that finds it free ([`Shared::transmit_now`]): that sender writes its
+/// own message without a hop through the driver, and without ever waiting on the network.
+struct Writer {
+    key: Arc<SealingKey>,
+    epoch: u64,
+    streams: HashMap<u16, SendStream>,
+    sealers: HashMap<u16, ChannelSealer>,
+    /// Sealed frames already sent on this connection, for retransmission: a (channel, seq) is
+    /// sealed once per key (GCM nonces never repeat), and resent byte for byte.
+    sealed: HashMap<(u16, u64), Bytes>,
+    /// Per channel, in order: frames (and a new stream's header) that quinn has not taken yet.
+    backlog: Vec<(u16, VecDeque<Bytes>)>,
+}
+
+/// Why a connection's writer stopped.
+enum WriteFailure {
+    /// The connection is gone (its close reason tells why).
+    Gone,
+    /// A frame could not be sealed: the session must close.
+    Seal(SealError),
+}
+
+impl Writer {
+    fn new(key: Arc<SealingKey>, epoch: u64) -> Writer {
+        Writer {
+            key,
+            epoch,
+            streams: HashMap::new(),
+            sealers: HashMap::new(),
+            sealed: HashMap::new(),
+            backlog: Vec::new(),
+        }
+    }
+
+    /// Takes up to a batch of what the reliability core wants sent, sealed, into the backlog.
+    /// Returns whether the batch was full (there may be more).
+    fn take(&mut self, shared: &Shared) -> Result<bool, WriteFailure> {
         let now = shared.now();
-        let (transmits, acks, deadline) = {
+        let transmits = {
             let mut core = shared.core();
             let mut t = Vec::new();
             while t.len() < TRANSMIT_BATCH {
@@ -1148,15 +1194,142 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>, key: Arc<SealingKey>, epoch
                     None => break,
                 }
             }
+            if self.sealed.len() > 2 * core.outbox.in_flight().0 + TRANSMIT_BATCH {
+                self.sealed.retain(|&(c, s), _| !core.outbox.is_acked(c, s));
+            }
+            t
+        };
+        let full = transmits.len() == TRANSMIT_BATCH;
+        for t in transmits {
+            if t.retransmission {
+                shared.tally.add(Counter::retransmissions, 1);
+            }
+            let frame = match self.sealed.get(&(t.channel, t.seq)) {
+                Some(f) => f.clone(),
+                None => {
+                    let (key, epoch) = (&self.key, self.epoch);
+                    let sealer = self
+                        .sealers
+                        .entry(t.channel)
+                        .or_insert_with(|| ChannelSealer::new(key.clone(), epoch, MessageKind::Stream, t.channel));
+                    let mut out = Vec::with_capacity(t.payload.len() + MESSAGE_OVERHEAD);
+                    sealer.seal(t.seq, now_ms(), &t.payload, &mut out).map_err(WriteFailure::Seal)?;
+                    let f = Bytes::from(out);
+                    self.sealed.insert((t.channel, t.seq), f.clone());
+                    f
+                }
+            };
+            match self.backlog.iter_mut().find(|(c, _)| *c == t.channel) {
+                Some((_, frames)) => frames.push_back(frame),
+                None => self.backlog.push((t.channel, VecDeque::from([frame]))),
+            }
+        }
+        Ok(full)
+    }
+
+    /// Hands quinn what it takes now, without waiting: opens missing streams if the peer's
+    /// stream limit allows, writes while flow control allows. Returns whether frames remain.
+    fn flush_now(&mut self, conn: &Connection) -> Result<bool, WriteFailure> {
+        use futures_util::FutureExt;
+        let mut i = 0;
+        while i < self.backlog.len() {
+            let (channel, frames) = &mut self.backlog[i];
+            if !self.streams.contains_key(channel) {
+                match conn.open_bi().now_or_never() {
+                    Some(Ok((send, _recv))) => {
+                        // Nothing comes back on a channel stream; its receive half is dropped.
+                        frames.push_front(Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Channel(
+                            *channel,
+                        ))));
+                        self.streams.insert(*channel, send);
+                    }
+                    Some(Err(_)) => return Err(WriteFailure::Gone),
+                    None => {
+                        i += 1;
+                        continue;
+                    }
+                }
+            }
+            let send = self.streams.get_mut(channel).expect("opened above");
+            let chunks = frames.make_contiguous();
+            match send.write_chunks(chunks).now_or_never() {
+                Some(Ok(written)) => {
+                    frames.drain(..written.chunks);
+                }
+                Some(Err(_)) => return Err(WriteFailure::Gone),
+                None => {}
+            }
+            if self.backlog[i].1.is_empty() {
+                self.backlog.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(!self.backlog.is_empty())
+    }
+
+    /// Writes the whole backlog, waiting for streams and flow control as needed.
+    async fn flush(&mut self, conn: &Connection) -> Result<(), WriteFailure> {
+        for (channel, mut frames) in std::mem::take(&mut self.backlog) {
+            let send = match self.streams.entry(channel) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let (send, _recv) = conn.open_bi().await.map_err(|_| WriteFailure::Gone)?;
+                    frames.push_front(Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Channel(channel))));
+                    v.insert(send)
+                }
+            };
+            send.write_all_chunks(frames.make_contiguous()).await.map_err(|_| WriteFailure::Gone)?;
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Called when a message was queued: writes it at once if the connection's writer is free
+    /// (the usual case), else leaves it to the driver; wakes the driver only when it has
+    /// something to do (frames quinn could not take yet, or a retransmission timer earlier than
+    /// the one it sleeps on).
+    fn transmit_now(&self) {
+        let link = self.link();
+        let Some(writer) = link.writer.get() else { return self.work.notify_one() };
+        let Ok(mut w) = writer.try_lock() else { return self.work.notify_one() };
+        let remains = w.take(self).and_then(|_| w.flush_now(&link.conn));
+        drop(w);
+        let wake = match remains {
+            Ok(false) => {
+                let next = self.core().outbox.next_deadline().unwrap_or(u64::MAX);
+                next < self.drive_sleeps_until.load(Ordering::SeqCst)
+            }
+            // Frames left for the driver (or a lost connection, which the driver notices).
+            Ok(true) | Err(WriteFailure::Gone) => true,
+            Err(WriteFailure::Seal(e)) => return link.seal_failed(e),
+        };
+        if wake {
+            self.work.notify_one();
+        }
+    }
+}
+
+/// The driver: takes what the reliability core wants sent (messages, acknowledgements) and
+/// writes it to the connection, waiting on flow control where senders do not; sleeps until the
+/// next deadline or new work.
+async fn drive(shared: Arc<Shared>, link: Arc<Link>, mut control: SendStream) {
+    let Some(writer) = link.writer.get() else { return };
+    loop {
+        let work = shared.work.notified();
+        tokio::pin!(work);
+        work.as_mut().enable();
+        // Awake: senders wake us for any timer (see `Shared::transmit_now`).
+        shared.drive_sleeps_until.store(0, Ordering::SeqCst);
+        let now = shared.now();
+        let acks = {
+            let mut core = shared.core();
             let mut a = Vec::new();
             while let Some(x) = core.inbox.poll_ack(now) {
                 a.push(x);
             }
-            if sealed.len() > 2 * core.outbox.in_flight().0 + TRANSMIT_BATCH {
-                sealed.retain(|&(c, s), _| !core.outbox.is_acked(c, s));
-            }
-            let deadline = [core.outbox.next_deadline(), core.inbox.next_deadline()].into_iter().flatten().min();
-            (t, a, deadline)
+            a
         };
         if !acks.is_empty() {
             let mut buf = Vec::new();
@@ -1167,58 +1340,27 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>, key: Arc<SealingKey>, epoch
                 return;
             }
         }
-        let batch_full = transmits.len() == TRANSMIT_BATCH;
-        // The batch's frames per channel, in order: one write per stream (quinn has no Nagle:
-        // a write per frame costs a lock and a wake-up of the connection each).
-        let mut writes: Vec<(u16, Vec<Bytes>)> = Vec::new();
-        for t in transmits {
-            if t.retransmission {
-                shared.tally.add(Counter::retransmissions, 1);
-            }
-            let frame = match sealed.get(&(t.channel, t.seq)) {
-                Some(f) => f.clone(),
-                None => {
-                    let (_, _, sealer) = match streams.entry(t.channel) {
-                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                        std::collections::hash_map::Entry::Vacant(v) => {
-                            let Ok((mut send, recv)) = link.conn.open_bi().await else { return };
-                            let header = wire::encode_stream_header(StreamKind::Channel(t.channel));
-                            if send.write_all(&header).await.is_err() {
-                                return;
-                            }
-                            let sealer = ChannelSealer::new(key.clone(), epoch, MessageKind::Stream, t.channel);
-                            v.insert((send, recv, sealer))
-                        }
-                    };
-                    let mut out = Vec::with_capacity(t.payload.len() + MESSAGE_OVERHEAD);
-                    if let Err(e) = sealer.seal(t.seq, now_ms(), &t.payload, &mut out) {
-                        warn!(error = %e, "cannot seal: closing the session");
-                        let reason: &[u8] = match e {
-                            SealError::SeqExhausted => b"sequence numbers exhausted",
-                            _ => b"cannot seal",
-                        };
-                        link.conn.close(VarInt::from_u32(close_code::NO_ERROR), reason);
-                        return;
-                    }
-                    let f = Bytes::from(out);
-                    sealed.insert((t.channel, t.seq), f.clone());
-                    f
-                }
+        let batch_full = {
+            let mut w = writer.lock().await;
+            let taken = w.take(&shared);
+            let written = match taken {
+                Ok(full) => w.flush(&link.conn).await.map(|()| full),
+                Err(e) => Err(e),
             };
-            match writes.iter_mut().find(|(c, _)| *c == t.channel) {
-                Some((_, frames)) => frames.push(frame),
-                None => writes.push((t.channel, vec![frame])),
+            match written {
+                Ok(full) => full,
+                Err(WriteFailure::Gone) => return,
+                Err(WriteFailure::Seal(e)) => return link.seal_failed(e),
             }
-        }
-        for (channel, mut frames) in writes {
-            let Some((send, _, _)) = streams.get_mut(&channel) else { continue };
-            if send.write_all_chunks(&mut frames).await.is_err() {
-                return;
-            }
-        }
+        };
         if batch_full {
             continue;
         }
+        let deadline = {
+            let core = shared.core();
+            [core.outbox.next_deadline(), core.inbox.next_deadline()].into_iter().flatten().min()
+        };
+        shared.drive_sleeps_until.store(deadline.unwrap_or(u64::MAX), Ordering::SeqCst);
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(shared.started + std::time::Duration::from_millis(d)).await,
