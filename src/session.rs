@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -1171,7 +1171,9 @@ struct Writer {
     /// The control stream (ACK frames), and the ACK frames quinn has not taken yet.
     control: SendStream,
     control_backlog: VecDeque<Bytes>,
-    streams: HashMap<u16, SendStream>,
+    /// Channel streams (nothing comes back on them; the receive half is kept so the stream
+    /// stays open both ways, as the peer expects).
+    streams: HashMap<u16, (SendStream, RecvStream)>,
     sealers: HashMap<u16, ChannelSealer>,
     /// Sealed frames already sent on this connection, for retransmission: a (channel, seq) is
     /// sealed once per key (GCM nonces never repeat), and resent byte for byte.
@@ -1273,12 +1275,11 @@ impl Writer {
             let (channel, frames) = &mut self.backlog[i];
             if !self.streams.contains_key(channel) {
                 match conn.open_bi().now_or_never() {
-                    Some(Ok((send, _recv))) => {
-                        // Nothing comes back on a channel stream; its receive half is dropped.
+                    Some(Ok(pair)) => {
                         frames.push_front(Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Channel(
                             *channel,
                         ))));
-                        self.streams.insert(*channel, send);
+                        self.streams.insert(*channel, pair);
                     }
                     Some(Err(_)) => return Err(WriteFailure::Gone),
                     None => {
@@ -1287,7 +1288,7 @@ impl Writer {
                     }
                 }
             }
-            let send = self.streams.get_mut(channel).expect("opened above");
+            let (send, _) = self.streams.get_mut(channel).expect("opened above");
             let chunks = frames.make_contiguous();
             match send.write_chunks(chunks).now_or_never() {
                 Some(Ok(written)) => {
@@ -1311,12 +1312,12 @@ impl Writer {
         self.control.write_all_chunks(acks).await.map_err(|_| WriteFailure::Gone)?;
         self.control_backlog.clear();
         for (channel, mut frames) in std::mem::take(&mut self.backlog) {
-            let send = match self.streams.entry(channel) {
+            let (send, _) = match self.streams.entry(channel) {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
-                    let (send, _recv) = conn.open_bi().await.map_err(|_| WriteFailure::Gone)?;
+                    let pair = conn.open_bi().await.map_err(|_| WriteFailure::Gone)?;
                     frames.push_front(Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Channel(channel))));
-                    v.insert(send)
+                    v.insert(pair)
                 }
             };
             send.write_all_chunks(frames.make_contiguous()).await.map_err(|_| WriteFailure::Gone)?;
@@ -1401,9 +1402,10 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
 }
 
 /// Reads the peer's ACK frames from the control stream.
-async fn read_control(shared: Arc<Shared>, link: Arc<Link>, mut recv: RecvStream) {
+async fn read_control(shared: Arc<Shared>, link: Arc<Link>, recv: RecvStream) {
+    let mut reader = FrameReader::new(recv);
     loop {
-        let head = match read_frame_header(&mut recv).await {
+        let head = match reader.header::<FRAME_HEADER_LEN>().await {
             Ok(Some(h)) => h,
             Ok(None) | Err(ReadFailure::Gone) => return,
             Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
@@ -1419,13 +1421,12 @@ async fn read_control(shared: Arc<Shared>, link: Arc<Link>, mut recv: RecvStream
             Err(e) => return link.wire_violation(&shared.tally, e),
         };
         // The header bounds the body (at most 11 + 16 x 32 bytes).
-        let mut body = vec![0u8; header.length as usize];
-        match read_exact(&mut recv, &mut body).await {
-            Ok(()) => {}
+        let body = match reader.body(header.length as usize).await {
+            Ok(b) => b,
             Err(ReadFailure::Gone) => return,
             Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
-        }
-        let ack = match header.decode_body(body.into()) {
+        };
+        let ack = match header.decode_body(body) {
             Ok(Frame::Ack(a)) => a,
             Ok(_) => return link.violation(close_code::PROTOCOL_VIOLATION, "not an ACK".into()),
             Err(e) => return link.wire_violation(&shared.tally, e),
@@ -1442,14 +1443,65 @@ async fn read_control(shared: Arc<Shared>, link: Arc<Link>, mut recv: RecvStream
     }
 }
 
-/// Reads a frame header, or `None` at a clean end of stream between frames.
-async fn read_frame_header(recv: &mut RecvStream) -> Result<Option<[u8; FRAME_HEADER_LEN]>, ReadFailure> {
-    let mut head = [0u8; FRAME_HEADER_LEN];
-    match recv.read_exact(&mut head).await {
-        Ok(()) => Ok(Some(head)),
-        Err(quinn::ReadExactError::FinishedEarly(0)) => Ok(None),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(ReadFailure::Wire(WireError::Truncated)),
-        Err(quinn::ReadExactError::ReadError(_)) => Err(ReadFailure::Gone),
+/// Most bytes taken from quinn at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Reads frames off a QUIC stream a chunk at a time, as quinn hands them over: one lock of the
+/// connection per chunk instead of two per frame. Holds at most the frame being read plus one
+/// chunk. A body that is most of the buffer is sliced out without a copy; a small one is copied
+/// into its own allocation, so a message the application keeps never pins a large buffer.
+struct FrameReader {
+    recv: RecvStream,
+    buf: BytesMut,
+}
+
+impl FrameReader {
+    fn new(recv: RecvStream) -> FrameReader {
+        FrameReader { recv, buf: BytesMut::new() }
+    }
+
+    /// Makes `n` bytes available; `Ok(false)` when the stream ended cleanly before any byte.
+    async fn fill(&mut self, n: usize) -> Result<bool, ReadFailure> {
+        if self.buf.len() < n {
+            self.buf.reserve(n - self.buf.len());
+        }
+        while self.buf.len() < n {
+            match self.recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk.bytes),
+                Ok(None) if self.buf.is_empty() => return Ok(false),
+                Ok(None) => return Err(ReadFailure::Wire(WireError::Truncated)),
+                Err(_) => return Err(ReadFailure::Gone),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next `N` bytes (a header), or `None` at a clean end of stream between frames.
+    async fn header<const N: usize>(&mut self) -> Result<Option<[u8; N]>, ReadFailure> {
+        if !self.fill(N).await? {
+            return Ok(None);
+        }
+        let mut head = [0u8; N];
+        head.copy_from_slice(&self.buf[..N]);
+        self.buf.advance(N);
+        Ok(Some(head))
+    }
+
+    /// The next `len` bytes (a body announced by a header).
+    async fn body(&mut self, len: usize) -> Result<Bytes, ReadFailure> {
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        if !self.fill(len).await? {
+            return Err(ReadFailure::Wire(WireError::Truncated));
+        }
+        if len * 2 >= self.buf.capacity() {
+            Ok(self.buf.split_to(len).freeze())
+        } else {
+            let body = Bytes::copy_from_slice(&self.buf[..len]);
+            self.buf.advance(len);
+            Ok(body)
+        }
     }
 }
 
@@ -1460,13 +1512,6 @@ enum ReadFailure {
     Gone,
 }
 
-async fn read_exact(recv: &mut RecvStream, buf: &mut [u8]) -> Result<(), ReadFailure> {
-    recv.read_exact(buf).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(_) => ReadFailure::Wire(WireError::Truncated),
-        quinn::ReadExactError::ReadError(_) => ReadFailure::Gone,
-    })
-}
-
 /// Accepts the channels the peer opens and spawns a reader for each.
 async fn accept_channels(shared: Arc<Shared>, link: Arc<Link>) {
     while let Ok((send, recv)) = link.conn.accept_bi().await {
@@ -1474,16 +1519,17 @@ async fn accept_channels(shared: Arc<Shared>, link: Arc<Link>) {
     }
 }
 
-async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, mut recv: RecvStream) {
+async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, recv: RecvStream) {
     // Nothing is ever written back on a channel stream.
     let mut send = send;
     let _ = send.finish();
-    let mut head = [0u8; STREAM_HEADER_LEN];
-    match read_exact(&mut recv, &mut head).await {
-        Ok(()) => {}
+    let mut reader = FrameReader::new(recv);
+    let head = match reader.header::<STREAM_HEADER_LEN>().await {
+        Ok(Some(h)) => h,
+        Ok(None) => return link.wire_violation(&shared.tally, WireError::Truncated),
         Err(ReadFailure::Gone) => return,
         Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
-    }
+    };
     let channel = match wire::decode_stream_header(head) {
         Ok(StreamKind::Channel(c)) => c,
         Ok(StreamKind::Control) => {
@@ -1495,7 +1541,7 @@ async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, mu
         return link.violation(close_code::PROTOCOL_VIOLATION, format!("channel {channel} opened twice"));
     }
     loop {
-        let head = match read_frame_header(&mut recv).await {
+        let head = match reader.header::<FRAME_HEADER_LEN>().await {
             Ok(Some(h)) => h,
             Ok(None) | Err(ReadFailure::Gone) => return,
             Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
@@ -1526,13 +1572,12 @@ async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, mu
                 _ = link.conn.closed() => return,
             }
         }
-        let mut body = vec![0u8; len];
-        match read_exact(&mut recv, &mut body).await {
-            Ok(()) => {}
+        let body = match reader.body(len).await {
+            Ok(b) => b,
             Err(ReadFailure::Gone) => return,
             Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
-        }
-        let frame = match header.decode_body(body.into()) {
+        };
+        let frame = match header.decode_body(body) {
             Ok(Frame::Message(m)) if m.kind == MessageKind::Stream && m.channel == channel => m,
             Ok(_) => {
                 return link.violation(
