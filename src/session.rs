@@ -1492,6 +1492,21 @@ impl FrameReader {
         if len == 0 {
             return Ok(Bytes::new());
         }
+        if len > READ_CHUNK && self.buf.len() < len {
+            // A large body is read into its own buffer, never past its end: no copy out, and
+            // the body is the sole owner of its bytes (opening decrypts it in place).
+            let mut body = BytesMut::with_capacity(len);
+            body.extend_from_slice(&self.buf);
+            self.buf.clear();
+            while body.len() < len {
+                match self.recv.read_chunk(len - body.len(), true).await {
+                    Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+                    Ok(None) => return Err(ReadFailure::Wire(WireError::Truncated)),
+                    Err(_) => return Err(ReadFailure::Gone),
+                }
+            }
+            return Ok(body.freeze());
+        }
         if !self.fill(len).await? {
             return Err(ReadFailure::Wire(WireError::Truncated));
         }
