@@ -86,7 +86,11 @@ async fn garbage_on_a_stream_closes_that_peer_and_the_node_keeps_serving_others(
     // A MESSAGE of kind datagram (0x01) on channel 9's stream: 43-byte body, zero tag.
     let mut datagram_on_stream = vec![1, 1, 0, 9, 0x02, 0, 0, 0, 43, 0x01, 0, 9];
     datagram_on_stream.extend_from_slice(&[0; 40]);
-    let garbage: [&[u8]; 8] = [
+    // A 200,000-byte body announced (larger than a read chunk), 100,000 bytes sent, then FIN.
+    let mut truncated_large = vec![1, 1, 0, 9, 0x02];
+    truncated_large.extend_from_slice(&200_000u32.to_be_bytes());
+    truncated_large.extend_from_slice(&[0; 100_000]);
+    let garbage: [&[u8]; 9] = [
         &[1, 1],                                                  // stream ends inside its header
         &[1, 1, 0, 9, 0x02, 0, 0],                                // stream ends inside a frame header
         b"GET / HTTP/1.1\r\n\r\n",                                // not a stream header
@@ -95,6 +99,7 @@ async fn garbage_on_a_stream_closes_that_peer_and_the_node_keeps_serving_others(
         &[1, 1, 0, 9, 0x02, 0, 0, 0, 20, 0, 0, 0, 0, 0, 0, 0, 1], // MESSAGE shorter than its prefix and tag
         &[1, 1, 0, 9, 0x02, 0, 0, 0, 60, 0, 0, 9, 1, 2, 3],       // truncated body, then FIN
         &datagram_on_stream,
+        &truncated_large,
     ];
     for (i, bytes) in garbage.iter().enumerate() {
         let (_ep, conn, session) = raw_peer(&pki, &server).await;
