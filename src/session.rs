@@ -1316,7 +1316,8 @@ impl Writer {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
                     let pair = conn.open_bi().await.map_err(|_| WriteFailure::Gone)?;
-                    frames.push_front(Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Channel(channel))));
+                    frames
+                        .push_front(Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Channel(channel))));
                     v.insert(pair)
                 }
             };
