@@ -40,7 +40,7 @@ use bytes::Bytes;
 use futures_util::FutureExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Notify, Semaphore, oneshot, watch};
+use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -449,8 +449,6 @@ pub(crate) struct SessionRpc {
     session_permits: Arc<Semaphore>,
     /// Requests taken from the peer and not yet answered (running or waiting to be queued).
     owed: AtomicUsize,
-    /// Signalled when `owed` goes down.
-    paid: Notify,
     pending: Mutex<HashMap<CallId, oneshot::Sender<(Status, Bytes)>>>,
     pending_permits: Arc<Semaphore>,
     next_id: AtomicU64,
@@ -469,7 +467,6 @@ impl SessionRpc {
             server,
             peer,
             owed: AtomicUsize::new(0),
-            paid: Notify::new(),
             pending: Mutex::new(HashMap::new()),
             pending_permits: Arc::new(Semaphore::new(max_pending)),
             next_id: AtomicU64::new(1),
@@ -485,16 +482,12 @@ impl SessionRpc {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Whether the pump may take another request from the peer: requests answered but not yet
-    /// queued are bounded (twice the handler limit: running ones plus quick refusals), so a peer
-    /// that floods us while we cannot send is slowed by flow control, not by our memory.
+    /// Whether the session may take another request from the peer: requests answered but not
+    /// yet queued are bounded (twice the handler limit: running ones plus quick refusals), so a
+    /// peer that floods us while we cannot send is slowed by flow control, not by our memory.
+    /// The requests left waiting are taken as answers are queued.
     pub(crate) fn may_take_request(&self) -> bool {
         self.owed.load(Ordering::Relaxed) < 2 * self.server.config.per_session
-    }
-
-    /// Wakes when an answer was queued (see [`SessionRpc::may_take_request`]).
-    pub(crate) fn paid(&self) -> &Notify {
-        &self.paid
     }
 
     /// The session ended: every call still waiting fails (with the session's error).
@@ -692,7 +685,7 @@ impl SessionRpc {
         if status != Status::Cancelled {
             self.send_answer(outlet, key.1, status, response).await;
         } else {
-            self.paid_one();
+            self.paid_one(outlet);
         }
         if !task_done && tokio::time::timeout(server.config.cancel_grace, &mut task).await.is_err() {
             debug!("RPC handler did not stop within the grace period: dropping it");
@@ -703,9 +696,10 @@ impl SessionRpc {
         self.owed.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn paid_one(&self) {
+    /// An answer was queued (or given up): requests left waiting may be taken now.
+    fn paid_one(&self, outlet: &Outlet) {
         self.owed.fetch_sub(1, Ordering::Relaxed);
-        self.paid.notify_one();
+        outlet.take_waiting_requests();
     }
 
     /// Answers a request at once (in a task: the outbox may be full).
@@ -723,7 +717,7 @@ impl SessionRpc {
             // answer in the cache.
             let _ = outlet.send(RESPONSE_CHANNEL, frame.into()).await;
         }
-        self.paid_one();
+        self.paid_one(outlet);
     }
 
     /// Makes a call on this session and waits for its response. The call's identity is

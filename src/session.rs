@@ -47,6 +47,9 @@ use crate::stats::{Counter, Stats, Tally};
 
 /// Most transmissions the driver takes from the outbox before it looks at acks again.
 const TRANSMIT_BATCH: usize = 64;
+/// Session events kept for [`Session::events`] receivers that fall behind (beyond, they get
+/// `Lagged` and go on with the newest). Each slot is held by every session, idle or not.
+const EVENT_BACKLOG: usize = 16;
 /// A sender writes its message itself (no hop through the driver task) when at most this many
 /// messages are unacknowledged, its own included. Measured with `benches/compare` (W2, W3):
 /// writing every message at once sent a third more packets and cut the 64-in-flight
@@ -364,6 +367,8 @@ impl Shared {
         self.link().conn.close(VarInt::from_u32(code), b"session ended");
         self.ended.send_replace(true);
         self.event(SessionEvent::Ended);
+        // Calls still waiting fail with the session's error.
+        self.rpc.fail_pending();
         self.arrived.notify_waiters();
         self.room.notify_waiters();
         self.work.notify_one();
@@ -610,7 +615,7 @@ impl Session {
             generation: watch::Sender::new(0),
             ending: OnceLock::new(),
             ended: watch::Sender::new(false),
-            events: broadcast::channel(64).0,
+            events: broadcast::channel(EVENT_BACKLOG).0,
             on_end: Mutex::new(Some(p.on_end)),
             epoch: p.epoch,
             max_recv: p.local_max,
@@ -635,7 +640,6 @@ impl Session {
             rpc: Arc::new(SessionRpc::new(p.rpc, peer.clone(), outbox_messages)),
             rpc_taking: Mutex::new(()),
         });
-        tokio::spawn(pump_rpc(Outlet(shared.clone())));
         let seal_key = Arc::new(Mutex::new(Arc::new(sealing)));
         // The first connection: attach it like any later one (its keys are already in place).
         {
@@ -680,7 +684,10 @@ impl Session {
         self.inner.shared.is_ended()
     }
 
-    /// Session events: disconnections, reconnection attempts, resumption, giving up.
+    /// Session events: disconnections, reconnection attempts, resumption, giving up. The last
+    /// 16 are kept for a receiver that falls behind; beyond, it gets
+    /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged) and goes on with
+    /// the newest.
     pub fn events(&self) -> broadcast::Receiver<SessionEvent> {
         self.inner.shared.events.subscribe()
     }
@@ -995,6 +1002,10 @@ impl Outlet {
     pub(crate) fn count(&self, c: Counter) {
         self.0.tally.add(c, 1);
     }
+    /// Takes the requests left waiting on the request channel, if the session may now.
+    pub(crate) fn take_waiting_requests(&self) {
+        take_rpc(self);
+    }
     pub(crate) fn count_n(&self, c: Counter, n: u64) {
         if n > 0 {
             self.0.tally.add(c, n);
@@ -1005,8 +1016,8 @@ impl Outlet {
 /// Takes the RPC frames waiting on the reserved channels, in order: responses always (they
 /// complete our calls), requests while the session owes few enough answers. Channel readers
 /// call it as soon as an RPC frame arrives (no task hop on the way to the handler or the
-/// caller); [`pump_rpc`] calls it when the session may take more requests. Returns whether it
-/// took any.
+/// caller); an answer being queued calls it too, for the requests left waiting while the session
+/// owed too many answers. Returns whether it took any.
 fn take_rpc(outlet: &Outlet) -> bool {
     let shared = &outlet.0;
     let rpc = &shared.rpc;
@@ -1021,32 +1032,6 @@ fn take_rpc(outlet: &Outlet) -> bool {
         shared.work.notify_one();
     }
     took
-}
-
-/// Takes the RPC frames that the channel readers left behind (requests held back while the
-/// session owed too many answers), whenever an answer is paid. Ends with the session, failing
-/// the calls still waiting.
-async fn pump_rpc(outlet: Outlet) {
-    let shared = &outlet.0;
-    let rpc = shared.rpc.clone();
-    let mut ended = shared.ended.subscribe();
-    loop {
-        let arrived = shared.arrived.notified();
-        let paid = rpc.paid().notified();
-        tokio::pin!(arrived, paid);
-        arrived.as_mut().enable();
-        paid.as_mut().enable();
-        take_rpc(&outlet);
-        if shared.is_ended() {
-            rpc.fail_pending();
-            return;
-        }
-        tokio::select! {
-            _ = &mut arrived => {}
-            _ = &mut paid => {}
-            _ = ended.wait_for(|e| *e) => {}
-        }
-    }
 }
 
 /// Hands the messages of a reserved channel to `handle`, in order, while `more` allows; a
@@ -1102,63 +1087,82 @@ async fn supervise(
         }
         let reason = link.error().to_string();
         shared.event(SessionEvent::Disconnected { reason: reason.clone() });
-        let deadline = Instant::now() + policy.give_up_after;
-        match &redial {
-            Some(redial) => {
-                let mut backoff = policy.backoff_min;
-                let mut attempt = 0u32;
-                loop {
-                    attempt += 1;
-                    shared.event(SessionEvent::Reconnecting { attempt });
-                    match tokio::time::timeout_at(deadline, redial()).await {
-                        Ok(Ok(parts)) => {
-                            shared.attach(parts, &seal_key);
-                            shared.tally.add(Counter::reconnects, 1);
-                            shared.event(SessionEvent::Resumed);
-                            break;
-                        }
-                        Ok(Err(e)) if e.is_refusal_by_peer() || matches!(e, Error::ProtocolViolation { .. }) => {
-                            shared.event(SessionEvent::GaveUp { reason: e.to_string() });
-                            shared.end(Ending::from_error(&e), close_code::NO_ERROR);
-                            return;
-                        }
-                        Ok(Err(e)) => {
-                            debug!(attempt, error = %e, "reconnection attempt failed");
-                            let wake = (Instant::now() + backoff).min(deadline);
-                            if wake >= deadline {
-                                let e = Error::Timeout { what: "session resumption" };
-                                shared.event(SessionEvent::GaveUp {
-                                    reason: format!("no connection after {attempt} attempts"),
-                                });
-                                shared.end(Ending::from_error(&e), close_code::NO_ERROR);
-                                return;
-                            }
-                            tokio::time::sleep_until(wake).await;
-                            backoff = (backoff * 2).min(policy.backoff_max);
-                        }
-                        Err(_) => {
+        // Boxed: the recovery's state exists only while recovering, not in every idle session's
+        // supervisor.
+        let recovered = Box::pin(recover(&shared, &seal_key, policy, redial.as_ref(), &mut generation, current)).await;
+        if !recovered {
+            return;
+        }
+    }
+}
+
+/// Carries a session whose connection was lost over to a new one: redials with backoff (the
+/// dialling side), or waits for the peer to (the accepting side). Returns false when the session
+/// ended instead.
+async fn recover(
+    shared: &Arc<Shared>,
+    seal_key: &Mutex<Arc<SealingKey>>,
+    policy: ResumePolicy,
+    redial: Option<&Redial>,
+    generation: &mut watch::Receiver<u64>,
+    current: u64,
+) -> bool {
+    let deadline = Instant::now() + policy.give_up_after;
+    match redial {
+        Some(redial) => {
+            let mut backoff = policy.backoff_min;
+            let mut attempt = 0u32;
+            loop {
+                attempt += 1;
+                shared.event(SessionEvent::Reconnecting { attempt });
+                match tokio::time::timeout_at(deadline, redial()).await {
+                    Ok(Ok(parts)) => {
+                        shared.attach(parts, seal_key);
+                        shared.tally.add(Counter::reconnects, 1);
+                        shared.event(SessionEvent::Resumed);
+                        break;
+                    }
+                    Ok(Err(e)) if e.is_refusal_by_peer() || matches!(e, Error::ProtocolViolation { .. }) => {
+                        shared.event(SessionEvent::GaveUp { reason: e.to_string() });
+                        shared.end(Ending::from_error(&e), close_code::NO_ERROR);
+                        return false;
+                    }
+                    Ok(Err(e)) => {
+                        debug!(attempt, error = %e, "reconnection attempt failed");
+                        let wake = (Instant::now() + backoff).min(deadline);
+                        if wake >= deadline {
                             let e = Error::Timeout { what: "session resumption" };
                             shared.event(SessionEvent::GaveUp {
                                 reason: format!("no connection after {attempt} attempts"),
                             });
                             shared.end(Ending::from_error(&e), close_code::NO_ERROR);
-                            return;
+                            return false;
                         }
+                        tokio::time::sleep_until(wake).await;
+                        backoff = (backoff * 2).min(policy.backoff_max);
+                    }
+                    Err(_) => {
+                        let e = Error::Timeout { what: "session resumption" };
+                        shared
+                            .event(SessionEvent::GaveUp { reason: format!("no connection after {attempt} attempts") });
+                        shared.end(Ending::from_error(&e), close_code::NO_ERROR);
+                        return false;
                     }
                 }
             }
-            None => {
-                // The peer dials again; the node attaches its new connection (Resumable).
-                let resumed = tokio::time::timeout_at(deadline, generation.wait_for(|g| *g != current)).await;
-                if !matches!(resumed, Ok(Ok(_))) {
-                    let e = Error::Timeout { what: "session resumption" };
-                    shared.event(SessionEvent::GaveUp { reason: "the peer did not come back in time".into() });
-                    shared.end(Ending::from_error(&e), close_code::NO_ERROR);
-                    return;
-                }
+        }
+        None => {
+            // The peer dials again; the node attaches its new connection (Resumable).
+            let resumed = tokio::time::timeout_at(deadline, generation.wait_for(|g| *g != current)).await;
+            if !matches!(resumed, Ok(Ok(_))) {
+                let e = Error::Timeout { what: "session resumption" };
+                shared.event(SessionEvent::GaveUp { reason: "the peer did not come back in time".into() });
+                shared.end(Ending::from_error(&e), close_code::NO_ERROR);
+                return false;
             }
         }
     }
+    true
 }
 
 /// What writes one connection's channel frames: the channel streams, their sealers, the frames
