@@ -12,7 +12,7 @@
 //! length-prefixed frames, one write per frame batch, `TCP_NODELAY` and buffered writes on TCP,
 //! a bidirectional stream per call for RPC over raw quinn. Runs of the stacks alternate; the
 //! table shows medians and the ratios quicseal/quinn and quicseal/TCP. Results are also written
-//! as JSON to `target/bench/compare.json`.
+//! as JSON to `target/bench/compare.json` and as a chart to `target/bench/compare.svg`.
 //!
 //! Workloads: W1 bulk one way in 1 MiB messages; W2 small messages (64 B, 1 KiB) one way with 1
 //! and 64 in flight (a message is in flight until the receiving application confirmed it);
@@ -807,6 +807,7 @@ async fn run(quick: bool, select: &Select) {
     }
     print_table(&rows, quick);
     write_json(&rows);
+    write_svg(&rows);
     drop((q.server, q.client));
     drop(r.client);
 }
@@ -900,4 +901,73 @@ fn write_json(rows: &[Row]) {
     let path = dir.join("compare.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
     println!("\nwrote {}", path.display());
+}
+
+/// The chart: quicseal's performance relative to each baseline, one pair of bars per workload
+/// (1.0 = as fast as the baseline; time and memory rows inverted so that longer is better
+/// everywhere).
+fn write_svg(rows: &[Row]) {
+    use plotters::prelude::*;
+    let rows: Vec<&Row> = rows.iter().filter(|r| r.values.iter().any(|v| !v.is_empty())).collect();
+    let relative = |row: &Row, base: usize| {
+        let r = ratio(row, base);
+        if row.higher_better { r } else { 1.0 / r }
+    };
+    let bars: Vec<[f64; 2]> = rows.iter().map(|r| [relative(r, 1), relative(r, 2)]).collect();
+    let top = bars.iter().flatten().copied().filter(|x| x.is_finite()).fold(1.5f64, f64::max) * 1.1;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench/compare.svg");
+    let height = 80 + 34 * rows.len() as u32;
+    let root = SVGBackend::new(&path, (1100, height)).into_drawing_area();
+    root.fill(&WHITE).unwrap();
+    let n = rows.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("quicseal relative to raw quinn and TLS/TCP (1.0 = equal, longer is better)", ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(420)
+        .build_cartesian_2d(0f64..top, 0f64..n)
+        .unwrap();
+    let names: Vec<String> =
+        rows.iter().map(|r| format!("{}{}", r.workload, if r.higher_better { "" } else { " (inverted)" })).collect();
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(rows.len() * 2 + 1)
+        .y_label_formatter(&|y: &f64| {
+            // Labels sit at the middle of each row's band.
+            let i = y.floor() as usize;
+            if (y - y.floor() - 0.5).abs() < 1e-6 && i < names.len() {
+                names[names.len() - 1 - i].clone()
+            } else {
+                String::new()
+            }
+        })
+        .x_desc("quicseal / baseline")
+        .draw()
+        .unwrap();
+    const COLORS: [RGBColor; 2] = [RGBColor(52, 101, 164), RGBColor(237, 125, 49)];
+    let labels = ["vs raw quinn", "vs TLS/TCP"];
+    for (stack, (&color, label)) in COLORS.iter().zip(labels).enumerate() {
+        let rects = bars.iter().enumerate().filter(|(_, b)| b[stack].is_finite()).map(|(i, b)| {
+            // Row 0 at the top: band (n - 1 - i); quinn's bar above TCP's.
+            let base = n - 1.0 - i as f64;
+            let (y0, y1) = if stack == 0 { (base + 0.5, base + 0.9) } else { (base + 0.1, base + 0.5) };
+            Rectangle::new([(0.0, y0), (b[stack], y1)], color.filled())
+        });
+        chart
+            .draw_series(rects)
+            .unwrap()
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    chart.draw_series(std::iter::once(PathElement::new(vec![(1.0, 0.0), (1.0, n)], BLACK.stroke_width(1)))).unwrap();
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()
+        .unwrap();
+    root.present().unwrap();
+    println!("wrote {}", path.display());
 }
