@@ -318,7 +318,7 @@ struct Shared {
     /// Wakes the driver: something to send.
     work: Notify,
     /// The driver's next timer while it sleeps (reliability core clock, ms; `u64::MAX`: none),
-    /// 0 while it is awake.
+    /// 0 while it is awake (see [`Shared::drive_would_miss`]).
     drive_sleeps_until: AtomicU64,
     /// Wakes receivers: something to deliver.
     arrived: Notify,
@@ -876,12 +876,13 @@ impl Session {
             shared.tally.add(Counter::datagrams_delivered, 1);
             (MessageKind::Datagram, d.channel, d.seq, d.payload)
         };
+        // An acknowledgement may be due.
+        shared.kick(&core);
         drop(core);
         shared.tally.add(Counter::messages_delivered, 1);
         shared.tally.add(Counter::bytes_delivered, payload.len() as u64);
-        // Room for readers; an acknowledgement may be due.
+        // Room for readers.
         shared.room.notify_waiters();
-        shared.work.notify_one();
         Some(Message { peer: self.inner.peer.clone(), kind, channel, seq, payload })
     }
 
@@ -1332,6 +1333,24 @@ impl Writer {
 }
 
 impl Shared {
+    /// Wakes the driver if the reliability core now has a timer (an acknowledgement due, a
+    /// retransmission) earlier than the one the driver sleeps on; a wake-up that would find
+    /// nothing to do costs a thread switch and is skipped.
+    fn kick(&self, core: &Core) {
+        let next = [core.outbox.next_deadline(), core.inbox.next_deadline()].into_iter().flatten().min();
+        if self.drive_would_miss(next) {
+            self.work.notify_one();
+        }
+    }
+
+    /// Whether the driver must be woken for a timer at `next`: it is awake (0: it may have
+    /// computed its sleep before the timer existed; a wake-up then costs nothing but a permit),
+    /// or it sleeps past `next`.
+    fn drive_would_miss(&self, next: Option<u64>) -> bool {
+        let sleeps_until = self.drive_sleeps_until.load(Ordering::SeqCst);
+        sleeps_until == 0 || next.unwrap_or(u64::MAX) < sleeps_until
+    }
+
     /// Called when a message was queued or received, or the application took one: writes what
     /// is due (the message, acknowledgements) at once if the connection's writer is free (the
     /// usual case), else leaves it to the driver; wakes the driver only when it has something
@@ -1348,7 +1367,7 @@ impl Shared {
                     let core = self.core();
                     [core.outbox.next_deadline(), core.inbox.next_deadline()].into_iter().flatten().min()
                 };
-                next.unwrap_or(u64::MAX) < self.drive_sleeps_until.load(Ordering::SeqCst)
+                self.drive_would_miss(next)
             }
             // Frames left for the driver (or a lost connection, which the driver notices).
             Ok(true) | Err(WriteFailure::Gone) => true,
@@ -1611,7 +1630,12 @@ async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, re
         match shared.open(frame) {
             Ok(opened) => {
                 let now = shared.now();
-                let received = shared.core().inbox.on_message(channel, opened.seq, opened.payload, now);
+                let received = {
+                    let mut core = shared.core();
+                    let received = core.inbox.on_message(channel, opened.seq, opened.payload, now);
+                    shared.kick(&core);
+                    received
+                };
                 match received {
                     Received::Accepted if channel >= rpc::FIRST_RESERVED_CHANNEL => {
                         take_rpc(&Outlet(shared.clone()));
@@ -1620,7 +1644,6 @@ async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, re
                     Received::Duplicate => shared.tally.add(Counter::duplicates_dropped, 1),
                     Received::Dropped => {}
                 }
-                shared.work.notify_one();
             }
             Err(Reject::Replay(_)) => {
                 // A copy of something already received: count it, and re-acknowledge it so the
@@ -1628,8 +1651,9 @@ async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, re
                 shared.tally.add(Counter::replays_rejected, 1);
                 shared.tally.add(Counter::duplicates_dropped, 1);
                 let now = shared.now();
-                shared.core().inbox.note_duplicate(channel, seq, now);
-                shared.work.notify_one();
+                let mut core = shared.core();
+                core.inbox.note_duplicate(channel, seq, now);
+                shared.kick(&core);
             }
             Err(r) => shared.reject(&link, MessageKind::Stream, &r),
         }
