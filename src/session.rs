@@ -333,7 +333,7 @@ struct Shared {
     /// Calls and the share of the node's RPC server.
     rpc: Arc<SessionRpc>,
     /// Held while RPC frames are taken from the reserved channels, so they are handled in
-    /// order whichever task takes them (a channel reader, or the RPC pump).
+    /// order whichever task takes them (a channel reader, or one that queued an answer).
     rpc_taking: Mutex<()>,
 }
 
