@@ -1179,12 +1179,37 @@ struct Writer {
     /// Channel streams (nothing comes back on them; the receive half is kept so the stream
     /// stays open both ways, as the peer expects).
     streams: HashMap<u16, (SendStream, RecvStream)>,
-    sealers: HashMap<u16, ChannelSealer>,
-    /// Sealed frames already sent on this connection, for retransmission: a (channel, seq) is
-    /// sealed once per key (GCM nonces never repeat), and resent byte for byte.
-    sealed: HashMap<(u16, u64), Bytes>,
+    /// Per channel: its sealer and the frames sealed on this connection.
+    channels: HashMap<u16, SealedChannel>,
     /// Per channel, in order: frames (and a new stream's header) that quinn has not taken yet.
     backlog: Vec<(u16, VecDeque<Bytes>)>,
+}
+
+/// One channel's sealing on one connection.
+struct SealedChannel {
+    sealer: ChannelSealer,
+    /// Frames sealed and not yet acknowledged, by sequence number (ascending), for
+    /// retransmission: a (channel, seq) is sealed once per key (GCM nonces never repeat), and
+    /// resent byte for byte. Acknowledged frames leave from the front.
+    sent: VecDeque<(u64, Bytes)>,
+}
+
+impl SealedChannel {
+    fn get(&self, seq: u64) -> Option<&Bytes> {
+        self.sent.binary_search_by_key(&seq, |(s, _)| *s).ok().map(|i| &self.sent[i].1)
+    }
+
+    fn insert(&mut self, seq: u64, frame: Bytes) {
+        match self.sent.back() {
+            Some(&(last, _)) if last >= seq => {
+                // Not expected (first transmissions come in order), but kept sorted regardless.
+                if let Err(i) = self.sent.binary_search_by_key(&seq, |(s, _)| *s) {
+                    self.sent.insert(i, (seq, frame));
+                }
+            }
+            _ => self.sent.push_back((seq, frame)),
+        }
+    }
 }
 
 /// Why a connection's writer stopped.
@@ -1203,8 +1228,7 @@ impl Writer {
             control,
             control_backlog: VecDeque::new(),
             streams: HashMap::new(),
-            sealers: HashMap::new(),
-            sealed: HashMap::new(),
+            channels: HashMap::new(),
             backlog: Vec::new(),
         }
     }
@@ -1229,8 +1253,12 @@ impl Writer {
                     None => break,
                 }
             }
-            if self.sealed.len() > 2 * core.outbox.in_flight().0 + TRANSMIT_BATCH {
-                self.sealed.retain(|&(c, s), _| !core.outbox.is_acked(c, s));
+            // Forget what the peer acknowledged (in order: a frame acknowledged out of order
+            // goes once the ones before it did).
+            for (&c, ch) in self.channels.iter_mut() {
+                while ch.sent.front().is_some_and(|&(s, _)| core.outbox.is_acked(c, s)) {
+                    ch.sent.pop_front();
+                }
             }
             t
         };
@@ -1239,18 +1267,18 @@ impl Writer {
             if t.retransmission {
                 shared.tally.add(Counter::retransmissions, 1);
             }
-            let frame = match self.sealed.get(&(t.channel, t.seq)) {
+            let (key, epoch) = (&self.key, self.epoch);
+            let ch = self.channels.entry(t.channel).or_insert_with(|| SealedChannel {
+                sealer: ChannelSealer::new(key.clone(), epoch, MessageKind::Stream, t.channel),
+                sent: VecDeque::new(),
+            });
+            let frame = match ch.get(t.seq) {
                 Some(f) => f.clone(),
                 None => {
-                    let (key, epoch) = (&self.key, self.epoch);
-                    let sealer = self
-                        .sealers
-                        .entry(t.channel)
-                        .or_insert_with(|| ChannelSealer::new(key.clone(), epoch, MessageKind::Stream, t.channel));
                     let mut out = Vec::with_capacity(t.payload.len() + MESSAGE_OVERHEAD);
-                    sealer.seal(t.seq, now_ms(), &t.payload, &mut out).map_err(WriteFailure::Seal)?;
+                    ch.sealer.seal(t.seq, now_ms(), &t.payload, &mut out).map_err(WriteFailure::Seal)?;
                     let f = Bytes::from(out);
-                    self.sealed.insert((t.channel, t.seq), f.clone());
+                    ch.insert(t.seq, f.clone());
                     f
                 }
             };
@@ -1500,6 +1528,17 @@ impl FrameReader {
         Ok(true)
     }
 
+    /// Whether a whole frame (header and body) is already buffered: reading it will not wait.
+    fn frame_buffered(&self) -> bool {
+        match self.buf.get(..FRAME_HEADER_LEN) {
+            Some(head) => {
+                let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+                self.buf.len() - FRAME_HEADER_LEN >= len
+            }
+            None => false,
+        }
+    }
+
     /// The next `N` bytes (a header), or `None` at a clean end of stream between frames.
     async fn header<const N: usize>(&mut self) -> Result<Option<[u8; N]>, ReadFailure> {
         if !self.fill(N).await? {
@@ -1579,7 +1618,22 @@ async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, re
     if !link.seen_channels.lock().unwrap_or_else(|e| e.into_inner()).insert(channel) {
         return link.violation(close_code::PROTOCOL_VIOLATION, format!("channel {channel} opened twice"));
     }
+    read_messages(&shared, &link, &mut reader, channel).await;
+    // Whatever ended the stream, messages already accepted are announced.
+    shared.arrived.notify_waiters();
+}
+
+/// Reads, opens and queues a channel's messages until the stream ends or breaks the protocol.
+async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut FrameReader, channel: u16) {
+    // Messages accepted and not yet announced: the application is woken once per batch that
+    // arrived together, just before this reader would wait (for data or for room), not once
+    // per message.
+    let mut unannounced = false;
     loop {
+        if unannounced && !reader.frame_buffered() {
+            unannounced = false;
+            shared.arrived.notify_waiters();
+        }
         let head = match reader.header::<FRAME_HEADER_LEN>().await {
             Ok(Some(h)) => h,
             Ok(None) | Err(ReadFailure::Gone) => return,
@@ -1605,6 +1659,10 @@ async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, re
             let held = shared.core().inbox.held_bytes();
             if held == 0 || held + len <= shared.receive_buffer {
                 break;
+            }
+            if unannounced {
+                unannounced = false;
+                shared.arrived.notify_waiters();
             }
             tokio::select! {
                 _ = &mut room => {}
@@ -1640,7 +1698,7 @@ async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, re
                     Received::Accepted if channel >= rpc::FIRST_RESERVED_CHANNEL => {
                         take_rpc(&Outlet(shared.clone()));
                     }
-                    Received::Accepted => shared.arrived.notify_waiters(),
+                    Received::Accepted => unannounced = true,
                     Received::Duplicate => shared.tally.add(Counter::duplicates_dropped, 1),
                     Received::Dropped => {}
                 }
@@ -1655,7 +1713,7 @@ async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, re
                 core.inbox.note_duplicate(channel, seq, now);
                 shared.kick(&core);
             }
-            Err(r) => shared.reject(&link, MessageKind::Stream, &r),
+            Err(r) => shared.reject(link, MessageKind::Stream, &r),
         }
     }
 }
