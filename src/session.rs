@@ -1242,6 +1242,7 @@ impl Writer {
             let mut acks = Vec::new();
             while let Some(a) = core.inbox.poll_ack(now) {
                 Frame::Ack(a).encode(&mut acks);
+                shared.tally.add(Counter::acks_sent, 1);
             }
             if !acks.is_empty() {
                 self.control_backlog.push_back(acks.into());

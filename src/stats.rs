@@ -82,6 +82,8 @@ counters! {
     duplicates_dropped,
     /// Channel messages the peer's application acknowledged.
     acked,
+    /// ACK frames sent (each acknowledges what one channel's application has taken).
+    acks_sent,
     /// Times a session moved to a new connection after losing one.
     reconnects,
     /// RPC calls this side made (each attempt).

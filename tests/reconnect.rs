@@ -72,6 +72,10 @@ async fn forced_reconnects_lose_and_duplicate_nothing() {
     assert_eq!(ab.epoch(), epoch, "the session keeps its epoch across connections");
     assert_eq!(ba.stats().messages_delivered, u64::from(N));
     assert_eq!(ba.stats().reconnects, 10);
+    // Acknowledgements cover several messages each (and at least one ACK frame per channel).
+    let acks = ba.stats().acks_sent;
+    assert!((4..u64::from(N)).contains(&acks), "{acks} ACK frames for {N} messages");
+    assert_eq!(ab.stats().acks_sent, 0, "the sender received nothing to acknowledge");
     // Still one session on each side, still working.
     ba.send(0, &7u32).await.unwrap();
     assert_eq!(ab.recv().await.unwrap().decode::<u32>().unwrap(), 7);
