@@ -303,8 +303,11 @@ struct Shared {
     generation: watch::Sender<u64>,
     /// Set once, when the session is over.
     ending: OnceLock<Ending>,
-    ended: watch::Sender<bool>,
-    events: broadcast::Sender<SessionEvent>,
+    /// Wakes everything waiting for the session's end (see [`Shared::ended`]).
+    ended_signal: Notify,
+    /// Created by the first [`Session::events`] call: events nobody subscribed to are dropped
+    /// either way, and an idle session need not hold the channel's slots.
+    events: OnceLock<broadcast::Sender<SessionEvent>>,
     on_end: Mutex<Option<EndHook>>,
     epoch: u64,
     max_recv: usize,
@@ -324,8 +327,8 @@ struct Shared {
     arrived: Notify,
     /// Wakes readers waiting for room in the inbox.
     room: Notify,
-    /// Bumped whenever acknowledgements arrive (waiters re-check the outbox).
-    acked: watch::Sender<u64>,
+    /// Signalled whenever acknowledgements arrive (waiters re-check the outbox).
+    acked: Notify,
     /// The largest payload we send: the smaller of our limit and the peer's.
     max_send: usize,
     /// Most application channels we open.
@@ -354,9 +357,24 @@ impl Shared {
         self.ending.get().is_some()
     }
 
+    /// Resolves once the session has ended.
+    async fn ended(&self) {
+        loop {
+            let signal = self.ended_signal.notified();
+            tokio::pin!(signal);
+            signal.as_mut().enable();
+            if self.is_ended() {
+                return;
+            }
+            signal.await;
+        }
+    }
+
     fn event(&self, e: SessionEvent) {
         debug!(event = ?e, "session event");
-        let _ = self.events.send(e);
+        if let Some(events) = self.events.get() {
+            let _ = events.send(e);
+        }
     }
 
     /// Ends the session (once): closes the connection, wakes every waiter, runs the end hook.
@@ -365,7 +383,7 @@ impl Shared {
             return;
         }
         self.link().conn.close(VarInt::from_u32(code), b"session ended");
-        self.ended.send_replace(true);
+        self.ended_signal.notify_waiters();
         self.event(SessionEvent::Ended);
         // Calls still waiting fail with the session's error.
         self.rpc.fail_pending();
@@ -425,16 +443,18 @@ impl Shared {
 
     /// Like [`Shared::push`], but waits while the outbox is full.
     async fn send(&self, channel: u16, payload: Bytes, user: bool) -> Result<u64> {
-        let mut acked = self.acked.subscribe();
-        let mut ended = self.ended.subscribe();
         loop {
+            // Registered before trying, so an acknowledgement in between is not missed.
+            let acked = self.acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
             match self.push(channel, payload.clone(), user) {
                 Err(Error::Full { .. }) => {}
                 other => return other,
             }
             tokio::select! {
-                r = acked.changed() => if r.is_err() { return Err(self.error()) },
-                _ = ended.wait_for(|e| *e) => return Err(self.error()),
+                _ = &mut acked => {}
+                _ = self.ended() => return Err(self.error()),
             }
         }
     }
@@ -614,8 +634,8 @@ impl Session {
             link: Mutex::new(Link::new(conn.clone())),
             generation: watch::Sender::new(0),
             ending: OnceLock::new(),
-            ended: watch::Sender::new(false),
-            events: broadcast::channel(EVENT_BACKLOG).0,
+            ended_signal: Notify::new(),
+            events: OnceLock::new(),
             on_end: Mutex::new(Some(p.on_end)),
             epoch: p.epoch,
             max_recv: p.local_max,
@@ -634,7 +654,7 @@ impl Session {
             drive_sleeps_until: AtomicU64::new(0),
             arrived: Notify::new(),
             room: Notify::new(),
-            acked: watch::Sender::new(0),
+            acked: Notify::new(),
             max_send: p.local_max.min(p.peer_max),
             max_channels: p.max_channels,
             rpc: Arc::new(SessionRpc::new(p.rpc, peer.clone(), outbox_messages)),
@@ -689,7 +709,7 @@ impl Session {
     /// [`RecvError::Lagged`](tokio::sync::broadcast::error::RecvError::Lagged) and goes on with
     /// the newest.
     pub fn events(&self) -> broadcast::Receiver<SessionEvent> {
-        self.inner.shared.events.subscribe()
+        self.inner.shared.events.get_or_init(|| broadcast::channel(EVENT_BACKLOG).0).subscribe()
     }
 
     /// Closes the current connection and carries on over a new one (the dialling side
@@ -821,15 +841,17 @@ impl Session {
 
     async fn wait_until(&self, done: impl Fn(&Core) -> bool) -> Result<()> {
         let shared = &self.inner.shared;
-        let mut acked = shared.acked.subscribe();
-        let mut ended = shared.ended.subscribe();
         loop {
+            // Registered before checking, so an acknowledgement in between is not missed.
+            let acked = shared.acked.notified();
+            tokio::pin!(acked);
+            acked.as_mut().enable();
             if done(&shared.core()) {
                 return Ok(());
             }
             tokio::select! {
-                r = acked.changed() => if r.is_err() { return Err(shared.error()) },
-                _ = ended.wait_for(|e| *e) => {
+                _ = &mut acked => {}
+                _ = shared.ended() => {
                     // The last acknowledgement may have raced the end.
                     return if done(&shared.core()) { Ok(()) } else { Err(shared.error()) };
                 }
@@ -846,7 +868,6 @@ impl Session {
     /// left: its kind says why (closed by the peer, protocol violation, gave up...).
     pub async fn recv(&self) -> Result<Message> {
         let shared = &self.inner.shared;
-        let mut ended = shared.ended.subscribe();
         loop {
             let arrived = shared.arrived.notified();
             tokio::pin!(arrived);
@@ -859,7 +880,7 @@ impl Session {
             }
             tokio::select! {
                 _ = &mut arrived => {}
-                _ = ended.wait_for(|e| *e) => {}
+                _ = shared.ended() => {}
             }
         }
     }
@@ -909,7 +930,7 @@ impl Session {
     /// Waits until the session has ended and returns why.
     pub async fn closed(&self) -> Error {
         let shared = &self.inner.shared;
-        let _ = shared.ended.subscribe().wait_for(|e| *e).await;
+        shared.ended().await;
         shared.error()
     }
 
@@ -1489,7 +1510,7 @@ async fn read_control(shared: Arc<Shared>, link: Arc<Link>, recv: RecvStream) {
         match result {
             Ok(acked) => {
                 shared.tally.add(Counter::acked, acked.newly.len() as u64);
-                shared.acked.send_modify(|n| *n = n.wrapping_add(1));
+                shared.acked.notify_waiters();
             }
             Err(e) => return link.violation(close_code::PROTOCOL_VIOLATION, e.to_string()),
         }
