@@ -28,7 +28,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Notify, broadcast, watch};
+use tokio::sync::{Notify, broadcast};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -300,7 +300,9 @@ impl Ending {
 struct Shared {
     link: Mutex<Arc<Link>>,
     /// Bumped when a new connection is attached.
-    generation: watch::Sender<u64>,
+    generation: AtomicU64,
+    /// Signalled when `generation` changes (see [`Shared::generation_changed`]).
+    generation_signal: Notify,
     /// Set once, when the session is over.
     ending: OnceLock<Ending>,
     /// Wakes everything waiting for the session's end (see [`Shared::ended`]).
@@ -355,6 +357,19 @@ impl Shared {
 
     fn is_ended(&self) -> bool {
         self.ending.get().is_some()
+    }
+
+    /// Resolves once a connection other than generation `from` carries the session.
+    async fn generation_changed(&self, from: u64) {
+        loop {
+            let signal = self.generation_signal.notified();
+            tokio::pin!(signal);
+            signal.as_mut().enable();
+            if self.generation.load(Ordering::SeqCst) != from {
+                return;
+            }
+            signal.await;
+        }
     }
 
     /// Resolves once the session has ended.
@@ -501,9 +516,13 @@ impl Shared {
     /// acknowledgements, and the driver. They end when the connection does.
     fn run_link(self: &Arc<Self>, link: Arc<Link>, key: Arc<SealingKey>, control: (SendStream, RecvStream)) {
         let (control_send, control_recv) = control;
-        tokio::spawn(read_datagrams(self.clone(), link.clone()));
-        tokio::spawn(accept_channels(self.clone(), link.clone()));
-        tokio::spawn(read_control(self.clone(), link.clone(), control_recv));
+        // The three readers share one task: an idle session holds fewer tasks, and a wake-up
+        // of one polls the other two, which costs a check of quinn's state each.
+        let (a, b, c) = (self.clone(), self.clone(), self.clone());
+        let (la, lb, lc) = (link.clone(), link.clone(), link.clone());
+        tokio::spawn(async move {
+            tokio::join!(read_datagrams(a, la), accept_channels(b, lb), read_control(c, lc, control_recv));
+        });
         let _ = link.writer.set(tokio::sync::Mutex::new(Writer::new(key, self.epoch, control_send)));
         tokio::spawn(drive(self.clone(), link));
     }
@@ -520,7 +539,8 @@ impl Shared {
         let now = self.now();
         self.core().outbox.retransmit_all(now);
         self.run_link(link, sealing, parts.control);
-        self.generation.send_modify(|g| *g += 1);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.generation_signal.notify_waiters();
         self.work.notify_one();
     }
 }
@@ -632,7 +652,8 @@ impl Session {
         let outbox_messages = p.outbox.max_messages;
         let shared = Arc::new(Shared {
             link: Mutex::new(Link::new(conn.clone())),
-            generation: watch::Sender::new(0),
+            generation: AtomicU64::new(0),
+            generation_signal: Notify::new(),
             ending: OnceLock::new(),
             ended_signal: Notify::new(),
             events: OnceLock::new(),
@@ -781,7 +802,7 @@ impl Session {
         let seq = {
             let mut sealers = self.inner.datagram_sealers.lock().unwrap_or_else(|e| e.into_inner());
             // A new connection has a new key: start new sealers, continuing the numbering.
-            let generation = *shared.generation.borrow();
+            let generation = shared.generation.load(Ordering::SeqCst);
             let mut known = self.inner.datagram_key_generation.lock().unwrap_or_else(|e| e.into_inner());
             if *known != generation {
                 *known = generation;
@@ -1088,14 +1109,13 @@ async fn supervise(
     policy: ResumePolicy,
     redial: Option<Redial>,
 ) {
-    let mut generation = shared.generation.subscribe();
     loop {
-        let current = *generation.borrow_and_update();
+        let current = shared.generation.load(Ordering::SeqCst);
         let link = shared.link();
         tokio::select! {
             _ = link.conn.closed() => {}
             // Resumed by the node on a new connection while this one still looked alive.
-            _ = generation.changed() => continue,
+            _ = shared.generation_changed(current) => continue,
         }
         if shared.is_ended() {
             return;
@@ -1111,7 +1131,7 @@ async fn supervise(
         shared.event(SessionEvent::Disconnected { reason: reason.clone() });
         // Boxed: the recovery's state exists only while recovering, not in every idle session's
         // supervisor.
-        let recovered = Box::pin(recover(&shared, &seal_key, policy, redial.as_ref(), &mut generation, current)).await;
+        let recovered = Box::pin(recover(&shared, &seal_key, policy, redial.as_ref(), current)).await;
         if !recovered {
             return;
         }
@@ -1126,7 +1146,6 @@ async fn recover(
     seal_key: &Mutex<Arc<SealingKey>>,
     policy: ResumePolicy,
     redial: Option<&Redial>,
-    generation: &mut watch::Receiver<u64>,
     current: u64,
 ) -> bool {
     let deadline = Instant::now() + policy.give_up_after;
@@ -1175,8 +1194,8 @@ async fn recover(
         }
         None => {
             // The peer dials again; the node attaches its new connection (Resumable).
-            let resumed = tokio::time::timeout_at(deadline, generation.wait_for(|g| *g != current)).await;
-            if !matches!(resumed, Ok(Ok(_))) {
+            let resumed = tokio::time::timeout_at(deadline, shared.generation_changed(current)).await;
+            if resumed.is_err() {
                 let e = Error::Timeout { what: "session resumption" };
                 shared.event(SessionEvent::GaveUp { reason: "the peer did not come back in time".into() });
                 shared.end(Ending::from_error(&e), close_code::NO_ERROR);
