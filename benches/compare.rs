@@ -661,6 +661,13 @@ struct Row {
     values: [Vec<f64>; 3],
 }
 
+impl Row {
+    /// Whether any stack ran this workload (`--only`/`--stacks` leave the others empty).
+    fn measured(&self) -> bool {
+        self.values.iter().any(|v| !v.is_empty())
+    }
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -771,8 +778,8 @@ async fn run(quick: bool, select: &Select) {
                 rows[w1].values[stack].push(bulk_mib as f64 / d.as_secs_f64());
             }
             for &(i, size, window, coalesce) in w2.iter().filter(|_| select.workload("W2")) {
-                let d = pair.stream_dyn(small / if window == 1 { 10 } else { 1 }, size, window, coalesce).await;
                 let n = small / if window == 1 { 10 } else { 1 };
+                let d = pair.stream_dyn(n, size, window, coalesce).await;
                 rows[i].values[stack].push(n as f64 / d.as_secs_f64());
             }
             for &(i, c, p) in w3.iter().filter(|_| select.workload("W3")) {
@@ -857,7 +864,7 @@ fn print_table(rows: &[Row], quick: bool) {
     println!("| workload | unit | quicseal | raw quinn | TLS/TCP | quicseal/quinn | quicseal/TCP |");
     println!("|---|---|---:|---:|---:|---:|---:|");
     let num = |x: f64| if x.is_nan() { "-".to_owned() } else { format!("{x:.1}") };
-    for row in rows.iter().filter(|r| r.values.iter().any(|v| !v.is_empty())) {
+    for row in rows.iter().filter(|r| r.measured()) {
         let m: Vec<f64> = row.values.iter().map(|v| median(v)).collect();
         let r = |base| {
             let x = ratio(row, base);
@@ -908,7 +915,7 @@ fn write_json(rows: &[Row]) {
 /// everywhere).
 fn write_svg(rows: &[Row]) {
     use plotters::prelude::*;
-    let rows: Vec<&Row> = rows.iter().filter(|r| r.values.iter().any(|v| !v.is_empty())).collect();
+    let rows: Vec<&Row> = rows.iter().filter(|r| r.measured()).collect();
     let relative = |row: &Row, base: usize| {
         let r = ratio(row, base);
         if row.higher_better { r } else { 1.0 / r }

@@ -115,6 +115,13 @@ struct Core {
     datagram_bytes: usize,
 }
 
+impl Core {
+    /// The reliability core's next timer: a retransmission or an acknowledgement due.
+    fn next_deadline(&self) -> Option<u64> {
+        [self.outbox.next_deadline(), self.inbox.next_deadline()].into_iter().flatten().min()
+    }
+}
+
 /// Something that happened to a session; see [`Session::events`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -361,28 +368,18 @@ impl Shared {
 
     /// Resolves once a connection other than generation `from` carries the session.
     async fn generation_changed(&self, from: u64) {
-        loop {
-            let signal = self.generation_signal.notified();
-            tokio::pin!(signal);
-            signal.as_mut().enable();
-            if self.generation.load(Ordering::SeqCst) != from {
-                return;
-            }
-            signal.await;
-        }
+        until(&self.generation_signal, || self.generation.load(Ordering::SeqCst) != from).await;
     }
 
     /// Resolves once the session has ended.
     async fn ended(&self) {
-        loop {
-            let signal = self.ended_signal.notified();
-            tokio::pin!(signal);
-            signal.as_mut().enable();
-            if self.is_ended() {
-                return;
-            }
-            signal.await;
-        }
+        until(&self.ended_signal, || self.is_ended()).await;
+    }
+
+    /// The session could not be carried over to a new connection: says so and ends it.
+    fn give_up(&self, reason: String, error: &Error) {
+        self.event(SessionEvent::GaveUp { reason });
+        self.end(Ending::from_error(error), close_code::NO_ERROR);
     }
 
     fn event(&self, e: SessionEvent) {
@@ -421,7 +418,7 @@ impl Shared {
             return Err(self.error());
         }
         let len = payload.len() as u64;
-        let seq = {
+        let (seq, in_flight) = {
             let mut core = self.core();
             let now = self.now();
             let new_channel = core.outbox.last_seq(channel) == 0;
@@ -441,7 +438,6 @@ impl Shared {
                 .map_err(|f| Error::Full { messages: f.messages, bytes: f.bytes })?;
             (seq, core.outbox.in_flight().0)
         };
-        let (seq, in_flight) = seq;
         if user {
             self.tally.add(Counter::messages_sent, 1);
             self.tally.add(Counter::bytes_sent, len);
@@ -936,9 +932,11 @@ impl Session {
         }
         let shared = &self.inner.shared;
         let now = shared.now();
-        let newly = shared.core().inbox.ack(message.channel, message.seq, now);
+        let mut core = shared.core();
+        let newly = core.inbox.ack(message.channel, message.seq, now);
         if newly {
-            shared.transmit_now();
+            // The acknowledgement goes out like the automatic ones (see `poll_message`).
+            shared.kick(&core);
         }
         newly
     }
@@ -1070,9 +1068,9 @@ fn take_rpc(outlet: &Outlet) -> bool {
             | drain(shared, rpc::REQUEST_CHANNEL, || rpc.may_take_request(), |p| rpc.on_request(outlet, p))
     };
     if took {
-        // Room for channel readers; acknowledgements are due.
+        // Room for channel readers; acknowledgements may be due.
         shared.room.notify_waiters();
-        shared.work.notify_one();
+        shared.kick(&shared.core());
     }
     took
 }
@@ -1164,32 +1162,24 @@ async fn recover(
                         break;
                     }
                     Ok(Err(e)) if e.is_refusal_by_peer() || matches!(e, Error::ProtocolViolation { .. }) => {
-                        shared.event(SessionEvent::GaveUp { reason: e.to_string() });
-                        shared.end(Ending::from_error(&e), close_code::NO_ERROR);
+                        shared.give_up(e.to_string(), &e);
                         return false;
                     }
                     Ok(Err(e)) => {
                         debug!(attempt, error = %e, "reconnection attempt failed");
                         let wake = (Instant::now() + backoff).min(deadline);
-                        if wake >= deadline {
-                            let e = Error::Timeout { what: "session resumption" };
-                            shared.event(SessionEvent::GaveUp {
-                                reason: format!("no connection after {attempt} attempts"),
-                            });
-                            shared.end(Ending::from_error(&e), close_code::NO_ERROR);
-                            return false;
+                        if wake < deadline {
+                            tokio::time::sleep_until(wake).await;
+                            backoff = (backoff * 2).min(policy.backoff_max);
+                            continue;
                         }
-                        tokio::time::sleep_until(wake).await;
-                        backoff = (backoff * 2).min(policy.backoff_max);
                     }
-                    Err(_) => {
-                        let e = Error::Timeout { what: "session resumption" };
-                        shared
-                            .event(SessionEvent::GaveUp { reason: format!("no connection after {attempt} attempts") });
-                        shared.end(Ending::from_error(&e), close_code::NO_ERROR);
-                        return false;
-                    }
+                    // The deadline passed during the attempt.
+                    Err(_) => {}
                 }
+                let e = Error::Timeout { what: "session resumption" };
+                shared.give_up(format!("no connection after {attempt} attempts"), &e);
+                return false;
             }
         }
         None => {
@@ -1197,8 +1187,7 @@ async fn recover(
             let resumed = tokio::time::timeout_at(deadline, shared.generation_changed(current)).await;
             if resumed.is_err() {
                 let e = Error::Timeout { what: "session resumption" };
-                shared.event(SessionEvent::GaveUp { reason: "the peer did not come back in time".into() });
-                shared.end(Ending::from_error(&e), close_code::NO_ERROR);
+                shared.give_up("the peer did not come back in time".into(), &e);
                 return false;
             }
         }
@@ -1249,6 +1238,20 @@ impl SealedChannel {
             }
             _ => self.sent.push_back((seq, frame)),
         }
+    }
+}
+
+/// Resolves once `done` holds, re-checking whenever `signal` is notified (registered before each
+/// check, so a notification in between is never missed).
+async fn until(signal: &Notify, done: impl Fn() -> bool) {
+    loop {
+        let notified = signal.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if done() {
+            return;
+        }
+        notified.await;
     }
 }
 
@@ -1335,24 +1338,14 @@ impl Writer {
     /// stream limit allows, writes while flow control allows. Returns whether frames remain.
     fn flush_now(&mut self, conn: &Connection) -> Result<bool, WriteFailure> {
         use futures_util::FutureExt;
-        if !self.control_backlog.is_empty() {
-            match self.control.write_chunks(self.control_backlog.make_contiguous()).now_or_never() {
-                Some(Ok(written)) => {
-                    self.control_backlog.drain(..written.chunks);
-                }
-                Some(Err(_)) => return Err(WriteFailure::Gone),
-                None => {}
-            }
-        }
+        write_now(&mut self.control, &mut self.control_backlog)?;
         let mut i = 0;
         while i < self.backlog.len() {
             let (channel, frames) = &mut self.backlog[i];
             if !self.streams.contains_key(channel) {
                 match conn.open_bi().now_or_never() {
                     Some(Ok(pair)) => {
-                        frames.push_front(Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Channel(
-                            *channel,
-                        ))));
+                        frames.push_front(channel_stream_header(*channel));
                         self.streams.insert(*channel, pair);
                     }
                     Some(Err(_)) => return Err(WriteFailure::Gone),
@@ -1363,14 +1356,7 @@ impl Writer {
                 }
             }
             let (send, _) = self.streams.get_mut(channel).expect("opened above");
-            let chunks = frames.make_contiguous();
-            match send.write_chunks(chunks).now_or_never() {
-                Some(Ok(written)) => {
-                    frames.drain(..written.chunks);
-                }
-                Some(Err(_)) => return Err(WriteFailure::Gone),
-                None => {}
-            }
+            write_now(send, frames)?;
             if self.backlog[i].1.is_empty() {
                 self.backlog.swap_remove(i);
             } else {
@@ -1390,8 +1376,7 @@ impl Writer {
                 std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                 std::collections::hash_map::Entry::Vacant(v) => {
                     let pair = conn.open_bi().await.map_err(|_| WriteFailure::Gone)?;
-                    frames
-                        .push_front(Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Channel(channel))));
+                    frames.push_front(channel_stream_header(channel));
                     v.insert(pair)
                 }
             };
@@ -1401,13 +1386,34 @@ impl Writer {
     }
 }
 
+/// The first bytes of a channel stream.
+fn channel_stream_header(channel: u16) -> Bytes {
+    Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Channel(channel)))
+}
+
+/// Hands quinn what of `frames` flow control lets it take now, without waiting; what it took
+/// leaves the front of `frames`.
+fn write_now(send: &mut SendStream, frames: &mut VecDeque<Bytes>) -> Result<(), WriteFailure> {
+    use futures_util::FutureExt;
+    if frames.is_empty() {
+        return Ok(());
+    }
+    match send.write_chunks(frames.make_contiguous()).now_or_never() {
+        Some(Ok(written)) => {
+            frames.drain(..written.chunks);
+            Ok(())
+        }
+        Some(Err(_)) => Err(WriteFailure::Gone),
+        None => Ok(()),
+    }
+}
+
 impl Shared {
     /// Wakes the driver if the reliability core now has a timer (an acknowledgement due, a
     /// retransmission) earlier than the one the driver sleeps on; a wake-up that would find
     /// nothing to do costs a thread switch and is skipped.
     fn kick(&self, core: &Core) {
-        let next = [core.outbox.next_deadline(), core.inbox.next_deadline()].into_iter().flatten().min();
-        if self.drive_would_miss(next) {
+        if self.drive_would_miss(core.next_deadline()) {
             self.work.notify_one();
         }
     }
@@ -1430,20 +1436,11 @@ impl Shared {
         let Ok(mut w) = writer.try_lock() else { return self.work.notify_one() };
         let remains = w.take(self).and_then(|_| w.flush_now(&link.conn));
         drop(w);
-        let wake = match remains {
-            Ok(false) => {
-                let next = {
-                    let core = self.core();
-                    [core.outbox.next_deadline(), core.inbox.next_deadline()].into_iter().flatten().min()
-                };
-                self.drive_would_miss(next)
-            }
+        match remains {
+            Ok(false) => self.kick(&self.core()),
             // Frames left for the driver (or a lost connection, which the driver notices).
-            Ok(true) | Err(WriteFailure::Gone) => true,
-            Err(WriteFailure::Seal(e)) => return link.seal_failed(e),
-        };
-        if wake {
-            self.work.notify_one();
+            Ok(true) | Err(WriteFailure::Gone) => self.work.notify_one(),
+            Err(WriteFailure::Seal(e)) => link.seal_failed(e),
         }
     }
 }
@@ -1475,10 +1472,7 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
         if batch_full {
             continue;
         }
-        let deadline = {
-            let core = shared.core();
-            [core.outbox.next_deadline(), core.inbox.next_deadline()].into_iter().flatten().min()
-        };
+        let deadline = shared.core().next_deadline();
         shared.drive_sleeps_until.store(deadline.unwrap_or(u64::MAX), Ordering::SeqCst);
         let sleep = async {
             match deadline {
