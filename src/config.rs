@@ -19,7 +19,10 @@ use crate::policy::Policy;
 /// | limit | default | what it bounds |
 /// |---|---|---|
 /// | `max_message_size` | 1 MiB | one message's payload, both ways; larger is refused at send and closes a peer that sends one |
-/// | `max_connections` | 1,024 | open connections of a node (incoming beyond it are refused) |
+/// | `max_connections` | 1,024 | open incoming connections of a node (beyond it they are refused); dials count separately |
+/// | `max_handshakes` | 256 | incoming handshakes in progress (beyond it they are refused) |
+/// | `max_handshakes_per_address` | 64 | incoming handshakes in progress from one IP address |
+/// | `retry_above` | 32 | handshakes in progress beyond which an unvalidated address gets a QUIC Retry first |
 /// | `max_channels` | 64 | channels (QUIC streams) each side may open per session |
 /// | `idle_timeout` | 30 s | a connection with no traffic is closed after this |
 /// | `keep_alive` | 10 s | pings keep an idle but wanted connection open |
@@ -44,8 +47,19 @@ use crate::policy::Policy;
 pub struct Limits {
     /// Largest message payload in bytes.
     pub max_message_size: usize,
-    /// Most open connections per node.
+    /// Most open incoming connections per node (dials have their own count of the same size:
+    /// incoming connections never block a node's own dials).
     pub max_connections: usize,
+    /// Most incoming handshakes in progress per node (TLS handshake plus hello); beyond it new
+    /// ones are refused. Kept well below `max_connections`: a handshake in progress costs
+    /// memory and CPU before the peer proved anything.
+    pub max_handshakes: usize,
+    /// Most incoming handshakes in progress from one IP address.
+    pub max_handshakes_per_address: usize,
+    /// Incoming handshakes in progress beyond which a peer whose address is not yet validated
+    /// gets a QUIC Retry first (RFC 9000 section 8.1): it must echo a token, which proves it
+    /// receives at its address, before it costs us any state.
+    pub retry_above: usize,
     /// Most channels each side may open per session.
     pub max_channels: u16,
     /// Idle timeout.
@@ -84,6 +98,10 @@ pub struct Limits {
     pub reconnect_backoff: (Duration, Duration),
     /// How long a disconnected session waits to be resumed before it gives up.
     pub resume_timeout: Duration,
+    /// Messages and bytes one message key may seal (see `proto::seal::KeyLimits`). Not a
+    /// setting: the defaults are the AES-GCM limits; tests lower them to exercise key changes.
+    #[doc(hidden)]
+    pub test_key_limits: (u64, u64),
 }
 
 impl Default for Limits {
@@ -91,6 +109,9 @@ impl Default for Limits {
         Limits {
             max_message_size: 1 << 20,
             max_connections: 1024,
+            max_handshakes: 256,
+            max_handshakes_per_address: 64,
+            retry_above: 32,
             max_channels: 64,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Some(Duration::from_secs(10)),
@@ -110,6 +131,7 @@ impl Default for Limits {
             outbox_bytes: 16 << 20,
             reconnect_backoff: (Duration::from_millis(50), Duration::from_secs(2)),
             resume_timeout: Duration::from_secs(30),
+            test_key_limits: (crate::proto::seal::AEAD_MAX_MESSAGES, crate::proto::seal::AEAD_MAX_BYTES),
         }
     }
 }
@@ -130,6 +152,9 @@ impl Limits {
         if self.max_connections == 0 || self.max_channels == 0 || self.accept_queue == 0 {
             return bad("max_connections, max_channels and accept_queue must be at least 1".into());
         }
+        if self.max_handshakes == 0 || self.max_handshakes_per_address == 0 {
+            return bad("max_handshakes and max_handshakes_per_address must be at least 1".into());
+        }
         if self.stream_receive_window == 0 || self.connection_receive_window == 0 || self.send_window == 0 {
             return bad("flow-control windows must be positive".into());
         }
@@ -144,6 +169,9 @@ impl Limits {
         }
         if !crate::proto::replay::ReplayWindow::valid_width(self.replay_window) {
             return bad("replay_window must be a multiple of 64 between 64 and 65536".into());
+        }
+        if self.test_key_limits.0 < 2 || self.test_key_limits.1 < 2 {
+            return bad("key limits must be at least 2".into());
         }
         if self.freshness.is_zero() {
             return bad("freshness must be positive".into());

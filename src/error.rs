@@ -147,7 +147,8 @@ pub enum Error {
         /// What happened, as far as we know.
         reason: String,
     },
-    /// The peer refused the connection before the handshake (too many connections, shutting down).
+    /// The peer refused the connection before the handshake (too many connections or
+    /// handshakes, shutting down): a later attempt may succeed.
     #[error("connection refused by the peer")]
     Refused,
     /// A peer broke the quicseal protocol.
@@ -333,12 +334,10 @@ fn rustls_error_for(alert: AlertDescription, reason: &str) -> rustls::Error {
 
 impl Error {
     /// Whether this is the peer's policy or TLS stack refusing us (useful for retry decisions:
-    /// retrying will not help).
+    /// retrying will not help). [`Error::Refused`] is not: a node refuses connections while it
+    /// is overloaded (too many handshakes or connections), and a later attempt may succeed.
     pub fn is_refusal_by_peer(&self) -> bool {
-        matches!(
-            self,
-            Error::Tls(TlsError::Remote { .. }) | Error::Unauthorized { side: Side::Remote, .. } | Error::Refused
-        )
+        matches!(self, Error::Tls(TlsError::Remote { .. }) | Error::Unauthorized { side: Side::Remote, .. })
     }
 }
 

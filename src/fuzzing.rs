@@ -143,6 +143,7 @@ pub fn reliable_ops(data: &[u8]) {
     let out_cfg = OutboxConfig {
         max_messages: 16,
         max_bytes: 1024,
+        max_per_channel: 32,
         initial_rto_ms: 10,
         min_rto_ms: 5,
         max_rto_ms: 100,

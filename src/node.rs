@@ -11,8 +11,9 @@
 //!    dialler was accepted: [`Node::connect`] returns after it.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use quinn::crypto::rustls::HandshakeData;
@@ -20,7 +21,7 @@ use quinn::{Connection, Endpoint, RecvStream, VarInt};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{Limits, NodeConfig};
 use crate::error::{Error, Result, Side, close_code, from_connection_error};
@@ -32,7 +33,7 @@ use crate::proto::seal::{self, EXPORTER_LABEL, KEY_MATERIAL_LEN, OpenConfig};
 use crate::proto::wire::{self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, frame_type};
 use crate::rpc::RpcServer;
 use crate::session::{EndHook, LinkParts, Redial, Resumable, ResumePolicy, Session, SessionParams};
-use crate::stats::{Counters, Stats, Tally};
+use crate::stats::{Counter, Counters, Stats, Tally};
 use crate::tls::{ALPN, Captured, TlsContext, take_captured};
 
 /// A quicseal node bound to one UDP address: it accepts sessions and dials them.
@@ -73,6 +74,36 @@ struct Shared {
     rpc: Arc<RpcServer>,
     /// Accepted sessions a reconnecting peer may resume, by (peer key, peer epoch).
     resumable: Arc<std::sync::Mutex<HashMap<(Fingerprint, u64), Resumable>>>,
+    /// Incoming handshakes in progress, in all and per IP address.
+    handshakes: Arc<std::sync::Mutex<Handshakes>>,
+    /// Incoming connections open (counted until each one closes).
+    incoming_open: Arc<AtomicUsize>,
+}
+
+/// Incoming handshakes in progress.
+#[derive(Default)]
+struct Handshakes {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// One incoming handshake in progress: counted until dropped.
+struct HandshakeSlot {
+    handshakes: Arc<std::sync::Mutex<Handshakes>>,
+    address: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut h = self.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+        h.total -= 1;
+        if let std::collections::hash_map::Entry::Occupied(mut e) = h.by_address.entry(self.address) {
+            *e.get_mut() -= 1;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -117,9 +148,10 @@ impl Node {
         let (crypto, _) = tls.server_config()?;
         let mut base_server = quinn::ServerConfig::with_crypto(crypto);
         base_server.transport_config(transport.clone());
-        // Connections are admitted one by one in the accept loop (limit checks, per-connection
-        // verifier); quinn's own cap is set to the same bound.
-        base_server.max_incoming(config.limits.max_connections);
+        // Connection attempts are admitted one by one in the accept loop (Retry, handshake and
+        // connection budgets, per-connection verifier); quinn's own cap on attempts waiting for
+        // that loop is the handshake budget.
+        base_server.max_incoming(config.limits.max_handshakes);
         // Early packets buffered per connection attempt before it is accepted (a handshake
         // needs a few KiB), and in total.
         base_server.incoming_buffer_size(64 * 1024);
@@ -141,6 +173,8 @@ impl Node {
             rpc: RpcServer::new(config.rpc),
             counters: Arc::default(),
             resumable: Arc::default(),
+            handshakes: Arc::default(),
+            incoming_open: Arc::default(),
         });
         let (tx, rx) = mpsc::channel(shared.limits.accept_queue);
         let accept_task = tokio::spawn(accept_loop(shared.clone(), tx));
@@ -169,7 +203,7 @@ impl Node {
         let epoch = random_epoch()?;
         let result = dial(shared, addr, server_name, epoch, None).await;
         let result = result.map(|h| {
-            let (peer_fp, peer_epoch) = (h.peer.fingerprint, h.peer_epoch);
+            let (peer_fp, peer_epoch) = (h.peer.fingerprint, h.peer_hello.epoch);
             let redial: Redial = {
                 let (node, name) = (Arc::downgrade(shared), server_name.to_owned());
                 Arc::new(move || {
@@ -278,16 +312,27 @@ impl Node {
 
 async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<Result<Session>>) {
     while let Some(incoming) = shared.endpoint.accept().await {
-        if shared.endpoint.open_connections() >= shared.limits.max_connections {
-            warn!(remote = %incoming.remote_address(), "refusing connection: connection limit reached");
-            incoming.refuse();
+        let Some(slot) = admit(&shared, incoming.remote_address(), incoming.remote_address_validated()) else {
+            continue_refused(&shared, incoming);
             continue;
-        }
+        };
+        let slot = match slot {
+            Admit::Retry => {
+                // Stateless: the peer must echo the token from its address before it costs us
+                // anything (quinn's clients do so on their own).
+                if incoming.may_retry() && incoming.retry().is_ok() {
+                    shared.counters.bump(Counter::retries_sent);
+                }
+                continue;
+            }
+            Admit::Handshake(slot) => slot,
+        };
         let shared = shared.clone();
         let tx = tx.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let result = accept_one(&shared, incoming).await;
+            drop(slot);
             match result {
                 Ok(Some(session)) => {
                     info!(peer = %session.peer(), %remote, "session established (accepted)");
@@ -304,6 +349,43 @@ async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<Result<Session>>) {
     }
 }
 
+/// What to do with a new incoming connection attempt.
+enum Admit {
+    /// Validate the peer's address with a QUIC Retry first.
+    Retry,
+    /// Handshake, counted in this slot.
+    Handshake(HandshakeSlot),
+}
+
+/// Decides on a connection attempt from `remote` (`None`: refuse it): the connection and
+/// handshake budgets, the per-address budget, and a Retry for an unvalidated address while
+/// handshakes pile up (an attacker flooding ClientHellos from addresses it does not receive at
+/// then holds no state at all).
+fn admit(shared: &Shared, remote: SocketAddr, validated: bool) -> Option<Admit> {
+    let limits = &shared.limits;
+    if shared.incoming_open.load(Ordering::SeqCst) >= limits.max_connections {
+        warn!(%remote, "refusing connection: incoming connection limit reached");
+        return None;
+    }
+    let mut h = shared.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+    if !validated && h.total >= limits.retry_above {
+        return Some(Admit::Retry);
+    }
+    let from_address = h.by_address.get(&remote.ip()).copied().unwrap_or(0);
+    if h.total >= limits.max_handshakes || from_address >= limits.max_handshakes_per_address {
+        debug!(%remote, in_progress = h.total, from_address, "refusing connection: too many handshakes in progress");
+        return None;
+    }
+    h.total += 1;
+    *h.by_address.entry(remote.ip()).or_insert(0) += 1;
+    Some(Admit::Handshake(HandshakeSlot { handshakes: shared.handshakes.clone(), address: remote.ip() }))
+}
+
+fn continue_refused(shared: &Shared, incoming: quinn::Incoming) {
+    shared.counters.bump(Counter::handshakes_refused);
+    incoming.refuse();
+}
+
 /// Accepts one connection: a new session (`Some`), or a resumed one (`None`).
 async fn accept_one(shared: &Arc<Shared>, incoming: quinn::Incoming) -> Result<Option<Session>> {
     let (crypto, captured) = shared.tls().server_config()?;
@@ -312,6 +394,13 @@ async fn accept_one(shared: &Arc<Shared>, incoming: quinn::Incoming) -> Result<O
     let connecting = incoming.accept_with(Arc::new(cfg)).map_err(|e| from_connection_error(e, None))?;
     let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
         let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
+        // Counted as an open incoming connection until it closes.
+        shared.incoming_open.fetch_add(1, Ordering::SeqCst);
+        let (open, watched) = (shared.incoming_open.clone(), conn.clone());
+        tokio::spawn(async move {
+            watched.closed().await;
+            open.fetch_sub(1, Ordering::SeqCst);
+        });
         handshake(shared, conn, &captured, Role::Acceptor, None).await
     })
     .await;
@@ -333,7 +422,9 @@ async fn dial(
     epoch: u64,
     resume: Option<(Fingerprint, u64)>,
 ) -> Result<Handshaken> {
-    if shared.endpoint.open_connections() >= shared.limits.max_connections {
+    // Our own dials count apart from incoming connections, which never block them.
+    let dialled = shared.endpoint.open_connections().saturating_sub(shared.incoming_open.load(Ordering::SeqCst));
+    if dialled >= shared.limits.max_connections {
         return Err(Error::Limit { what: "connections per node", limit: shared.limits.max_connections as u64 });
     }
     let (crypto, captured) = shared.tls().client_config()?;
@@ -366,8 +457,8 @@ enum Role {
 struct Handshaken {
     parts: LinkParts,
     peer: PeerIdentity,
-    peer_max: usize,
-    peer_epoch: u64,
+    /// What the peer's HELLO announced.
+    peer_hello: PeerHello,
     /// Our epoch for this session.
     epoch: u64,
 }
@@ -402,9 +493,10 @@ async fn handshake(
         return Err(Error::Unauthorized { side: Side::Local, reason });
     }
     let local_max = shared.limits.max_message_size;
+    let (max_channels, window) = (shared.limits.max_channels, shared.limits.replay_window as u32);
     let hello = |epoch: u64, resume: bool| {
-        let mut v = Vec::with_capacity(18);
-        Frame::Hello { max_message_size: local_max as u32, epoch, resume }.encode(&mut v);
+        let mut v = Vec::with_capacity(FRAME_HEADER_LEN + wire::HELLO_LEN as usize);
+        Frame::Hello { max_message_size: local_max as u32, epoch, resume, max_channels, window }.encode(&mut v);
         Bytes::from(v)
     };
     let retired =
@@ -416,14 +508,15 @@ async fn handshake(
             reason: format!("the peer reused retired session epoch {epoch:#x}"),
         }
     };
-    let (send, recv, epoch, peer_max, peer_epoch, resumable) = match role {
+    let (send, recv, epoch, peer_hello, resumable) = match role {
         Role::Dialler(epoch) => {
             let (mut send, mut recv) = conn.open_bi().await.map_err(lost)?;
             let header = Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Control));
             send.write_all_chunks(&mut [header, hello(epoch, resume.is_some())])
                 .await
                 .map_err(|e| write_err(e, &lost))?;
-            let (peer_max, peer_epoch, _) = read_hello(&conn, &mut recv, &lost).await?;
+            let (peer_hello, _) = read_hello(&conn, &mut recv, &lost).await?;
+            let peer_epoch = peer_hello.epoch;
             match resume {
                 Some((fp, expected)) if fp != peer.fingerprint || expected != peer_epoch => {
                     conn.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), b"protocol violation");
@@ -436,7 +529,7 @@ async fn handshake(
                 None if retired(&peer.fingerprint, peer_epoch) => return Err(refuse_retired(peer_epoch)),
                 None => {}
             }
-            (send, recv, epoch, peer_max, peer_epoch, None)
+            (send, recv, epoch, peer_hello, None)
         }
         Role::Acceptor => {
             let (mut send, mut recv) = conn.accept_bi().await.map_err(lost)?;
@@ -447,7 +540,8 @@ async fn handshake(
                 Ok(_) => return Err(violation(&conn, "first stream is not the control stream".into())),
                 Err(e) => return Err(violation(&conn, e.to_string())),
             }
-            let (peer_max, peer_epoch, wants_resume) = read_hello(&conn, &mut recv, &lost).await?;
+            let (peer_hello, wants_resume) = read_hello(&conn, &mut recv, &lost).await?;
+            let peer_epoch = peer_hello.epoch;
             if retired(&peer.fingerprint, peer_epoch) {
                 return Err(refuse_retired(peer_epoch));
             }
@@ -472,14 +566,17 @@ async fn handshake(
                 (random_epoch()?, None)
             };
             send.write_all(&hello(epoch, false)).await.map_err(|e| write_err(e, &lost))?;
-            (send, recv, epoch, peer_max, peer_epoch, resumable)
+            (send, recv, epoch, peer_hello, resumable)
         }
     };
     let mut material = [0u8; KEY_MATERIAL_LEN];
     conn.export_keying_material(&mut material, EXPORTER_LABEL, b"")
         .map_err(|_| Error::Config("TLS exporter unavailable".into()))?;
     let side = if matches!(role, Role::Dialler(_)) { seal::Role::Dialler } else { seal::Role::Acceptor };
-    let keys = seal::derive_keys(&material, side);
+    let (mut sealing, opening) = seal::derive_keys(&material, side);
+    let (messages, bytes) = shared.limits.test_key_limits;
+    sealing.set_limits(seal::KeyLimits { messages, bytes });
+    let keys = (sealing, opening);
     let parts = LinkParts { conn, keys, control: (send, recv) };
     if let Some(r) = resumable {
         if !r.resume(parts) {
@@ -487,7 +584,7 @@ async fn handshake(
         }
         return Ok(Outcome::Resumed);
     }
-    Ok(Outcome::New(Box::new(Handshaken { parts, peer, peer_max, peer_epoch, epoch })))
+    Ok(Outcome::New(Box::new(Handshaken { parts, peer, peer_hello, epoch })))
 }
 
 /// Starts a new session over a handshaken connection.
@@ -495,7 +592,7 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
     let limits = &shared.limits;
     let local_max = limits.max_message_size;
     let tally = Tally { session: Arc::default(), node: shared.counters.clone() };
-    let (fingerprint, peer_epoch) = (h.peer.fingerprint, h.peer_epoch);
+    let (fingerprint, peer_epoch) = (h.peer.fingerprint, h.peer_hello.epoch);
     let accepted = redial.is_none();
     let on_end: EndHook = {
         let (retired, resumable) = (shared.retired.clone(), shared.resumable.clone());
@@ -523,6 +620,8 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
             outbox: OutboxConfig {
                 max_messages: limits.outbox_messages,
                 max_bytes: limits.outbox_bytes,
+                // The peer's replay window: a resend is then never too old for it.
+                max_per_channel: h.peer_hello.window,
                 // QUIC already retransmits inside a connection; our timer only fills gaps left by
                 // messages the receiver refused (tag, freshness), so it is deliberately slow.
                 // After a reconnect everything unacknowledged is resent at once.
@@ -546,8 +645,10 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
             max_tag_failures: limits.max_tag_failures,
             peer: h.peer,
             local_max,
-            peer_max: h.peer_max,
-            max_channels: limits.max_channels,
+            peer_max: h.peer_hello.max_message_size,
+            // Channels we open: no more than the peer accepts (a message on a channel it could
+            // not open would be dropped and resent for ever).
+            max_channels: limits.max_channels.min(h.peer_hello.max_channels),
             receive_buffer: limits.receive_buffer,
             resume: ResumePolicy {
                 backoff_min: limits.reconnect_backoff.0,
@@ -593,25 +694,46 @@ pub(crate) fn random_epoch() -> Result<u64> {
     }
 }
 
-/// Reads the peer's HELLO: its message size limit and its session epoch.
+/// What a peer's HELLO announced.
+#[derive(Debug, Clone, Copy)]
+struct PeerHello {
+    /// Largest payload it accepts.
+    max_message_size: usize,
+    /// Its session epoch.
+    epoch: u64,
+    /// Application channels it accepts from us.
+    max_channels: u16,
+    /// Its replay window: most unacknowledged messages we may have on one channel.
+    window: u64,
+}
+
+/// Reads the peer's HELLO, and whether it asks to resume a session.
 async fn read_hello(
     conn: &Connection,
     recv: &mut RecvStream,
     lost: &impl Fn(quinn::ConnectionError) -> Error,
-) -> Result<(usize, u64, bool)> {
+) -> Result<(PeerHello, bool)> {
     let mut head = [0u8; FRAME_HEADER_LEN];
     read_exact(conn, recv, &mut head, lost).await?;
     let header = FrameHeader::decode(head, 0).map_err(|e| violation(conn, e.to_string()))?;
     if header.frame_type != frame_type::HELLO {
         return Err(violation(conn, format!("expected HELLO, got frame type {:#04x}", header.frame_type)));
     }
-    let mut body = [0u8; 13];
+    let mut body = [0u8; wire::HELLO_LEN as usize];
     read_exact(conn, recv, &mut body, lost).await?;
     match header.decode_body(Bytes::copy_from_slice(&body)) {
-        Ok(Frame::Hello { max_message_size, epoch, resume }) if max_message_size > 0 && epoch != 0 => {
-            Ok((max_message_size as usize, epoch, resume))
+        Ok(Frame::Hello { max_message_size, epoch, resume, max_channels, window })
+            if max_message_size > 0 && epoch != 0 && max_channels > 0 && window > 0 =>
+        {
+            let hello = PeerHello {
+                max_message_size: max_message_size as usize,
+                epoch,
+                max_channels,
+                window: u64::from(window),
+            };
+            Ok((hello, resume))
         }
-        Ok(_) => Err(violation(conn, "HELLO with max_message_size 0 or epoch 0".into())),
+        Ok(_) => Err(violation(conn, "HELLO with a zero max_message_size, epoch, max_channels or window".into())),
         Err(e) => Err(violation(conn, e.to_string())),
     }
 }

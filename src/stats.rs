@@ -28,6 +28,10 @@ macro_rules! counters {
         }
 
         impl Counters {
+            pub(crate) fn bump(&self, c: Counter) {
+                self.get(c).fetch_add(1, Ordering::Relaxed);
+            }
+
             pub(crate) fn snapshot(&self) -> Stats {
                 Stats { $($name: self.$name.load(Ordering::Relaxed),)* ..Stats::default() }
             }
@@ -80,12 +84,25 @@ counters! {
     retransmissions,
     /// Copies of channel messages already received, dropped.
     duplicates_dropped,
+    /// Channel messages the receiving side dropped before recording them, for lack of room
+    /// behind a gap or too far ahead of what it delivered (the sender resends them).
+    inbox_dropped,
     /// Channel messages the peer's application acknowledged.
     acked,
     /// ACK frames sent (each acknowledges what one channel's application has taken).
     acks_sent,
     /// Times a session moved to a new connection after losing one.
     reconnects,
+    /// Times a session moved to a new connection on purpose, for fresh message keys: a key
+    /// reached half its usage limit, or a resend would have been older than half the freshness
+    /// horizon (also counted in `reconnects` once resumed).
+    rekeys,
+    /// Incoming handshakes refused before they started: too many handshakes in progress (in
+    /// all, or from one address) or too many incoming connections (node counters only).
+    handshakes_refused,
+    /// QUIC Retry packets sent to validate a peer's address while handshakes piled up (node
+    /// counters only).
+    retries_sent,
     /// RPC calls this side made (each attempt).
     rpc_calls,
     /// RPC requests received from the peer.

@@ -67,7 +67,8 @@ fn rpc(frame: RpcFrame) -> Vec<u8> {
 /// Deterministic seeds: (target, name, bytes).
 fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut hello = wire::encode_stream_header(StreamKind::Control).to_vec();
-    Frame::Hello { max_message_size: 1 << 20, epoch: TEST_EPOCH, resume: false }.encode(&mut hello);
+    Frame::Hello { max_message_size: 1 << 20, epoch: TEST_EPOCH, resume: false, max_channels: 64, window: 2048 }
+        .encode(&mut hello);
     Frame::Ack(AckRanges { channel: 7, cumulative: 258, ranges: vec![(260, 261), (270, 280)] }).encode(&mut hello);
     let mut channel = wire::encode_stream_header(StreamKind::Channel(2)).to_vec();
     channel.extend(sealed(MessageKind::Stream, 2, 1, b"first"));

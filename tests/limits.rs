@@ -171,9 +171,13 @@ async fn connection_limit_refuses_extra_peers() {
     let second = bind(NodeConfig::new(pki.identity("second"), pki.trust()));
     let e = second.connect(server.local_addr().unwrap(), "server").await.unwrap_err();
     assert!(matches!(e, Error::Refused), "{e:?}");
-    // A node at its own limit refuses to dial.
-    let e = server.connect(second.local_addr().unwrap(), "second").await.unwrap_err();
+    // Incoming connections never block the node's own dials: they count apart.
+    let (out, inc) = connect(&server, &second, "second").await;
+    let (_out, _inc) = (out.unwrap(), inc.unwrap());
+    // A node at its own dial limit refuses to dial.
+    let e = server.connect(first.local_addr().unwrap(), "first").await.unwrap_err();
     assert!(matches!(e, Error::Limit { what: "connections per node", limit: 1 }), "{e:?}");
+    assert_eq!(server.stats().handshakes_refused, 1);
 }
 
 #[tokio::test]
@@ -230,4 +234,194 @@ async fn receive_buffer_equal_to_the_message_limit_still_delivers_a_full_message
         let m = tokio::time::timeout(Duration::from_secs(10), ba.recv()).await.expect("no deadlock").unwrap();
         assert_eq!(m.payload().len(), 64 * 1024);
     }
+}
+
+/// Eight channels share a receive buffer that holds eight messages while the application reads
+/// slowly: nothing may be recorded as received and then dropped (its resend would be refused as
+/// a replay and the channel would stall for good). Every message arrives once, in order.
+#[tokio::test]
+async fn many_channels_into_a_small_receive_buffer_with_a_slow_reader_deliver_everything() {
+    const CHANNELS: u16 = 8;
+    const PER_CHANNEL: u32 = 60;
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.max_message_size = 64 * 1024;
+    limits.receive_buffer = 128 * 1024;
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let mut senders = Vec::new();
+    for ch in 0..CHANNELS {
+        let ab = ab.clone();
+        senders.push(tokio::spawn(async move {
+            for i in 0..PER_CHANNEL {
+                let mut body = vec![ch as u8; 16 * 1024];
+                body[..4].copy_from_slice(&i.to_be_bytes());
+                ab.send_bytes(ch, body).await.unwrap();
+            }
+        }));
+    }
+    let mut next = [0u32; CHANNELS as usize];
+    let all = tokio::time::timeout(Duration::from_secs(90), async {
+        for _ in 0..u32::from(CHANNELS) * PER_CHANNEL {
+            let m = ba.recv().await.unwrap();
+            let ch = m.channel() as usize;
+            let i = u32::from_be_bytes(m.payload()[..4].try_into().unwrap());
+            assert_eq!(i, next[ch], "channel {ch}: out of order or duplicated");
+            next[ch] += 1;
+            // A slightly slow application.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(all.is_ok(), "stalled: delivered per channel {next:?}, receiver stats {:?}", ba.stats());
+    for s in senders {
+        s.await.unwrap();
+    }
+    for ch in 0..CHANNELS {
+        ab.delivered(ch).await.unwrap();
+    }
+    let s = ba.stats();
+    assert_eq!(s.replays_rejected, 0, "{s:?}");
+}
+
+/// Nodes with different channel limits: the dialler may open no more channels than the acceptor
+/// announced, and says so at `send`; channels already open keep working both ways.
+#[tokio::test]
+async fn channel_counts_are_negotiated_and_a_channel_the_peer_cannot_open_fails_at_send() {
+    let pki = Pki::new("ca");
+    let mut many = Limits::default();
+    many.max_channels = 100;
+    let mut few = Limits::default();
+    few.max_channels = 64;
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(many));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(few));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    for ch in 0..64u16 {
+        ab.send(ch, &u32::from(ch)).await.unwrap();
+    }
+    let e = ab.send(69, &69u32).await.unwrap_err();
+    assert!(matches!(e, Error::Limit { what: "channels per session", limit: 64 }), "{e:?}");
+    // Both directions of channel 0 still work.
+    ab.send(0, &1000u32).await.unwrap();
+    ba.send(0, &2000u32).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut n = 0;
+        while n < 65 {
+            ba.recv().await.unwrap();
+            n += 1;
+        }
+        ab.recv().await.unwrap().decode::<u32>().unwrap()
+    })
+    .await
+    .expect("no stall");
+    assert_eq!(got, 2000);
+    ab.delivered(0).await.unwrap();
+}
+
+/// Unanswered ClientHellos, each a real QUIC Initial from a real quinn client that then goes
+/// silent: `n` of them, each with its own connection ID, captured at a socket that never answers.
+async fn captured_initials(pki: &Pki, n: usize) -> Vec<Vec<u8>> {
+    let sink = tokio::net::UdpSocket::bind((LOCALHOST, 0)).await.unwrap();
+    let to = sink.local_addr().unwrap();
+    let endpoint = raw_endpoint();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(raw_client_config(pki, None, quicseal::ALPN)).unwrap();
+    let cfg = quinn::ClientConfig::new(std::sync::Arc::new(quic));
+    let mut attempts = Vec::new();
+    let mut initials = std::collections::HashSet::new();
+    let mut buf = vec![0u8; 2048];
+    while initials.len() < n {
+        attempts.push(endpoint.connect_with(cfg.clone(), to, "server").unwrap());
+        let (len, _) = sink.recv_from(&mut buf).await.unwrap();
+        initials.insert(buf[..len].to_vec());
+    }
+    endpoint.close(0u32.into(), b"");
+    initials.into_iter().collect()
+}
+
+/// A handshake flood: a raw UDP socket sends unanswered ClientHellos at about 1,000 a second,
+/// ten times the rate that fills the default 1,024 connection slots within the 10 s handshake
+/// timeout. Meanwhile a valid peer connects at once, and an established session survives a
+/// forced reconnect. The flood is answered with Retry packets and holds only a few slots.
+#[tokio::test]
+async fn a_handshake_flood_does_not_lock_out_valid_peers_or_live_sessions() {
+    let pki = Pki::new("ca");
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
+    let old = bind(NodeConfig::new(pki.identity("old"), pki.trust()));
+    let (live, live_server) = connect(&old, &server, "server").await;
+    let (live, live_server) = (live.unwrap(), live_server.unwrap());
+    let initials = captured_initials(&pki, 3000).await;
+    let target = server.local_addr().unwrap();
+    let flood = tokio::spawn(async move {
+        let socket = tokio::net::UdpSocket::bind((LOCALHOST, 0)).await.unwrap();
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        for batch in initials.chunks(10) {
+            tick.tick().await;
+            for packet in batch {
+                let _ = socket.send_to(packet, target).await;
+            }
+        }
+    });
+    // Let the flood build up for a second (it runs three).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fresh = bind(NodeConfig::new(pki.identity("fresh"), pki.trust()));
+    let dialled = tokio::time::timeout(Duration::from_secs(2), async {
+        tokio::join!(fresh.connect(target, "server"), server.accept())
+    })
+    .await
+    .expect("a valid peer gets in during the flood");
+    let (fresh_session, accepted) = (dialled.0.unwrap(), dialled.1.unwrap());
+    fresh_session.send(0, &1u8).await.unwrap();
+    assert_eq!(accepted.recv().await.unwrap().decode::<u8>().unwrap(), 1);
+    // The established session moves to a new connection during the flood and carries on.
+    let mut events = live.events();
+    live.force_reconnect();
+    let resumed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await.unwrap() {
+                quicseal::SessionEvent::Resumed => return true,
+                quicseal::SessionEvent::GaveUp { .. } => return false,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("resumed or gave up in time");
+    assert!(resumed, "the live session gave up during the flood");
+    live.send(0, &2u8).await.unwrap();
+    assert_eq!(live_server.recv().await.unwrap().decode::<u8>().unwrap(), 2);
+    flood.await.unwrap();
+    let s = server.stats();
+    assert!(s.retries_sent > 1000, "the flood must be answered with Retry: {s:?}");
+}
+
+/// Handshakes in progress have their own, smaller budget, per node and per address; what is
+/// refused is counted.
+#[tokio::test]
+async fn handshakes_in_progress_are_bounded_per_address_and_counted() {
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.max_handshakes_per_address = 4;
+    limits.retry_above = 1000; // no Retry: the per-address budget alone
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(limits));
+    let target = server.local_addr().unwrap();
+    let initials = captured_initials(&pki, 10).await;
+    let socket = tokio::net::UdpSocket::bind((LOCALHOST, 0)).await.unwrap();
+    for packet in &initials {
+        socket.send_to(packet, target).await.unwrap();
+    }
+    let refused = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let s = server.stats();
+            if s.handshakes_refused >= 6 {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("six of ten refused");
+    assert_eq!(refused.handshakes_refused, 6, "{refused:?}");
 }

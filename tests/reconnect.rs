@@ -31,7 +31,8 @@ async fn wait_resumed(events: &mut tokio::sync::broadcast::Receiver<SessionEvent
 async fn receive_in_order(session: &Session, n: usize, channels: u16) {
     let mut next = vec![0u32; channels as usize];
     for _ in 0..n {
-        let m = tokio::time::timeout(Duration::from_secs(30), session.recv()).await.expect("a message").unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(30), session.recv()).await.expect("a message");
+        let m = m.unwrap_or_else(|e| panic!("session ended: {e} {:?}", session.stats()));
         let ch = m.channel() as usize;
         let v: u32 = m.decode().unwrap();
         assert_eq!(v, next[ch], "channel {ch}: out of order or duplicated");
@@ -209,4 +210,88 @@ async fn a_full_outbox_makes_try_send_fail_and_send_wait() {
     let m = ba.recv().await.unwrap();
     ba.ack(&m);
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap(), 5);
+}
+
+/// The receiving application pauses for longer than the freshness horizon while the sender's
+/// frames wait in flow control: they arrive stale and are refused. A resend must not be the same
+/// stale frame for ever (nor a frame resealed under the same key): the sender moves to fresh
+/// keys and everything arrives, in order, once.
+async fn pause_longer_than_freshness(freshness: Duration, pause: Duration, n: u32, acceptor_sends: bool) {
+    let pki = Pki::new("ca");
+    let mut limits = quick_limits();
+    limits.freshness = freshness;
+    limits.max_message_size = 64 * 1024;
+    limits.receive_buffer = 1 << 20;
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let (tx, rx) = if acceptor_sends { (ba, ab) } else { (ab, ba) };
+    let sender = tokio::spawn({
+        let tx = tx.clone();
+        async move {
+            for i in 0..n {
+                let mut body = vec![0u8; 64 * 1024];
+                body[..4].copy_from_slice(&i.to_be_bytes());
+                tx.send_bytes(0, body).await.unwrap();
+            }
+        }
+    });
+    // The application does not read for a while.
+    tokio::time::sleep(pause).await;
+    let all = tokio::time::timeout(Duration::from_secs(120), async {
+        for i in 0..n {
+            let m = rx.recv().await.unwrap();
+            assert_eq!(u32::from_be_bytes(m.payload()[..4].try_into().unwrap()), i, "out of order or duplicated");
+        }
+    })
+    .await;
+    assert!(all.is_ok(), "stalled: receiver {:?}, sender {:?}", rx.stats(), tx.stats());
+    sender.await.unwrap();
+    tx.delivered(0).await.unwrap();
+    let (r, s) = (rx.stats(), tx.stats());
+    assert!(r.stale_rejected > 0, "the pause must make frames stale for the test to mean anything: {r:?}");
+    assert!(s.rekeys > 0, "{s:?}");
+    assert_eq!(r.messages_delivered, u64::from(n));
+}
+
+#[tokio::test]
+async fn a_pause_longer_than_the_freshness_horizon_does_not_wedge_a_channel() {
+    pause_longer_than_freshness(Duration::from_secs(2), Duration::from_secs(4), 100, false).await;
+}
+
+#[tokio::test]
+async fn a_long_pause_with_many_large_messages_from_the_accepting_side() {
+    pause_longer_than_freshness(Duration::from_secs(4), Duration::from_secs(10), 800, true).await;
+}
+
+/// With the key usage limit lowered, a busy session moves to fresh keys again and again, and no
+/// key seals more than its limit; nothing is lost or duplicated.
+#[tokio::test]
+async fn message_keys_are_replaced_before_their_usage_limit() {
+    let pki = Pki::new("ca");
+    let mut limits = quick_limits();
+    limits.test_key_limits = (100, 1 << 30);
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    const N: u32 = 1000;
+    let sender = tokio::spawn({
+        let ab = ab.clone();
+        async move {
+            for i in 0..N {
+                ab.send((i % 2) as u16, &(i / 2)).await.unwrap();
+            }
+        }
+    });
+    receive_in_order(&ba, N as usize, 2).await;
+    sender.await.unwrap();
+    ab.delivered(0).await.unwrap();
+    ab.delivered(1).await.unwrap();
+    let s = ab.stats();
+    // At most 50 messages per key before it asks for a fresh one (plus resends), so at least
+    // N / 100 keys.
+    assert!(s.rekeys >= u64::from(N) / 100, "{s:?}");
+    assert!(ab.epoch() != 0 && !ab.is_ended());
 }

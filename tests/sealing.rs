@@ -198,7 +198,7 @@ async fn retired_epoch_is_refused() {
         raw_connect(&endpoint, raw_client_config(&pki, Some(&issued), quicseal::ALPN), addr, "server").await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(&hello_bytes(42)).await.unwrap();
-    let mut buf = [0u8; 18];
+    let mut buf = [0u8; 24];
     assert!(recv.read_exact(&mut buf).await.is_err());
     let e = conn.closed().await;
     assert_eq!(app_code(&e), Some(u64::from(close_code::RETIRED_EPOCH)), "{e:?}");

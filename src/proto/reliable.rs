@@ -44,6 +44,11 @@ pub struct OutboxConfig {
     pub max_messages: usize,
     /// Most unacknowledged payload bytes, all channels together.
     pub max_bytes: usize,
+    /// Widest span of unacknowledged sequence numbers on one channel, from the oldest
+    /// unacknowledged message to the newest, inclusive: the receiver's replay window (announced
+    /// in its HELLO). Within it every message we resend is still inside the receiver's window
+    /// and reorder range, so it can never be refused as too old or dropped as too far ahead.
+    pub max_per_channel: u64,
     /// Retransmission timeout before any round-trip sample, ms.
     pub initial_rto_ms: u64,
     /// Smallest retransmission timeout, ms.
@@ -60,6 +65,7 @@ impl Default for OutboxConfig {
         OutboxConfig {
             max_messages: 1024,
             max_bytes: 16 << 20,
+            max_per_channel: 2048,
             initial_rto_ms: 1000,
             min_rto_ms: 200,
             max_rto_ms: 60_000,
@@ -187,11 +193,13 @@ impl Outbox {
     }
 
     /// Queues a message for `channel`, due at once. Returns its sequence number, or [`Full`]
-    /// when the count or byte bound would be exceeded (a message larger than the byte bound is
-    /// accepted only into an empty outbox, so it can never wait forever).
+    /// when the count or byte bound would be exceeded, or the channel's span of unacknowledged
+    /// messages would outgrow [`OutboxConfig::max_per_channel`] (a message larger than the byte
+    /// bound is accepted only into an empty outbox, so it can never wait forever).
     pub fn push(&mut self, channel: u16, payload: Bytes, now: u64) -> Result<u64, Full> {
         let full = self.messages >= self.config.max_messages
-            || (self.messages > 0 && self.bytes + payload.len() > self.config.max_bytes);
+            || (self.messages > 0 && self.bytes + payload.len() > self.config.max_bytes)
+            || !self.channel_has_room(channel);
         if full {
             return Err(Full { messages: self.messages, bytes: self.bytes });
         }
@@ -208,9 +216,20 @@ impl Outbox {
         Ok(seq)
     }
 
-    /// Whether [`Outbox::push`] would accept a message of `len` bytes now.
-    pub fn has_room(&self, len: usize) -> bool {
-        self.messages < self.config.max_messages && (self.messages == 0 || self.bytes + len <= self.config.max_bytes)
+    /// Whether [`Outbox::push`] would accept a message of `len` bytes on `channel` now.
+    pub fn has_room(&self, channel: u16, len: usize) -> bool {
+        self.messages < self.config.max_messages
+            && (self.messages == 0 || self.bytes + len <= self.config.max_bytes)
+            && self.channel_has_room(channel)
+    }
+
+    /// Whether one more message on `channel` keeps its unacknowledged span within
+    /// [`OutboxConfig::max_per_channel`].
+    fn channel_has_room(&self, channel: u16) -> bool {
+        let Some(ch) = self.channels.get(&channel) else { return self.config.max_per_channel > 0 };
+        let next = ch.last_seq + 1;
+        let oldest = ch.unacked.first_key_value().map_or(next, |(&s, _)| s);
+        next - oldest < self.config.max_per_channel
     }
 
     /// The next message due at `now`, if any, lowest due time first (then channel, then seq).
@@ -391,7 +410,9 @@ pub struct InboxConfig {
     /// How far ahead of the next expected sequence number a message may be and still be kept
     /// (and at most how many are kept per channel). Keep it at most the replay window.
     pub reorder_window: u64,
-    /// Most payload bytes held out of order, all channels together.
+    /// Most payload bytes held out of order (behind a gap), all channels together. Messages in
+    /// order are not counted here: they are always kept, and the shell bounds them by reading
+    /// no more than its receive buffer allows (QUIC flow control holds the peer back).
     pub max_buffered_bytes: usize,
     /// Most channels.
     pub max_channels: usize,
@@ -462,6 +483,8 @@ struct InChannel {
     delivered: u64,
     /// Received, not yet delivered (out of order, or waiting for `poll_deliver`).
     held: BTreeMap<u64, Bytes>,
+    /// Every message in `delivered + 1..=ready_to` is held: the application can take them.
+    ready_to: u64,
     /// Taken by the application: all of 1..=cumulative, plus `above`.
     cumulative: u64,
     above: BTreeSet<u64>,
@@ -476,6 +499,8 @@ pub struct Inbox {
     config: InboxConfig,
     channels: BTreeMap<u16, InChannel>,
     held_bytes: usize,
+    /// The part of `held_bytes` in order (see `InChannel::ready_to`).
+    ready_bytes: usize,
     stats: InboxStats,
     /// Copies delivered again when de-duplication is off.
     again: VecDeque<(u16, u64, Bytes)>,
@@ -484,35 +509,79 @@ pub struct Inbox {
 impl Inbox {
     /// An empty inbox.
     pub fn new(config: InboxConfig) -> Inbox {
-        Inbox { config, channels: BTreeMap::new(), held_bytes: 0, stats: InboxStats::default(), again: VecDeque::new() }
+        Inbox {
+            config,
+            channels: BTreeMap::new(),
+            held_bytes: 0,
+            ready_bytes: 0,
+            stats: InboxStats::default(),
+            again: VecDeque::new(),
+        }
+    }
+
+    /// What [`Inbox::on_message`] would do with message `seq` of `channel`, `len` payload bytes,
+    /// without changing anything. A shell that commits the sequence number elsewhere (a replay
+    /// window) asks this first and commits only an `Accepted` message, so a message is never
+    /// recorded as received and then dropped.
+    pub fn check(&self, channel: u16, seq: u64, len: usize) -> Received {
+        let Some(ch) = self.channels.get(&channel) else {
+            let user_channels = self.channels.keys().filter(|&&c| !self.is_reserved(c)).count();
+            if !self.is_reserved(channel) && user_channels >= self.config.max_channels {
+                return Received::Dropped;
+            }
+            return self.check_new(seq, 0, 0, len);
+        };
+        if seq == 0 || seq <= ch.delivered || ch.held.contains_key(&seq) {
+            return Received::Duplicate;
+        }
+        self.check_new(seq, ch.delivered, ch.ready_to, len)
+    }
+
+    /// The window and room rules for a message not seen before.
+    fn check_new(&self, seq: u64, delivered: u64, ready_to: u64, len: usize) -> Received {
+        if seq == 0 {
+            return Received::Duplicate;
+        }
+        let too_far = seq - delivered > self.config.reorder_window;
+        // Messages in order (they extend what the application can take) are always kept: the
+        // shell bounds them by waiting for room before it reads. Messages behind a gap share
+        // `max_buffered_bytes`, so they can never crowd out the one that fills the gap.
+        let out_of_order = seq != ready_to + 1;
+        let no_room = out_of_order && self.held_bytes - self.ready_bytes + len > self.config.max_buffered_bytes;
+        if too_far || no_room { Received::Dropped } else { Received::Accepted }
     }
 
     /// Takes in a message from the transport.
     pub fn on_message(&mut self, channel: u16, seq: u64, payload: Bytes, now: u64) -> Received {
-        if !self.is_reserved(channel)
-            && !self.channels.contains_key(&channel)
-            && self.channels.keys().filter(|&&c| !self.is_reserved(c)).count() >= self.config.max_channels
-        {
-            self.stats.dropped += 1;
-            return Received::Dropped;
-        }
-        let reserved = self.is_reserved(channel);
-        let ch = self.channels.entry(channel).or_default();
-        if seq == 0 || seq <= ch.delivered || ch.held.contains_key(&seq) {
-            if !self.config.dedup && !reserved && seq != 0 && self.again.len() < self.config.reorder_window as usize {
-                self.again.push_back((channel, seq, payload));
+        match self.check(channel, seq, payload.len()) {
+            Received::Accepted => {}
+            Received::Dropped => {
+                self.stats.dropped += 1;
+                return Received::Dropped;
             }
-            self.note_duplicate(channel, seq, now);
-            return Received::Duplicate;
+            Received::Duplicate => {
+                if !self.config.dedup
+                    && !self.is_reserved(channel)
+                    && seq != 0
+                    && self.again.len() < self.config.reorder_window as usize
+                {
+                    self.again.push_back((channel, seq, payload));
+                }
+                self.note_duplicate(channel, seq, now);
+                return Received::Duplicate;
+            }
         }
-        let too_far = seq - ch.delivered > self.config.reorder_window;
-        let no_room = ch.delivered + 1 != seq && self.held_bytes + payload.len() > self.config.max_buffered_bytes;
-        if too_far || no_room {
-            self.stats.dropped += 1;
-            return Received::Dropped;
-        }
+        let ch = self.channels.entry(channel).or_default();
         self.held_bytes += payload.len();
+        let in_order = seq == ch.ready_to + 1;
         ch.held.insert(seq, payload);
+        if in_order {
+            // The run the application can take grows, maybe across messages that were waiting.
+            while let Some(p) = ch.held.get(&(ch.ready_to + 1)) {
+                ch.ready_to += 1;
+                self.ready_bytes += p.len();
+            }
+        }
         self.stats.accepted += 1;
         Received::Accepted
     }
@@ -574,6 +643,7 @@ impl Inbox {
         let (seq, payload) = ch.held.pop_first()?;
         ch.delivered = seq;
         self.held_bytes -= payload.len();
+        self.ready_bytes -= payload.len();
         self.stats.delivered += 1;
         Some((seq, payload))
     }
@@ -640,6 +710,12 @@ impl Inbox {
     /// Payload bytes held (received, not yet delivered).
     pub fn held_bytes(&self) -> usize {
         self.held_bytes
+    }
+
+    /// Payload bytes the application can take now (held in order); the rest of
+    /// [`Inbox::held_bytes`] waits behind a gap.
+    pub fn ready_bytes(&self) -> usize {
+        self.ready_bytes
     }
 
     /// Counters.

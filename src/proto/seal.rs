@@ -38,6 +38,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
@@ -59,15 +60,85 @@ pub enum Role {
     Acceptor,
 }
 
-/// The key that seals what we send. Not `Clone`: there is one per connection direction.
-pub struct SealingKey(LessSafeKey);
+/// The key that seals what we send. Not `Clone`: there is one per connection direction. It
+/// counts what it sealed and refuses to seal past its [`KeyLimits`].
+pub struct SealingKey {
+    key: LessSafeKey,
+    limits: KeyLimits,
+    sealed_messages: AtomicU64,
+    sealed_bytes: AtomicU64,
+}
+
+/// How much one message key may seal before the session must move to a fresh one.
+///
+/// AES-GCM's confidentiality degrades with use of one key: an attacker's advantage in telling
+/// its output from random grows with the square of the blocks encrypted (about
+/// `(blocks + messages)^2 / 2^129`, draft-irtf-cfrg-aead-limits section 5.1). TLS 1.3 (RFC 8446
+/// section 5.5) and QUIC (RFC 9001 section 6.6) update their keys before such limits; so do we.
+/// The defaults, [`AEAD_MAX_MESSAGES`] messages and [`AEAD_MAX_BYTES`] bytes, keep that advantage
+/// below 2^-60. A session moves to a fresh key (a planned reconnect: new TLS session, new
+/// exported keys) when a key reaches half of either limit ([`SealingKey::wants_fresh_key`]),
+/// and a key at its limit seals nothing more ([`SealError::KeyExhausted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyLimits {
+    /// Most messages one key seals.
+    pub messages: u64,
+    /// Most payload bytes one key seals.
+    pub bytes: u64,
+}
+
+/// Default limit on the messages one key seals: 2^23, QUIC's confidentiality limit for
+/// AES-GCM packets (RFC 9001 section 6.6).
+pub const AEAD_MAX_MESSAGES: u64 = 1 << 23;
+/// Default limit on the payload bytes one key seals: 2^36 bytes (2^32 AES blocks), which keeps
+/// `(blocks + messages)^2 / 2^129` below 2^-64.
+pub const AEAD_MAX_BYTES: u64 = 1 << 36;
+
+impl Default for KeyLimits {
+    fn default() -> Self {
+        KeyLimits { messages: AEAD_MAX_MESSAGES, bytes: AEAD_MAX_BYTES }
+    }
+}
+
+impl SealingKey {
+    /// Sets the usage limits (before the key is shared; the defaults are [`KeyLimits::default`]).
+    pub fn set_limits(&mut self, limits: KeyLimits) {
+        self.limits = limits;
+    }
+
+    /// Messages and payload bytes sealed so far.
+    pub fn usage(&self) -> (u64, u64) {
+        (self.sealed_messages.load(Ordering::Relaxed), self.sealed_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Whether the key has sealed half of either limit: time to move to a fresh key, well
+    /// before it must stop.
+    pub fn wants_fresh_key(&self) -> bool {
+        let (messages, bytes) = self.usage();
+        messages >= self.limits.messages / 2 || bytes >= self.limits.bytes / 2
+    }
+
+    /// Counts one message of `len` bytes against the limits, or refuses it.
+    fn spend(&self, len: usize) -> Result<(), SealError> {
+        let len = len as u64;
+        let messages = self.sealed_messages.fetch_add(1, Ordering::Relaxed);
+        let bytes = self.sealed_bytes.fetch_add(len, Ordering::Relaxed);
+        if messages >= self.limits.messages || bytes.saturating_add(len) > self.limits.bytes {
+            // Not sealed: not counted.
+            self.sealed_messages.fetch_sub(1, Ordering::Relaxed);
+            self.sealed_bytes.fetch_sub(len, Ordering::Relaxed);
+            return Err(SealError::KeyExhausted);
+        }
+        Ok(())
+    }
+}
 
 /// The key that opens what the peer sends.
 pub struct OpeningKey(LessSafeKey);
 
 impl std::fmt::Debug for SealingKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SealingKey")
+        f.debug_struct("SealingKey").field("usage", &self.usage()).field("limits", &self.limits).finish()
     }
 }
 
@@ -77,13 +148,22 @@ impl std::fmt::Debug for OpeningKey {
     }
 }
 
+fn sealing(key: LessSafeKey) -> SealingKey {
+    SealingKey {
+        key,
+        limits: KeyLimits::default(),
+        sealed_messages: AtomicU64::new(0),
+        sealed_bytes: AtomicU64::new(0),
+    }
+}
+
 /// Splits exported keying material into our sealing key and our opening key.
 pub fn derive_keys(material: &[u8; KEY_MATERIAL_LEN], role: Role) -> (SealingKey, OpeningKey) {
     let key = |bytes: &[u8]| LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("32-byte key"));
     let (to_acceptor, to_dialler) = material.split_at(32);
     match role {
-        Role::Dialler => (SealingKey(key(to_acceptor)), OpeningKey(key(to_dialler))),
-        Role::Acceptor => (SealingKey(key(to_dialler)), OpeningKey(key(to_acceptor))),
+        Role::Dialler => (sealing(key(to_acceptor)), OpeningKey(key(to_dialler))),
+        Role::Acceptor => (sealing(key(to_dialler)), OpeningKey(key(to_acceptor))),
     }
 }
 
@@ -113,6 +193,9 @@ pub enum SealError {
     /// The payload is over [`MAX_MESSAGE_SIZE`].
     #[error("payload of {0} bytes is over the protocol maximum")]
     TooLarge(usize),
+    /// The key sealed as much as its [`KeyLimits`] allow: a fresh key is needed.
+    #[error("the message key reached its usage limit: a fresh key is needed")]
+    KeyExhausted,
 }
 
 /// Seals the messages of one (kind, channel) on one connection, with increasing sequence
@@ -154,6 +237,7 @@ impl ChannelSealer {
         if payload.len() > MAX_MESSAGE_SIZE {
             return Err(SealError::TooLarge(payload.len()));
         }
+        self.key.spend(payload.len())?;
         let aad = wire::message_aad(self.kind, self.channel, self.epoch, seq, sent_at_ms, payload.len());
         out.reserve(aad.len() + payload.len() + TAG_LEN);
         out.extend_from_slice(&aad);
@@ -161,7 +245,7 @@ impl ChannelSealer {
         out.extend_from_slice(payload);
         let tag = self
             .key
-            .0
+            .key
             .seal_in_place_separate_tag(nonce(self.kind, self.channel, seq), Aad::from(aad), &mut out[start..])
             .expect("payload size is within AES-GCM limits");
         out.extend_from_slice(tag.as_ref());
@@ -279,8 +363,20 @@ impl Opener {
         }
     }
 
-    /// Checks and opens a decoded MESSAGE frame, at local time `now_ms`.
+    /// Checks and opens a decoded MESSAGE frame, at local time `now_ms`, and commits its
+    /// sequence number: [`Opener::verify`] then [`Opener::commit`].
     pub fn open(&mut self, frame: MessageFrame, now_ms: u64) -> Result<Opened, Reject> {
+        let opened = self.verify(frame, now_ms)?;
+        self.commit(opened.kind, opened.channel, opened.seq)?;
+        Ok(opened)
+    }
+
+    /// Checks and opens a decoded MESSAGE frame at local time `now_ms` without recording
+    /// anything: steps 1 to 4 of the module docs. A caller that may still refuse the message
+    /// (no room to keep it) decides first, then calls [`Opener::commit`] only for a message it
+    /// keeps: a sequence number is never recorded for a message that was then dropped, so the
+    /// sender's resend is not refused as a replay.
+    pub fn verify(&self, frame: MessageFrame, now_ms: u64) -> Result<Opened, Reject> {
         if frame.epoch != self.epoch {
             return Err(Reject::WrongEpoch { got: frame.epoch });
         }
@@ -298,19 +394,7 @@ impl Opener {
         if ahead > self.config.max_future_ms {
             return Err(Reject::Future { ahead_ms: ahead });
         }
-        let key = (frame.kind, frame.channel);
-        let check = frame.kind == MessageKind::Datagram || self.config.stream_replay_check;
-        match self.windows.get(&key).filter(|_| check) {
-            Some(w) => w.check(frame.seq).map_err(Reject::Replay)?,
-            None => {
-                if self.windows.keys().filter(|(k, _)| *k == frame.kind).count() >= self.config.max_windows {
-                    return Err(Reject::TooManyChannels);
-                }
-                if frame.seq == 0 || frame.seq > MAX_SEQ {
-                    return Err(Reject::Replay(ReplayError::OutOfRange(frame.seq)));
-                }
-            }
-        }
+        self.check_window(frame.kind, frame.channel, frame.seq)?;
         let aad = frame.aad();
         let mut buf = BytesMut::from(frame.sealed);
         let plain_len = self
@@ -320,11 +404,6 @@ impl Opener {
             .map_err(|_| Reject::Tag)?
             .len();
         buf.truncate(plain_len);
-        let width = self.config.window_width;
-        let window = self.windows.entry(key).or_insert_with(|| ReplayWindow::new(width));
-        if check {
-            window.commit(frame.seq).map_err(Reject::Replay)?;
-        }
         Ok(Opened {
             kind: frame.kind,
             channel: frame.channel,
@@ -332,6 +411,41 @@ impl Opener {
             sent_at_ms: frame.sent_at_ms,
             payload: buf.freeze(),
         })
+    }
+
+    /// Records `seq` of (kind, channel) as received (step 5), after [`Opener::verify`]. Checks
+    /// the window again: the same message may have been committed since it was verified (a
+    /// copy read on another connection), and then it is refused as a replay.
+    pub fn commit(&mut self, kind: MessageKind, channel: u16, seq: u64) -> Result<(), Reject> {
+        self.check_window(kind, channel, seq)?;
+        let (width, checked) = (self.config.window_width, self.replay_checked(kind));
+        let window = self.windows.entry((kind, channel)).or_insert_with(|| ReplayWindow::new(width));
+        if checked {
+            window.commit(seq).map_err(Reject::Replay)?;
+        }
+        Ok(())
+    }
+
+    fn replay_checked(&self, kind: MessageKind) -> bool {
+        kind == MessageKind::Datagram || self.config.stream_replay_check
+    }
+
+    /// The replay window's verdict on `seq`, or for a (kind, channel) without a window yet,
+    /// whether one more may be made.
+    fn check_window(&self, kind: MessageKind, channel: u16, seq: u64) -> Result<(), Reject> {
+        match self.windows.get(&(kind, channel)).filter(|_| self.replay_checked(kind)) {
+            Some(w) => w.check(seq).map_err(Reject::Replay),
+            None if self.windows.contains_key(&(kind, channel)) => Ok(()),
+            None => {
+                if self.windows.keys().filter(|(k, _)| *k == kind).count() >= self.config.max_windows {
+                    return Err(Reject::TooManyChannels);
+                }
+                if seq == 0 || seq > MAX_SEQ {
+                    return Err(Reject::Replay(ReplayError::OutOfRange(seq)));
+                }
+                Ok(())
+            }
+        }
     }
 }
 
@@ -413,6 +527,35 @@ mod tests {
         assert_eq!(s.seal(4, NOW, b"b", &mut out), Err(SealError::SeqNotIncreasing { last: 5, seq: 4 }));
         assert_eq!(s.seal(MAX_SEQ + 1, NOW, b"b", &mut out), Err(SealError::SeqExhausted));
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_key_seals_no_more_than_its_limits_and_asks_for_a_fresh_one_at_half() {
+        let (mut key, _) = derive_keys(&material(), Role::Dialler);
+        key.set_limits(KeyLimits { messages: 4, bytes: 1000 });
+        let key = Arc::new(key);
+        let mut s = ChannelSealer::new(key.clone(), 1, MessageKind::Stream, 0);
+        let mut out = Vec::new();
+        s.seal(1, NOW, b"a", &mut out).unwrap();
+        assert!(!key.wants_fresh_key());
+        s.seal(2, NOW, b"b", &mut out).unwrap();
+        assert!(key.wants_fresh_key(), "half of the message limit");
+        s.seal(3, NOW, b"c", &mut out).unwrap();
+        s.seal(4, NOW, b"d", &mut out).unwrap();
+        let before = out.len();
+        assert_eq!(s.seal(5, NOW, b"e", &mut out), Err(SealError::KeyExhausted));
+        assert_eq!(out.len(), before, "nothing sealed past the limit");
+        // Bytes count too, across every sealer of the key.
+        let (mut key, _) = derive_keys(&material(), Role::Dialler);
+        key.set_limits(KeyLimits { messages: 100, bytes: 10 });
+        let key = Arc::new(key);
+        let mut s1 = ChannelSealer::new(key.clone(), 1, MessageKind::Stream, 0);
+        let mut s2 = ChannelSealer::new(key.clone(), 1, MessageKind::Datagram, 0);
+        s1.seal(1, NOW, b"01234", &mut out).unwrap();
+        assert!(key.wants_fresh_key());
+        s2.seal(1, NOW, b"56789", &mut out).unwrap();
+        assert_eq!(s2.seal(2, NOW, b"x", &mut out), Err(SealError::KeyExhausted));
+        assert_eq!(key.usage(), (2, 10));
     }
 
     /// Flip every bit of a sealed message, one at a time: each is refused, the window does not

@@ -120,12 +120,22 @@ pub enum Frame {
         /// Set by a dialler resuming an existing session on a new connection (see
         /// [`HELLO_RESUME`]).
         resume: bool,
+        /// Most application channels the sender accepts from its peer (non-zero): the peer
+        /// refuses at `send` a channel beyond it instead of sending what would be dropped.
+        max_channels: u16,
+        /// How far ahead of the last message it delivered on a channel the sender accepts a
+        /// message (its replay window, non-zero): the peer never has more unacknowledged
+        /// messages on one channel than this.
+        window: u32,
     },
     /// One sealed application message.
     Message(MessageFrame),
     /// End-to-end acknowledgement of one channel's stream messages.
     Ack(AckRanges),
 }
+
+/// Length of a HELLO body.
+pub const HELLO_LEN: u32 = 19;
 
 /// HELLO flag: the dialler resumes the session of this epoch instead of starting one.
 pub const HELLO_RESUME: u8 = 0x01;
@@ -220,7 +230,7 @@ impl FrameHeader {
         let length = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
         let bad = Err(WireError::BadLength { frame_type, length });
         match frame_type {
-            frame_type::HELLO if length != 13 => return bad,
+            frame_type::HELLO if length != HELLO_LEN => return bad,
             frame_type::ACK => {
                 let Some(ranges) = (length as usize).checked_sub(ACK_PREFIX_LEN) else { return bad };
                 if ranges % 16 != 0 || ranges / 16 > MAX_ACK_RANGES {
@@ -264,6 +274,8 @@ impl FrameHeader {
                     max_message_size: u32::from_be_bytes(body[..4].try_into().expect("length checked")),
                     epoch: u64_at(4),
                     resume: flags & HELLO_RESUME != 0,
+                    max_channels: u16::from_be_bytes([body[13], body[14]]),
+                    window: u32::from_be_bytes(body[15..19].try_into().expect("length checked")),
                 }
             }
             frame_type::ACK => {
@@ -321,11 +333,14 @@ impl Frame {
     /// Appends the encoded frame to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            Frame::Hello { max_message_size, epoch, resume } => {
-                out.extend_from_slice(&[frame_type::HELLO, 0, 0, 0, 13]);
+            Frame::Hello { max_message_size, epoch, resume, max_channels, window } => {
+                out.push(frame_type::HELLO);
+                out.extend_from_slice(&HELLO_LEN.to_be_bytes());
                 out.extend_from_slice(&max_message_size.to_be_bytes());
                 out.extend_from_slice(&epoch.to_be_bytes());
                 out.push(if *resume { HELLO_RESUME } else { 0 });
+                out.extend_from_slice(&max_channels.to_be_bytes());
+                out.extend_from_slice(&window.to_be_bytes());
             }
             Frame::Ack(a) => {
                 let count = a.ranges.len().min(MAX_ACK_RANGES);
@@ -379,7 +394,16 @@ pub(crate) mod tests {
     fn protocol_md_vectors() {
         let doc = include_str!("../../PROTOCOL.md");
         let cases: [(&str, Frame); 2] = [
-            ("vector-hello", Frame::Hello { max_message_size: 1 << 20, epoch: 0x0102030405060708, resume: false }),
+            (
+                "vector-hello",
+                Frame::Hello {
+                    max_message_size: 1 << 20,
+                    epoch: 0x0102030405060708,
+                    resume: false,
+                    max_channels: 64,
+                    window: 2048,
+                },
+            ),
             ("vector-ack", Frame::Ack(AckRanges { channel: 7, cumulative: 258, ranges: vec![(260, 261)] })),
         ];
         for (name, frame) in cases {
@@ -418,9 +442,10 @@ pub(crate) mod tests {
         let d = |b: &[u8]| Frame::decode(&Bytes::copy_from_slice(b), max);
         assert_eq!(d(&[0x09, 0, 0, 0, 0]), Err(WireError::UnknownFrameType(9)));
         assert_eq!(d(&[0x01, 0, 0, 0, 4]), Err(WireError::BadLength { frame_type: 1, length: 4 }));
-        let mut flags = vec![0x01, 0, 0, 0, 13];
+        let mut flags = vec![0x01, 0, 0, 0, 19];
         flags.extend_from_slice(&[0; 12]);
         flags.push(0x02);
+        flags.extend_from_slice(&[0; 6]);
         assert_eq!(Frame::decode_exact(&flags.into(), max), Err(WireError::UnknownFlags(2)));
         assert_eq!(d(&[0x03, 0, 0, 0, 7]), Err(WireError::BadLength { frame_type: 3, length: 7 }));
         assert_eq!(d(&[0x03, 0, 0, 0, 12]), Err(WireError::BadLength { frame_type: 3, length: 12 }));
@@ -456,7 +481,7 @@ pub(crate) mod tests {
     #[test]
     fn truncation_at_every_length_needs_more_and_never_errs() {
         for frame in [
-            Frame::Hello { max_message_size: 77, epoch: 9, resume: true },
+            Frame::Hello { max_message_size: 77, epoch: 9, resume: true, max_channels: 3, window: 64 },
             Frame::Ack(AckRanges { channel: 1, cumulative: u64::MAX, ranges: vec![] }),
             Frame::Ack(AckRanges { channel: 2, cumulative: 1, ranges: vec![(3, 4), (9, 9)] }),
             msg(MessageKind::Stream, 9, b"0123456789abcdef0123456789"),

@@ -108,17 +108,20 @@ pub async fn raw_hello_epoch(conn: &quinn::Connection, epoch: u64) -> ((quinn::S
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     // Stream header (version 1, control), then HELLO: max_message_size 1 MiB, epoch.
     send.write_all(&hello_bytes(epoch)).await.unwrap();
-    let mut answer = [0u8; 18];
+    let mut answer = [0u8; 24];
     recv.read_exact(&mut answer).await.unwrap();
-    assert_eq!(answer[..5], [0x01, 0, 0, 0, 13]);
+    assert_eq!(answer[..5], [0x01, 0, 0, 0, 19]);
     ((send, recv), u64::from_be_bytes(answer[9..17].try_into().unwrap()))
 }
 
-/// Control stream header and a HELLO (max_message_size 1 MiB, `epoch`, no flags).
+/// Control stream header and a HELLO (max_message_size 1 MiB, `epoch`, no flags, 64
+/// channels, a window of 2,048).
 pub fn hello_bytes(epoch: u64) -> Vec<u8> {
-    let mut hello = vec![1, 0, 0, 0, 0x01, 0, 0, 0, 13, 0, 0x10, 0, 0];
+    let mut hello = vec![1, 0, 0, 0, 0x01, 0, 0, 0, 19, 0, 0x10, 0, 0];
     hello.extend_from_slice(&epoch.to_be_bytes());
     hello.push(0);
+    hello.extend_from_slice(&64u16.to_be_bytes());
+    hello.extend_from_slice(&2048u32.to_be_bytes());
     hello
 }
 

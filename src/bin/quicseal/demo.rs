@@ -351,9 +351,10 @@ async fn insider(ca: &Ca, eve: &quicseal::pki::Issued, to: SocketAddr) -> Result
     let epoch = 0xe5e_u64;
     let (mut control, mut control_rx) = conn.open_bi().await?;
     let mut hello = wire::encode_stream_header(StreamKind::Control).to_vec();
-    wire::Frame::Hello { max_message_size: 1 << 20, epoch, resume: false }.encode(&mut hello);
+    wire::Frame::Hello { max_message_size: 1 << 20, epoch, resume: false, max_channels: 64, window: 2048 }
+        .encode(&mut hello);
     control.write_all(&hello).await?;
-    let mut answer = [0u8; 18];
+    let mut answer = [0u8; wire::FRAME_HEADER_LEN + wire::HELLO_LEN as usize];
     control_rx.read_exact(&mut answer).await?;
     // The real keys, from eve's own TLS session.
     let mut material = [0u8; KEY_MATERIAL_LEN];

@@ -2,7 +2,7 @@
 //! (loss, duplication, reordering, corruption) with a fake clock; thousands of seeds.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 
 use super::*;
 
@@ -79,16 +79,44 @@ struct Outcome {
     delivered: Vec<Vec<u64>>,
     retransmitted: u64,
     duplicates: u64,
+    dropped: u64,
     end: u64,
+}
+
+/// How the receiver orders its replay window and its inbox, as the shell does.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// The inbox decides first; only a message it keeps is committed to the window (the rule).
+    AfterInbox,
+    /// The window records the message, then the inbox may drop it (the defect this rule fixes).
+    BeforeInbox,
 }
 
 /// Runs one simulation. `per_channel` messages on each of `channels`, faults until
 /// `fault_until` ms. Checks the invariants as it goes; returns what happened.
 fn simulate(seed: u64, channels: u16, per_channel: u64, faults: Faults, fault_until: u64, manual_ack: bool) -> Outcome {
+    run(seed, channels, per_channel, faults, fault_until, manual_ack, 64 * 100, Commit::AfterInbox)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One simulation with the receiver's replay windows committed in `commit` order and
+/// `out_of_order_bytes` of room behind gaps; `Err` if it stalled.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    seed: u64,
+    channels: u16,
+    per_channel: u64,
+    faults: Faults,
+    fault_until: u64,
+    manual_ack: bool,
+    out_of_order_bytes: usize,
+    commit: Commit,
+) -> Result<Outcome, String> {
     let mut rng = Rng(seed.wrapping_mul(0x9e3779b97f4a7c15) | 1);
     let out_cfg = OutboxConfig {
         max_messages: 64,
         max_bytes: 64 * 100,
+        max_per_channel: 128,
         initial_rto_ms: 50,
         min_rto_ms: 20,
         max_rto_ms: 400,
@@ -96,7 +124,7 @@ fn simulate(seed: u64, channels: u16, per_channel: u64, faults: Faults, fault_un
     };
     let in_cfg = InboxConfig {
         reorder_window: 128,
-        max_buffered_bytes: 64 * 100,
+        max_buffered_bytes: out_of_order_bytes,
         max_channels: 8,
         ack_delay_ms: 3,
         ack_every: 8,
@@ -107,6 +135,7 @@ fn simulate(seed: u64, channels: u16, per_channel: u64, faults: Faults, fault_un
     };
     let mut outbox = Outbox::new(out_cfg.clone(), seed);
     let mut inbox = Inbox::new(in_cfg.clone());
+    let mut windows: HashMap<u16, crate::proto::replay::ReplayWindow> = HashMap::new();
     let (mut forward, mut back) = (Link::new(), Link::new());
     let mut next_msg = vec![1u64; channels as usize];
     let mut delivered: Vec<Vec<u64>> = vec![Vec::new(); channels as usize];
@@ -118,7 +147,7 @@ fn simulate(seed: u64, channels: u16, per_channel: u64, faults: Faults, fault_un
         // The application pushes while there is room (backpressure).
         for ch in 0..channels {
             let i = ch as usize;
-            if next_msg[i] <= per_channel && outbox.has_room(100) {
+            if next_msg[i] <= per_channel && outbox.has_room(ch, 100) {
                 let body = Bytes::from(format!("{ch}:{}", next_msg[i]));
                 let seq = outbox.push(ch, body, now).expect("has_room said yes");
                 assert_eq!(seq, next_msg[i]);
@@ -129,6 +158,20 @@ fn simulate(seed: u64, channels: u16, per_channel: u64, faults: Faults, fault_un
             forward.send(Packet::Msg(t), now, f, &mut rng);
         }
         while let Some(Packet::Msg(t)) = forward.recv(now) {
+            // The receiving shell: replay window, then inbox (see `Commit`).
+            let window = windows.entry(t.channel).or_insert_with(|| crate::proto::replay::ReplayWindow::new(128));
+            if window.check(t.seq).is_err() {
+                inbox.note_duplicate(t.channel, t.seq, now);
+                continue;
+            }
+            match commit {
+                Commit::AfterInbox => {
+                    if inbox.check(t.channel, t.seq, t.payload.len()) == Received::Accepted {
+                        window.commit(t.seq).expect("checked above");
+                    }
+                }
+                Commit::BeforeInbox => window.commit(t.seq).expect("checked above"),
+            }
             inbox.on_message(t.channel, t.seq, t.payload, now);
         }
         while let Some((ch, seq, payload)) = inbox.poll_deliver(now) {
@@ -156,16 +199,18 @@ fn simulate(seed: u64, channels: u16, per_channel: u64, faults: Faults, fault_un
         // Memory stays bounded.
         let (n, bytes) = outbox.in_flight();
         assert!(n <= out_cfg.max_messages && bytes <= out_cfg.max_bytes);
+        assert!(inbox.held_bytes() - inbox.ready_bytes() <= in_cfg.max_buffered_bytes);
         assert!(inbox.held_bytes() <= in_cfg.max_buffered_bytes + 100 * channels as usize);
         if delivered.iter().all(|d| d.len() as u64 == per_channel) && outbox.in_flight().0 == 0 && to_ack.is_empty() {
             let s = outbox.stats();
             assert_eq!(s.acked, total);
-            return Outcome {
+            return Ok(Outcome {
                 delivered,
                 retransmitted: s.retransmitted,
                 duplicates: inbox.stats().duplicates,
+                dropped: inbox.stats().dropped,
                 end: now,
-            };
+            });
         }
         // Advance the fake clock to the next event.
         let next = [outbox.next_deadline(), inbox.next_deadline(), forward.next_time(), back.next_time()]
@@ -174,12 +219,15 @@ fn simulate(seed: u64, channels: u16, per_channel: u64, faults: Faults, fault_un
             .min()
             .unwrap_or(now + 1);
         now = next.max(now + 1).min(now + 50);
+        if now > 600_000 {
+            break; // ten simulated minutes: stalled
+        }
     }
-    panic!(
+    Err(format!(
         "seed {seed}: did not finish (delivered {:?}, in flight {:?})",
         delivered.iter().map(Vec::len).collect::<Vec<_>>(),
         outbox.in_flight()
-    );
+    ))
 }
 
 const HARSH: Faults = Faults { loss: 5, dup: 5, corrupt: 2, max_delay: 40 };
@@ -390,4 +438,56 @@ fn a_drained_channel_is_acknowledged_at_once_a_busy_one_is_batched() {
     let ack = i.poll_ack(0).expect("due at once");
     assert_eq!(ack.cumulative, 3);
     assert_eq!(i.poll_ack(0), None);
+}
+
+/// A message the inbox drops for lack of room must not be recorded by the replay window first:
+/// the sender's resend would be refused as a replay and the channel would stall for good. With
+/// little room behind gaps, faults make the inbox drop messages: recorded first, some seeds
+/// stall; decided first (the rule the shell follows), every seed delivers everything.
+#[test]
+fn a_message_the_inbox_drops_is_never_recorded_so_its_resend_is_accepted() {
+    let (mut stalled, mut dropped) = (0, 0);
+    for seed in 0..300 {
+        let o = run(seed, 3, 40, HARSH, 3_000, false, 150, Commit::AfterInbox).unwrap_or_else(|e| panic!("{e}"));
+        assert!(o.delivered.iter().all(|d| d.len() == 40));
+        dropped += o.dropped;
+        if run(seed, 3, 40, HARSH, 3_000, false, 150, Commit::BeforeInbox).is_err() {
+            stalled += 1;
+        }
+    }
+    assert!(dropped > 100, "the inbox must drop messages for the test to mean anything: {dropped}");
+    assert!(stalled > 0, "recording before the inbox decides is the defect: it must stall some seed");
+}
+
+#[test]
+fn the_span_of_unacknowledged_messages_per_channel_is_bounded_by_the_peer_window() {
+    let mut o = Outbox::new(OutboxConfig { max_per_channel: 3, ..OutboxConfig::default() }, 1);
+    for seq in 1..=3 {
+        assert_eq!(o.push(0, Bytes::from_static(b"x"), 0), Ok(seq));
+    }
+    assert!(!o.has_room(0, 1));
+    assert!(o.push(0, Bytes::from_static(b"x"), 0).is_err());
+    assert!(o.has_room(1, 1), "other channels have their own span");
+    while o.poll_transmit(0).is_some() {}
+    // 2 and 3 acknowledged out of order: 1 still pins the span.
+    o.on_ack(&AckRanges { channel: 0, cumulative: 0, ranges: vec![(2, 3)] }, 1).unwrap();
+    assert!(o.push(0, Bytes::from_static(b"x"), 1).is_err());
+    o.on_ack(&AckRanges { channel: 0, cumulative: 3, ranges: vec![] }, 1).unwrap();
+    assert_eq!(o.push(0, Bytes::from_static(b"x"), 1), Ok(4));
+}
+
+#[test]
+fn messages_behind_a_gap_have_their_own_bound_and_never_keep_out_the_one_that_fills_it() {
+    let mut i = Inbox::new(InboxConfig { max_buffered_bytes: 4, ..InboxConfig::default() });
+    assert_eq!(i.on_message(0, 2, Bytes::from_static(b"abcd"), 0), Received::Accepted);
+    assert_eq!(i.check(0, 3, 1), Received::Dropped, "behind the gap: no room");
+    assert_eq!((i.held_bytes(), i.ready_bytes()), (4, 0));
+    // The gap's message is in order: always kept, and it makes 2 ready too.
+    assert_eq!(i.on_message(0, 1, Bytes::from_static(b"12345678"), 0), Received::Accepted);
+    assert_eq!((i.held_bytes(), i.ready_bytes()), (12, 12));
+    assert_eq!(i.on_message(0, 3, Bytes::from_static(b"x"), 0), Received::Accepted, "in order now");
+    for seq in 1..=3 {
+        assert_eq!(i.poll_deliver(0).map(|d| d.1), Some(seq));
+    }
+    assert_eq!((i.held_bytes(), i.ready_bytes()), (0, 0));
 }
