@@ -244,8 +244,36 @@ impl Identity {
 #[derive(Debug, Clone, Default)]
 pub struct TrustStore {
     pub(crate) cas: Vec<CertificateDer<'static>>,
-    pub(crate) crls: Vec<CertificateRevocationListDer<'static>>,
+    pub(crate) crls: Vec<Crl>,
     pub(crate) denied: HashSet<Fingerprint>,
+}
+
+/// A CRL as loaded, with what decides which CRL of an issuer is in force.
+#[derive(Debug, Clone)]
+pub(crate) struct Crl {
+    pub(crate) der: CertificateRevocationListDer<'static>,
+    /// The file it came from, to name in errors.
+    pub(crate) source: Option<PathBuf>,
+    /// The issuer's distinguished name, DER.
+    pub(crate) issuer: Vec<u8>,
+    /// The CRL Number (RFC 5280 section 5.2.3), big-endian without leading zeros.
+    pub(crate) number: Vec<u8>,
+    /// thisUpdate, seconds since the Unix epoch.
+    pub(crate) this_update: i64,
+}
+
+impl Crl {
+    /// Orders CRLs of one issuer: a higher CRL Number is newer, then a later thisUpdate.
+    fn newness(&self) -> (usize, &[u8], i64) {
+        (self.number.len(), &self.number, self.this_update)
+    }
+
+    fn describe(&self) -> String {
+        match &self.source {
+            Some(p) => format!("the CRL in {}", p.display()),
+            None => "a CRL".into(),
+        }
+    }
 }
 
 impl TrustStore {
@@ -274,8 +302,21 @@ impl TrustStore {
 
     fn add_cas(&mut self, pem: &[u8], path: Option<&Path>) -> Result<&mut Self> {
         for (_, der) in sections(pem, path, "CERTIFICATE", |k| matches!(k, SectionKind::Certificate))? {
-            x509_parser::parse_x509_certificate(&der)
+            let (_, cert) = x509_parser::parse_x509_certificate(&der)
                 .map_err(|e| load_err(path, LoadProblem::Invalid(format!("certificate does not parse: {e}"))))?;
+            // A trust anchor must be a CA certificate: trusting a node's own certificate as a
+            // root would let it vouch for nothing yet silently accept only itself.
+            if !cert.is_ca() {
+                return Err(load_err(
+                    path,
+                    LoadProblem::Invalid(format!(
+                        "{} is not a CA certificate (basicConstraints CA:TRUE missing): a trust store takes CA \
+                         certificates only",
+                        cert.subject()
+                    )),
+                )
+                .into());
+            }
             self.cas.push(CertificateDer::from(der));
         }
         Ok(self)
@@ -294,10 +335,68 @@ impl TrustStore {
 
     fn add_crls(&mut self, pem: &[u8], path: Option<&Path>) -> Result<&mut Self> {
         for (_, der) in sections(pem, path, "X509 CRL", |k| matches!(k, SectionKind::Crl))? {
-            check_crl(&der, path)?;
-            self.crls.push(CertificateRevocationListDer::from(der));
+            let crl = parse_crl(der, path)?;
+            self.crls.push(crl);
         }
         Ok(self)
+    }
+
+    /// The CRLs in force: of each issuer's CRLs, the newest (highest CRL Number, then latest
+    /// thisUpdate), which supersedes the older ones whatever order they were loaded in. Each
+    /// must be signed by a CA of this store, or the store is unusable (a CRL from an unknown
+    /// CA would otherwise be ignored and silently turn revocation off).
+    pub(crate) fn crls_in_force(&self) -> Result<Vec<CertificateRevocationListDer<'static>>> {
+        let mut newest: std::collections::HashMap<&[u8], &Crl> = std::collections::HashMap::new();
+        for crl in &self.crls {
+            self.check_crl_signature(crl)?;
+            let slot = newest.entry(&crl.issuer).or_insert(crl);
+            if crl.newness() > slot.newness() {
+                *slot = crl;
+            }
+        }
+        Ok(newest.into_values().map(|c| c.der.clone()).collect())
+    }
+
+    /// The CRL Number in force per issuer (see [`TrustStore::crls_in_force`]).
+    pub(crate) fn crl_numbers(&self) -> std::collections::HashMap<Vec<u8>, Vec<u8>> {
+        let mut numbers: std::collections::HashMap<Vec<u8>, &Crl> = std::collections::HashMap::new();
+        for crl in &self.crls {
+            let slot = numbers.entry(crl.issuer.clone()).or_insert(crl);
+            if crl.newness() > slot.newness() {
+                *slot = crl;
+            }
+        }
+        numbers.into_iter().map(|(k, c)| (k, c.number.clone())).collect()
+    }
+
+    /// Whether the store has a CA whose subject is `issuer` (DER).
+    pub(crate) fn has_ca_named(&self, issuer: &[u8]) -> bool {
+        self.cas
+            .iter()
+            .any(|ca| x509_parser::parse_x509_certificate(ca).is_ok_and(|(_, c)| c.subject().as_raw() == issuer))
+    }
+
+    fn check_crl_signature(&self, crl: &Crl) -> Result<()> {
+        use x509_parser::prelude::FromDer;
+        let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(&crl.der)
+            .map_err(|e| load_err(crl.source.as_deref(), LoadProblem::Invalid(format!("CRL does not parse: {e}"))))?;
+        let signed = self.cas.iter().any(|ca| {
+            x509_parser::parse_x509_certificate(ca).is_ok_and(|(_, ca)| {
+                ca.subject().as_raw() == crl.issuer && parsed.verify_signature(ca.public_key()).is_ok()
+            })
+        });
+        if signed {
+            return Ok(());
+        }
+        Err(load_err(
+            crl.source.as_deref(),
+            LoadProblem::Invalid(format!(
+                "{} (issuer {}) is not signed by any CA of the trust store: add its CA, or remove the CRL",
+                crl.describe(),
+                parsed.issuer()
+            )),
+        )
+        .into())
     }
 
     /// Refuses any peer whose public key has this fingerprint, whatever its certificate says.
@@ -340,6 +439,8 @@ impl TrustStore {
         server_name: Option<&str>,
         at: SystemTime,
     ) -> Result<PeerIdentity> {
+        // An unusable trust store (a CRL no CA signed) is its own error, naming the file.
+        self.crls_in_force()?;
         let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let now = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(secs));
         crate::tls::verify_chain(self, chain, server_name, now)
@@ -358,11 +459,30 @@ pub fn load_certificates(path: impl AsRef<Path>) -> Result<Vec<CertificateDer<'s
         .collect())
 }
 
-fn check_crl(der: &[u8], path: Option<&Path>) -> Result<()> {
+/// Parses a CRL and reads what decides which CRL of an issuer is in force. The TLS library
+/// (webpki) refuses CRLs without a CRL Number, so one without is a load error here, naming the
+/// file, rather than a failure later that names nothing.
+fn parse_crl(der: Vec<u8>, path: Option<&Path>) -> Result<Crl> {
     use x509_parser::prelude::FromDer;
-    x509_parser::revocation_list::CertificateRevocationList::from_der(der)
-        .map(|_| ())
-        .map_err(|e| load_err(path, LoadProblem::Invalid(format!("CRL does not parse: {e}"))).into())
+    let invalid = |why: String| -> Error { load_err(path, LoadProblem::Invalid(why)).into() };
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+        .map_err(|e| invalid(format!("CRL does not parse: {e}")))?;
+    let number = crl.crl_number().ok_or_else(|| {
+        invalid(
+            "CRL has no CRL Number extension (RFC 5280 section 5.2.3), which is required: with `openssl ca \
+             -gencrl`, set crlnumber in the configuration and pass -crlexts or crl_extensions"
+                .into(),
+        )
+    })?;
+    let issuer = crl.issuer().as_raw().to_vec();
+    let this_update = crl.last_update().timestamp();
+    Ok(Crl {
+        number: number.to_bytes_be(),
+        issuer,
+        this_update,
+        source: path.map(PathBuf::from),
+        der: CertificateRevocationListDer::from(der),
+    })
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

@@ -260,6 +260,27 @@ impl Node {
     pub fn reload(&self, identity: Identity, trust: TrustStore) -> Result<()> {
         let shared = &self.inner.shared;
         let context = TlsContext::new(&identity, &trust)?;
+        // Revocation never goes back: a CRL older than the one in force for a CA still trusted
+        // (a lower CRL Number, or none at all) would un-revoke certificates.
+        let current = self.trust().crl_numbers();
+        for (issuer, number) in &current {
+            if !trust.has_ca_named(issuer) {
+                continue;
+            }
+            let replaced = trust.crl_numbers().get(issuer).cloned();
+            let older = match &replaced {
+                None => true,
+                Some(n) => (n.len(), n) < (number.len(), number),
+            };
+            if older {
+                return Err(Error::Config(format!(
+                    "refusing to roll back revocation: the new trust store's CRL for a trusted CA is {} than the one \
+                     in force (CRL Number {}); load the newest CRL",
+                    if replaced.is_none() { "missing, older" } else { "older" },
+                    hex_number(number)
+                )));
+            }
+        }
         let expiry = crate::reload::Expiry::of(&identity, &trust);
         *shared.tls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(context);
         *shared.material.write().unwrap_or_else(|e| e.into_inner()) = (identity, trust);
@@ -392,19 +413,30 @@ async fn accept_one(shared: &Arc<Shared>, incoming: quinn::Incoming) -> Result<O
     let mut cfg = shared.base_server.clone();
     cfg.crypto = crypto;
     let connecting = incoming.accept_with(Arc::new(cfg)).map_err(|e| from_connection_error(e, None))?;
-    let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
-        let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
-        // Counted as an open incoming connection until it closes.
-        shared.incoming_open.fetch_add(1, Ordering::SeqCst);
-        let (open, watched) = (shared.incoming_open.clone(), conn.clone());
-        tokio::spawn(async move {
-            watched.closed().await;
-            open.fetch_sub(1, Ordering::SeqCst);
+    let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout;
+    let conn = match tokio::time::timeout_at(deadline, connecting).await {
+        Ok(conn) => conn.map_err(|e| from_connection_error(e, take_captured(&captured)))?,
+        Err(_) => return Err(Error::Timeout { what: "handshake" }),
+    };
+    // Counted as an open incoming connection until it closes.
+    shared.incoming_open.fetch_add(1, Ordering::SeqCst);
+    let (open, watched) = (shared.incoming_open.clone(), conn.clone());
+    tokio::spawn(async move {
+        watched.closed().await;
+        open.fetch_sub(1, Ordering::SeqCst);
+    });
+    let result = tokio::time::timeout_at(deadline, handshake(shared, conn.clone(), &captured, Role::Acceptor, None))
+        .await
+        .unwrap_or_else(|_| {
+            conn.close(VarInt::from_u32(close_code::HELLO_TIMEOUT), b"hello timeout");
+            Err(Error::Timeout { what: "handshake" })
         });
-        handshake(shared, conn, &captured, Role::Acceptor, None).await
-    })
-    .await;
-    match result.unwrap_or(Err(Error::Timeout { what: "handshake" }))? {
+    if result.is_err() {
+        // Every refusal closed the connection with its code already; this only makes sure no
+        // half-open connection lingers (the watcher above holds a handle to it).
+        conn.close(VarInt::from_u32(close_code::NO_ERROR), b"");
+    }
+    match result? {
         Outcome::Resumed => Ok(None),
         Outcome::New(h) => {
             let epoch = h.epoch;
@@ -679,6 +711,11 @@ fn peer_identity(conn: &Connection) -> Result<PeerIdentity> {
     // The certificate was verified by webpki, so x509-parser reads it too; if it did not, the
     // peer is closed rather than trusted blindly.
     PeerIdentity::from_certificate(leaf).map_err(|e| violation(conn, format!("unreadable peer certificate: {e}")))
+}
+
+/// A CRL Number (big-endian bytes) in hex.
+fn hex_number(n: &[u8]) -> String {
+    n.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A random, non-zero session epoch.

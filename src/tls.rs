@@ -99,16 +99,17 @@ fn verifiers(trust: &TrustStore) -> Result<(Arc<dyn ClientCertVerifier>, Arc<Web
             .map_err(|e| Error::Config(format!("CA certificate not usable as a trust anchor: {e}")))?;
     }
     let roots = Arc::new(roots);
+    let crls = trust.crls_in_force()?;
     // A CA with no CRL in the store is not revocation-checked; a CRL past its next-update
     // time fails every certificate of its CA (fail closed).
     let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-        .with_crls(trust.crls.iter().cloned())
+        .with_crls(crls.iter().cloned())
         .allow_unknown_revocation_status()
         .enforce_revocation_expiration()
         .build()
         .map_err(|e| Error::Config(format!("client verifier: {e}")))?;
     let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
-        .with_crls(trust.crls.iter().cloned())
+        .with_crls(crls.iter().cloned())
         .allow_unknown_revocation_status()
         .enforce_revocation_expiration()
         .build()

@@ -177,3 +177,122 @@ fn openssl_verifies_our_certificates_and_crl() {
     openssl(&["verify", "-CAfile", "ca.crt", "-CRLfile", "ca.crl", "-crl_check", "node.crt"], d);
     openssl(&["crl", "-in", "ca.crl", "-noout", "-CAfile", "ca.crt"], d);
 }
+
+fn revoked(issued: &quicseal::pki::Issued) -> quicseal::pki::Revoked {
+    quicseal::pki::Revoked { serial: issued.serial.clone(), revoked_at: std::time::SystemTime::now(), reason: None }
+}
+
+fn is_revoked(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Tls(quicseal::TlsError::Local {
+            error: quicseal::rustls::Error::InvalidCertificate(quicseal::rustls::CertificateError::Revoked),
+            ..
+        })
+    )
+}
+
+/// All of an issuer's CRLs count: the newest (by CRL Number) is in force whatever the order
+/// they were loaded in, from two files or one bundle.
+#[test]
+fn the_newest_crl_of_an_issuer_is_in_force_whatever_the_load_order() {
+    let pki = Pki::new("ca");
+    let dir = tempfile::tempdir().unwrap();
+    let node = pki.issue(&pki.cert("node"));
+    let chain = vec![node.cert_der.clone()];
+    let now = std::time::SystemTime::now();
+    let day = std::time::Duration::from_secs(86_400);
+    let older = pki.ca.crl(&[], 1, now - day, now + day).unwrap();
+    let newer = pki.ca.crl(&[revoked(&node)], 2, now, now + day).unwrap();
+    let (older_file, newer_file) =
+        (write(dir.path(), "1.crl", older.as_bytes()), write(dir.path(), "2.crl", newer.as_bytes()));
+    let bundle = write(dir.path(), "bundle.crl", format!("{older}{newer}").as_bytes());
+    let mut two_files = pki.trust();
+    two_files.add_crl_file(&older_file).unwrap().add_crl_file(&newer_file).unwrap();
+    let mut one_bundle = pki.trust();
+    one_bundle.add_crl_file(&bundle).unwrap();
+    let mut reversed = pki.trust();
+    reversed.add_crl_file(&newer_file).unwrap().add_crl_file(&older_file).unwrap();
+    for trust in [two_files, one_bundle, reversed] {
+        let e = trust.verify(&chain, None).unwrap_err();
+        assert!(is_revoked(&e), "{e:?}");
+    }
+}
+
+/// A CRL that no trusted CA signed is an error that names the file (accepting it would leave
+/// that CRL's revocations unenforced without a word), and a node keeps its last good material.
+#[tokio::test]
+async fn a_crl_from_an_unknown_ca_is_refused_and_the_node_keeps_its_material() {
+    let pki = Pki::new("ca");
+    let stranger = Pki::new("stranger");
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now();
+    let day = std::time::Duration::from_secs(86_400);
+    let foreign = write(dir.path(), "foreign.crl", stranger.ca.crl(&[], 1, now, now + day).unwrap().as_bytes());
+    let mut trust = pki.trust();
+    trust.add_crl_file(&foreign).unwrap();
+    let chain = vec![pki.issue(&pki.cert("node")).cert_der.clone()];
+    let (path, p) = problem(trust.verify(&chain, None).unwrap_err());
+    assert_eq!(path.as_deref(), Some(foreign.as_path()));
+    assert!(matches!(&p, LoadProblem::Invalid(why) if why.contains("not signed by any CA")), "{p:?}");
+    let node = bind(NodeConfig::new(pki.identity("node"), pki.trust()));
+    assert!(node.reload_trust(trust.clone()).is_err());
+    assert!(quicseal::Node::bind("127.0.0.1:0".parse().unwrap(), NodeConfig::new(pki.identity("n2"), trust)).is_err());
+    // The node still runs on what it had.
+    assert_eq!(node.trust().ca_count(), 1);
+}
+
+/// Revocation never goes back: a reload with an older CRL (lower CRL Number), or none, for a CA
+/// still trusted is refused; a newer one is taken.
+#[tokio::test]
+async fn a_reload_never_rolls_back_to_an_older_crl() {
+    let pki = Pki::new("ca");
+    let now = std::time::SystemTime::now();
+    let day = std::time::Duration::from_secs(86_400);
+    let revoked_node = pki.issue(&pki.cert("gone"));
+    let with = |number: u64, list: &[quicseal::pki::Revoked]| {
+        let mut t = pki.trust();
+        t.add_crl_pem(pki.ca.crl(list, number, now, now + day).unwrap().as_bytes()).unwrap();
+        t
+    };
+    let node = bind(NodeConfig::new(pki.identity("node"), with(5, &[revoked(&revoked_node)])));
+    let e = node.reload_trust(with(4, &[])).unwrap_err();
+    assert!(e.to_string().contains("roll back"), "{e}");
+    assert!(node.reload_trust(pki.trust()).is_err(), "dropping the CRL is a rollback too");
+    let chain = vec![revoked_node.cert_der.clone()];
+    assert!(is_revoked(&node.trust().verify(&chain, None).unwrap_err()));
+    node.reload_trust(with(6, &[revoked(&revoked_node)])).unwrap();
+    node.reload_trust(with(6, &[revoked(&revoked_node)])).unwrap();
+}
+
+/// `openssl ca -gencrl` without crl_extensions writes a CRL with no CRL Number, which the TLS
+/// library cannot use: a load error naming the file and the fix, not a silent failure.
+#[test]
+fn a_crl_without_a_crl_number_is_a_load_error_naming_the_file() {
+    let pki = Pki::new("ca");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "ca.crt", pki.ca.cert_pem().as_bytes());
+    write(d, "ca.key", pki.ca.key_pem().as_bytes());
+    write(d, "index.txt", b"");
+    write(
+        d,
+        "ca.cnf",
+        b"[ca]\ndefault_ca = local\n[local]\ndatabase = index.txt\ndefault_md = sha256\ndefault_crl_days = 7\n",
+    );
+    openssl(&["ca", "-gencrl", "-config", "ca.cnf", "-keyfile", "ca.key", "-cert", "ca.crt", "-out", "plain.crl"], d);
+    let file = d.join("plain.crl");
+    let (path, p) = problem(pki.trust().add_crl_file(&file).map(|_| ()).unwrap_err());
+    assert_eq!(path.as_deref(), Some(file.as_path()));
+    assert!(matches!(&p, LoadProblem::Invalid(why) if why.contains("CRL Number")), "{p:?}");
+}
+
+/// A trust store takes CA certificates only: a node certificate is not a trust anchor.
+#[test]
+fn a_node_certificate_is_refused_as_a_trust_anchor() {
+    let pki = Pki::new("ca");
+    let node = pki.issue(&pki.cert("node"));
+    let leaf_only = node.chain_pem.split_inclusive("-----END CERTIFICATE-----\n").next().unwrap();
+    let (_, p) = problem(TrustStore::new().add_ca_pem(leaf_only.as_bytes()).map(|_| ()).unwrap_err());
+    assert!(matches!(&p, LoadProblem::Invalid(why) if why.contains("not a CA certificate")), "{p:?}");
+}

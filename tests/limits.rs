@@ -139,8 +139,10 @@ async fn peer_that_never_says_hello_times_out() {
     .unwrap();
     let e = server.accept().await.unwrap_err();
     assert!(matches!(e, Error::Timeout { what: "handshake" }), "{e:?}");
-    // The half-open connection does not linger: it is closed once the deadline passed.
-    tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("closed");
+    // The half-open connection does not linger: it is closed once the deadline passed, with
+    // the close code that says why.
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("closed");
+    assert_eq!(app_code(&closed), Some(u64::from(close_code::HELLO_TIMEOUT)), "{closed:?}");
 }
 
 #[tokio::test]
@@ -341,7 +343,7 @@ async fn captured_initials(pki: &Pki, n: usize) -> Vec<Vec<u8>> {
     initials.into_iter().collect()
 }
 
-/// A handshake flood: a raw UDP socket sends unanswered ClientHellos at about 1,000 a second,
+/// A handshake flood: a raw UDP socket sends 4,000 unanswered ClientHellos at about 1,000 a second,
 /// ten times the rate that fills the default 1,024 connection slots within the 10 s handshake
 /// timeout. Meanwhile a valid peer connects at once, and an established session survives a
 /// forced reconnect. The flood is answered with Retry packets and holds only a few slots.
@@ -352,7 +354,7 @@ async fn a_handshake_flood_does_not_lock_out_valid_peers_or_live_sessions() {
     let old = bind(NodeConfig::new(pki.identity("old"), pki.trust()));
     let (live, live_server) = connect(&old, &server, "server").await;
     let (live, live_server) = (live.unwrap(), live_server.unwrap());
-    let initials = captured_initials(&pki, 3000).await;
+    let initials = captured_initials(&pki, 4000).await;
     let target = server.local_addr().unwrap();
     let flood = tokio::spawn(async move {
         let socket = tokio::net::UdpSocket::bind((LOCALHOST, 0)).await.unwrap();
@@ -364,8 +366,9 @@ async fn a_handshake_flood_does_not_lock_out_valid_peers_or_live_sessions() {
             }
         }
     });
-    // Let the flood build up for a second (it runs three).
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Let the flood build up for two seconds (it runs four): by then it has sent twice as many
+    // ClientHellos as there are connection slots.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let fresh = bind(NodeConfig::new(pki.identity("fresh"), pki.trust()));
     let dialled = tokio::time::timeout(Duration::from_secs(2), async {
         tokio::join!(fresh.connect(target, "server"), server.accept())

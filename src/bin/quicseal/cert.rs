@@ -478,11 +478,37 @@ fn renew(a: RenewArgs, out: &mut impl Write) -> quicseal::Result<u8> {
     if !ca.is_issuer_of(&chain[0]) {
         return Err(Error::Config(format!("{} was not issued by the CA in {}", a.cert.display(), a.ca_dir.display())));
     }
+    let (_, parsed) = x509_parser::parse_x509_certificate(&chain[0])
+        .map_err(|e| Error::Config(format!("{}: certificate does not parse: {e}", a.cert.display())))?;
+    if parsed.is_ca() {
+        // Renewing a CA as a node certificate would replace the CA's key with a node key and
+        // write a node certificate over the CA's: every later issuance would be broken.
+        return Err(Error::Config(format!(
+            "{} is a CA certificate: `cert renew` renews node certificates. To rotate a CA, make a new one with \
+             `cert init --out NEWDIR`, trust both CA certificates during an overlap, re-issue the nodes from the \
+             new CA, then drop the old one",
+            a.cert.display()
+        )));
+    }
     let key_path = a.key.clone().unwrap_or_else(|| a.cert.with_extension("key"));
     let spec = NodeCert::from_certificate(&chain[0], DAY * a.days)?;
     let issued = if a.reuse_key {
         let key =
             std::fs::read_to_string(&key_path).map_err(|e| Error::Config(format!("{}: {e}", key_path.display())))?;
+        // The key must be this certificate's own.
+        let cert_pem = std::fs::read(&a.cert)?;
+        quicseal::Identity::from_pem(&cert_pem, key.as_bytes()).map_err(|e| {
+            Error::Config(format!("{} is not the key of {}: {e}", key_path.display(), a.cert.display()))
+        })?;
+        // A key revoked for compromise is never certified again.
+        let compromised =
+            read_revoked(&a.ca_dir)?.iter().any(|r| r.serial == parsed.raw_serial() && r.reason == "KeyCompromise");
+        if compromised {
+            return Err(Error::Config(format!(
+                "{} was revoked for key compromise: its key must not be certified again; renew without --reuse-key",
+                a.cert.display()
+            )));
+        }
         ca.issue_with_key(&spec, &key)?
     } else {
         ca.issue(&spec)?
@@ -609,6 +635,38 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with(".quicseal-"))
             .collect();
         assert!(stray.is_empty());
+    }
+
+    #[test]
+    fn renew_refuses_a_ca_a_foreign_key_and_a_compromised_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap();
+        ok(&["init", "--name", "CA", "--out", d]);
+        let (ca_crt, ca_key) = (dir.path().join("ca.crt"), dir.path().join("ca.key"));
+        let before = (std::fs::read(&ca_crt).unwrap(), std::fs::read(&ca_key).unwrap());
+        let (r, _) = cert(&["renew", ca_crt.to_str().unwrap(), "--ca-dir", d]);
+        assert!(matches!(r, Err(Error::Config(m)) if m.contains("is a CA certificate")));
+        let (r, _) = cert(&["renew", ca_crt.to_str().unwrap(), "--ca-dir", d, "--reuse-key"]);
+        assert!(r.is_err());
+        assert_eq!((std::fs::read(&ca_crt).unwrap(), std::fs::read(&ca_key).unwrap()), before, "the CA is untouched");
+        // Issuance from the CA still works, and openssl agrees it is still a CA.
+        ok(&["issue", "a", "--ca-dir", d]);
+        ok(&["issue", "b", "--ca-dir", d]);
+        let out = std::process::Command::new("openssl")
+            .args(["verify", "-CAfile", ca_crt.to_str().unwrap(), dir.path().join("a.crt").to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // --reuse-key with another certificate's key.
+        let (a_crt, b_key) = (dir.path().join("a.crt"), dir.path().join("b.key"));
+        let (r, _) =
+            cert(&["renew", a_crt.to_str().unwrap(), "--ca-dir", d, "--reuse-key", "--key", b_key.to_str().unwrap()]);
+        assert!(matches!(r, Err(Error::Config(m)) if m.contains("is not the key of")));
+        // A key revoked for compromise is not certified again; a new key is fine.
+        ok(&["revoke", a_crt.to_str().unwrap(), "--ca-dir", d, "--reason", "key-compromise"]);
+        let (r, _) = cert(&["renew", a_crt.to_str().unwrap(), "--ca-dir", d, "--reuse-key"]);
+        assert!(matches!(r, Err(Error::Config(m)) if m.contains("key compromise")));
+        ok(&["renew", a_crt.to_str().unwrap(), "--ca-dir", d]);
     }
 
     #[test]
