@@ -341,36 +341,54 @@ impl TrustStore {
         Ok(self)
     }
 
-    /// The CRLs in force: of each issuer's CRLs, the newest (highest CRL Number, then latest
-    /// thisUpdate), which supersedes the older ones whatever order they were loaded in. Each
-    /// must be signed by a CA of this store, or the store is unusable (a CRL from an unknown
-    /// CA would otherwise be ignored and silently turn revocation off).
-    pub(crate) fn crls_in_force(&self) -> Result<Vec<CertificateRevocationListDer<'static>>> {
+    /// Of each issuer's CRLs, the newest (highest CRL Number, then latest thisUpdate), which
+    /// supersedes the older ones whatever order they were loaded in.
+    fn newest_crls(&self) -> std::collections::HashMap<&[u8], &Crl> {
         let mut newest: std::collections::HashMap<&[u8], &Crl> = std::collections::HashMap::new();
         for crl in &self.crls {
-            self.check_crl_signature(crl)?;
             let slot = newest.entry(&crl.issuer).or_insert(crl);
             if crl.newness() > slot.newness() {
                 *slot = crl;
             }
         }
-        Ok(newest.into_values().map(|c| c.der.clone()).collect())
+        newest
     }
 
-    /// The CRL Number in force per issuer (see [`TrustStore::crls_in_force`]).
-    pub(crate) fn crl_numbers(&self) -> std::collections::HashMap<Vec<u8>, Vec<u8>> {
-        let mut numbers: std::collections::HashMap<Vec<u8>, &Crl> = std::collections::HashMap::new();
+    /// The CRLs in force ([`TrustStore::newest_crls`]). Every CRL loaded must be signed by a CA
+    /// of this store, or the store is unusable (a CRL from an unknown CA would otherwise be
+    /// ignored and silently leave its revocations unenforced).
+    pub(crate) fn crls_in_force(&self) -> Result<Vec<CertificateRevocationListDer<'static>>> {
         for crl in &self.crls {
-            let slot = numbers.entry(crl.issuer.clone()).or_insert(crl);
-            if crl.newness() > slot.newness() {
-                *slot = crl;
-            }
+            self.check_crl_signature(crl)?;
         }
-        numbers.into_iter().map(|(k, c)| (k, c.number.clone())).collect()
+        Ok(self.newest_crls().into_values().map(|c| c.der.clone()).collect())
+    }
+
+    /// Refuses to replace `current` by this store if that would roll revocation back: for a CA
+    /// this store still trusts, the CRL in force must not be older (a lower CRL Number) than
+    /// the one `current` has, nor missing.
+    pub(crate) fn check_no_revocation_rollback(&self, current: &TrustStore) -> Result<()> {
+        let new = self.newest_crls();
+        for (issuer, in_force) in current.newest_crls() {
+            if !self.has_ca_named(issuer) {
+                continue;
+            }
+            let older = match new.get(issuer) {
+                None => "missing",
+                Some(crl) if (crl.number.len(), &crl.number) < (in_force.number.len(), &in_force.number) => "older",
+                Some(_) => continue,
+            };
+            let number: String = in_force.number.iter().map(|b| format!("{b:02x}")).collect();
+            return Err(Error::Config(format!(
+                "refusing to roll back revocation: the new trust store's CRL for a trusted CA is {older} (the one \
+                 in force has CRL Number {number}); load the newest CRL"
+            )));
+        }
+        Ok(())
     }
 
     /// Whether the store has a CA whose subject is `issuer` (DER).
-    pub(crate) fn has_ca_named(&self, issuer: &[u8]) -> bool {
+    fn has_ca_named(&self, issuer: &[u8]) -> bool {
         self.cas
             .iter()
             .any(|ca| x509_parser::parse_x509_certificate(ca).is_ok_and(|(_, c)| c.subject().as_raw() == issuer))
@@ -439,12 +457,9 @@ impl TrustStore {
         server_name: Option<&str>,
         at: SystemTime,
     ) -> Result<PeerIdentity> {
-        // An unusable trust store (a CRL no CA signed) is its own error, naming the file.
-        self.crls_in_force()?;
         let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let now = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(secs));
-        crate::tls::verify_chain(self, chain, server_name, now)
-            .map_err(|error| Error::Tls(crate::error::TlsError::Local { error, alert: None }))?;
+        crate::tls::verify_chain(self, chain, server_name, now)?;
         PeerIdentity::from_certificate(&chain[0])
     }
 }

@@ -256,31 +256,14 @@ impl Node {
     /// New handshakes (new sessions, and reconnections of existing ones) use the new material;
     /// established connections keep running. Material that does not make a usable TLS
     /// configuration (no CA, unusable CA certificate...) is refused with an error and the node
-    /// keeps what it had. Certificates and CAs that expire within 30 days are logged.
+    /// keeps what it had, and so is a trust store whose CRL for a CA it still trusts is older
+    /// than the one in force, or missing (revocation never goes back). Certificates and CAs
+    /// that expire within 30 days are logged.
     pub fn reload(&self, identity: Identity, trust: TrustStore) -> Result<()> {
         let shared = &self.inner.shared;
         let context = TlsContext::new(&identity, &trust)?;
-        // Revocation never goes back: a CRL older than the one in force for a CA still trusted
-        // (a lower CRL Number, or none at all) would un-revoke certificates.
-        let current = self.trust().crl_numbers();
-        for (issuer, number) in &current {
-            if !trust.has_ca_named(issuer) {
-                continue;
-            }
-            let replaced = trust.crl_numbers().get(issuer).cloned();
-            let older = match &replaced {
-                None => true,
-                Some(n) => (n.len(), n) < (number.len(), number),
-            };
-            if older {
-                return Err(Error::Config(format!(
-                    "refusing to roll back revocation: the new trust store's CRL for a trusted CA is {} than the one \
-                     in force (CRL Number {}); load the newest CRL",
-                    if replaced.is_none() { "missing, older" } else { "older" },
-                    hex_number(number)
-                )));
-            }
-        }
+        // Revocation never goes back (a CRL older than the one in force would un-revoke).
+        trust.check_no_revocation_rollback(&self.trust())?;
         let expiry = crate::reload::Expiry::of(&identity, &trust);
         *shared.tls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(context);
         *shared.material.write().unwrap_or_else(|e| e.into_inner()) = (identity, trust);
@@ -333,11 +316,12 @@ impl Node {
 
 async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<Result<Session>>) {
     while let Some(incoming) = shared.endpoint.accept().await {
-        let Some(slot) = admit(&shared, incoming.remote_address(), incoming.remote_address_validated()) else {
-            continue_refused(&shared, incoming);
-            continue;
-        };
-        let slot = match slot {
+        let slot = match admit(&shared, incoming.remote_address(), incoming.remote_address_validated()) {
+            Admit::Refuse => {
+                shared.counters.bump(Counter::handshakes_refused);
+                incoming.refuse();
+                continue;
+            }
             Admit::Retry => {
                 // Stateless: the peer must echo the token from its address before it costs us
                 // anything (quinn's clients do so on their own).
@@ -372,39 +356,36 @@ async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<Result<Session>>) {
 
 /// What to do with a new incoming connection attempt.
 enum Admit {
+    /// Refuse it (a budget is spent).
+    Refuse,
     /// Validate the peer's address with a QUIC Retry first.
     Retry,
     /// Handshake, counted in this slot.
     Handshake(HandshakeSlot),
 }
 
-/// Decides on a connection attempt from `remote` (`None`: refuse it): the connection and
+/// Decides on a connection attempt from `remote`: the connection and
 /// handshake budgets, the per-address budget, and a Retry for an unvalidated address while
 /// handshakes pile up (an attacker flooding ClientHellos from addresses it does not receive at
 /// then holds no state at all).
-fn admit(shared: &Shared, remote: SocketAddr, validated: bool) -> Option<Admit> {
+fn admit(shared: &Shared, remote: SocketAddr, validated: bool) -> Admit {
     let limits = &shared.limits;
     if shared.incoming_open.load(Ordering::SeqCst) >= limits.max_connections {
         warn!(%remote, "refusing connection: incoming connection limit reached");
-        return None;
+        return Admit::Refuse;
     }
     let mut h = shared.handshakes.lock().unwrap_or_else(|e| e.into_inner());
     if !validated && h.total >= limits.retry_above {
-        return Some(Admit::Retry);
+        return Admit::Retry;
     }
     let from_address = h.by_address.get(&remote.ip()).copied().unwrap_or(0);
     if h.total >= limits.max_handshakes || from_address >= limits.max_handshakes_per_address {
         debug!(%remote, in_progress = h.total, from_address, "refusing connection: too many handshakes in progress");
-        return None;
+        return Admit::Refuse;
     }
     h.total += 1;
     *h.by_address.entry(remote.ip()).or_insert(0) += 1;
-    Some(Admit::Handshake(HandshakeSlot { handshakes: shared.handshakes.clone(), address: remote.ip() }))
-}
-
-fn continue_refused(shared: &Shared, incoming: quinn::Incoming) {
-    shared.counters.bump(Counter::handshakes_refused);
-    incoming.refuse();
+    Admit::Handshake(HandshakeSlot { handshakes: shared.handshakes.clone(), address: remote.ip() })
 }
 
 /// Accepts one connection: a new session (`Some`), or a resumed one (`None`).
@@ -711,11 +692,6 @@ fn peer_identity(conn: &Connection) -> Result<PeerIdentity> {
     // The certificate was verified by webpki, so x509-parser reads it too; if it did not, the
     // peer is closed rather than trusted blindly.
     PeerIdentity::from_certificate(leaf).map_err(|e| violation(conn, format!("unreadable peer certificate: {e}")))
-}
-
-/// A CRL Number (big-endian bytes) in hex.
-fn hex_number(n: &[u8]) -> String {
-    n.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A random, non-zero session epoch.

@@ -840,10 +840,10 @@ impl Session {
             let key = self.inner.seal_key.lock().unwrap_or_else(|e| e.into_inner()).clone();
             let sealer = sealers
                 .entry(channel)
-                .or_insert_with(|| ChannelSealer::new(key, shared.epoch, MessageKind::Datagram, channel));
+                .or_insert_with(|| ChannelSealer::new(key.clone(), shared.epoch, MessageKind::Datagram, channel));
             let seq = sealer.last_seq() + 1;
             let sealed = sealer.seal(seq, now_ms(), &payload, &mut frame);
-            if key_wants_fresh(&self.inner.seal_key) {
+            if key.wants_fresh_key() {
                 shared.fresh_key(&link, "the message key reached half its usage limit");
             }
             sealed.map_err(seal_error)?;
@@ -1493,14 +1493,11 @@ impl Shared {
         let remains = w.take(self).and_then(|_| w.flush_now(&link.conn));
         let worn_out = w.worn_out;
         drop(w);
-        if worn_out {
-            // The driver moves the session to fresh keys once this key's frames are acknowledged.
-            self.work.notify_one();
-        }
         match remains {
-            Ok(false) => self.kick(&self.core()),
-            // Frames left for the driver (or a lost connection, which the driver notices).
-            Ok(true) | Err(WriteFailure::Gone) => self.work.notify_one(),
+            Ok(false) if !worn_out => self.kick(&self.core()),
+            // Frames left for the driver, a lost connection (which the driver notices), or a
+            // worn-out key (the driver moves to fresh keys once its frames are acknowledged).
+            Ok(_) | Err(WriteFailure::Gone) => self.work.notify_one(),
             Err(WriteFailure::Seal(e)) => link.seal_failed(e),
             Err(WriteFailure::FreshKey(why)) => self.fresh_key(&link, why),
         }
@@ -1531,9 +1528,13 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
         let work = shared.work.notified();
         tokio::pin!(work);
         work.as_mut().enable();
+        // Acknowledgements matter to the driver only while a worn-out key drains.
+        let draining = drain_until.is_some();
         let acked = shared.acked.notified();
         tokio::pin!(acked);
-        acked.as_mut().enable();
+        if draining {
+            acked.as_mut().enable();
+        }
         // Awake: senders wake us for any timer (see `Shared::transmit_now`).
         shared.drive_sleeps_until.store(0, Ordering::SeqCst);
         let (batch_full, drained) = {
@@ -1557,6 +1558,9 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
             if drained || Instant::now() >= until {
                 return shared.fresh_key(&link, "the message key reached half its usage limit");
             }
+            if !draining {
+                continue; // listen for acknowledgements from the next round on
+            }
         }
         if batch_full {
             continue;
@@ -1570,7 +1574,6 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
                 None => std::future::pending().await,
             }
         };
-        let draining = drain_until.is_some();
         tokio::select! {
             _ = &mut work => {}
             _ = sleep => {}
@@ -1799,7 +1802,7 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
                 _ = link.conn.closed() => return,
             }
         }
-        let reservation = Reservation { shared, len, held: true };
+        let reservation = Reservation { shared, len };
         let body = match reader.body(len).await {
             Ok(b) => b,
             Err(ReadFailure::Gone) => return,
@@ -1846,20 +1849,19 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
 /// kept or refused (under the same lock, see [`Shared::receive`]), or when the read fails.
 struct Reservation<'a> {
     shared: &'a Shared,
+    /// Bytes still reserved (0 once released).
     len: usize,
-    held: bool,
 }
 
 impl Reservation<'_> {
     fn release(mut self, core: &mut Core) {
-        core.reserved -= self.len;
-        self.held = false;
+        core.reserved -= std::mem::take(&mut self.len);
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        if self.held {
+        if self.len > 0 {
             self.shared.core().reserved -= self.len;
         }
         self.shared.room.notify_waiters();
@@ -1944,11 +1946,6 @@ async fn read_datagrams(shared: Arc<Shared>, link: Arc<Link>) {
 /// Milliseconds since the Unix epoch by the local clock (0 if the clock is before 1970).
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
-/// Whether the current sealing key has been used enough to move to a fresh one.
-fn key_wants_fresh(key: &Mutex<Arc<SealingKey>>) -> bool {
-    key.lock().unwrap_or_else(|e| e.into_inner()).wants_fresh_key()
 }
 
 /// Refuses the channels reserved for RPC.

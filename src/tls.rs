@@ -67,23 +67,26 @@ pub(crate) struct TlsContext {
 /// Checks a peer's certificate chain (leaf first) exactly as a node does in its handshake:
 /// the deny-list, then webpki with the trust store's CAs and CRLs at time `now`. With a
 /// `server_name`, as a dialler checks the node it dials (name, `serverAuth`); without, as an
-/// acceptor checks a dialling node (`clientAuth`).
+/// acceptor checks a dialling node (`clientAuth`). A trust store that cannot make verifiers
+/// (no CA, a CRL no CA signed) is its own error; a refused chain is [`Error::Tls`] with rustls'
+/// reason.
 pub(crate) fn verify_chain(
     trust: &TrustStore,
     chain: &[CertificateDer<'static>],
     server_name: Option<&str>,
     now: UnixTime,
-) -> Result<(), rustls::Error> {
-    let (client_verifier, server_verifier) = verifiers(trust).map_err(|e| rustls::Error::General(e.to_string()))?;
-    let (end_entity, intermediates) = chain.split_first().ok_or(rustls::Error::NoCertificatesPresented)?;
-    check_denied(&trust.denied, end_entity)?;
+) -> Result<()> {
+    let (client_verifier, server_verifier) = verifiers(trust)?;
+    let refused = |error| Error::Tls(crate::error::TlsError::Local { error, alert: None });
+    let (end_entity, intermediates) = chain.split_first().ok_or(refused(rustls::Error::NoCertificatesPresented))?;
+    check_denied(&trust.denied, end_entity).map_err(refused)?;
     match server_name {
         Some(name) => {
             let name = ServerName::try_from(name.to_owned())
-                .map_err(|_| rustls::Error::General(format!("not a DNS name or IP address: {name:?}")))?;
-            server_verifier.verify_server_cert(end_entity, intermediates, &name, &[], now).map(drop)
+                .map_err(|_| refused(rustls::Error::General(format!("not a DNS name or IP address: {name:?}"))))?;
+            server_verifier.verify_server_cert(end_entity, intermediates, &name, &[], now).map(drop).map_err(refused)
         }
-        None => client_verifier.verify_client_cert(end_entity, intermediates, now).map(drop),
+        None => client_verifier.verify_client_cert(end_entity, intermediates, now).map(drop).map_err(refused),
     }
 }
 

@@ -150,10 +150,7 @@ async fn channel_limit_is_a_typed_error() {
     let pki = Pki::new("ca");
     let mut limits = Limits::default();
     limits.max_channels = 2;
-    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
-    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
-    let (ab, ba) = connect(&a, &b, "b").await;
-    let (ab, _ba) = (ab.unwrap(), ba.unwrap());
+    let (_a, _b, ab, _ba) = session_pair(&pki, limits.clone(), limits).await;
     ab.send(10, &1u8).await.unwrap();
     ab.send(20, &1u8).await.unwrap();
     ab.send(10, &2u8).await.unwrap(); // an existing channel is fine
@@ -191,10 +188,7 @@ async fn a_slow_reader_bounds_memory_through_flow_control() {
     limits.stream_receive_window = 128 * 1024;
     limits.connection_receive_window = 256 * 1024;
     limits.outbox_bytes = 512 * 1024;
-    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
-    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
-    let (ab, ba) = connect(&a, &b, "b").await;
-    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let (_a, _b, ab, ba) = session_pair(&pki, limits.clone(), limits).await;
     // The receiver does not read: the sender must stall well before 100 x 64 KiB are sent,
     // with at most outbox_bytes unacknowledged.
     let probe = ab.clone();
@@ -225,10 +219,7 @@ async fn receive_buffer_equal_to_the_message_limit_still_delivers_a_full_message
     let mut limits = Limits::default();
     limits.max_message_size = 64 * 1024;
     limits.receive_buffer = 64 * 1024;
-    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
-    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
-    let (ab, ba) = connect(&a, &b, "b").await;
-    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let (_a, _b, ab, ba) = session_pair(&pki, limits.clone(), limits).await;
     for _ in 0..3 {
         ab.send_bytes(0, vec![1u8; 64 * 1024]).await.unwrap();
     }
@@ -249,10 +240,7 @@ async fn many_channels_into_a_small_receive_buffer_with_a_slow_reader_deliver_ev
     let mut limits = Limits::default();
     limits.max_message_size = 64 * 1024;
     limits.receive_buffer = 128 * 1024;
-    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
-    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
-    let (ab, ba) = connect(&a, &b, "b").await;
-    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let (_a, _b, ab, ba) = session_pair(&pki, limits.clone(), limits).await;
     let mut senders = Vec::new();
     for ch in 0..CHANNELS {
         let ab = ab.clone();
@@ -297,10 +285,7 @@ async fn channel_counts_are_negotiated_and_a_channel_the_peer_cannot_open_fails_
     many.max_channels = 100;
     let mut few = Limits::default();
     few.max_channels = 64;
-    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(many));
-    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(few));
-    let (ab, ba) = connect(&a, &b, "b").await;
-    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let (_a, _b, ab, ba) = session_pair(&pki, many, few).await;
     for ch in 0..64u16 {
         ab.send(ch, &u32::from(ch)).await.unwrap();
     }
@@ -356,19 +341,23 @@ async fn a_handshake_flood_does_not_lock_out_valid_peers_or_live_sessions() {
     let (live, live_server) = (live.unwrap(), live_server.unwrap());
     let initials = captured_initials(&pki, 4000).await;
     let target = server.local_addr().unwrap();
+    // Signalled once the flood has sent twice as many ClientHellos as there are connection slots.
+    let (built_up, flood_built_up) = tokio::sync::oneshot::channel();
     let flood = tokio::spawn(async move {
         let socket = tokio::net::UdpSocket::bind((LOCALHOST, 0)).await.unwrap();
         let mut tick = tokio::time::interval(Duration::from_millis(10));
-        for batch in initials.chunks(10) {
+        let mut built_up = Some(built_up);
+        for (i, batch) in initials.chunks(10).enumerate() {
             tick.tick().await;
             for packet in batch {
                 let _ = socket.send_to(packet, target).await;
             }
+            if i * 10 >= 2 * 1024 {
+                built_up.take().map(|b| b.send(()));
+            }
         }
     });
-    // Let the flood build up for two seconds (it runs four): by then it has sent twice as many
-    // ClientHellos as there are connection slots.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    flood_built_up.await.unwrap();
     let fresh = bind(NodeConfig::new(pki.identity("fresh"), pki.trust()));
     let dialled = tokio::time::timeout(Duration::from_secs(2), async {
         tokio::join!(fresh.connect(target, "server"), server.accept())

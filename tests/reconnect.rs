@@ -43,10 +43,7 @@ async fn receive_in_order(session: &Session, n: usize, channels: u16) {
 #[tokio::test]
 async fn forced_reconnects_lose_and_duplicate_nothing() {
     let pki = Pki::new("ca");
-    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(quick_limits()));
-    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(quick_limits()));
-    let (ab, ba) = connect(&a, &b, "b").await;
-    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let (_a, _b, ab, ba) = session_pair(&pki, quick_limits(), quick_limits()).await;
     let epoch = ab.epoch();
     const N: u32 = 3000;
     let sender = tokio::spawn({
@@ -85,10 +82,7 @@ async fn forced_reconnects_lose_and_duplicate_nothing() {
 #[tokio::test]
 async fn the_accepting_side_can_force_a_reconnect_too() {
     let pki = Pki::new("ca");
-    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(quick_limits()));
-    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(quick_limits()));
-    let (ab, ba) = connect(&a, &b, "b").await;
-    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let (_a, _b, ab, ba) = session_pair(&pki, quick_limits(), quick_limits()).await;
     let mut events = ba.events();
     for i in 0..200u32 {
         ba.send(1, &i).await.unwrap();
@@ -222,10 +216,7 @@ async fn pause_longer_than_freshness(freshness: Duration, pause: Duration, n: u3
     limits.freshness = freshness;
     limits.max_message_size = 64 * 1024;
     limits.receive_buffer = 1 << 20;
-    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
-    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
-    let (ab, ba) = connect(&a, &b, "b").await;
-    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let (_a, _b, ab, ba) = session_pair(&pki, limits.clone(), limits).await;
     let (tx, rx) = if acceptor_sends { (ba, ab) } else { (ab, ba) };
     let sender = tokio::spawn({
         let tx = tx.clone();
@@ -272,10 +263,7 @@ async fn message_keys_are_replaced_before_their_usage_limit() {
     let pki = Pki::new("ca");
     let mut limits = quick_limits();
     limits.test_key_limits = (100, 1 << 30);
-    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(limits.clone()));
-    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(limits));
-    let (ab, ba) = connect(&a, &b, "b").await;
-    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    let (_a, _b, ab, ba) = session_pair(&pki, limits.clone(), limits).await;
     const N: u32 = 1000;
     let sender = tokio::spawn({
         let ab = ab.clone();

@@ -524,24 +524,20 @@ impl Inbox {
     /// window) asks this first and commits only an `Accepted` message, so a message is never
     /// recorded as received and then dropped.
     pub fn check(&self, channel: u16, seq: u64, len: usize) -> Received {
-        let Some(ch) = self.channels.get(&channel) else {
-            let user_channels = self.channels.keys().filter(|&&c| !self.is_reserved(c)).count();
-            if !self.is_reserved(channel) && user_channels >= self.config.max_channels {
-                return Received::Dropped;
-            }
-            return self.check_new(seq, 0, 0, len);
-        };
-        if seq == 0 || seq <= ch.delivered || ch.held.contains_key(&seq) {
-            return Received::Duplicate;
-        }
-        self.check_new(seq, ch.delivered, ch.ready_to, len)
-    }
-
-    /// The window and room rules for a message not seen before.
-    fn check_new(&self, seq: u64, delivered: u64, ready_to: u64, len: usize) -> Received {
         if seq == 0 {
             return Received::Duplicate;
         }
+        let (delivered, ready_to) = match self.channels.get(&channel) {
+            Some(ch) if seq <= ch.delivered || ch.held.contains_key(&seq) => return Received::Duplicate,
+            Some(ch) => (ch.delivered, ch.ready_to),
+            None => {
+                let user_channels = self.channels.keys().filter(|&&c| !self.is_reserved(c)).count();
+                if !self.is_reserved(channel) && user_channels >= self.config.max_channels {
+                    return Received::Dropped;
+                }
+                (0, 0)
+            }
+        };
         let too_far = seq - delivered > self.config.reorder_window;
         // Messages in order (they extend what the application can take) are always kept: the
         // shell bounds them by waiting for room before it reads. Messages behind a gap share

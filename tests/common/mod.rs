@@ -62,6 +62,15 @@ pub async fn connect(
     .expect("connect and accept finish")
 }
 
+/// Nodes "a" and "b" with these limits, and the session "a" dialled to "b": (a, b, a's end,
+/// b's end). Keep the nodes: dropping one closes its sessions.
+pub async fn session_pair(pki: &Pki, a: quicseal::Limits, b: quicseal::Limits) -> (Node, Node, Session, Session) {
+    let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(a));
+    let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(b));
+    let (ab, ba) = connect(&a, &b, "b").await;
+    (a, b, ab.unwrap(), ba.unwrap())
+}
+
 /// A rustls client config for a raw quinn peer: trusts `pki`'s CA, presents `client` if given,
 /// offers `alpn`.
 pub fn raw_client_config(pki: &Pki, client: Option<&Issued>, alpn: &[u8]) -> rustls::ClientConfig {
