@@ -246,6 +246,8 @@ pub struct TrustStore {
     pub(crate) cas: Vec<CertificateDer<'static>>,
     pub(crate) crls: Vec<Crl>,
     pub(crate) denied: HashSet<Fingerprint>,
+    /// Accept peer certificates without an extended key usage extension.
+    pub(crate) eku_optional: bool,
 }
 
 /// A CRL as loaded, with what decides which CRL of an issuer is in force.
@@ -420,6 +422,16 @@ impl TrustStore {
     /// Refuses any peer whose public key has this fingerprint, whatever its certificate says.
     pub fn deny(&mut self, fingerprint: Fingerprint) -> &mut Self {
         self.denied.insert(fingerprint);
+        self
+    }
+
+    /// Accepts peer certificates that carry no extended key usage extension at all (by default
+    /// they are refused: a node certificate must say it may accept, `serverAuth`, or dial,
+    /// `clientAuth`). Only for a PKI that omits EKU everywhere; with it, any certificate of a
+    /// trusted CA passes in both roles. A certificate that has the extension must still name the
+    /// right usage.
+    pub fn dangerous_allow_missing_eku(&mut self, allow: bool) -> &mut Self {
+        self.eku_optional = allow;
         self
     }
 

@@ -99,7 +99,7 @@ pub use rpc::{
 };
 pub use session::{Message, Session, SessionEvent};
 pub use stats::Stats;
-pub use tls::{ALPN, DeniedKey};
+pub use tls::{ALPN, DeniedKey, MissingExtendedKeyUsage};
 
 /// Re-exported so callers can match [`TlsError`] reasons without depending on rustls directly.
 pub use rustls;

@@ -49,6 +49,60 @@ impl fmt::Display for DeniedKey {
 
 impl std::error::Error for DeniedKey {}
 
+/// Why a certificate without an extended key usage extension was refused: both node
+/// certificates must say what they are for (`serverAuth` to accept, `clientAuth` to dial), or
+/// any certificate of the CA, whatever it was issued for, would pass. Look for it like
+/// [`DeniedKey`]. A PKI that omits EKU can opt out with
+/// [`TrustStore::dangerous_allow_missing_eku`](crate::TrustStore::dangerous_allow_missing_eku).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissingExtendedKeyUsage {
+    /// The usage the certificate needed: `"serverAuth"` or `"clientAuth"`.
+    pub needed: &'static str,
+}
+
+impl fmt::Display for MissingExtendedKeyUsage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the certificate has no extended key usage extension ({} required)", self.needed)
+    }
+}
+
+impl std::error::Error for MissingExtendedKeyUsage {}
+
+/// What we check of a peer's end-entity certificate before webpki: the deny-list, and that an
+/// extended key usage extension is present (webpki checks its purpose when it is, but accepts a
+/// certificate without one).
+#[derive(Debug, Default)]
+pub(crate) struct LeafRules {
+    denied: HashSet<Fingerprint>,
+    eku_optional: bool,
+}
+
+impl LeafRules {
+    fn of(trust: &TrustStore) -> LeafRules {
+        LeafRules { denied: trust.denied.clone(), eku_optional: trust.eku_optional }
+    }
+
+    /// `needed`: the usage the peer's role requires (`"serverAuth"` or `"clientAuth"`).
+    fn check(&self, end_entity: &CertificateDer<'_>, needed: &'static str) -> Result<(), rustls::Error> {
+        let refused = |e: CertificateError| rustls::Error::InvalidCertificate(e);
+        if !self.denied.is_empty() {
+            let fp = Fingerprint::of_certificate(end_entity).map_err(|_| refused(CertificateError::BadEncoding))?;
+            if self.denied.contains(&fp) {
+                return Err(refused(CertificateError::Other(OtherError(Arc::new(DeniedKey(fp))))));
+            }
+        }
+        if !self.eku_optional {
+            let (_, cert) =
+                x509_parser::parse_x509_certificate(end_entity).map_err(|_| refused(CertificateError::BadEncoding))?;
+            if !matches!(cert.extended_key_usage(), Ok(Some(_))) {
+                let missing = MissingExtendedKeyUsage { needed };
+                return Err(refused(CertificateError::Other(OtherError(Arc::new(missing)))));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Where a connection's verifier records why it refused a certificate.
 pub(crate) type Captured = Arc<Mutex<Option<rustls::Error>>>;
 
@@ -61,7 +115,7 @@ pub(crate) struct TlsContext {
     key: Arc<CertifiedKey>,
     client_verifier: Arc<dyn ClientCertVerifier>,
     server_verifier: Arc<WebPkiServerVerifier>,
-    denied: Arc<HashSet<Fingerprint>>,
+    rules: Arc<LeafRules>,
 }
 
 /// Checks a peer's certificate chain (leaf first) exactly as a node does in its handshake:
@@ -79,7 +133,8 @@ pub(crate) fn verify_chain(
     let (client_verifier, server_verifier) = verifiers(trust)?;
     let refused = |error| Error::Tls(crate::error::TlsError::Local { error, alert: None });
     let (end_entity, intermediates) = chain.split_first().ok_or(refused(rustls::Error::NoCertificatesPresented))?;
-    check_denied(&trust.denied, end_entity).map_err(refused)?;
+    let needed = if server_name.is_some() { "serverAuth" } else { "clientAuth" };
+    LeafRules::of(trust).check(end_entity, needed).map_err(refused)?;
     match server_name {
         Some(name) => {
             let name = ServerName::try_from(name.to_owned())
@@ -127,7 +182,7 @@ impl TlsContext {
             key: identity.key.clone(),
             client_verifier,
             server_verifier,
-            denied: Arc::new(trust.denied.clone()),
+            rules: Arc::new(LeafRules::of(trust)),
         })
     }
 
@@ -136,7 +191,7 @@ impl TlsContext {
         let captured = Captured::default();
         let verifier = Arc::new(ClientVerifier {
             inner: self.client_verifier.clone(),
-            denied: self.denied.clone(),
+            rules: self.rules.clone(),
             captured: captured.clone(),
         });
         let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
@@ -157,7 +212,7 @@ impl TlsContext {
         let captured = Captured::default();
         let verifier = Arc::new(ServerVerifier {
             inner: self.server_verifier.clone(),
-            denied: self.denied.clone(),
+            rules: self.rules.clone(),
             captured: captured.clone(),
         });
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
@@ -172,19 +227,6 @@ impl TlsContext {
         let quic = QuicClientConfig::try_from(cfg).map_err(|e| Error::Config(e.to_string()))?;
         Ok((Arc::new(quic), captured))
     }
-}
-
-/// Refuses denied keys, then defers to webpki; records the typed reason of a refusal.
-fn check_denied(denied: &HashSet<Fingerprint>, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
-    if denied.is_empty() {
-        return Ok(());
-    }
-    let fp = Fingerprint::of_certificate(end_entity)
-        .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-    if denied.contains(&fp) {
-        return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(DeniedKey(fp))))));
-    }
-    Ok(())
 }
 
 fn record<T>(captured: &Captured, r: Result<T, rustls::Error>) -> Result<T, rustls::Error> {
@@ -223,7 +265,7 @@ macro_rules! signature_checks {
 
 struct ClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
-    denied: Arc<HashSet<Fingerprint>>,
+    rules: Arc<LeafRules>,
     captured: Captured,
 }
 
@@ -249,7 +291,9 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let r = check_denied(&self.denied, end_entity)
+        let r = self
+            .rules
+            .check(end_entity, "clientAuth")
             .and_then(|()| self.inner.verify_client_cert(end_entity, intermediates, now));
         record(&self.captured, r)
     }
@@ -259,7 +303,7 @@ impl ClientCertVerifier for ClientVerifier {
 #[derive(Debug)]
 struct ServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
-    denied: Arc<HashSet<Fingerprint>>,
+    rules: Arc<LeafRules>,
     captured: Captured,
 }
 
@@ -272,7 +316,9 @@ impl ServerCertVerifier for ServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let r = check_denied(&self.denied, end_entity)
+        let r = self
+            .rules
+            .check(end_entity, "serverAuth")
             .and_then(|()| self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now));
         record(&self.captured, r)
     }

@@ -296,3 +296,79 @@ fn a_node_certificate_is_refused_as_a_trust_anchor() {
     let (_, p) = problem(TrustStore::new().add_ca_pem(leaf_only.as_bytes()).map(|_| ()).unwrap_err());
     assert!(matches!(&p, LoadProblem::Invalid(why) if why.contains("not a CA certificate")), "{p:?}");
 }
+
+fn missing_eku(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Tls(quicseal::TlsError::Local {
+            error: quicseal::rustls::Error::InvalidCertificate(quicseal::rustls::CertificateError::Other(o)),
+            ..
+        }) if o.0.downcast_ref::<quicseal::MissingExtendedKeyUsage>().is_some()
+    )
+}
+
+/// A certificate without an extended key usage extension (made by openssl from our CA) passes
+/// neither role unless the trust store opts out, and the handshake refuses it too.
+#[tokio::test]
+async fn certificates_without_eku_are_refused_in_both_roles_unless_allowed() {
+    let pki = Pki::new("ca");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(d, "ca.crt", pki.ca.cert_pem().as_bytes());
+    write(d, "ca.key", pki.ca.key_pem().as_bytes());
+    openssl(
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "n.key",
+            "-subj",
+            "/CN=noeku",
+            "-addext",
+            "subjectAltName=DNS:noeku,IP:127.0.0.1",
+            "-out",
+            "n.csr",
+        ],
+        d,
+    );
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "n.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-copy_extensions",
+            "copy",
+            "-out",
+            "n.crt",
+        ],
+        d,
+    );
+    let chain = quicseal::load_certificates(d.join("n.crt")).unwrap();
+    let trust = pki.trust();
+    assert!(missing_eku(&trust.verify(&chain, None).unwrap_err()));
+    assert!(missing_eku(&trust.verify(&chain, Some("noeku")).unwrap_err()));
+    let mut lenient = pki.trust();
+    lenient.dangerous_allow_missing_eku(true);
+    lenient.verify(&chain, None).unwrap();
+    lenient.verify(&chain, Some("noeku")).unwrap();
+    // The handshake applies the same rule: the dialler without EKU is refused by the acceptor.
+    let noeku = Identity::from_pem_files(d.join("n.crt"), d.join("n.key")).unwrap();
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
+    let client = bind(NodeConfig::new(noeku, pki.trust()));
+    let (dialled, accepted) = connect(&client, &server, "server").await;
+    assert!(dialled.is_err());
+    assert!(missing_eku(&accepted.unwrap_err()));
+}
