@@ -114,25 +114,60 @@ struct Core {
     datagrams: VecDeque<Opened>,
     datagram_bytes: usize,
     /// Receive-buffer room channel readers reserved for a message body they are reading
-    /// (see [`Core::reserve`]).
+    /// (see [`Core::reserve`]), in all and per channel.
     reserved: usize,
+    reserved_by: HashMap<u16, usize>,
+    /// Channels whose readers wait for receive-buffer room, with how many readers.
+    waiting: HashMap<u16, usize>,
 }
 
 impl Core {
-    /// Reserves room for a message body of `len` bytes that follows in order on a channel, if
-    /// the receive buffer has it: what the application can take now plus what other readers
-    /// reserved must leave room (an empty buffer takes any one message, so a message larger
-    /// than the buffer still passes). Check and reservation happen under one lock, so readers
-    /// of several channels cannot all see the same room. Messages held behind a gap do not
-    /// count: they have their own bound in the inbox and must never keep out the message that
-    /// fills the gap.
-    fn reserve(&mut self, len: usize, budget: usize) -> bool {
-        let used = self.inbox.ready_bytes() + self.reserved;
-        if used == 0 || used + len <= budget {
-            self.reserved += len;
-            true
+    /// Reserves room for a message body of `len` bytes that follows in order on `channel`, if
+    /// the receive buffer has it: what the application can take now plus what readers reserved
+    /// must leave room (an empty buffer takes any one message, so a message larger than the
+    /// buffer still passes). Check and reservation happen under one lock, so readers of several
+    /// channels cannot all see the same room. Messages held behind a gap do not count: they
+    /// have their own bound in the inbox and must never keep out the message that fills the gap.
+    ///
+    /// Fair shares: while readers of other channels wait for room, a channel that already has
+    /// messages buffered may fill no more than an equal share of the buffer; a channel with none
+    /// gets in as soon as one message fits. So a busy channel cannot take all the room and starve
+    /// the others (the application takes channels in turn, see `Inbox::poll_deliver`).
+    fn reserve(&mut self, channel: u16, len: usize, budget: usize) -> bool {
+        let total = self.inbox.ready_bytes() + self.reserved;
+        let mine = self.inbox.ready_bytes_of(channel) + self.reserved_by.get(&channel).copied().unwrap_or(0);
+        let others_waiting = self.waiting.keys().filter(|&&c| c != channel).count();
+        let fits = total == 0 || total + len <= budget;
+        let within_share = others_waiting == 0 || mine == 0 || mine + len <= budget / (others_waiting + 1);
+        if !(fits && within_share) {
+            return false;
+        }
+        self.reserved += len;
+        *self.reserved_by.entry(channel).or_insert(0) += len;
+        true
+    }
+
+    /// Gives back room reserved for `channel`.
+    fn unreserve(&mut self, channel: u16, len: usize) {
+        self.reserved -= len;
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.reserved_by.entry(channel) {
+            *e.get_mut() -= len;
+            if *e.get() == 0 {
+                e.remove();
+            }
+        }
+    }
+
+    /// Marks (or, with `false`, unmarks) a reader of `channel` as waiting for room.
+    fn set_waiting(&mut self, channel: u16, waiting: bool) {
+        let entry = self.waiting.entry(channel).or_insert(0);
+        if waiting {
+            *entry += 1;
         } else {
-            false
+            *entry -= 1;
+            if *entry == 0 {
+                self.waiting.remove(&channel);
+            }
         }
     }
 
@@ -684,6 +719,8 @@ impl Session {
                 datagrams: VecDeque::new(),
                 datagram_bytes: 0,
                 reserved: 0,
+                reserved_by: HashMap::new(),
+                waiting: HashMap::new(),
             }),
             tally: p.tally,
             max_tag_failures: p.max_tag_failures,
@@ -1328,13 +1365,15 @@ impl Writer {
             if !acks.is_empty() {
                 self.control_backlog.push_back(acks.into());
             }
-            let mut t = Vec::new();
-            while t.len() < TRANSMIT_BATCH && !self.worn_out {
-                match core.outbox.poll_transmit(now) {
-                    Some(x) => t.push(x),
-                    None => break,
-                }
-            }
+            // Nothing is taken for a channel whose earlier frames quinn has not taken yet (flow
+            // control): its messages stay due, are not sealed long before they can leave, and do
+            // not hold up the other channels.
+            let backlog = &self.backlog;
+            let t = if self.worn_out {
+                Vec::new()
+            } else {
+                core.outbox.poll_transmits(now, TRANSMIT_BATCH, |c| !backlog.iter().any(|(b, _)| *b == c))
+            };
             // Forget what the peer acknowledged (in order: a frame acknowledged out of order
             // goes once the ones before it did).
             for (&c, ch) in self.channels.iter_mut() {
@@ -1397,13 +1436,10 @@ impl Writer {
         write_now(&mut self.control, &mut self.control_backlog)?;
         let mut i = 0;
         while i < self.backlog.len() {
-            let (channel, frames) = &mut self.backlog[i];
-            if !self.streams.contains_key(channel) {
+            let channel = self.backlog[i].0;
+            if !self.streams.contains_key(&channel) {
                 match conn.open_bi().now_or_never() {
-                    Some(Ok(pair)) => {
-                        frames.push_front(channel_stream_header(*channel));
-                        self.streams.insert(*channel, pair);
-                    }
+                    Some(Ok(pair)) => self.add_stream(channel, pair),
                     Some(Err(_)) => return Err(WriteFailure::Gone),
                     None => {
                         i += 1;
@@ -1411,8 +1447,8 @@ impl Writer {
                     }
                 }
             }
-            let (send, _) = self.streams.get_mut(channel).expect("opened above");
-            write_now(send, frames)?;
+            let (send, _) = self.streams.get_mut(&channel).expect("opened above");
+            write_now(send, &mut self.backlog[i].1)?;
             if self.backlog[i].1.is_empty() {
                 self.backlog.swap_remove(i);
             } else {
@@ -1422,24 +1458,61 @@ impl Writer {
         Ok(!self.backlog.is_empty() || !self.control_backlog.is_empty())
     }
 
-    /// Writes the whole backlog, waiting for streams and flow control as needed.
-    async fn flush(&mut self, conn: &Connection) -> Result<(), WriteFailure> {
-        let acks = self.control_backlog.make_contiguous();
-        self.control.write_all_chunks(acks).await.map_err(|_| WriteFailure::Gone)?;
-        self.control_backlog.clear();
-        for (channel, mut frames) in std::mem::take(&mut self.backlog) {
-            let (send, _) = match self.streams.entry(channel) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let pair = conn.open_bi().await.map_err(|_| WriteFailure::Gone)?;
-                    frames.push_front(channel_stream_header(channel));
-                    v.insert(pair)
-                }
-            };
-            send.write_all_chunks(frames.make_contiguous()).await.map_err(|_| WriteFailure::Gone)?;
+    /// Waits until quinn takes more of the backlog, and hands it over: the first stream whose
+    /// flow control opens takes what it can, or the peer's stream limit lets a missing channel
+    /// stream open. Streams wait side by side, so one blocked channel holds up no other.
+    async fn progress(&mut self, conn: &Connection) -> Result<(), WriteFailure> {
+        use futures_util::FutureExt;
+        use futures_util::future::{BoxFuture, select_all};
+        /// What a wait brought: frames written, or a channel's new stream.
+        enum Progress {
+            Wrote,
+            Opened(u16, (SendStream, RecvStream)),
+        }
+        let mut waits: Vec<BoxFuture<'_, Result<Progress, WriteFailure>>> = Vec::new();
+        let (control, control_backlog) = (&mut self.control, &mut self.control_backlog);
+        if !control_backlog.is_empty() {
+            waits.push(Box::pin(write_some(control, control_backlog).map(|r| r.map(|()| Progress::Wrote))));
+        }
+        let mut sends: HashMap<u16, &mut SendStream> = self.streams.iter_mut().map(|(&c, (s, _))| (c, s)).collect();
+        let mut opening = None;
+        for (channel, frames) in self.backlog.iter_mut() {
+            match sends.remove(channel) {
+                Some(send) => waits.push(Box::pin(write_some(send, frames).map(|r| r.map(|()| Progress::Wrote)))),
+                None => opening = opening.or(Some(*channel)),
+            }
+        }
+        if let Some(channel) = opening {
+            waits.push(Box::pin(async move {
+                let pair = conn.open_bi().await.map_err(|_| WriteFailure::Gone)?;
+                Ok(Progress::Opened(channel, pair))
+            }));
+        }
+        if waits.is_empty() {
+            return Ok(());
+        }
+        let (progress, _, rest) = select_all(waits).await;
+        drop(rest);
+        if let Progress::Opened(channel, pair) = progress? {
+            self.add_stream(channel, pair);
         }
         Ok(())
     }
+
+    /// A new channel stream: its header goes first.
+    fn add_stream(&mut self, channel: u16, pair: (SendStream, RecvStream)) {
+        if let Some((_, frames)) = self.backlog.iter_mut().find(|(c, _)| *c == channel) {
+            frames.push_front(channel_stream_header(channel));
+        }
+        self.streams.insert(channel, pair);
+    }
+}
+
+/// Waits until `send` takes some of `frames`; what it took leaves the front of `frames`.
+async fn write_some(send: &mut SendStream, frames: &mut VecDeque<Bytes>) -> Result<(), WriteFailure> {
+    let written = send.write_chunks(frames.make_contiguous()).await.map_err(|_| WriteFailure::Gone)?;
+    frames.drain(..written.chunks);
+    Ok(())
 }
 
 /// The first bytes of a channel stream.
@@ -1537,23 +1610,18 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
         }
         // Awake: senders wake us for any timer (see `Shared::transmit_now`).
         shared.drive_sleeps_until.store(0, Ordering::SeqCst);
-        let (batch_full, drained) = {
-            let mut w = writer.lock().await;
-            let taken = w.take(&shared);
-            let written = match taken {
-                Ok(full) => w.flush(&link.conn).await.map(|()| full),
-                Err(e) => Err(e),
-            };
-            match written {
-                Ok(full) => (full, w.worn_out.then(|| w.channels.values().all(|c| c.sent.is_empty()))),
-                Err(WriteFailure::Gone) => return,
-                Err(WriteFailure::Seal(e)) => return link.seal_failed(e),
-                Err(WriteFailure::FreshKey(why)) => return shared.fresh_key(&link, why),
-            }
+        let mut w = writer.lock().await;
+        let written = w.take(&shared).and_then(|full| w.flush_now(&link.conn).map(|remains| (full, remains)));
+        let (batch_full, remains) = match written {
+            Ok(r) => r,
+            Err(WriteFailure::Gone) => return,
+            Err(WriteFailure::Seal(e)) => return link.seal_failed(e),
+            Err(WriteFailure::FreshKey(why)) => return shared.fresh_key(&link, why),
         };
-        if let Some(drained) = drained {
+        if w.worn_out {
             // Move to fresh keys once the peer acknowledged what the worn-out key sealed (so the
             // close discards nothing in flight), or after a grace period.
+            let drained = w.channels.values().all(|c| c.sent.is_empty());
             let until = *drain_until.get_or_insert_with(|| Instant::now() + KEY_DRAIN_GRACE);
             if drained || Instant::now() >= until {
                 return shared.fresh_key(&link, "the message key reached half its usage limit");
@@ -1562,7 +1630,7 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
                 continue; // listen for acknowledgements from the next round on
             }
         }
-        if batch_full {
+        if batch_full && !remains {
             continue;
         }
         let deadline = shared.core().next_deadline();
@@ -1574,11 +1642,18 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
                 None => std::future::pending().await,
             }
         };
-        tokio::select! {
-            _ = &mut work => {}
-            _ = sleep => {}
-            _ = &mut acked, if draining => {}
+        // While quinn holds frames back, the driver keeps the writer and waits for whichever
+        // comes first: quinn taking more, new work, a timer. Senders that find the writer busy
+        // leave their message to it (see `Shared::transmit_now`).
+        let progressed = tokio::select! {
+            r = w.progress(&link.conn), if remains => r,
+            _ = &mut work => Ok(()),
+            _ = sleep => Ok(()),
+            _ = &mut acked, if draining => Ok(()),
             _ = link.conn.closed() => return,
+        };
+        if progressed.is_err() {
+            return;
         }
     }
 }
@@ -1786,12 +1861,23 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
         // Bound memory before allocating: wait until the receive buffer has room for this
         // message (see `Core::reserve`); QUIC flow control holds the peer back meanwhile.
         let len = header.length as usize;
+        let mut waiting = false;
         loop {
             let room = shared.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
-            if shared.core().reserve(len, shared.receive_buffer) {
-                break;
+            {
+                let mut core = shared.core();
+                if core.reserve(channel, len, shared.receive_buffer) {
+                    if waiting {
+                        core.set_waiting(channel, false);
+                    }
+                    break;
+                }
+                if !waiting {
+                    waiting = true;
+                    core.set_waiting(channel, true);
+                }
             }
             if unannounced {
                 unannounced = false;
@@ -1799,10 +1885,13 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
             }
             tokio::select! {
                 _ = &mut room => {}
-                _ = link.conn.closed() => return,
+                _ = link.conn.closed() => {
+                    shared.core().set_waiting(channel, false);
+                    return;
+                }
             }
         }
-        let reservation = Reservation { shared, len };
+        let reservation = Reservation { shared, channel, len };
         let body = match reader.body(len).await {
             Ok(b) => b,
             Err(ReadFailure::Gone) => return,
@@ -1849,20 +1938,21 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
 /// kept or refused (under the same lock, see [`Shared::receive`]), or when the read fails.
 struct Reservation<'a> {
     shared: &'a Shared,
+    channel: u16,
     /// Bytes still reserved (0 once released).
     len: usize,
 }
 
 impl Reservation<'_> {
     fn release(mut self, core: &mut Core) {
-        core.reserved -= std::mem::take(&mut self.len);
+        core.unreserve(self.channel, std::mem::take(&mut self.len));
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         if self.len > 0 {
-            self.shared.core().reserved -= self.len;
+            self.shared.core().unreserve(self.channel, self.len);
         }
         self.shared.room.notify_waiters();
     }

@@ -417,3 +417,42 @@ async fn handshakes_in_progress_are_bounded_per_address_and_counted() {
     .expect("six of ten refused");
     assert_eq!(refused.handshakes_refused, 6, "{refused:?}");
 }
+
+/// Three channels flooded into a receive buffer that holds a few messages, the application
+/// slow: every channel gets a fair share of what is delivered (before, the lowest channels took
+/// the buffer and the turns, and channel 2 got nothing).
+#[tokio::test]
+async fn flooded_channels_share_the_receive_buffer_and_the_application_fairly() {
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.max_message_size = 16 * 1024;
+    limits.receive_buffer = 64 * 1024;
+    let (_a, _b, ab, ba) = session_pair(&pki, limits.clone(), limits).await;
+    let mut senders = Vec::new();
+    for ch in 0..3u16 {
+        let ab = ab.clone();
+        senders.push(tokio::spawn(async move {
+            loop {
+                if ab.send_bytes(ch, vec![ch as u8; 16 * 1024]).await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    let mut got = [0u32; 3];
+    for _ in 0..300 {
+        let m = tokio::time::timeout(Duration::from_secs(20), ba.recv()).await.expect("a message").unwrap();
+        got[m.channel() as usize] += 1;
+        // A slow application.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for s in senders {
+        s.abort();
+    }
+    assert!(
+        got.iter().all(|&n| n >= 60),
+        "each channel should get about a third of 300: {got:?} {:?} {:?}",
+        ab.stats(),
+        ba.stats()
+    );
+}

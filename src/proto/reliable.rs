@@ -37,6 +37,11 @@ pub struct AckRanges {
     pub ranges: Vec<(u64, u64)>,
 }
 
+/// How long a channel refused for lack of room counts as waiting for its share (see
+/// [`Outbox::has_room`]), ms: its sender retries on every acknowledgement, so a sender still
+/// waiting renews it often.
+pub const WANTING_FRESH_MS: u64 = 1000;
+
 /// Sender limits and timers.
 #[derive(Debug, Clone)]
 pub struct OutboxConfig {
@@ -149,6 +154,8 @@ struct Pending {
 #[derive(Debug, Default)]
 struct OutChannel {
     last_seq: u64,
+    /// Payload bytes of `unacked`.
+    bytes: usize,
     /// When the last message was queued: a later one is never due before it, so first
     /// transmissions leave in sequence order even if callers' clocks were read out of order.
     last_push: u64,
@@ -173,6 +180,8 @@ pub struct Outbox {
     messages: usize,
     bytes: usize,
     rtt: Rtt,
+    /// Channels refused for lack of room, and when (see [`Outbox::has_room`]).
+    wanting: BTreeMap<u16, u64>,
     rng: u64,
     stats: OutboxStats,
 }
@@ -187,6 +196,7 @@ impl Outbox {
             messages: 0,
             bytes: 0,
             rtt: Rtt { srtt: None, rttvar: 0 },
+            wanting: BTreeMap::new(),
             rng: seed | 1,
             stats: OutboxStats::default(),
         }
@@ -197,17 +207,18 @@ impl Outbox {
     /// messages would outgrow [`OutboxConfig::max_per_channel`] (a message larger than the byte
     /// bound is accepted only into an empty outbox, so it can never wait forever).
     pub fn push(&mut self, channel: u16, payload: Bytes, now: u64) -> Result<u64, Full> {
-        let full = self.messages >= self.config.max_messages
-            || (self.messages > 0 && self.bytes + payload.len() > self.config.max_bytes)
-            || !self.channel_has_room(channel);
-        if full {
+        if !self.has_room(channel, payload.len(), now) {
+            // Remembered, so that channels that keep sending leave this one its share.
+            self.wanting.insert(channel, now);
             return Err(Full { messages: self.messages, bytes: self.bytes });
         }
+        self.wanting.remove(&channel);
         let ch = self.channels.entry(channel).or_default();
         ch.last_seq += 1;
         let seq = ch.last_seq;
         let due = now.max(ch.last_push);
         ch.last_push = due;
+        ch.bytes += payload.len();
         self.messages += 1;
         self.bytes += payload.len();
         ch.unacked.insert(seq, Pending { payload, due: Some(due), sent_at: None, attempts: 0 });
@@ -216,11 +227,38 @@ impl Outbox {
         Ok(seq)
     }
 
-    /// Whether [`Outbox::push`] would accept a message of `len` bytes on `channel` now.
-    pub fn has_room(&self, channel: u16, len: usize) -> bool {
-        self.messages < self.config.max_messages
+    /// Whether [`Outbox::push`] would accept a message of `len` bytes on `channel` at `now`.
+    ///
+    /// Fair shares: while other channels were refused for lack of room within the last
+    /// [`WANTING_FRESH_MS`] (their senders wait and retry on every acknowledgement), room that
+    /// frees up goes to the waiting channel that holds the fewest unacknowledged messages, and a
+    /// channel holds at most an equal share of the count and byte bounds: one busy sender cannot
+    /// keep the whole outbox and starve the others. A channel holding nothing always may.
+    pub fn has_room(&self, channel: u16, len: usize, now: u64) -> bool {
+        let fits = self.messages < self.config.max_messages
             && (self.messages == 0 || self.bytes + len <= self.config.max_bytes)
-            && self.channel_has_room(channel)
+            && self.channel_has_room(channel);
+        if !fits {
+            return false;
+        }
+        let held = |c: u16| self.channels.get(&c).map_or(0, |ch| ch.unacked.len());
+        let mine = held(channel);
+        let (mut others, mut least_other) = (0, usize::MAX);
+        for (&c, &t) in &self.wanting {
+            if c != channel && now.saturating_sub(t) <= WANTING_FRESH_MS {
+                others += 1;
+                least_other = least_other.min(held(c));
+            }
+        }
+        if others == 0 || mine == 0 {
+            return true;
+        }
+        // Room that frees up goes to the waiting channel holding least, then within equal shares.
+        let share = others + 1;
+        let my_bytes = self.channels.get(&channel).map_or(0, |ch| ch.bytes);
+        mine <= least_other
+            && mine < (self.config.max_messages / share).max(1)
+            && my_bytes + len <= (self.config.max_bytes / share).max(1)
     }
 
     /// Whether one more message on `channel` keeps its unacknowledged span within
@@ -234,11 +272,32 @@ impl Outbox {
 
     /// The next message due at `now`, if any, lowest due time first (then channel, then seq).
     pub fn poll_transmit(&mut self, now: u64) -> Option<Transmit> {
-        let &(due, channel, seq) = self.due.first()?;
+        let &key @ (due, _, _) = self.due.first()?;
         if due > now {
             return None;
         }
-        self.due.pop_first();
+        self.transmit(key, now)
+    }
+
+    /// Up to `max` messages due at `now`, in the order of [`Outbox::poll_transmit`], skipping
+    /// channels `send_on` refuses (a transport that cannot take more on them now): they stay
+    /// due, and are not sealed long before they can leave.
+    pub fn poll_transmits(&mut self, now: u64, max: usize, send_on: impl Fn(u16) -> bool) -> Vec<Transmit> {
+        let picked: Vec<(u64, u16, u64)> = self
+            .due
+            .iter()
+            .take_while(|&&(due, _, _)| due <= now)
+            .filter(|&&(_, channel, _)| send_on(channel))
+            .take(max)
+            .copied()
+            .collect();
+        picked.into_iter().filter_map(|key| self.transmit(key, now)).collect()
+    }
+
+    /// Takes the due entry `key` and returns its transmission, scheduling the next attempt.
+    fn transmit(&mut self, key: (u64, u16, u64), now: u64) -> Option<Transmit> {
+        let (_, channel, seq) = key;
+        self.due.remove(&key);
         let rto = self.rto();
         let jitter = self.next_jitter(rto);
         let retransmit_on_timeout = self.config.retransmit_on_timeout;
@@ -313,6 +372,7 @@ impl Outbox {
             }
             self.messages -= 1;
             self.bytes -= p.payload.len();
+            ch.bytes -= p.payload.len();
             self.stats.acked += 1;
             acked.newly.push((ack.channel, seq));
         }
@@ -485,6 +545,8 @@ struct InChannel {
     held: BTreeMap<u64, Bytes>,
     /// Every message in `delivered + 1..=ready_to` is held: the application can take them.
     ready_to: u64,
+    /// Their payload bytes.
+    ready_bytes: usize,
     /// Taken by the application: all of 1..=cumulative, plus `above`.
     cumulative: u64,
     above: BTreeSet<u64>,
@@ -501,6 +563,8 @@ pub struct Inbox {
     held_bytes: usize,
     /// The part of `held_bytes` in order (see `InChannel::ready_to`).
     ready_bytes: usize,
+    /// The channel [`Inbox::poll_deliver`] served last (it goes round the channels).
+    served_last: Option<u16>,
     stats: InboxStats,
     /// Copies delivered again when de-duplication is off.
     again: VecDeque<(u16, u64, Bytes)>,
@@ -514,6 +578,7 @@ impl Inbox {
             channels: BTreeMap::new(),
             held_bytes: 0,
             ready_bytes: 0,
+            served_last: None,
             stats: InboxStats::default(),
             again: VecDeque::new(),
         }
@@ -575,6 +640,7 @@ impl Inbox {
             // The run the application can take grows, maybe across messages that were waiting.
             while let Some(p) = ch.held.get(&(ch.ready_to + 1)) {
                 ch.ready_to += 1;
+                ch.ready_bytes += p.len();
                 self.ready_bytes += p.len();
             }
         }
@@ -596,22 +662,32 @@ impl Inbox {
         }
     }
 
-    /// The next message to hand to the application, in order per channel (channels in
-    /// ascending order). In auto-ack mode it counts as taken.
+    /// The next message to hand to the application, in order per channel; channels take turns
+    /// (round robin), so none starves while others are busy. In auto-ack mode it counts as
+    /// taken.
     pub fn poll_deliver(&mut self, now: u64) -> Option<(u16, u64, Bytes)> {
         if let Some(copy) = self.again.pop_front() {
             return Some(copy);
         }
         let reserved_from = self.config.reserved_from.unwrap_or(u16::MAX);
         let reserved = self.config.reserved_from.is_some();
+        // Round robin: start after the channel served last, so a busy channel cannot starve the
+        // others (channels in ascending order would always serve the lowest first).
+        use std::ops::Bound::{Excluded, Included, Unbounded};
+        let (after, upto) = match self.served_last {
+            Some(c) => ((Excluded(c), Unbounded), (Unbounded, Included(c))),
+            None => ((Unbounded, Unbounded), (Unbounded, Excluded(0))),
+        };
         let channel = *self
             .channels
-            .iter()
+            .range(after)
+            .chain(self.channels.range(upto))
             .find(|&(&c, ch)| {
                 !(reserved && c >= reserved_from)
                     && ch.held.first_key_value().is_some_and(|(&s, _)| s == ch.delivered + 1)
             })?
             .0;
+        self.served_last = Some(channel);
         let (seq, payload) = self.take_next(channel)?;
         if self.config.auto_ack {
             self.ack(channel, seq, now);
@@ -640,6 +716,7 @@ impl Inbox {
         ch.delivered = seq;
         self.held_bytes -= payload.len();
         self.ready_bytes -= payload.len();
+        ch.ready_bytes -= payload.len();
         self.stats.delivered += 1;
         Some((seq, payload))
     }
@@ -712,6 +789,11 @@ impl Inbox {
     /// [`Inbox::held_bytes`] waits behind a gap.
     pub fn ready_bytes(&self) -> usize {
         self.ready_bytes
+    }
+
+    /// The part of [`Inbox::ready_bytes`] on `channel`.
+    pub fn ready_bytes_of(&self, channel: u16) -> usize {
+        self.channels.get(&channel).map_or(0, |c| c.ready_bytes)
     }
 
     /// Counters.

@@ -147,7 +147,7 @@ fn run(
         // The application pushes while there is room (backpressure).
         for ch in 0..channels {
             let i = ch as usize;
-            if next_msg[i] <= per_channel && outbox.has_room(ch, 100) {
+            if next_msg[i] <= per_channel && outbox.has_room(ch, 100, now) {
                 let body = Bytes::from(format!("{ch}:{}", next_msg[i]));
                 let seq = outbox.push(ch, body, now).expect("has_room said yes");
                 assert_eq!(seq, next_msg[i]);
@@ -465,9 +465,9 @@ fn the_span_of_unacknowledged_messages_per_channel_is_bounded_by_the_peer_window
     for seq in 1..=3 {
         assert_eq!(o.push(0, Bytes::from_static(b"x"), 0), Ok(seq));
     }
-    assert!(!o.has_room(0, 1));
+    assert!(!o.has_room(0, 1, 0));
     assert!(o.push(0, Bytes::from_static(b"x"), 0).is_err());
-    assert!(o.has_room(1, 1), "other channels have their own span");
+    assert!(o.has_room(1, 1, 0), "other channels have their own span");
     while o.poll_transmit(0).is_some() {}
     // 2 and 3 acknowledged out of order: 1 still pins the span.
     o.on_ack(&AckRanges { channel: 0, cumulative: 0, ranges: vec![(2, 3)] }, 1).unwrap();
@@ -490,4 +490,53 @@ fn messages_behind_a_gap_have_their_own_bound_and_never_keep_out_the_one_that_fi
         assert_eq!(i.poll_deliver(0).map(|d| d.1), Some(seq));
     }
     assert_eq!((i.held_bytes(), i.ready_bytes()), (0, 0));
+}
+
+#[test]
+fn busy_channels_take_turns_so_none_starves() {
+    let mut i = Inbox::new(InboxConfig::default());
+    for seq in 1..=5 {
+        for ch in [0u16, 1, 2] {
+            assert_eq!(i.on_message(ch, seq, Bytes::from_static(b"x"), 0), Received::Accepted);
+        }
+    }
+    assert_eq!(i.ready_bytes_of(1), 5);
+    let order: Vec<u16> = std::iter::from_fn(|| i.poll_deliver(0)).map(|d| d.0).collect();
+    assert_eq!(order, [0, 1, 2].repeat(5), "round robin, not the lowest channel first");
+    // A channel that runs dry is skipped; the turn goes on from where it was.
+    for (ch, seq) in [(0u16, 6), (2, 6), (0, 7)] {
+        i.on_message(ch, seq, Bytes::from_static(b"x"), 0);
+    }
+    let order: Vec<u16> = std::iter::from_fn(|| i.poll_deliver(0)).map(|d| d.0).collect();
+    assert_eq!(order, [0, 2, 0]);
+    assert_eq!(i.ready_bytes(), 0);
+}
+
+#[test]
+fn a_busy_channel_cannot_keep_the_outbox_from_a_waiting_one() {
+    let mut o = Outbox::new(OutboxConfig { max_messages: 4, ..OutboxConfig::default() }, 1);
+    for _ in 0..4 {
+        o.push(0, Bytes::from_static(b"x"), 0).unwrap();
+    }
+    assert!(o.push(1, Bytes::from_static(b"y"), 0).is_err(), "full");
+    while o.poll_transmit(0).is_some() {}
+    o.on_ack(&AckRanges { channel: 0, cumulative: 2, ranges: vec![] }, 1).unwrap();
+    // Two slots free: channel 1 waits and holds nothing, so channel 0 may not take them.
+    assert!(o.push(0, Bytes::from_static(b"x"), 1).is_err());
+    assert_eq!(o.push(1, Bytes::from_static(b"y"), 1), Ok(1));
+    assert_eq!(o.push(1, Bytes::from_static(b"y"), 1), Ok(2));
+    assert!(o.push(0, Bytes::from_static(b"x"), 1).is_err(), "full again");
+    // Channel 0 now waits; room freed by channel 1's acknowledgement is shared out again.
+    while o.poll_transmit(1).is_some() {}
+    o.on_ack(&AckRanges { channel: 1, cumulative: 2, ranges: vec![] }, 2).unwrap();
+    assert_eq!(o.push(0, Bytes::from_static(b"x"), 2), Ok(5));
+    // Channel 1 holds nothing: it may always send one.
+    assert_eq!(o.push(1, Bytes::from_static(b"y"), 2), Ok(3));
+    assert!(o.push(1, Bytes::from_static(b"y"), 2).is_err(), "full");
+    // A wait that went stale (its sender gave up) no longer holds the others back.
+    o.on_ack(&AckRanges { channel: 0, cumulative: 5, ranges: vec![] }, 3).unwrap();
+    let later = 3 + WANTING_FRESH_MS + 1;
+    for _ in 0..3 {
+        assert!(o.push(1, Bytes::from_static(b"y"), later).is_ok());
+    }
 }
