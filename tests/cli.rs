@@ -101,6 +101,20 @@ fn send_exits_zero_only_after_the_listener_confirmed() {
     assert!(printed.contains("from client [") && printed.contains("channel 0 #1: hello there"), "{printed}");
 }
 
+/// A peer's payload cannot put escape sequences or line breaks on the operator's terminal.
+#[test]
+fn listen_escapes_control_characters_in_payloads() {
+    let pki = Pki::new("ca");
+    let dir = pki_dir(&pki, &["server", "client"]);
+    let (listener, addr) = start_listener(dir.path(), &["--count", "1"]);
+    let out = send(dir.path(), "client", "ca.crt", &addr, "5", &["red\x1b[31m\nforged"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listened = wait_with_deadline(listener);
+    let printed = String::from_utf8_lossy(&listened.stdout);
+    assert!(printed.contains("#1: red\\u{1b}[31m\\u{a}forged"), "{printed}");
+    assert!(!printed.contains('\x1b'), "{printed}");
+}
+
 #[test]
 fn send_fails_with_the_reason() {
     let pki = Pki::new("ca");

@@ -101,7 +101,7 @@ pub(crate) async fn listen(args: ListenArgs, out: &mut impl Write) -> quicseal::
                                 m.peer().fingerprint,
                                 m.channel(),
                                 m.seq(),
-                                String::from_utf8_lossy(m.payload())
+                                printable(m.payload())
                             );
                             if tx.send(line).await.is_err() {
                                 break;
@@ -128,6 +128,19 @@ pub(crate) async fn listen(args: ListenArgs, out: &mut impl Write) -> quicseal::
     }
 }
 
+/// A peer's payload as text safe to print on a terminal: invalid UTF-8 replaced, control
+/// characters (escape sequences, carriage returns, bells...) written as `\u{1b}`-style escapes,
+/// so a peer cannot rewrite the operator's screen or forge log lines.
+fn printable(payload: &[u8]) -> String {
+    String::from_utf8_lossy(payload)
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() { c.escape_unicode().collect() } else { vec![c] };
+            escaped
+        })
+        .collect()
+}
+
 pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> quicseal::Result<()> {
     if !(args.timeout.is_finite() && args.timeout > 0.0) {
         return Err(quicseal::Error::Config("--timeout must be a positive number of seconds".into()));
@@ -144,4 +157,14 @@ pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> quicseal::Resu
     session.close();
     node.wait_idle().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn peer_payloads_are_printed_without_control_characters() {
+        let shown = super::printable(b"hi\x1b[2J\r\nforged line\x07 \xff caf\xc3\xa9");
+        assert_eq!(shown, "hi\\u{1b}[2J\\u{d}\\u{a}forged line\\u{7} \u{fffd} caf\u{e9}");
+        assert!(!shown.chars().any(char::is_control));
+    }
 }
