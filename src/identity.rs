@@ -180,7 +180,8 @@ impl Identity {
     pub fn from_pem_files(cert: impl AsRef<Path>, key: impl AsRef<Path>) -> Result<Identity> {
         let (cert, key) = (cert.as_ref(), key.as_ref());
         let cert_pem = read(cert)?;
-        let key_pem = read(key)?;
+        // The key's bytes are wiped when dropped.
+        let key_pem = zeroize::Zeroizing::new(read(key)?);
         Self::build(&cert_pem, Some(cert), &key_pem, Some(key))
     }
 
@@ -201,7 +202,7 @@ impl Identity {
         .into_iter()
         .next()
         .expect("sections() returns at least one");
-        let key_der = match kind {
+        let mut key_der = match kind {
             SectionKind::PrivateKey => PrivateKeyDer::Pkcs8(der.into()),
             SectionKind::EcPrivateKey => PrivateKeyDer::Sec1(der.into()),
             _ => PrivateKeyDer::Pkcs1(der.into()),
@@ -211,8 +212,11 @@ impl Identity {
         let provider = crate::tls::provider();
         let signing_key = provider
             .key_provider
-            .load_private_key(key_der)
-            .map_err(|e| load_err(key_path, LoadProblem::Invalid(format!("unsupported or malformed key: {e}"))))?;
+            .load_private_key(key_der.clone_key())
+            .map_err(|e| load_err(key_path, LoadProblem::Invalid(format!("unsupported or malformed key: {e}"))));
+        // Our copy of the key is wiped; the signing key keeps its own (ring's, not ours to wipe).
+        zeroize::Zeroize::zeroize(&mut key_der);
+        let signing_key = signing_key?;
         let certified = CertifiedKey::new(chain, signing_key);
         match certified.keys_match() {
             Ok(()) => {}

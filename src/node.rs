@@ -582,8 +582,9 @@ async fn handshake(
             (send, recv, epoch, peer_hello, resumable)
         }
     };
-    let mut material = [0u8; KEY_MATERIAL_LEN];
-    conn.export_keying_material(&mut material, EXPORTER_LABEL, b"")
+    // Wiped once the keys are derived.
+    let mut material = zeroize::Zeroizing::new([0u8; KEY_MATERIAL_LEN]);
+    conn.export_keying_material(&mut material[..], EXPORTER_LABEL, b"")
         .map_err(|_| Error::Config("TLS exporter unavailable".into()))?;
     let side = if matches!(role, Role::Dialler(_)) { seal::Role::Dialler } else { seal::Role::Acceptor };
     let (mut sealing, opening) = seal::derive_keys(&material, side);
