@@ -66,6 +66,23 @@ impl FromStr for Fingerprint {
     }
 }
 
+/// SHA-256 over the issuer, subject and subject alternative names of `cert`, each length-prefixed.
+fn names_digest(cert: &x509_parser::certificate::X509Certificate<'_>) -> Fingerprint {
+    let san = cert
+        .extensions()
+        .iter()
+        .find(|e| e.oid == x509_parser::oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME)
+        .map_or(&[][..], |e| e.value);
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in [cert.issuer().as_raw(), cert.subject().as_raw(), san] {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Fingerprint(out)
+}
+
 /// The authenticated identity of a peer, read from its verified certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -80,6 +97,11 @@ pub struct PeerIdentity {
     pub common_name: Option<String>,
     /// SHA-256 of the certificate's public key.
     pub fingerprint: Fingerprint,
+    /// Who the certificate names, whatever its key: SHA-256 over its issuer, its subject and its
+    /// subject alternative names. A certificate renewed by the same CA for the same names (with
+    /// a new key) keeps it, so sessions resume by it (and retired epochs are remembered by it):
+    /// routine renewal does not end sessions.
+    pub names_digest: Fingerprint,
     /// End of the certificate's validity.
     pub not_after: SystemTime,
 }
@@ -95,6 +117,7 @@ impl PeerIdentity {
             uris: Vec::new(),
             common_name: cert.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).map(str::to_owned),
             fingerprint: Fingerprint::of_spki(cert.tbs_certificate.subject_pki.raw),
+            names_digest: names_digest(&cert),
             not_after: {
                 let t = cert.validity().not_after.timestamp();
                 if t >= 0 {
@@ -593,6 +616,7 @@ mod tests {
             uris: vec!["https://x".into(), "spiffe://example.org/node/a".into()],
             common_name: None,
             fingerprint: Fingerprint([0; 32]),
+            names_digest: Fingerprint([0; 32]),
             not_after: UNIX_EPOCH,
         };
         assert_eq!(id.spiffe_trust_domain(), Some("example.org"));

@@ -72,7 +72,9 @@ struct Shared {
     retired: Arc<std::sync::Mutex<EpochBook<Fingerprint>>>,
     /// RPC handlers and their shared state (cache, node-wide concurrency).
     rpc: Arc<RpcServer>,
-    /// Accepted sessions a reconnecting peer may resume, by (peer key, peer epoch).
+    /// Accepted sessions a reconnecting peer may resume, by (peer's names digest, peer epoch):
+    /// by what the certificate names rather than its key, so a peer that renewed its
+    /// certificate (new key, same names, same CA) resumes its sessions.
     resumable: Arc<std::sync::Mutex<HashMap<(Fingerprint, u64), Resumable>>>,
     /// Incoming handshakes in progress, in all and per IP address.
     handshakes: Arc<std::sync::Mutex<Handshakes>>,
@@ -203,7 +205,7 @@ impl Node {
         let epoch = random_epoch()?;
         let result = dial(shared, addr, server_name, epoch, None).await;
         let result = result.map(|h| {
-            let (peer_fp, peer_epoch) = (h.peer.fingerprint, h.peer_hello.epoch);
+            let (peer_fp, peer_epoch) = (h.peer.names_digest, h.peer_hello.epoch);
             let redial: Redial = {
                 let (node, name) = (Arc::downgrade(shared), server_name.to_owned());
                 Arc::new(move || {
@@ -426,7 +428,7 @@ async fn accept_one(shared: &Arc<Shared>, incoming: quinn::Incoming) -> Result<O
     }
 }
 
-/// Dials `addr` and runs the quicseal handshake; `resume` is the (peer key, peer epoch) of a
+/// Dials `addr` and runs the quicseal handshake; `resume` is the (peer names digest, peer epoch) of a
 /// session to resume.
 async fn dial(
     shared: &Arc<Shared>,
@@ -531,7 +533,7 @@ async fn handshake(
             let (peer_hello, _) = read_hello(&conn, &mut recv, &lost).await?;
             let peer_epoch = peer_hello.epoch;
             match resume {
-                Some((fp, expected)) if fp != peer.fingerprint || expected != peer_epoch => {
+                Some((names, expected)) if names != peer.names_digest || expected != peer_epoch => {
                     conn.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), b"protocol violation");
                     return Err(Error::ProtocolViolation {
                         side: Side::Local,
@@ -539,7 +541,7 @@ async fn handshake(
                     });
                 }
                 Some(_) => {}
-                None if retired(&peer.fingerprint, peer_epoch) => return Err(refuse_retired(peer_epoch)),
+                None if retired(&peer.names_digest, peer_epoch) => return Err(refuse_retired(peer_epoch)),
                 None => {}
             }
             (send, recv, epoch, peer_hello, None)
@@ -555,7 +557,7 @@ async fn handshake(
             }
             let (peer_hello, wants_resume) = read_hello(&conn, &mut recv, &lost).await?;
             let peer_epoch = peer_hello.epoch;
-            if retired(&peer.fingerprint, peer_epoch) {
+            if retired(&peer.names_digest, peer_epoch) {
                 return Err(refuse_retired(peer_epoch));
             }
             let (epoch, resumable) = if wants_resume {
@@ -563,7 +565,7 @@ async fn handshake(
                     .resumable
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .get(&(peer.fingerprint, peer_epoch))
+                    .get(&(peer.names_digest, peer_epoch))
                     .cloned();
                 match found.as_ref().and_then(|r| r.epoch().map(|e| (e, r.clone()))) {
                     Some((epoch, r)) => (epoch, Some(r)),
@@ -606,7 +608,7 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
     let limits = &shared.limits;
     let local_max = limits.max_message_size;
     let tally = Tally { session: Arc::default(), node: shared.counters.clone() };
-    let (fingerprint, peer_epoch) = (h.peer.fingerprint, h.peer_hello.epoch);
+    let (fingerprint, peer_epoch) = (h.peer.names_digest, h.peer_hello.epoch);
     let accepted = redial.is_none();
     let on_end: EndHook = {
         let (retired, resumable) = (shared.retired.clone(), shared.resumable.clone());

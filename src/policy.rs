@@ -123,6 +123,7 @@ mod tests {
             uris: vec!["spiffe://example.org/node/a".into()],
             common_name: Some("a".into()),
             fingerprint: Fingerprint([7; 32]),
+            names_digest: Fingerprint([8; 32]),
             not_after: UNIX_EPOCH,
         }
     }

@@ -283,3 +283,34 @@ async fn message_keys_are_replaced_before_their_usage_limit() {
     assert!(s.rekeys >= u64::from(N) / 100, "{s:?}");
     assert!(ab.epoch() != 0 && !ab.is_ended());
 }
+
+/// Routine renewal: both nodes load a renewed certificate (new key, same names, same CA) and
+/// the session moves to a new connection: it resumes instead of ending (sessions resume by what
+/// the certificate names, not by its key).
+#[tokio::test]
+async fn sessions_survive_certificate_renewal_with_a_new_key() {
+    let pki = Pki::new("ca");
+    let (a, b, ab, ba) = session_pair(&pki, quick_limits(), quick_limits()).await;
+    let (old_a, old_b) = (a.identity().fingerprint(), b.identity().fingerprint());
+    a.reload(pki.identity("a"), pki.trust()).unwrap();
+    b.reload(pki.identity("b"), pki.trust()).unwrap();
+    assert_ne!(a.identity().fingerprint(), old_a);
+    assert_ne!(b.identity().fingerprint(), old_b);
+    let mut events = ab.events();
+    ab.force_reconnect();
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await.unwrap() {
+                SessionEvent::Resumed => return Ok(()),
+                SessionEvent::GaveUp { reason } => return Err(reason),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("resumed or gave up in time");
+    assert_eq!(outcome, Ok(()));
+    ab.send(0, &7u32).await.unwrap();
+    assert_eq!(ba.recv().await.unwrap().decode::<u32>().unwrap(), 7);
+    assert_eq!(ab.stats().reconnects, 1);
+}

@@ -134,9 +134,11 @@ pub fn hello_bytes(epoch: u64) -> Vec<u8> {
     hello
 }
 
-/// [`raw_hello_epoch`] with a fixed epoch.
+/// [`raw_hello_epoch`] with an epoch of its own: a node retires the epochs of ended sessions by
+/// the peer's names, so each raw session needs a new one.
 pub async fn raw_hello(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
-    raw_hello_epoch(conn, 0x5eed).await.0
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0x5eed);
+    raw_hello_epoch(conn, NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)).await.0
 }
 
 /// The TLS alert a QUIC close carries, if it is a crypto error.
