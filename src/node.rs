@@ -253,7 +253,8 @@ impl Node {
         }
     }
 
-    /// Replaces this node's identity and trust store (CAs, CRLs, deny-list) without a restart.
+    /// Replaces this node's identity and trust store (CAs, CRLs) without a restart, and adds
+    /// the new store's denied keys to the node's deny-list.
     ///
     /// New handshakes (new sessions, and reconnections of existing ones) use the new material;
     /// established connections keep running. Material that does not make a usable TLS
@@ -261,11 +262,36 @@ impl Node {
     /// keeps what it had, and so is a trust store whose CRL for a CA it still trusts is older
     /// than the one in force, or missing (revocation never goes back). Certificates and CAs
     /// that expire within 30 days are logged.
-    pub fn reload(&self, identity: Identity, trust: TrustStore) -> Result<()> {
+    ///
+    /// One rule for the deny-list, whoever reloads (this method, [`Node::reload_trust`] or the
+    /// certificate watcher): a reload never lifts a denial; only [`Node::undeny`] does.
+    pub fn reload(&self, identity: Identity, mut trust: TrustStore) -> Result<()> {
+        // Revocation never goes back (a CRL older than the one in force would un-revoke), and
+        // neither does the deny-list.
+        let current = self.trust();
+        trust.check_no_revocation_rollback(&current)?;
+        for fp in current.denied_keys() {
+            trust.deny(fp);
+        }
+        self.install(identity, trust)
+    }
+
+    /// Lifts the denial of a key; returns whether it was denied. New handshakes accept it again
+    /// (if the trust store and the policy do).
+    pub fn undeny(&self, fingerprint: Fingerprint) -> Result<bool> {
+        let (identity, mut trust) = self.inner.shared.material.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if !trust.denied.remove(&fingerprint) {
+            return Ok(false);
+        }
+        self.install(identity, trust)?;
+        info!(%fingerprint, "key removed from the deny-list");
+        Ok(true)
+    }
+
+    /// Puts new material in place for new handshakes.
+    fn install(&self, identity: Identity, trust: TrustStore) -> Result<()> {
         let shared = &self.inner.shared;
         let context = TlsContext::new(&identity, &trust)?;
-        // Revocation never goes back (a CRL older than the one in force would un-revoke).
-        trust.check_no_revocation_rollback(&self.trust())?;
         let expiry = crate::reload::Expiry::of(&identity, &trust);
         *shared.tls.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(context);
         *shared.material.write().unwrap_or_else(|e| e.into_inner()) = (identity, trust);

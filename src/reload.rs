@@ -145,7 +145,7 @@ impl CertFiles {
         self
     }
 
-    /// Loads the files: identity and trust store (without a deny-list).
+    /// Loads the files: identity and trust store (the node adds its deny-list when it reloads).
     pub fn load(&self) -> Result<(Identity, TrustStore)> {
         let identity = Identity::from_pem_files(&self.cert, &self.key)?;
         let mut trust = TrustStore::from_ca_file(&self.ca)?;
@@ -236,12 +236,8 @@ impl crate::Node {
                         st.last_error = None;
                         failed = None;
                     } else if failed != Some(now) {
-                        let result = files.load().and_then(|(identity, mut trust)| {
-                            for fp in node.trust().denied_keys() {
-                                trust.deny(fp);
-                            }
-                            node.reload(identity, trust)
-                        });
+                        // The node keeps its deny-list across reloads (see `Node::reload`).
+                        let result = files.load().and_then(|(identity, trust)| node.reload(identity, trust));
                         match result {
                             Ok(()) => {
                                 loaded = now;

@@ -517,3 +517,24 @@ async fn ipv6_loopback() {
     ab.send(0, "over v6").await.unwrap();
     assert_eq!(ba.recv().await.unwrap().decode::<String>().unwrap(), "over v6");
 }
+
+/// One rule for the deny-list: no reload lifts a denial (neither `reload_trust` with a store
+/// that does not deny the key, nor the watcher); only `Node::undeny` does.
+#[tokio::test]
+async fn a_reload_never_lifts_a_denial_only_undeny_does() {
+    let pki = Pki::new("ca");
+    let client = pki.identity("client");
+    let mut trust = pki.trust();
+    trust.deny(client.fingerprint());
+    let server = bind(NodeConfig::new(pki.identity("server"), trust));
+    server.reload_trust(pki.trust()).unwrap();
+    assert_eq!(server.trust().denied_keys(), [client.fingerprint()]);
+    let dialler = bind(NodeConfig::new(client.clone(), pki.trust()));
+    let (c, s) = connect(&dialler, &server, "server").await;
+    assert!(c.is_err() && s.is_err(), "still denied after the reload");
+    assert!(server.undeny(client.fingerprint()).unwrap());
+    assert!(!server.undeny(client.fingerprint()).unwrap(), "nothing left to lift");
+    let (c, s) = connect(&dialler, &server, "server").await;
+    c.unwrap();
+    s.unwrap();
+}
