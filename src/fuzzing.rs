@@ -223,12 +223,13 @@ pub fn rpc_cache(data: &[u8]) {
         horizon_ms: 100,
     };
     let mut cache = ResponseCache::new(config);
-    // What the model knows: running keys, and the response each finished key got.
-    let mut running: HashMap<u8, ()> = HashMap::new();
-    let mut finished: HashMap<u8, Bytes> = HashMap::new();
+    // What the model knows: running keys, and the response each finished key got. Keys are
+    // (caller, call), four callers.
+    let mut running: HashMap<(u8, u8), ()> = HashMap::new();
+    let mut finished: HashMap<(u8, u8), Bytes> = HashMap::new();
     let mut now = 0u64;
     for op in ops.chunks_exact(3) {
-        let key = op[1] % 32;
+        let key = (op[1] % 4, op[1] % 32);
         now += u64::from(op[2] % 16);
         match op[0] % 4 {
             0 | 1 => match cache.begin(key, now) {
@@ -245,7 +246,7 @@ pub fn rpc_cache(data: &[u8]) {
             },
             2 => {
                 if running.remove(&key).is_some() {
-                    let body = Bytes::from(vec![key; usize::from(op[2] % 24)]);
+                    let body = Bytes::from(vec![key.1; usize::from(op[2] % 24)]);
                     cache.finish(key, Status::Ok, body.clone(), now);
                     finished.insert(key, body);
                 }

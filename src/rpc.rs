@@ -220,6 +220,13 @@ pub struct RouterConfig {
     pub per_session: usize,
     /// Handlers running at once for the whole node. Default 4,096.
     pub per_node: usize,
+    /// Handlers running at once for one peer (by its certificate key), across all its sessions:
+    /// its fair share of `per_node`. Default 1,024.
+    pub per_peer: usize,
+    /// Longest budget a caller's request gets: a longer one is cut to this, so a caller cannot
+    /// make a handler's slot (and its place in the call cache) last for weeks. Default 5
+    /// minutes.
+    pub max_budget: Duration,
     /// Largest request body accepted (beyond: [`RemoteError::RequestTooLarge`]); the session's
     /// message size limit applies too. Default 1 MiB.
     pub max_request_size: usize,
@@ -235,6 +242,8 @@ impl Default for RouterConfig {
         RouterConfig {
             per_session: 256,
             per_node: 4096,
+            per_peer: 1024,
+            max_budget: Duration::from_secs(300),
             max_request_size: 1 << 20,
             cache: CacheConfig::default(),
             cancel_grace: Duration::from_secs(1),
@@ -401,7 +410,27 @@ pub(crate) struct RpcServer {
     /// Lock order: `cache`, then `inflight`.
     cache: Mutex<ResponseCache<Key>>,
     inflight: Mutex<HashMap<Key, Inflight>>,
+    /// Handlers running per peer (see [`RouterConfig::per_peer`]).
+    per_peer: Arc<Mutex<HashMap<Fingerprint, usize>>>,
     started: Instant,
+}
+
+/// One handler slot of a peer: counted until dropped.
+struct PeerSlot {
+    running: Arc<Mutex<HashMap<Fingerprint, usize>>>,
+    peer: Fingerprint,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = running.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                running.remove(&self.peer);
+            }
+        }
+    }
 }
 
 impl RpcServer {
@@ -411,6 +440,7 @@ impl RpcServer {
             node_permits: Arc::new(Semaphore::new(config.per_node)),
             cache: Mutex::new(ResponseCache::new(config.cache)),
             inflight: Mutex::new(HashMap::new()),
+            per_peer: Arc::default(),
             started: Instant::now(),
             router,
             config,
@@ -420,8 +450,13 @@ impl RpcServer {
     /// Checks a router's limits (at [`Node::bind`](crate::Node::bind)).
     pub(crate) fn validate(router: &Router) -> Result<()> {
         let c = &router.config;
-        if c.per_session == 0 || c.per_node == 0 || c.cache.max_entries == 0 {
-            return Err(Error::Config("RPC per_session, per_node and cache.max_entries must be at least 1".into()));
+        if c.per_session == 0 || c.per_node == 0 || c.per_peer == 0 || c.cache.max_entries == 0 {
+            return Err(Error::Config(
+                "RPC per_session, per_node, per_peer and cache.max_entries must be at least 1".into(),
+            ));
+        }
+        if c.max_budget.is_zero() {
+            return Err(Error::Config("RPC max_budget must be positive".into()));
         }
         if c.per_node > Semaphore::MAX_PERMITS || c.per_session > Semaphore::MAX_PERMITS {
             return Err(Error::Config("RPC concurrency limits are too large".into()));
@@ -439,6 +474,17 @@ impl RpcServer {
 
     fn inflight(&self) -> MutexGuard<'_, HashMap<Key, Inflight>> {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A handler slot for `peer`, if it has fewer than `per_peer` running.
+    fn peer_slot(&self, peer: Fingerprint) -> Option<PeerSlot> {
+        let mut running = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let n = running.entry(peer).or_insert(0);
+        if *n >= self.config.per_peer {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot { running: self.per_peer.clone(), peer })
     }
 }
 
@@ -541,7 +587,8 @@ impl SessionRpc {
     }
 
     fn serve(self: &Arc<Self>, outlet: &Outlet, call: CallId, method: String, budget_ms: u32, idem: bool, body: Bytes) {
-        let deadline = Instant::now() + Duration::from_millis(u64::from(budget_ms));
+        let budget = Duration::from_millis(u64::from(budget_ms)).min(self.server.config.max_budget);
+        let deadline = Instant::now() + budget;
         let Some(router) = &self.server.router else {
             return self.answer(outlet, call, Status::UnknownMethod, Bytes::new());
         };
@@ -590,9 +637,12 @@ impl SessionRpc {
                 });
             }
             Some(Begin::Run) => {
-                let permits =
-                    (self.session_permits.clone().try_acquire_owned(), server.node_permits.clone().try_acquire_owned());
-                let (Ok(session_permit), Ok(node_permit)) = permits else {
+                let permits = (
+                    self.session_permits.clone().try_acquire_owned(),
+                    server.node_permits.clone().try_acquire_owned(),
+                    server.peer_slot(self.peer.fingerprint),
+                );
+                let (Ok(session_permit), Ok(node_permit), Some(peer_slot)) = permits else {
                     cache.abandon(&key);
                     drop(cache);
                     outlet.count(Counter::rpc_overloaded);
@@ -614,7 +664,7 @@ impl SessionRpc {
                 self.owe();
                 tokio::spawn(async move {
                     this.run(&outlet, key, handler, ctx, body).await;
-                    drop((session_permit, node_permit));
+                    drop((session_permit, node_permit, peer_slot));
                 });
             }
         }

@@ -629,3 +629,72 @@ async fn two_nodes_calling_each_other_through_a_tiny_outbox_do_not_stall() {
     assert_eq!(answered, handled);
     assert!(answered > 0);
 }
+
+/// One peer's share of the node's handler slots: across all its sessions it runs at most
+/// `per_peer` handlers; another peer still gets its own.
+#[tokio::test]
+async fn handler_slots_are_shared_fairly_between_peers() {
+    let gate = Arc::new(Notify::new());
+    let running = Arc::new(AtomicUsize::new(0));
+    let router = Router::new()
+        .config(limits_of(|c| {
+            c.per_session = 2;
+            c.per_peer = 3;
+            c.per_node = 100;
+        }))
+        .handle("hold", {
+            let (gate, running) = (gate.clone(), running.clone());
+            move |_call: Call, i: u32| {
+                let (gate, running) = (gate.clone(), running.clone());
+                async move {
+                    running.fetch_add(1, Ordering::SeqCst);
+                    gate.notified().await;
+                    Ok::<_, ApplicationError>(i)
+                }
+            }
+        });
+    let pki = Pki::new("ca");
+    let server = server_node(&pki, router);
+    let greedy = bind(NodeConfig::new(pki.identity("greedy"), pki.trust()));
+    let (g1, _s1) = connect(&greedy, &server, "server").await;
+    let (g2, _s2) = connect(&greedy, &server, "server").await;
+    let (g1, g2) = (g1.unwrap(), g2.unwrap());
+    let spawn_call = |c: &Session, i: u32| {
+        let c = c.clone();
+        tokio::spawn(async move { c.request::<_, u32>("hold", &i, Duration::from_secs(30)).await })
+    };
+    let held = [spawn_call(&g1, 1), spawn_call(&g1, 2), spawn_call(&g2, 3)];
+    while running.load(Ordering::SeqCst) < 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The greedy peer's second session has a free session slot, but the peer has used its share.
+    let e = g2.request::<_, u32>("hold", &4u32, SECOND).await.unwrap_err();
+    assert_eq!(remote(e), RemoteError::Overloaded);
+    // Another peer is served.
+    let other = bind(NodeConfig::new(pki.identity("other"), pki.trust()));
+    let (o, _so) = connect(&other, &server, "server").await;
+    let o = o.unwrap();
+    let call = spawn_call(&o, 5);
+    while running.load(Ordering::SeqCst) < 4 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    while !(call.is_finished() && held.iter().all(|h| h.is_finished())) {
+        gate.notify_waiters();
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(call.await.unwrap().unwrap(), 5);
+}
+
+/// A caller's budget is cut to `max_budget`: a handler never gets weeks.
+#[tokio::test]
+async fn call_budgets_are_capped_by_the_server() {
+    let router = Router::new()
+        .config(limits_of(|c| c.max_budget = Duration::from_secs(2)))
+        .handle("remaining", |call: Call, (): ()| async move {
+            Ok::<_, ApplicationError>(call.remaining().as_millis() as u64)
+        });
+    let (client, _server_side, _server, _client_node) = pair(router).await;
+    let remaining: u64 = client.request("remaining", &(), Duration::from_secs(3600)).await.unwrap();
+    assert!(remaining <= 2000, "{remaining} ms left of a budget capped at 2 s");
+    assert!(remaining > 0);
+}

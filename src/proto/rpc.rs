@@ -17,7 +17,7 @@
 //! Deadlines travel as relative budgets (as tarpc does), so clock skew between nodes does not
 //! break them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 
 use bytes::Bytes;
@@ -329,29 +329,74 @@ enum Entry {
     Done { status: Status, body: Bytes },
 }
 
+/// A cache key that names who made the call, so that callers share the cache fairly.
+pub trait CallKey: Hash + Eq + Clone {
+    /// Who made the call (quicseal: the caller's certificate).
+    type Caller: Hash + Eq + Clone;
+    /// The caller of this call.
+    fn caller(&self) -> Self::Caller;
+}
+
+/// A (caller, call) pair: the first element is the caller.
+impl<C: Hash + Eq + Clone, I: Hash + Eq + Clone> CallKey for (C, I) {
+    type Caller = C;
+    fn caller(&self) -> C {
+        self.0.clone()
+    }
+}
+
+/// A bare number: every call from the same (one) caller.
+impl CallKey for u64 {
+    type Caller = ();
+    fn caller(&self) {}
+}
+
 /// The server's at-most-once memory of calls, keyed by whatever identifies a call (quicseal
 /// uses (peer key, peer epoch, request id)). Bounded by count, bytes and time; a running call
 /// is never forgotten.
+///
+/// Fair shares: when the cache is over a bound, the call forgotten is the oldest finished call
+/// of the caller holding the most calls. A caller flooding cheap calls thus forgets its own,
+/// and can make another caller's calls be forgotten only while that caller holds as many.
 #[derive(Debug)]
-pub struct ResponseCache<K> {
+pub struct ResponseCache<K: CallKey> {
     config: CacheConfig,
     entries: HashMap<K, Entry>,
-    /// Finished calls, oldest first, for eviction.
-    finished: VecDeque<(u64, K)>,
+    /// Finished calls by finishing order, with their finishing time (for the horizon).
+    done: BTreeMap<u64, (u64, K)>,
+    next_order: u64,
+    /// Per caller: calls held (running and finished), and its finished calls' orders.
+    callers: HashMap<K::Caller, CallerShare>,
     bytes: usize,
     /// Finished calls forgotten before their horizon (over the bounds), not yet taken.
     early: u64,
 }
 
-impl<K: Hash + Eq + Clone> ResponseCache<K> {
+#[derive(Debug, Default)]
+struct CallerShare {
+    held: usize,
+    finished: BTreeSet<u64>,
+}
+
+impl<K: CallKey> ResponseCache<K> {
     /// An empty cache.
     pub fn new(config: CacheConfig) -> ResponseCache<K> {
-        ResponseCache { config, entries: HashMap::new(), finished: VecDeque::new(), bytes: 0, early: 0 }
+        ResponseCache {
+            config,
+            entries: HashMap::new(),
+            done: BTreeMap::new(),
+            next_order: 0,
+            callers: HashMap::new(),
+            bytes: 0,
+            early: 0,
+        }
     }
 
-    /// Decides about a request for `key` arriving at `now`. When the cache is full, the oldest
-    /// finished call is forgotten to make room (an early eviction); `None` means it is full of
-    /// running calls: answer [`Status::Overloaded`].
+    /// Decides about a request for `key` arriving at `now`. When the cache is full, a finished
+    /// call is forgotten to make room (an early eviction; see the fair shares above); `None`
+    /// means no finished call may be forgotten for this caller (the cache is full of running
+    /// calls, or of finished calls of callers holding fewer than this one): answer
+    /// [`Status::Overloaded`].
     pub fn begin(&mut self, key: K, now: u64) -> Option<Begin> {
         self.evict(now);
         match self.entries.get(&key) {
@@ -359,27 +404,34 @@ impl<K: Hash + Eq + Clone> ResponseCache<K> {
             Some(Entry::Done { status, body, .. }) => return Some(Begin::Answer(status.clone(), body.clone())),
             None => {}
         }
-        // Full: make room by forgetting the oldest finished call; only a cache full of running
-        // calls refuses.
+        let caller = key.caller();
         while self.entries.len() >= self.config.max_entries {
-            let (_, oldest) = self.finished.pop_front()?;
-            if let Some(Entry::Done { body, .. }) = self.entries.remove(&oldest) {
-                self.bytes -= body.len();
-                self.early += 1;
+            let mine = self.callers.get(&caller).map_or(0, |c| c.held);
+            let victim = self.largest_with_finished()?;
+            if self.callers[&victim].held < mine {
+                // This caller holds the most, all of it running: it waits for its own calls.
+                return None;
             }
+            self.forget_oldest_of(&victim);
+            self.early += 1;
         }
         self.entries.insert(key, Entry::Running);
+        self.callers.entry(caller).or_default().held += 1;
         Some(Begin::Run)
     }
 
     /// Records how a call that [`ResponseCache::begin`] said to run ended.
     pub fn finish(&mut self, key: K, status: Status, body: Bytes, now: u64) {
-        if !matches!(self.entries.get(&key), Some(Entry::Running)) {
+        let Some(entry) = self.entries.get_mut(&key) else { return };
+        if !matches!(entry, Entry::Running) {
             return;
         }
+        let order = self.next_order;
+        self.next_order += 1;
         self.bytes += body.len();
-        self.entries.insert(key.clone(), Entry::Done { status, body });
-        self.finished.push_back((now, key));
+        *entry = Entry::Done { status, body };
+        self.callers.entry(key.caller()).or_default().finished.insert(order);
+        self.done.insert(order, (now, key));
         self.evict(now);
     }
 
@@ -388,24 +440,57 @@ impl<K: Hash + Eq + Clone> ResponseCache<K> {
     pub fn abandon(&mut self, key: &K) {
         if matches!(self.entries.get(key), Some(Entry::Running)) {
             self.entries.remove(key);
+            self.release(&key.caller());
         }
     }
 
-    /// Forgets finished calls older than the horizon, and the oldest ones beyond the bounds.
+    /// Forgets finished calls older than the horizon, then, while over a bound, the oldest
+    /// finished call of the caller holding the most.
     pub fn evict(&mut self, now: u64) {
-        while let Some((at, key)) = self.finished.front() {
-            let expired = now.saturating_sub(*at) > self.config.horizon_ms;
-            let over = self.entries.len() > self.config.max_entries || self.bytes > self.config.max_bytes;
-            if !expired && !over {
+        while let Some((&order, &(at, _))) = self.done.first_key_value() {
+            if now.saturating_sub(at) <= self.config.horizon_ms {
                 break;
             }
-            if !expired {
-                self.early += 1;
+            self.forget(order);
+        }
+        while self.entries.len() > self.config.max_entries || self.bytes > self.config.max_bytes {
+            let Some(victim) = self.largest_with_finished() else { break };
+            self.forget_oldest_of(&victim);
+            self.early += 1;
+        }
+    }
+
+    /// The caller holding the most calls among those with a finished call to forget.
+    fn largest_with_finished(&self) -> Option<K::Caller> {
+        self.callers.iter().filter(|(_, c)| !c.finished.is_empty()).max_by_key(|(_, c)| c.held).map(|(k, _)| k.clone())
+    }
+
+    fn forget_oldest_of(&mut self, caller: &K::Caller) {
+        if let Some(&order) = self.callers.get(caller).and_then(|c| c.finished.first()) {
+            self.forget(order);
+        }
+    }
+
+    /// Forgets the finished call of this finishing order.
+    fn forget(&mut self, order: u64) {
+        let Some((_, key)) = self.done.remove(&order) else { return };
+        if let Some(Entry::Done { body, .. }) = self.entries.remove(&key) {
+            self.bytes -= body.len();
+        }
+        let caller = key.caller();
+        if let Some(c) = self.callers.get_mut(&caller) {
+            c.finished.remove(&order);
+        }
+        self.release(&caller);
+    }
+
+    /// One call fewer held by `caller`.
+    fn release(&mut self, caller: &K::Caller) {
+        if let Some(c) = self.callers.get_mut(caller) {
+            c.held -= 1;
+            if c.held == 0 {
+                self.callers.remove(caller);
             }
-            if let Some(Entry::Done { body, .. }) = self.entries.remove(key) {
-                self.bytes -= body.len();
-            }
-            self.finished.pop_front();
         }
     }
 
@@ -428,6 +513,11 @@ impl<K: Hash + Eq + Clone> ResponseCache<K> {
     /// Bytes of cached response bodies.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Calls `caller` holds (running and finished).
+    pub fn held_by(&self, caller: &K::Caller) -> usize {
+        self.callers.get(caller).map_or(0, |c| c.held)
     }
 }
 
@@ -645,5 +735,32 @@ mod tests {
         c.abandon(&2);
         assert_eq!(c.begin(3, 6), Some(Begin::Run));
         assert_eq!(c.begin(2, 6), Some(Begin::Answer(Status::Ok, Bytes::from_static(b"123456"))));
+    }
+
+    /// One caller flooding cheap calls forgets its own finished calls, not another caller's.
+    #[test]
+    fn a_flooding_caller_evicts_its_own_calls_not_others() {
+        let mut c = ResponseCache::new(CacheConfig { max_entries: 10, max_bytes: 1 << 20, horizon_ms: 1_000_000 });
+        for id in 0..3u64 {
+            assert_eq!(c.begin(("quiet", id), 0), Some(Begin::Run));
+            c.finish(("quiet", id), Status::Ok, Bytes::from_static(b"q"), 0);
+        }
+        for id in 0..1000u64 {
+            assert_eq!(c.begin(("flood", id), id), Some(Begin::Run));
+            c.finish(("flood", id), Status::Ok, Bytes::new(), id);
+        }
+        for id in 0..3u64 {
+            assert_eq!(c.begin(("quiet", id), 2000), Some(Begin::Answer(Status::Ok, Bytes::from_static(b"q"))));
+        }
+        assert_eq!((c.held_by(&"quiet"), c.held_by(&"flood"), c.len()), (3, 7, 10));
+        // A caller whose share is all running waits for its own calls to finish.
+        let mut c = ResponseCache::new(CacheConfig { max_entries: 4, max_bytes: 1 << 20, horizon_ms: 1_000_000 });
+        c.begin(("quiet", 0), 0);
+        c.finish(("quiet", 0), Status::Ok, Bytes::new(), 0);
+        for id in 0..3u64 {
+            assert_eq!(c.begin(("flood", id), 0), Some(Begin::Run));
+        }
+        assert_eq!(c.begin(("flood", 9), 0), None, "holds the most, none finished: overloaded");
+        assert_eq!(c.held_by(&"quiet"), 1, "the other caller's call is kept");
     }
 }
