@@ -22,6 +22,8 @@ use crate::policy::Policy;
 /// | `max_connections` | 1,024 | open incoming connections of a node (beyond it they are refused); dials count separately |
 /// | `max_handshakes` | 256 | incoming handshakes in progress (beyond it they are refused) |
 /// | `max_handshakes_per_address` | 64 | incoming handshakes in progress from one IP address |
+/// | `max_connections_per_peer` | 16 | incoming connections one peer identity may have open |
+/// | `node_receive_buffer` | 256 MiB | received messages not yet taken, over all sessions |
 /// | `retry_above` | 32 | handshakes in progress beyond which an unvalidated address gets a QUIC Retry first |
 /// | `max_channels` | 64 | channels (QUIC streams) each side may open per session |
 /// | `idle_timeout` | 30 s | a connection with no traffic is closed after this |
@@ -56,6 +58,12 @@ pub struct Limits {
     pub max_handshakes: usize,
     /// Most incoming handshakes in progress from one IP address.
     pub max_handshakes_per_address: usize,
+    /// Most incoming connections one peer (one certificate identity) may have open with this
+    /// node; beyond, new ones are closed with `PEER_LIMIT`.
+    pub max_connections_per_peer: usize,
+    /// Most bytes received and not yet taken by the application, over all the node's sessions
+    /// (each session also has `receive_buffer`); beyond, QUIC flow control holds peers back.
+    pub node_receive_buffer: usize,
     /// Incoming handshakes in progress beyond which a peer whose address is not yet validated
     /// gets a QUIC Retry first (RFC 9000 section 8.1): it must echo a token, which proves it
     /// receives at its address, before it costs us any state.
@@ -111,6 +119,8 @@ impl Default for Limits {
             max_connections: 1024,
             max_handshakes: 256,
             max_handshakes_per_address: 64,
+            max_connections_per_peer: 16,
+            node_receive_buffer: 256 << 20,
             retry_above: 32,
             max_channels: 64,
             idle_timeout: Duration::from_secs(30),
@@ -152,8 +162,13 @@ impl Limits {
         if self.max_connections == 0 || self.max_channels == 0 || self.accept_queue == 0 {
             return bad("max_connections, max_channels and accept_queue must be at least 1".into());
         }
-        if self.max_handshakes == 0 || self.max_handshakes_per_address == 0 {
-            return bad("max_handshakes and max_handshakes_per_address must be at least 1".into());
+        if self.max_handshakes == 0 || self.max_handshakes_per_address == 0 || self.max_connections_per_peer == 0 {
+            return bad(
+                "max_handshakes, max_handshakes_per_address and max_connections_per_peer must be at least 1".into()
+            );
+        }
+        if self.node_receive_buffer < self.receive_buffer {
+            return bad("node_receive_buffer must be at least receive_buffer".into());
         }
         if self.stream_receive_window == 0 || self.connection_receive_window == 0 || self.send_window == 0 {
             return bad("flow-control windows must be positive".into());

@@ -244,6 +244,9 @@ pub mod close_code {
     pub const RECONNECT: u32 = 0x8;
     /// A resuming peer asked for a session this node does not have.
     pub const UNKNOWN_SESSION: u32 = 0x9;
+    /// The peer already has as many connections with this node as it may
+    /// (`Limits::max_connections_per_peer`); a later attempt may succeed.
+    pub const PEER_LIMIT: u32 = 0xA;
 }
 
 /// The first TLS alert code, as QUIC carries it in a transport error (RFC 9001, section 4.8).
@@ -318,6 +321,7 @@ fn from_application_close(code: u64, reason: &[u8]) -> Error {
         Ok(close_code::UNKNOWN_SESSION) => {
             Error::ProtocolViolation { side: Side::Remote, reason: "the peer has no such session to resume".into() }
         }
+        Ok(close_code::PEER_LIMIT) => Error::Refused,
         Ok(close_code::NO_ERROR) => Error::ConnectionLost { reason: format!("closed by the peer: {reason}") },
         _ => Error::ConnectionLost { reason: format!("closed by the peer with code {code}: {reason}") },
     }

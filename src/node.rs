@@ -80,6 +80,10 @@ struct Shared {
     handshakes: Arc<std::sync::Mutex<Handshakes>>,
     /// Incoming connections open (counted until each one closes).
     incoming_open: Arc<AtomicUsize>,
+    /// Incoming connections open per peer (by names digest).
+    per_peer: Arc<std::sync::Mutex<HashMap<Fingerprint, usize>>>,
+    /// Received-but-unread bytes over all sessions.
+    unread: Arc<crate::session::UnreadBudget>,
 }
 
 /// Incoming handshakes in progress.
@@ -161,6 +165,7 @@ impl Node {
         // Peers are nodes with fixed addresses; a migrating peer is a reconnecting peer.
         base_server.migration(false);
         let endpoint = Endpoint::server(base_server.clone(), addr)?;
+        let unread = Arc::new(crate::session::UnreadBudget::new(config.limits.node_receive_buffer));
         let shared = Arc::new(Shared {
             endpoint,
             tls: std::sync::RwLock::new(Arc::new(tls)),
@@ -177,6 +182,8 @@ impl Node {
             resumable: Arc::default(),
             handshakes: Arc::default(),
             incoming_open: Arc::default(),
+            per_peer: Arc::default(),
+            unread,
         });
         let (tx, rx) = mpsc::channel(shared.limits.accept_queue);
         let accept_task = tokio::spawn(accept_loop(shared.clone(), tx));
@@ -191,6 +198,12 @@ impl Node {
     /// Totals over every session of this node, past and present.
     pub fn stats(&self) -> Stats {
         self.inner.shared.counters.snapshot()
+    }
+
+    /// Bytes received by all this node's sessions and not yet taken by the application (bounded
+    /// by `Limits::node_receive_buffer`, plus one message per session).
+    pub fn buffered_bytes(&self) -> usize {
+        self.inner.shared.unread.used()
     }
 
     /// The limits in force.
@@ -427,14 +440,27 @@ async fn accept_one(shared: &Arc<Shared>, incoming: quinn::Incoming) -> Result<O
         Ok(conn) => conn.map_err(|e| from_connection_error(e, take_captured(&captured)))?,
         Err(_) => return Err(Error::Timeout { what: "handshake" }),
     };
-    // Counted as an open incoming connection until it closes.
+    // Counted as an open incoming connection until it closes, and once the handshake knows
+    // who the peer is, as one of that peer's.
     shared.incoming_open.fetch_add(1, Ordering::SeqCst);
-    let (open, watched) = (shared.incoming_open.clone(), conn.clone());
+    let peer_slot = Arc::new(std::sync::OnceLock::new());
+    let (open, per_peer, slot, watched) =
+        (shared.incoming_open.clone(), shared.per_peer.clone(), peer_slot.clone(), conn.clone());
     tokio::spawn(async move {
         watched.closed().await;
         open.fetch_sub(1, Ordering::SeqCst);
+        if let Some(peer) = slot.get() {
+            let mut per_peer = per_peer.lock().unwrap_or_else(|e| e.into_inner());
+            if let std::collections::hash_map::Entry::Occupied(mut e) = per_peer.entry(*peer) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
     });
-    let result = tokio::time::timeout_at(deadline, handshake(shared, conn.clone(), &captured, Role::Acceptor, None))
+    let accepting = Role::Acceptor(peer_slot);
+    let result = tokio::time::timeout_at(deadline, handshake(shared, conn.clone(), &captured, accepting, None))
         .await
         .unwrap_or_else(|_| {
             conn.close(VarInt::from_u32(close_code::HELLO_TIMEOUT), b"hello timeout");
@@ -487,11 +513,12 @@ async fn dial(
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
     /// Dialling, with this session epoch.
     Dialler(u64),
-    Acceptor,
+    /// Accepting; the handshake records the peer here (its names digest) once it counts the
+    /// connection as one of that peer's.
+    Acceptor(Arc<std::sync::OnceLock<Fingerprint>>),
 }
 
 /// A connection that passed the quicseal handshake.
@@ -572,7 +599,7 @@ async fn handshake(
             }
             (send, recv, epoch, peer_hello, None)
         }
-        Role::Acceptor => {
+        Role::Acceptor(ref counted) => {
             let (mut send, mut recv) = conn.accept_bi().await.map_err(lost)?;
             let mut head = [0u8; STREAM_HEADER_LEN];
             read_exact(&conn, &mut recv, &mut head, &lost).await?;
@@ -583,6 +610,18 @@ async fn handshake(
             }
             let (peer_hello, wants_resume) = read_hello(&conn, &mut recv, &lost).await?;
             let peer_epoch = peer_hello.epoch;
+            // One peer may hold only so many connections (a resumption replaces one).
+            {
+                let mut per_peer = shared.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+                let open = per_peer.entry(peer.names_digest).or_insert(0);
+                let limit = shared.limits.max_connections_per_peer;
+                if !wants_resume && *open >= limit {
+                    conn.close(VarInt::from_u32(close_code::PEER_LIMIT), b"peer limit");
+                    return Err(Error::Limit { what: "connections per peer", limit: limit as u64 });
+                }
+                *open += 1;
+                let _ = counted.set(peer.names_digest);
+            }
             if retired(&peer.names_digest, peer_epoch) {
                 return Err(refuse_retired(peer_epoch));
             }
@@ -692,6 +731,7 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
             // not open would be dropped and resent for ever).
             max_channels: limits.max_channels.min(h.peer_hello.max_channels),
             receive_buffer: limits.receive_buffer,
+            unread_budget: shared.unread.clone(),
             resume: ResumePolicy {
                 backoff_min: limits.reconnect_backoff.0,
                 backoff_max: limits.reconnect_backoff.1,

@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -119,6 +119,91 @@ struct Core {
     reserved_by: HashMap<u16, usize>,
     /// Channels whose readers wait for receive-buffer room, with how many readers.
     waiting: HashMap<u16, usize>,
+    /// The node's budget for received-but-unread bytes, and this session's part of it.
+    node: Arc<UnreadBudget>,
+    accounted: usize,
+}
+
+/// A node's budget for received-but-unread bytes, over all its sessions (`Limits::node_receive_buffer`):
+/// beyond it, channel readers wait (QUIC flow control holds the peers back) and datagrams are
+/// dropped. Each session may always hold one message, so every session makes progress.
+#[derive(Debug)]
+pub(crate) struct UnreadBudget {
+    used: AtomicUsize,
+    limit: usize,
+    /// Readers of any session waiting for node room, and their signal.
+    blocked: AtomicUsize,
+    freed: Notify,
+}
+
+impl UnreadBudget {
+    pub(crate) fn new(limit: usize) -> UnreadBudget {
+        UnreadBudget { used: AtomicUsize::new(0), limit, blocked: AtomicUsize::new(0), freed: Notify::new() }
+    }
+
+    /// Bytes held now by all the node's sessions.
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(Ordering::SeqCst)
+    }
+}
+
+impl Core {
+    /// What this session holds received and unread: messages kept (in order or not), room
+    /// reserved for bodies being read, and datagrams.
+    fn unread(&self) -> usize {
+        self.inbox.held_bytes() + self.reserved + self.datagram_bytes
+    }
+
+    /// Brings the node's count up to date with this session's (see [`CoreGuard`]).
+    fn settle(&mut self) {
+        let now = self.unread();
+        if now > self.accounted {
+            self.node.used.fetch_add(now - self.accounted, Ordering::SeqCst);
+        } else if now < self.accounted {
+            self.node.used.fetch_sub(self.accounted - now, Ordering::SeqCst);
+            if self.node.blocked.load(Ordering::SeqCst) > 0 {
+                self.node.freed.notify_waiters();
+            }
+        }
+        self.accounted = now;
+    }
+
+    /// Whether the node's budget has room for `len` more bytes from this session (a session
+    /// holding nothing may always take one message).
+    fn node_has_room(&self, len: usize) -> bool {
+        self.unread() == 0 || self.node.used() + len <= self.node.limit
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        // The session is gone: so is what it held.
+        self.node.used.fetch_sub(self.accounted, Ordering::SeqCst);
+        self.node.freed.notify_waiters();
+    }
+}
+
+/// The core, locked; on release it settles the session's part of the node's unread budget,
+/// whatever the holder changed.
+struct CoreGuard<'a>(MutexGuard<'a, Core>);
+
+impl std::ops::Deref for CoreGuard<'_> {
+    type Target = Core;
+    fn deref(&self) -> &Core {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for CoreGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Core {
+        &mut self.0
+    }
+}
+
+impl Drop for CoreGuard<'_> {
+    fn drop(&mut self) {
+        self.0.settle();
+    }
 }
 
 impl Core {
@@ -137,7 +222,7 @@ impl Core {
         let total = self.inbox.ready_bytes() + self.reserved;
         let mine = self.inbox.ready_bytes_of(channel) + self.reserved_by.get(&channel).copied().unwrap_or(0);
         let others_waiting = self.waiting.keys().filter(|&&c| c != channel).count();
-        let fits = total == 0 || total + len <= budget;
+        let fits = (total == 0 || total + len <= budget) && self.node_has_room(len);
         let within_share = others_waiting == 0 || mine == 0 || mine + len <= budget / (others_waiting + 1);
         if !(fits && within_share) {
             return false;
@@ -376,6 +461,8 @@ struct Shared {
     epoch: u64,
     max_recv: usize,
     receive_buffer: usize,
+    /// The node's budget for received-but-unread bytes (also in `Core`, which accounts to it).
+    unread_budget: Arc<UnreadBudget>,
     opener: Mutex<Opener>,
     core: Mutex<Core>,
     tally: Tally,
@@ -412,8 +499,8 @@ impl Shared {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn core(&self) -> MutexGuard<'_, Core> {
-        self.core.lock().unwrap_or_else(|e| e.into_inner())
+    fn core(&self) -> CoreGuard<'_> {
+        CoreGuard(self.core.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn link(&self) -> Arc<Link> {
@@ -654,6 +741,8 @@ pub(crate) struct SessionParams {
     pub(crate) peer_max: usize,
     pub(crate) max_channels: u16,
     pub(crate) receive_buffer: usize,
+    /// The node's budget for received-but-unread bytes.
+    pub(crate) unread_budget: Arc<UnreadBudget>,
     pub(crate) resume: ResumePolicy,
     /// How to dial again (the dialling side); `None` on the accepting side, which waits.
     pub(crate) redial: Option<Redial>,
@@ -712,6 +801,7 @@ impl Session {
             epoch: p.epoch,
             max_recv: p.local_max,
             receive_buffer: p.receive_buffer,
+            unread_budget: p.unread_budget.clone(),
             opener: Mutex::new(Opener::new(opening, p.peer_epoch, p.open)),
             core: Mutex::new(Core {
                 outbox: Outbox::new(p.outbox, seed),
@@ -721,6 +811,8 @@ impl Session {
                 reserved: 0,
                 reserved_by: HashMap::new(),
                 waiting: HashMap::new(),
+                node: p.unread_budget,
+                accounted: 0,
             }),
             tally: p.tally,
             max_tag_failures: p.max_tag_failures,
@@ -1866,6 +1958,10 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
             let room = shared.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
+            let node = &shared.unread_budget;
+            let node_room = node.freed.notified();
+            tokio::pin!(node_room);
+            node_room.as_mut().enable();
             {
                 let mut core = shared.core();
                 if core.reserve(channel, len, shared.receive_buffer) {
@@ -1883,12 +1979,16 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
                 unannounced = false;
                 shared.arrived.notify_waiters();
             }
-            tokio::select! {
-                _ = &mut room => {}
-                _ = link.conn.closed() => {
-                    shared.core().set_waiting(channel, false);
-                    return;
-                }
+            node.blocked.fetch_add(1, Ordering::SeqCst);
+            let closed = tokio::select! {
+                _ = &mut room => false,
+                _ = &mut node_room => false,
+                _ = link.conn.closed() => true,
+            };
+            node.blocked.fetch_sub(1, Ordering::SeqCst);
+            if closed {
+                shared.core().set_waiting(channel, false);
+                return;
             }
         }
         let reservation = Reservation { shared, channel, len };
@@ -2016,7 +2116,7 @@ async fn read_datagrams(shared: Arc<Shared>, link: Arc<Link>) {
             Ok(opened) => {
                 let mut core = shared.core();
                 let used = core.datagram_bytes + core.inbox.held_bytes();
-                if used + opened.payload.len() > shared.receive_buffer {
+                if used + opened.payload.len() > shared.receive_buffer || !core.node_has_room(opened.payload.len()) {
                     drop(core);
                     shared.tally.add(Counter::datagrams_dropped, 1);
                     continue;

@@ -456,3 +456,87 @@ async fn flooded_channels_share_the_receive_buffer_and_the_application_fairly() 
         ba.stats()
     );
 }
+
+/// One peer may hold only so many connections with a node; when one closes, it may dial again.
+#[tokio::test]
+async fn connections_per_peer_are_limited() {
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.max_connections_per_peer = 2;
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(limits));
+    let client = bind(NodeConfig::new(pki.identity("client"), pki.trust()));
+    let (c1, _s1) = connect(&client, &server, "server").await;
+    let (c2, _s2) = connect(&client, &server, "server").await;
+    let (c1, _c2) = (c1.unwrap(), c2.unwrap());
+    let (c3, s3) = connect(&client, &server, "server").await;
+    assert!(matches!(c3, Err(Error::Refused)), "{c3:?}");
+    assert!(matches!(s3, Err(Error::Limit { what: "connections per peer", limit: 2 })), "{s3:?}");
+    // Another peer is not affected.
+    let other = bind(NodeConfig::new(pki.identity("other"), pki.trust()));
+    let (o, so) = connect(&other, &server, "server").await;
+    o.unwrap();
+    so.unwrap();
+    // A closed connection frees its place (once the close has reached the server).
+    c1.close();
+    let again = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match connect(&client, &server, "server").await {
+                (Ok(c), Ok(s)) => return (c, s),
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await;
+    assert!(again.is_ok(), "the freed place was not given back");
+}
+
+/// All sessions of a node share a budget for received-but-unread bytes: two peers flooding a
+/// node whose application reads nothing fill it, never more (plus one message per session),
+/// and everything arrives once the application reads.
+#[tokio::test]
+async fn the_node_bounds_unread_bytes_over_all_sessions() {
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.max_message_size = 64 * 1024;
+    limits.receive_buffer = 256 * 1024;
+    limits.node_receive_buffer = 256 * 1024;
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(limits));
+    let bound = 256 * 1024 + 2 * 64 * 1024;
+    let mut ends = Vec::new();
+    let mut senders = Vec::new();
+    for name in ["p1", "p2"] {
+        let peer = bind(NodeConfig::new(pki.identity(name), pki.trust()));
+        let (c, s) = connect(&peer, &server, "server").await;
+        let c = c.unwrap();
+        ends.push((peer, s.unwrap()));
+        senders.push(tokio::spawn(async move {
+            for i in 0..20u32 {
+                c.send_bytes(0, vec![i as u8; 64 * 1024]).await.unwrap();
+            }
+            c.delivered(0).await.unwrap();
+        }));
+    }
+    // While the application reads nothing, the budget fills, and never overflows.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let b = server.buffered_bytes();
+            assert!(b <= bound, "{b} bytes buffered, bound {bound}");
+            if b >= 256 * 1024 - 64 * 1024 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the budget fills");
+    for (_, s) in &ends {
+        for i in 0..20u32 {
+            assert_eq!(s.recv().await.unwrap().payload()[0], i as u8);
+            assert!(server.buffered_bytes() <= bound);
+        }
+    }
+    for s in senders {
+        s.await.unwrap();
+    }
+    assert_eq!(server.buffered_bytes(), 0);
+}
