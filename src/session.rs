@@ -1955,13 +1955,7 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
         let len = header.length as usize;
         let mut waiting = false;
         loop {
-            let room = shared.room.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            let node = &shared.unread_budget;
-            let node_room = node.freed.notified();
-            tokio::pin!(node_room);
-            node_room.as_mut().enable();
+            // Usually there is room: no waiter is registered then.
             {
                 let mut core = shared.core();
                 if core.reserve(channel, len, shared.receive_buffer) {
@@ -1970,16 +1964,35 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
                     }
                     break;
                 }
-                if !waiting {
-                    waiting = true;
-                    core.set_waiting(channel, true);
+            }
+            // Registered before checking again, so room freed in between is not missed: in this
+            // session, or in the node's budget (which signals only while someone is blocked).
+            let node = &shared.unread_budget;
+            let room = shared.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            let node_room = node.freed.notified();
+            tokio::pin!(node_room);
+            node_room.as_mut().enable();
+            node.blocked.fetch_add(1, Ordering::SeqCst);
+            let reserved = {
+                let mut core = shared.core();
+                let reserved = core.reserve(channel, len, shared.receive_buffer);
+                if reserved == waiting {
+                    // Reserved while marked waiting, or not reserved and not yet marked.
+                    core.set_waiting(channel, !reserved);
+                    waiting = !reserved;
                 }
+                reserved
+            };
+            if reserved {
+                node.blocked.fetch_sub(1, Ordering::SeqCst);
+                break;
             }
             if unannounced {
                 unannounced = false;
                 shared.arrived.notify_waiters();
             }
-            node.blocked.fetch_add(1, Ordering::SeqCst);
             let closed = tokio::select! {
                 _ = &mut room => false,
                 _ = &mut node_room => false,
