@@ -8,7 +8,8 @@
 //! replace their outputs by design (atomically).
 //!
 //! A CA directory holds `ca.crt`, `ca.key`, `revoked` (one line per revoked certificate:
-//! serial in hex, Unix time of revocation, reason) and `ca.crl`.
+//! serial in hex, Unix time of revocation, reason, and the key's fingerprint when it was revoked
+//! from the certificate file) and `ca.crl`.
 
 use std::fmt::Write as _;
 use std::fs::Permissions;
@@ -312,6 +313,9 @@ struct Revocation {
     serial: Vec<u8>,
     at: u64,
     reason: String,
+    /// The revoked certificate's key fingerprint, when it was revoked from the certificate (not
+    /// by `--serial`): a key revoked for compromise is refused under any certificate.
+    key: Option<quicseal::Fingerprint>,
 }
 
 fn read_revoked(dir: &Path) -> quicseal::Result<Vec<Revocation>> {
@@ -331,14 +335,15 @@ fn read_revoked(dir: &Path) -> quicseal::Result<Vec<Revocation>> {
             let serial = unhex(f.next().ok_or_else(bad)?).ok_or_else(bad)?;
             let at = f.next().and_then(|t| t.parse().ok()).ok_or_else(bad)?;
             let reason = f.next().unwrap_or("unspecified").to_owned();
-            Ok(Revocation { serial, at, reason })
+            let key = f.next().map(|k| k.parse().map_err(|_| bad())).transpose()?;
+            Ok(Revocation { serial, at, reason, key })
         })
         .collect()
 }
 
 fn revoke(a: RevokeArgs, out: &mut impl Write) -> quicseal::Result<u8> {
     let ca = load_ca(&a.ca_dir)?;
-    let serial = match (&a.cert, &a.serial) {
+    let (serial, key) = match (&a.cert, &a.serial) {
         (Some(path), _) => {
             let chain = quicseal::load_certificates(path)?;
             if !ca.is_issuer_of(&chain[0]) {
@@ -349,9 +354,12 @@ fn revoke(a: RevokeArgs, out: &mut impl Write) -> quicseal::Result<u8> {
                 )));
             }
             let (_, cert) = X509Certificate::from_der(&chain[0]).map_err(|e| Error::Config(e.to_string()))?;
-            cert.raw_serial().to_vec()
+            let key = quicseal::Fingerprint::of_spki(cert.tbs_certificate.subject_pki.raw);
+            (cert.raw_serial().to_vec(), Some(key))
         }
-        (None, Some(hex)) => unhex(hex).ok_or_else(|| Error::Config(format!("not a hex serial number: {hex:?}")))?,
+        (None, Some(hex)) => {
+            (unhex(hex).ok_or_else(|| Error::Config(format!("not a hex serial number: {hex:?}")))?, None)
+        }
         (None, None) => return Err(Error::Config("give a certificate or --serial".into())),
     };
     let mut list = read_revoked(&a.ca_dir)?;
@@ -361,10 +369,14 @@ fn revoke(a: RevokeArgs, out: &mut impl Write) -> quicseal::Result<u8> {
     }
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let reason = format!("{:?}", a.reason.rcgen());
-    list.push(Revocation { serial: serial.clone(), at: now, reason });
-    let mut text = String::from("# serial unix-time reason (quicseal cert revoke)\n");
+    list.push(Revocation { serial: serial.clone(), at: now, reason, key });
+    let mut text = String::from("# serial unix-time reason [key-fingerprint] (quicseal cert revoke)\n");
     for r in &list {
-        let _ = writeln!(text, "{} {} {}", hex(&r.serial), r.at, r.reason);
+        let _ = write!(text, "{} {} {}", hex(&r.serial), r.at, r.reason);
+        if let Some(key) = &r.key {
+            let _ = write!(text, " {key}");
+        }
+        text.push('\n');
     }
     write_atomic(&a.ca_dir.join("revoked"), &text, 0o644, true)?;
     writeln!(out, "revoked serial {}; run `quicseal cert crl` to publish it", hex(&serial))?;
@@ -500,12 +512,16 @@ fn renew(a: RenewArgs, out: &mut impl Write) -> quicseal::Result<u8> {
         quicseal::Identity::from_pem(&cert_pem, key.as_bytes()).map_err(|e| {
             Error::Config(format!("{} is not the key of {}: {e}", key_path.display(), a.cert.display()))
         })?;
-        // A key revoked for compromise is never certified again.
-        let compromised =
-            read_revoked(&a.ca_dir)?.iter().any(|r| r.serial == parsed.raw_serial() && r.reason == "KeyCompromise");
+        // A key revoked for compromise is never certified again, under this certificate or any
+        // other that carried it.
+        let fingerprint = quicseal::Fingerprint::of_spki(parsed.tbs_certificate.subject_pki.raw);
+        let compromised = read_revoked(&a.ca_dir)?
+            .iter()
+            .any(|r| r.reason == "KeyCompromise" && (r.serial == parsed.raw_serial() || r.key == Some(fingerprint)));
         if compromised {
             return Err(Error::Config(format!(
-                "{} was revoked for key compromise: its key must not be certified again; renew without --reuse-key",
+                "the key of {} was revoked for key compromise: it must not be certified again; renew without \
+                 --reuse-key",
                 a.cert.display()
             )));
         }
@@ -667,6 +683,14 @@ mod tests {
         let (r, _) = cert(&["renew", a_crt.to_str().unwrap(), "--ca-dir", d, "--reuse-key"]);
         assert!(matches!(r, Err(Error::Config(m)) if m.contains("key compromise")));
         ok(&["renew", a_crt.to_str().unwrap(), "--ca-dir", d]);
+        // The same key under another certificate: revoking one certificate for key compromise
+        // refuses the key under the other too.
+        let (b_crt, b_old) = (dir.path().join("b.crt"), dir.path().join("b-old.crt"));
+        std::fs::copy(&b_crt, &b_old).unwrap();
+        ok(&["renew", b_crt.to_str().unwrap(), "--ca-dir", d, "--reuse-key"]);
+        ok(&["revoke", b_old.to_str().unwrap(), "--ca-dir", d, "--reason", "key-compromise"]);
+        let (r, _) = cert(&["renew", b_crt.to_str().unwrap(), "--ca-dir", d, "--reuse-key"]);
+        assert!(matches!(&r, Err(Error::Config(m)) if m.contains("key compromise")), "{r:?}");
     }
 
     #[test]
