@@ -698,3 +698,58 @@ async fn call_budgets_are_capped_by_the_server() {
     assert!(remaining <= 2000, "{remaining} ms left of a budget capped at 2 s");
     assert!(remaining > 0);
 }
+
+/// Slow handlers and a short freshness horizon: requests beyond the handler slots are answered
+/// `Overloaded` at once instead of waiting in the receive buffer (where they could outlive the
+/// horizon), so the request channel never wedges; every call ends (answered or overloaded)
+/// long before its timeout, and no handler runs twice.
+#[tokio::test]
+async fn slow_handlers_never_wedge_the_request_channel() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let router = Router::new().config(limits_of(|c| c.per_session = 2)).handle_bytes("slow", {
+        let runs = runs.clone();
+        move |_call, body: Bytes| {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                // A slow handler, longer than the freshness horizon.
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                Ok(body.slice(..4))
+            }
+        }
+    });
+    let pki = Pki::new("ca");
+    let mut limits = Limits::default();
+    limits.freshness = Duration::from_secs(2);
+    limits.max_message_size = 64 * 1024;
+    limits.receive_buffer = 128 * 1024;
+    let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).rpc(router).limits(limits.clone()));
+    let client = bind(NodeConfig::new(pki.identity("client"), pki.trust()).limits(limits));
+    let (c, _s) = connect(&client, &server, "server").await;
+    let c = c.unwrap();
+    let calls: Vec<_> = (0..24u32)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut body = vec![0u8; 32 * 1024];
+                body[..4].copy_from_slice(&i.to_be_bytes());
+                c.request_bytes("slow", body, CallOptions::new(Duration::from_secs(120))).await
+            })
+        })
+        .collect();
+    let mut answered = 0;
+    for (i, call) in calls.into_iter().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(60), call).await.expect("the call ended").unwrap() {
+            Ok(answer) => {
+                assert_eq!(answer[..], (i as u32).to_be_bytes());
+                answered += 1;
+            }
+            Err(e) => assert_eq!(remote(e), RemoteError::Overloaded),
+        }
+    }
+    assert!(answered >= 2, "the slots were used: {answered}");
+    assert_eq!(runs.load(Ordering::SeqCst), answered, "each handler ran once per answer");
+    // The request channel still works.
+    let again = c.request_bytes("slow", vec![9u8; 8], CallOptions::new(Duration::from_secs(20))).await.unwrap();
+    assert_eq!(again[..], [9u8; 4]);
+}
