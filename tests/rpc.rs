@@ -391,26 +391,30 @@ async fn past_the_retry_horizon_only_idempotent_calls_are_retried() {
     assert_eq!(t.client_node.stats().rpc_calls, 3);
 }
 
-#[tokio::test]
-async fn concurrency_limits_per_session_and_per_node() {
+/// A router whose "hold" handler counts itself in `running` and waits for `gate`.
+fn hold_router(config: RouterConfig) -> (Router, Arc<Notify>, Arc<AtomicUsize>) {
     let gate = Arc::new(Notify::new());
     let running = Arc::new(AtomicUsize::new(0));
-    let router = Router::new()
-        .config(limits_of(|c| {
-            c.per_session = 2;
-            c.per_node = 3;
-        }))
-        .handle("hold", {
+    let router = Router::new().config(config).handle("hold", {
+        let (gate, running) = (gate.clone(), running.clone());
+        move |_call: Call, i: u32| {
             let (gate, running) = (gate.clone(), running.clone());
-            move |_call: Call, i: u32| {
-                let (gate, running) = (gate.clone(), running.clone());
-                async move {
-                    running.fetch_add(1, Ordering::SeqCst);
-                    gate.notified().await;
-                    Ok::<_, ApplicationError>(i)
-                }
+            async move {
+                running.fetch_add(1, Ordering::SeqCst);
+                gate.notified().await;
+                Ok::<_, ApplicationError>(i)
             }
-        });
+        }
+    });
+    (router, gate, running)
+}
+
+#[tokio::test]
+async fn concurrency_limits_per_session_and_per_node() {
+    let (router, gate, running) = hold_router(limits_of(|c| {
+        c.per_session = 2;
+        c.per_node = 3;
+    }));
     let pki = Pki::new("ca");
     let server = server_node(&pki, router);
     let client = bind(NodeConfig::new(pki.identity("client"), pki.trust()));
@@ -634,25 +638,11 @@ async fn two_nodes_calling_each_other_through_a_tiny_outbox_do_not_stall() {
 /// `per_peer` handlers; another peer still gets its own.
 #[tokio::test]
 async fn handler_slots_are_shared_fairly_between_peers() {
-    let gate = Arc::new(Notify::new());
-    let running = Arc::new(AtomicUsize::new(0));
-    let router = Router::new()
-        .config(limits_of(|c| {
-            c.per_session = 2;
-            c.per_peer = 3;
-            c.per_node = 100;
-        }))
-        .handle("hold", {
-            let (gate, running) = (gate.clone(), running.clone());
-            move |_call: Call, i: u32| {
-                let (gate, running) = (gate.clone(), running.clone());
-                async move {
-                    running.fetch_add(1, Ordering::SeqCst);
-                    gate.notified().await;
-                    Ok::<_, ApplicationError>(i)
-                }
-            }
-        });
+    let (router, gate, running) = hold_router(limits_of(|c| {
+        c.per_session = 2;
+        c.per_peer = 3;
+        c.per_node = 100;
+    }));
     let pki = Pki::new("ca");
     let server = server_node(&pki, router);
     let greedy = bind(NodeConfig::new(pki.identity("greedy"), pki.trust()));
