@@ -1,21 +1,53 @@
-//! Sends a message to the echo server and prints the echo, using the certificates under
-//! `certs/`. See `echo_server.rs`.
+//! Sends a message to the echo server and prints the echo: the README's library example. See
+//! `echo_server.rs`.
+//!
+//! ```text
+//! cargo run --example echo_client -- "hello"                  # to 127.0.0.1:4433
+//! cargo run --example echo_client -- "hello" 127.0.0.1:5000   # elsewhere
+//! ```
+//!
+//! Certificates come from `certs/examples/` (`cargo run --example gen_certs`), or from the
+//! directory in `QUICSEAL_EXAMPLE_CERTS`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use quicseal::{Identity, Node, NodeConfig, TrustStore};
+use std::process::ExitCode;
+
+use quicseal::{Identity, Node, NodeConfig, Policy, TrustStore};
 
 #[tokio::main]
-async fn main() -> quicseal::Result<()> {
-    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+async fn main() -> ExitCode {
+    // Errors as a sentence, not a `Debug` dump.
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> quicseal::Result<()> {
+    let certs = std::env::var_os("QUICSEAL_EXAMPLE_CERTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/examples"));
+    let text = std::env::args().nth(1).unwrap_or_else(|| "hello".into());
+    let addr = std::env::args().nth(2).unwrap_or_else(|| "127.0.0.1:4433".into());
+    let addr = addr.parse().map_err(|e| quicseal::Error::Config(format!("bad address {addr:?}: {e}")))?;
+
     let identity = Identity::from_pem_files(certs.join("client.crt"), certs.join("client.key"))?;
     let trust = TrustStore::from_ca_file(certs.join("ca.crt"))?;
-    let text = std::env::args().nth(1).unwrap_or_else(|| "hello".into());
-    let node = Node::bind("127.0.0.1:0".parse().expect("literal"), NodeConfig::new(identity, trust))?;
-    let session = node.connect("127.0.0.1:4433".parse().expect("literal"), "server").await?;
-    session.send_bytes(0, text.into_bytes()).await?;
+    let config = NodeConfig::new(identity, trust).policy(Policy::allow_list().allow_name("server"));
+    let node = Node::bind("127.0.0.1:0".parse().expect("literal"), config)?;
+
+    let session = node.connect(addr, "server").await?;
+    println!("talking to {}", session.peer());
+    session.send(0, &text).await?;
+    session.delivered(0).await?;
     let echo = session.recv().await?;
-    println!("echo from {}: {}", echo.peer(), String::from_utf8_lossy(echo.payload()));
+    println!("{} says {:?}", echo.peer(), echo.decode::<String>()?);
+    session.send_datagram(1, &b"may be lost"[..]).await?;
+    println!("{}", session.stats());
     session.close();
     node.wait_idle().await;
     Ok(())

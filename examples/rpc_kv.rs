@@ -1,5 +1,5 @@
 //! A small key-value service over quicseal RPC, with its client, using the certificates under
-//! `certs/`.
+//! `certs/examples/` (or the directory in `QUICSEAL_EXAMPLE_CERTS`).
 //!
 //! ```text
 //! cargo run --example gen_certs                        # once
@@ -14,9 +14,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use std::process::ExitCode;
 
 use quicseal::{
     ApplicationError, Call, CallOptions, Error, Identity, Node, NodeConfig, RemoteError, Router, RpcClient, TrustStore,
@@ -54,7 +56,9 @@ fn router(store: Store) -> Router {
 }
 
 fn load(name: &str) -> quicseal::Result<(Identity, TrustStore)> {
-    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs");
+    let certs = std::env::var_os("QUICSEAL_EXAMPLE_CERTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/examples"));
     let identity = Identity::from_pem_files(certs.join(format!("{name}.crt")), certs.join(format!("{name}.key")))?;
     Ok((identity, TrustStore::from_ca_file(certs.join("ca.crt"))?))
 }
@@ -104,7 +108,18 @@ async fn run_command(client: &RpcClient, args: &[String]) -> quicseal::Result<()
 }
 
 #[tokio::main]
-async fn main() -> quicseal::Result<()> {
+async fn main() -> ExitCode {
+    // Errors as a sentence, not a `Debug` dump.
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> quicseal::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("server") => {

@@ -53,14 +53,100 @@ pub enum TlsError {
     },
 }
 
+impl TlsError {
+    /// Why, as a sentence for an operator, without who refused: rustls' and webpki's reasons
+    /// in words (`the certificate does not chain to a trusted CA`, `a CA certificate was
+    /// presented as a node certificate`...), and what a peer's alert usually means.
+    pub fn reason(&self) -> String {
+        match self {
+            TlsError::Local { error, .. } => describe_rustls(error),
+            TlsError::Remote { alert } => {
+                let hint = match alert {
+                    AlertDescription::UnknownCA => " (it does not trust the CA of our certificate)",
+                    AlertDescription::BadCertificate => " (it refused our certificate)",
+                    AlertDescription::CertificateExpired => " (our certificate expired, or it is not valid yet)",
+                    AlertDescription::CertificateRevoked => " (our certificate is revoked)",
+                    AlertDescription::CertificateRequired => " (we presented no certificate)",
+                    AlertDescription::UnsupportedCertificate => {
+                        " (our certificate's key usage does not allow this role)"
+                    }
+                    AlertDescription::NoApplicationProtocol => " (it does not speak quicseal/1)",
+                    _ => "",
+                };
+                format!("alert {alert:?}{hint}")
+            }
+        }
+    }
+}
+
 impl fmt::Display for TlsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            TlsError::Local { error, .. } => write!(f, "this node refused the handshake: {error}"),
-            TlsError::Remote { alert } => {
-                write!(f, "the peer refused the handshake with alert {alert:?}")
-            }
+            TlsError::Local { .. } => write!(f, "this node refused the handshake: {}", self.reason()),
+            TlsError::Remote { .. } => write!(f, "the peer refused the handshake with {}", self.reason()),
         }
+    }
+}
+
+/// rustls' reason for refusing a certificate, as a sentence: its own text where that already
+/// is one, words for the reasons it prints as a `Debug` dump.
+fn describe_rustls(error: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    let time = |t: &rustls::pki_types::UnixTime| {
+        let secs = i64::try_from(t.as_secs()).unwrap_or(i64::MAX);
+        x509_parser::time::ASN1Time::from_timestamp(secs)
+            .ok()
+            .and_then(|t| t.to_rfc2822().ok())
+            .unwrap_or_else(|| format!("{secs} (Unix time)"))
+    };
+    let certificate = match error {
+        rustls::Error::InvalidCertificate(c) => c,
+        rustls::Error::NoCertificatesPresented => return "the peer presented no certificate".into(),
+        other => return other.to_string(),
+    };
+    match certificate {
+        C::BadEncoding => "the certificate is not valid DER".into(),
+        C::Expired => "the certificate expired".into(),
+        C::ExpiredContext { not_after, .. } => format!("the certificate expired on {}", time(not_after)),
+        C::NotValidYet => "the certificate is not valid yet".into(),
+        C::NotValidYetContext { not_before, .. } => format!("the certificate is not valid before {}", time(not_before)),
+        C::Revoked => "the certificate is revoked (a loaded CRL lists it)".into(),
+        C::UnknownIssuer => "the certificate does not chain to a trusted CA (unknown issuer)".into(),
+        C::BadSignature => "the certificate's signature does not verify".into(),
+        C::ExpiredRevocationList | C::ExpiredRevocationListContext { .. } => {
+            "the CA's CRL is past its next update, so every certificate of that CA is refused: publish a new \
+             CRL (`quicseal cert crl`)"
+                .into()
+        }
+        C::NotValidForName => "the certificate is not valid for the expected name".into(),
+        C::InvalidPurpose | C::InvalidPurposeContext { .. } => format!(
+            "the certificate's extended key usage does not allow this role (accepting needs serverAuth, \
+             dialling clientAuth): {certificate}"
+        ),
+        C::Other(other) => match other.0.downcast_ref::<webpki::Error>() {
+            Some(webpki::Error::CaUsedAsEndEntity) => {
+                "a CA certificate was presented as a node certificate: present a node certificate issued by the \
+                 CA"
+                .into()
+            }
+            Some(webpki::Error::EndEntityUsedAsCa) => "a node certificate was used as the issuer of another".into(),
+            Some(webpki::Error::RequiredEkuNotFoundContext(_)) => {
+                "the certificate's extended key usage does not allow this role (accepting needs serverAuth, \
+                 dialling clientAuth)"
+                    .into()
+            }
+            Some(webpki::Error::NameConstraintViolation) => "the certificate violates its CA's name constraints".into(),
+            Some(webpki::Error::PathLenConstraintViolated) => {
+                "the chain is longer than a CA's path length constraint allows".into()
+            }
+            Some(webpki::Error::InvalidSignatureForPublicKey) => "the certificate's signature does not verify".into(),
+            Some(webpki::Error::UnsupportedCriticalExtension) => {
+                "the certificate has a critical extension quicseal does not handle".into()
+            }
+            // Our own reasons (deny-list, missing EKU) are sentences already.
+            _ => other.to_string(),
+        },
+        other => other.to_string(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The bodies of the cargo-fuzz targets (`fuzz/fuzz_targets/`), in the library so that
 //! `cargo test` replays every committed corpus file through exactly the code the fuzzer runs
-//! (`tests/fuzz_corpora.rs`), on stable Rust, and a past crash stays fixed.
+//! (`tests/it/fuzz_corpora.rs`), on stable Rust, and a past crash stays fixed.
 //!
 //! Each function takes arbitrary bytes, must never panic on its own account, and asserts the
 //! invariants of what it drives; a failed assertion is a finding. Not part of the public API.

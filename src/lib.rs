@@ -29,6 +29,9 @@
 //! - **PKI helpers** ([`pki`]) to create a CA, node certificates and CRLs, and **hot reload**:
 //!   [`Node::reload`] and a file watcher ([`Node::watch`]) swap identity, CAs and CRLs without a
 //!   restart; [`Node::expiry`] says how many days the certificates have left.
+//! - **Metrics**: [`Node::record_metrics`] and [`Node::export_metrics`] publish the node's
+//!   counters through the [`metrics`](https://docs.rs/metrics) facade, for whatever exporter the
+//!   application installs (`quicseal listen --metrics ADDR` serves them to Prometheus).
 //!
 //! ## What it does not do
 //!
@@ -71,6 +74,7 @@
 
 mod config;
 mod error;
+mod export;
 mod identity;
 mod node;
 mod policy;
@@ -88,6 +92,7 @@ pub mod proto;
 
 pub use config::{Limits, NodeConfig};
 pub use error::{Error, LoadError, LoadProblem, Result, Side, TlsError, close_code};
+pub use export::MetricsExporter;
 pub use identity::{Fingerprint, Identity, PeerIdentity, TrustStore, load_certificates};
 pub use node::Node;
 pub use policy::Policy;
@@ -103,3 +108,9 @@ pub use tls::{ALPN, DeniedKey, MissingExtendedKeyUsage};
 
 /// Re-exported so callers can match [`TlsError`] reasons without depending on rustls directly.
 pub use rustls;
+
+/// The README's Rust blocks, compiled (and the complete ones run) by `cargo test` as doc-tests,
+/// so the README cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -219,6 +219,26 @@ pub struct NetsimStats {
     pub overflow: u64,
 }
 
+/// One line for an operator: `received 10, forwarded 9, lost 1, ...`.
+impl std::fmt::Display for NetsimStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "received {}, forwarded {}, lost {} (random) + {} (burst) + {} (blackout), duplicated {}, reordered {}, \
+             corrupted {}, dropped on overflow {}",
+            self.received,
+            self.forwarded,
+            self.lost,
+            self.burst_lost,
+            self.blackout_lost,
+            self.duplicated,
+            self.reordered,
+            self.corrupted,
+            self.overflow
+        )
+    }
+}
+
 #[derive(Debug, Default)]
 struct Counters {
     received: AtomicU64,

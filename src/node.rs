@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use quinn::crypto::rustls::HandshakeData;
@@ -204,6 +204,11 @@ impl Node {
     /// by `Limits::node_receive_buffer`, plus one message per session).
     pub fn buffered_bytes(&self) -> usize {
         self.inner.shared.unread.used()
+    }
+
+    /// Open QUIC connections, incoming and dialled.
+    pub(crate) fn open_connections(&self) -> usize {
+        self.inner.shared.endpoint.open_connections()
     }
 
     /// The limits in force.
@@ -501,17 +506,29 @@ async fn dial(
         quinn::ConnectError::EndpointStopping => Error::Closed,
         e => Error::Config(format!("cannot dial {addr} as {server_name:?}: {e}")),
     })?;
+    // Whether the QUIC/TLS handshake finished before the timeout: if it did not, no quicseal
+    // node answered at `addr` (nothing listens there, or the path drops UDP), which the error
+    // says, rather than a bare "handshake".
+    let answered = AtomicBool::new(false);
     let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
         let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
+        answered.store(true, Ordering::Relaxed);
         handshake(shared, conn, &captured, Role::Dialler(epoch), resume).await
     })
     .await;
-    match result.unwrap_or(Err(Error::Timeout { what: "handshake" }))? {
+    let timed_out = if answered.load(Ordering::Relaxed) { HELLO_TIMEOUT } else { NO_ANSWER };
+    match result.unwrap_or(Err(Error::Timeout { what: timed_out }))? {
         Outcome::New(h) => Ok(*h),
         // Only an acceptor attaches connections to existing sessions.
         Outcome::Resumed => Err(Error::Config("a dialled connection cannot be resumed by the dialler".into())),
     }
 }
+
+/// [`Error::Timeout`]'s `what` when a dial's QUIC handshake got no answer in time.
+const NO_ANSWER: &str =
+    "handshake: no quicseal node answered at that address (nothing listening there, or the path drops UDP)";
+/// [`Error::Timeout`]'s `what` when the node answered but the quicseal hello did not finish.
+const HELLO_TIMEOUT: &str = "handshake: the node answered but the quicseal hello did not finish";
 
 enum Role {
     /// Dialling, with this session epoch.

@@ -991,12 +991,14 @@ where
 
 /// Failures that a new connection may cure: the network, not the peer's judgement of us.
 fn transient(e: &Error) -> bool {
-    matches!(
-        e,
-        Error::ConnectionLost { .. }
-            | Error::Refused
-            | Error::Io(_)
-            | Error::Timeout { what: "session resumption" | "handshake" }
-            | Error::Limit { what: "connections per node", .. }
-    )
+    match e {
+        Error::Timeout { what } => *what == "session resumption" || what.starts_with("handshake"),
+        _ => matches!(
+            e,
+            Error::ConnectionLost { .. }
+                | Error::Refused
+                | Error::Io(_)
+                | Error::Limit { what: "connections per node", .. }
+        ),
+    }
 }

@@ -21,6 +21,20 @@ macro_rules! counters {
             $($(#[doc = $gdoc])* pub $gauge: u64,)*
         }
 
+        impl Stats {
+            /// Every counter and gauge by its field name, in declaration order: what
+            /// [`Display`](std::fmt::Display) prints and what the `metrics` export names.
+            pub fn iter(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+                [$((stringify!($name), self.$name),)* $((stringify!($gauge), self.$gauge),)*].into_iter()
+            }
+
+            /// Whether a name from [`Stats::iter`] is a gauge (a current value) rather than a
+            /// counter (a total since the start).
+            pub fn is_gauge(name: &str) -> bool {
+                [$(stringify!($gauge),)*].contains(&name)
+            }
+        }
+
         /// Live counters (atomics), shared by a session's tasks.
         #[derive(Debug, Default)]
         pub(crate) struct Counters {
@@ -132,6 +146,22 @@ counters! {
     in_flight_bytes,
     /// Smoothed round-trip time of end-to-end acknowledgements, ms (0 before the first).
     rtt_ms,
+    }
+}
+
+/// One line, `name=value` for every counter and gauge that is not zero (`all zero` when none
+/// is), in the order of [`Stats::iter`].
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for (name, value) in self.iter().filter(|(_, v)| *v != 0) {
+            write!(f, "{}{name}={value}", if first { "" } else { " " })?;
+            first = false;
+        }
+        if first {
+            f.write_str("all zero")?;
+        }
+        Ok(())
     }
 }
 

@@ -33,23 +33,27 @@ pub struct Inspection {
 pub fn inspect_pem(bytes: &[u8]) -> Result<Inspection> {
     let mut out = Inspection::default();
     for pem in Pem::iter_from_buffer(bytes) {
-        let pem = pem.map_err(|e| Error::Config(format!("not PEM: {e}")))?;
+        let pem = pem.map_err(|e| Error::Config(format!("not PEM ({e}): give a PEM certificate, chain or CRL")))?;
         match pem.label.as_str() {
             "CERTIFICATE" => {
-                let (_, cert) = X509Certificate::from_der(&pem.contents)
-                    .map_err(|e| Error::Config(format!("certificate does not parse: {e}")))?;
+                let (_, cert) = X509Certificate::from_der(&pem.contents).map_err(|_| {
+                    Error::Config(
+                        "a CERTIFICATE section does not hold a valid X.509 certificate (malformed DER)".into(),
+                    )
+                })?;
                 out.reports.push(describe_cert(&cert));
             }
             "X509 CRL" => {
-                let (_, crl) = CertificateRevocationList::from_der(&pem.contents)
-                    .map_err(|e| Error::Config(format!("CRL does not parse: {e}")))?;
+                let (_, crl) = CertificateRevocationList::from_der(&pem.contents).map_err(|_| {
+                    Error::Config("an X509 CRL section does not hold a valid CRL (malformed DER)".into())
+                })?;
                 out.reports.push(describe_crl(&crl));
             }
             other => out.skipped.push(other.to_owned()),
         }
     }
     if out.reports.is_empty() {
-        return Err(Error::Config("no certificate or CRL in it".into()));
+        return Err(Error::Config("no certificate or CRL in it: give a PEM certificate, chain or CRL".into()));
     }
     Ok(out)
 }

@@ -23,7 +23,10 @@ use clap::{Args, Subcommand, ValueEnum};
 use quicseal::pki::{Ca, KeyType, NodeCert, Revoked, Usage};
 use quicseal::rustls::CertificateError;
 use quicseal::{Error, TlsError, TrustStore};
+use serde_json::json;
 use x509_parser::prelude::*;
+
+use crate::args;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
@@ -47,8 +50,9 @@ enum CertCommand {
     /// Show a certificate, a chain or a CRL.
     Inspect(InspectArgs),
     /// Validate a certificate exactly as a quicseal node does. Exit codes: 0 valid, 2 not
-    /// trusted (unknown CA, bad signature, wrong usage), 3 expired or not yet valid, 4 revoked,
-    /// 5 wrong name, 1 other errors (unreadable files...).
+    /// trusted (unknown CA, bad signature, wrong usage, a CA certificate), 3 expired or not yet
+    /// valid, 4 revoked, 5 wrong name, 1 bad input (unreadable or malformed files, an invalid
+    /// --name) and other errors.
     Verify(VerifyArgs),
     /// Reissue a certificate with the same names and a new key (or the same key), in place.
     Renew(RenewArgs),
@@ -78,12 +82,12 @@ struct InitArgs {
     name: String,
     /// Key algorithm.
     #[arg(long, value_enum, default_value = "ecdsa-p256")]
-    key: KeyArg,
-    /// Validity in days.
-    #[arg(long, default_value_t = 3650)]
+    key_type: KeyArg,
+    /// Validity in days (1 to 36500).
+    #[arg(long, default_value = "3650", value_parser = args::days)]
     days: u32,
-    /// Output directory.
-    #[arg(long, default_value = "certs")]
+    /// The CA directory to create (`--ca-dir` works too, as in the other commands).
+    #[arg(long, visible_alias = "ca-dir", default_value = "certs")]
     out: PathBuf,
     /// Replace existing files.
     #[arg(long)]
@@ -103,8 +107,8 @@ struct IssueArgs {
     /// URI SAN, e.g. spiffe://example.org/node/a (repeatable).
     #[arg(long)]
     uri: Vec<String>,
-    /// Validity in days.
-    #[arg(long, default_value_t = 90)]
+    /// Validity in days (1 to 36500, and not beyond the CA's own expiry).
+    #[arg(long, default_value = "90", value_parser = args::days)]
     days: u32,
     /// Only clientAuth (the node dials but does not accept).
     #[arg(long, conflicts_with = "server_only")]
@@ -117,7 +121,7 @@ struct IssueArgs {
     no_default_san: bool,
     /// Key algorithm.
     #[arg(long, value_enum, default_value = "ecdsa-p256")]
-    key: KeyArg,
+    key_type: KeyArg,
     /// Directory of ca.crt and ca.key.
     #[arg(long, default_value = "certs")]
     ca_dir: PathBuf,
@@ -156,7 +160,8 @@ struct RevokeArgs {
     /// The certificate to revoke (or give --serial).
     #[arg(required_unless_present = "serial", conflicts_with = "serial")]
     cert: Option<PathBuf>,
-    /// The serial number to revoke, in hex.
+    /// The serial number to revoke, in hex; it must be one `cert issue` or `cert renew`
+    /// recorded in the CA directory's `issued` list, unless --force.
     #[arg(long)]
     serial: Option<String>,
     /// Why.
@@ -165,12 +170,16 @@ struct RevokeArgs {
     /// Directory of the CA.
     #[arg(long, default_value = "certs")]
     ca_dir: PathBuf,
+    /// Revoke a --serial this CA directory has no record of issuing.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args, Debug)]
 struct CrlArgs {
-    /// Days until the CRL's next update (nodes refuse every certificate of the CA after it).
-    #[arg(long, default_value_t = 7)]
+    /// Days until the CRL's next update (nodes refuse every certificate of the CA after it);
+    /// 1 to 36500.
+    #[arg(long, default_value = "7", value_parser = args::days)]
     days: u32,
     /// Directory of the CA.
     #[arg(long, default_value = "certs")]
@@ -200,6 +209,9 @@ struct VerifyArgs {
     /// as a node accepting the certificate's owner does (clientAuth).
     #[arg(long)]
     name: Option<String>,
+    /// JSON output: one object with the verdict, the exit code and the reason.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -212,8 +224,8 @@ struct RenewArgs {
     /// Keep the current key.
     #[arg(long)]
     reuse_key: bool,
-    /// Validity in days.
-    #[arg(long, default_value_t = 90)]
+    /// Validity in days (1 to 36500, and not beyond the CA's own expiry).
+    #[arg(long, default_value = "90", value_parser = args::days)]
     days: u32,
     /// Directory of the CA.
     #[arg(long, default_value = "certs")]
@@ -234,7 +246,11 @@ pub(crate) fn run(args: CertArgs, out: &mut impl Write, err: &mut impl Write) ->
 }
 
 fn init(a: InitArgs, out: &mut impl Write) -> quicseal::Result<u8> {
-    let ca = Ca::new(&a.name, a.key.into(), DAY * a.days)?;
+    if a.name.trim().is_empty() {
+        return Err(Error::Config("--name is empty: give the CA a name, e.g. --name \"db cluster CA\"".into()));
+    }
+    directory(&a.out, "--out")?;
+    let ca = Ca::new(&a.name, a.key_type.into(), DAY * a.days)?;
     let (crt, key) = (a.out.join("ca.crt"), a.out.join("ca.key"));
     refuse_existing(&[&crt, &key], a.force)?;
     write_atomic(&key, ca.key_pem(), 0o600, a.force)?;
@@ -248,6 +264,66 @@ fn init(a: InitArgs, out: &mut impl Write) -> quicseal::Result<u8> {
         key.display()
     )?;
     Ok(0)
+}
+
+/// Refuses an output directory that exists as something else (a file).
+fn directory(dir: &Path, flag: &str) -> quicseal::Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::Config(format!(
+            "{flag} {}: not a directory: give a directory to write into",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// When the CA certificate stops being valid: a certificate it issues must not outlive it.
+fn ca_not_after(ca: &Ca) -> quicseal::Result<SystemTime> {
+    let (_, cert) = X509Certificate::from_der(ca.cert_der())
+        .map_err(|e| Error::Config(format!("the CA certificate does not parse: {e}")))?;
+    let secs = cert.validity().not_after.timestamp();
+    Ok(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
+}
+
+/// The end of validity of a certificate issued now for `days`, refused when it would outlive
+/// the CA (nodes would then hold a certificate that fails once the CA expires).
+fn leaf_not_after(ca: &Ca, ca_dir: &Path, days: u32) -> quicseal::Result<SystemTime> {
+    let now = SystemTime::now();
+    let (not_after, ca_end) = (now + DAY * days, ca_not_after(ca)?);
+    if not_after > ca_end {
+        let left = ca_end.duration_since(now).map(|d| d.as_secs() / 86_400).unwrap_or(0);
+        return Err(Error::Config(format!(
+            "--days {days}: the certificate would outlive the CA in {} (valid {left} more days): give --days {left} \
+             or less, or make a new CA (`cert init --out NEWDIR`)",
+            ca_dir.display()
+        )));
+    }
+    Ok(not_after)
+}
+
+/// One line of the CA's `issued` file: what `revoke --serial` checks a serial against.
+fn record_issued(dir: &Path, serial: &[u8], name: &str, not_after: SystemTime) -> quicseal::Result<()> {
+    let path = dir.join("issued");
+    let mut text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            "# serial not-after-unix-time name (quicseal cert issue and renew)\n".to_owned()
+        }
+        Err(e) => return Err(Error::Config(format!("{}: cannot read it: {e}", path.display()))),
+    };
+    let until = not_after.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let _ = writeln!(text, "{} {until} {name}", hex(serial));
+    write_atomic(&path, &text, 0o644, true)
+}
+
+/// Whether the CA directory's `issued` file lists `serial`.
+fn was_issued(dir: &Path, serial: &[u8]) -> quicseal::Result<bool> {
+    let path = dir.join("issued");
+    match std::fs::read_to_string(&path) {
+        Ok(t) => Ok(t.lines().filter_map(|l| l.split_whitespace().next()).any(|s| unhex(s).as_deref() == Some(serial))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(Error::Config(format!("{}: cannot read it: {e}", path.display()))),
+    }
 }
 
 fn load_ca(dir: &Path) -> quicseal::Result<Ca> {
@@ -270,9 +346,12 @@ fn issue(a: IssueArgs, out: &mut impl Write) -> quicseal::Result<u8> {
         )));
     }
     let ca = load_ca(&a.ca_dir)?;
+    let dir = a.out.clone().unwrap_or(a.ca_dir.clone());
+    directory(&dir, "--out")?;
+    let not_after = leaf_not_after(&ca, &a.ca_dir, a.days)?;
     let now = SystemTime::now();
     let mut node =
-        NodeCert::new(&a.node).validity(now - Duration::from_secs(60), now + DAY * a.days).key_type(a.key.into());
+        NodeCert::new(&a.node).validity(now - Duration::from_secs(60), not_after).key_type(a.key_type.into());
     if !a.no_default_san {
         node = node.dns(&a.node);
     }
@@ -291,11 +370,11 @@ fn issue(a: IssueArgs, out: &mut impl Write) -> quicseal::Result<u8> {
         _ => Usage::ClientAndServer,
     });
     let issued = ca.issue(&node)?;
-    let dir = a.out.unwrap_or(a.ca_dir);
     let (crt, key) = (dir.join(format!("{}.crt", a.node)), dir.join(format!("{}.key", a.node)));
     refuse_existing(&[&crt, &key], a.force)?;
     write_atomic(&key, &issued.key_pem, 0o600, a.force)?;
     write_atomic(&crt, &issued.chain_pem, 0o644, a.force)?;
+    record_issued(&a.ca_dir, &issued.serial, &a.node, not_after)?;
     writeln!(
         out,
         "issued {} (serial {}), valid {} days: {} and {}",
@@ -358,7 +437,15 @@ fn revoke(a: RevokeArgs, out: &mut impl Write) -> quicseal::Result<u8> {
             (cert.raw_serial().to_vec(), Some(key))
         }
         (None, Some(hex)) => {
-            (unhex(hex).ok_or_else(|| Error::Config(format!("not a hex serial number: {hex:?}")))?, None)
+            let serial = unhex(hex).ok_or_else(|| Error::Config(format!("not a hex serial number: {hex:?}")))?;
+            if !a.force && !was_issued(&a.ca_dir, &serial)? {
+                return Err(Error::Config(format!(
+                    "serial {hex} was never issued from {} (not in its `issued` list): check the serial \
+                     (`cert inspect CERT` shows it), or add --force to revoke it anyway",
+                    a.ca_dir.display()
+                )));
+            }
+            (serial, None)
         }
         (None, None) => return Err(Error::Config("give a certificate or --serial".into())),
     };
@@ -416,9 +503,10 @@ fn crl(a: CrlArgs, out: &mut impl Write) -> quicseal::Result<u8> {
 }
 
 fn inspect(a: InspectArgs, out: &mut impl Write, err: &mut impl Write) -> quicseal::Result<u8> {
-    let bytes = std::fs::read(&a.file).map_err(|e| Error::Config(format!("{}: {e}", a.file.display())))?;
-    let inspection =
-        quicseal::pki::inspect_pem(&bytes).map_err(|e| Error::Config(format!("{}: {e}", a.file.display())))?;
+    let bytes =
+        std::fs::read(&a.file).map_err(|e| Error::Config(format!("{}: cannot read it: {e}", a.file.display())))?;
+    let inspection = quicseal::pki::inspect_pem(&bytes)
+        .map_err(|e| Error::Config(format!("{}: {}", a.file.display(), crate::sentence(&e))))?;
     for label in &inspection.skipped {
         writeln!(err, "skipping a PEM `{label}` section")?;
     }
@@ -455,19 +543,33 @@ fn inspect(a: InspectArgs, out: &mut impl Write, err: &mut impl Write) -> quicse
 }
 
 fn verify(a: VerifyArgs, out: &mut impl Write) -> quicseal::Result<u8> {
+    // Bad input is exit 1, not a verdict: a file that is not a certificate, a name that is not
+    // one.
+    if let Some(name) = &a.name {
+        if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+            return Err(Error::Config(format!("--name {name:?}: not a DNS name or IP address")));
+        }
+    }
     let chain = quicseal::load_certificates(&a.cert)?;
+    for (i, der) in chain.iter().enumerate() {
+        X509Certificate::from_der(der).map_err(|_| {
+            Error::Config(format!(
+                "{}: certificate {} of the file is not a valid X.509 certificate (malformed DER)",
+                a.cert.display(),
+                i + 1
+            ))
+        })?;
+    }
     let mut trust = TrustStore::from_ca_file(&a.ca)?;
     for crl in &a.crl {
         trust.add_crl_file(crl)?;
     }
-    match trust.verify(&chain, a.name.as_deref()) {
-        Ok(peer) => {
-            writeln!(out, "OK: {} ({})", a.cert.display(), peer.display_name())?;
-            Ok(0)
-        }
-        Err(Error::Tls(TlsError::Local { error, .. })) => {
+    let (code, verdict) = match trust.verify(&chain, a.name.as_deref()) {
+        Ok(peer) => (0, format!("OK: {} ({})", a.cert.display(), peer.display_name())),
+        Err(Error::Tls(tls @ TlsError::Local { .. })) => {
             use quicseal::rustls::Error as R;
-            let code = match &error {
+            let TlsError::Local { error, .. } = &tls else { unreachable!("matched above") };
+            let code = match error {
                 R::InvalidCertificate(CertificateError::Expired | CertificateError::NotValidYet)
                 | R::InvalidCertificate(CertificateError::ExpiredContext { .. })
                 | R::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => 3,
@@ -477,11 +579,18 @@ fn verify(a: VerifyArgs, out: &mut impl Write) -> quicseal::Result<u8> {
                 ) => 5,
                 _ => 2,
             };
-            writeln!(out, "INVALID: {}: {error}", a.cert.display())?;
-            Ok(code)
+            (code, format!("INVALID: {}: {}", a.cert.display(), tls.reason()))
         }
-        Err(e) => Err(e),
+        Err(e) => return Err(e),
+    };
+    if a.json {
+        let v =
+            json!({"file": a.cert.display().to_string(), "valid": code == 0, "exit_code": code, "verdict": verdict});
+        writeln!(out, "{v}")?;
+    } else {
+        writeln!(out, "{verdict}")?;
     }
+    Ok(code)
 }
 
 fn renew(a: RenewArgs, out: &mut impl Write) -> quicseal::Result<u8> {
@@ -503,7 +612,15 @@ fn renew(a: RenewArgs, out: &mut impl Write) -> quicseal::Result<u8> {
         )));
     }
     let key_path = a.key.clone().unwrap_or_else(|| a.cert.with_extension("key"));
-    let spec = NodeCert::from_certificate(&chain[0], DAY * a.days)?;
+    if key_path.is_dir() {
+        return Err(Error::Config(format!(
+            "--key {}: is a directory: give the key file (default: the certificate's path with .key)",
+            key_path.display()
+        )));
+    }
+    let not_after = leaf_not_after(&ca, &a.ca_dir, a.days)?;
+    let mut spec = NodeCert::from_certificate(&chain[0], DAY * a.days)?;
+    spec = spec.validity(SystemTime::now() - Duration::from_secs(60), not_after);
     let issued = if a.reuse_key {
         let key =
             std::fs::read_to_string(&key_path).map_err(|e| Error::Config(format!("{}: {e}", key_path.display())))?;
@@ -533,6 +650,8 @@ fn renew(a: RenewArgs, out: &mut impl Write) -> quicseal::Result<u8> {
         write_atomic(&key_path, &issued.key_pem, 0o600, true)?;
     }
     write_atomic(&a.cert, &issued.chain_pem, 0o644, true)?;
+    let name = parsed.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).unwrap_or("-");
+    record_issued(&a.ca_dir, &issued.serial, name, not_after)?;
     let what = if a.reuse_key { "same key" } else { "new key" };
     writeln!(out, "renewed {} (serial {}, {what}), valid {} days", a.cert.display(), hex(&issued.serial), a.days)?;
     Ok(0)
@@ -561,17 +680,22 @@ fn write_atomic(path: &Path, contents: &str, mode: u32, replace: bool) -> quicse
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(dir)?;
-    let mut tmp =
-        tempfile::Builder::new().prefix(".quicseal-").permissions(Permissions::from_mode(mode)).tempfile_in(dir)?;
-    tmp.write_all(contents.as_bytes())?;
-    tmp.as_file().sync_all()?;
+    let failed = |what: &str, e: std::io::Error| Error::Config(format!("{}: cannot {what}: {e}", path.display()));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Config(format!("{}: cannot create the directory: {e}", dir.display())))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".quicseal-")
+        .permissions(Permissions::from_mode(mode))
+        .tempfile_in(dir)
+        .map_err(|e| failed("write a file beside it", e))?;
+    tmp.write_all(contents.as_bytes()).map_err(|e| failed("write", e))?;
+    tmp.as_file().sync_all().map_err(|e| failed("write", e))?;
     let result = if replace { tmp.persist(path).map(drop) } else { tmp.persist_noclobber(path).map(drop) };
     result.map_err(|e| {
         if e.error.kind() == std::io::ErrorKind::AlreadyExists {
             Error::Config(format!("{} exists; use --force to replace it", path.display()))
         } else {
-            Error::Io(e.error)
+            failed("replace it", e.error)
         }
     })
 }

@@ -1,15 +1,22 @@
-//! The `quicseal` command: the PKI (`cert`), smoke tools (`listen`, `send`, `proxy`) and the
-//! `demo`.
+//! The `quicseal` command: the PKI (`cert`), smoke tools (`listen`, `send`, `proxy`), the
+//! `demo`, and shell completions and a man page generated from the same definition.
+//!
+//! Exit codes: 0 success; 1 bad input (arguments, files) or another failure; `cert verify` and
+//! `send` document their own codes from 2 up. Errors are one line on stderr, as sentences; no
+//! `Debug` dump reaches the user. Warnings go to stderr by default, without colour unless stderr
+//! is a terminal.
 
+mod args;
 mod cert;
 mod demo;
 mod proxy;
+mod scrape;
 mod smoke;
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "quicseal", version, about = "Secure, authenticated messaging over QUIC")]
@@ -31,27 +38,51 @@ enum Command {
     /// Forward UDP between two loopback addresses with loss, duplication, reordering,
     /// corruption and blackouts (the netsim link).
     Proxy(proxy::ProxyArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout: `quicseal man > quicseal.1`.
+    Man,
+}
+
+/// An error as one sentence: a configuration problem is its own message, the rest their
+/// `Display`.
+pub(crate) fn sentence(e: &quicseal::Error) -> String {
+    match e {
+        quicseal::Error::Config(m) => m.clone(),
+        e => e.to_string(),
+    }
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let cli = Cli::parse();
-    let cli = match cli.command {
-        Command::Cert(args) => {
-            let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
-            return match cert::run(args, &mut out, &mut err) {
-                Ok(code) => ExitCode::from(code),
-                Err(e) => {
-                    let _ = out.flush();
-                    eprintln!("error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Help and version are not errors; every bad argument exits 1 (2 and up are the
+            // verdicts of `cert verify` and `send`).
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::FAILURE } else { ExitCode::SUCCESS };
         }
-        command => Cli { command },
+    };
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    let command = match cli.command {
+        Command::Cert(args) => return finish(cert::run(args, &mut out, &mut err), &mut out),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "quicseal", &mut out);
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            let result = clap_mangen::Man::new(Cli::command()).render(&mut out).map_err(quicseal::Error::Io);
+            return finish(result.map(|()| 0), &mut out);
+        }
+        command => command,
     };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -60,21 +91,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut out = std::io::stdout();
     let result = runtime.block_on(async {
-        match cli.command {
-            Command::Demo => demo::run(&mut out).await,
-            Command::Listen(args) => smoke::listen(args, &mut out).await,
+        match command {
+            Command::Demo => demo::run(&mut out).await.map(|()| 0),
+            Command::Listen(args) => smoke::listen(args, &mut out).await.map(|()| 0),
             Command::Send(args) => smoke::send(args, &mut out).await,
-            Command::Proxy(args) => proxy::run(args, &mut out).await,
-            Command::Cert(_) => unreachable!("handled above"),
+            Command::Proxy(args) => proxy::run(args, &mut out).await.map(|()| 0),
+            Command::Cert(_) | Command::Completions { .. } | Command::Man => unreachable!("handled above"),
         }
     });
+    finish(result, &mut out)
+}
+
+fn finish(result: quicseal::Result<u8>, out: &mut impl Write) -> ExitCode {
     let _ = out.flush();
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", sentence(&e));
             ExitCode::FAILURE
         }
     }

@@ -7,35 +7,37 @@ use std::time::Duration;
 
 use quicseal::netsim::{BurstLoss, LinkConfig, Proxy};
 
+use crate::args;
+
 /// `quicseal proxy`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct ProxyArgs {
     /// Loopback address to listen on (clients send here).
-    #[arg(long)]
+    #[arg(long, value_parser = args::address)]
     listen: SocketAddr,
     /// Loopback address to forward to.
-    #[arg(long)]
+    #[arg(long, value_parser = args::address)]
     target: SocketAddr,
     /// Chance a datagram is lost (0 to 1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value = "0", value_parser = args::chance)]
     loss: f64,
     /// Burst loss as ENTER:EXIT chances per datagram (Gilbert-Elliott).
     #[arg(long, value_parser = parse_burst)]
     burst: Option<BurstLoss>,
     /// Chance a datagram is duplicated.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value = "0", value_parser = args::chance)]
     dup: f64,
     /// Chance a datagram is held back by up to --jitter-ms (reordering).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value = "0", value_parser = args::chance)]
     reorder: f64,
-    /// Delay added to every datagram, ms.
-    #[arg(long, default_value_t = 0)]
-    delay_ms: u64,
-    /// Largest extra delay of a reordered datagram, ms.
-    #[arg(long, default_value_t = 20)]
-    jitter_ms: u64,
+    /// Delay added to every datagram, ms (at most one hour).
+    #[arg(long, default_value = "0", value_parser = args::millis)]
+    delay_ms: Duration,
+    /// Largest extra delay of a reordered datagram, ms (at most one hour).
+    #[arg(long, default_value = "20", value_parser = args::millis)]
+    jitter_ms: Duration,
     /// Chance one byte of a datagram is flipped.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value = "0", value_parser = args::chance)]
     corrupt: f64,
     /// A blackout as START_MS:LENGTH_MS after start (repeatable).
     #[arg(long, value_parser = parse_blackout)]
@@ -44,8 +46,8 @@ pub(crate) struct ProxyArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Stop after this many seconds (default: run until interrupted).
-    #[arg(long)]
-    duration: Option<f64>,
+    #[arg(long, value_parser = args::seconds)]
+    duration: Option<Duration>,
 }
 
 fn parse_pair(s: &str) -> Result<(&str, &str), String> {
@@ -54,14 +56,12 @@ fn parse_pair(s: &str) -> Result<(&str, &str), String> {
 
 fn parse_burst(s: &str) -> Result<BurstLoss, String> {
     let (a, b) = parse_pair(s)?;
-    let p = |x: &str| x.parse::<f64>().map_err(|e| format!("{x:?}: {e}"));
-    Ok(BurstLoss { enter: p(a)?, exit: p(b)? })
+    Ok(BurstLoss { enter: args::chance(a)?, exit: args::chance(b)? })
 }
 
 fn parse_blackout(s: &str) -> Result<(Duration, Duration), String> {
     let (a, b) = parse_pair(s)?;
-    let ms = |x: &str| x.parse::<u64>().map(Duration::from_millis).map_err(|e| format!("{x:?}: {e}"));
-    Ok((ms(a)?, ms(b)?))
+    Ok((args::millis(a)?, args::millis(b)?))
 }
 
 pub(crate) async fn run(args: ProxyArgs, out: &mut impl Write) -> quicseal::Result<()> {
@@ -70,17 +70,13 @@ pub(crate) async fn run(args: ProxyArgs, out: &mut impl Write) -> quicseal::Resu
     config.burst = args.burst;
     config.duplicate = args.dup;
     config.reorder = args.reorder;
-    config.delay = Duration::from_millis(args.delay_ms);
-    config.jitter = Duration::from_millis(args.jitter_ms);
+    config.delay = args.delay_ms;
+    config.jitter = args.jitter_ms;
     config.corrupt = args.corrupt;
     config.blackouts = args.blackout;
     config.seed = args.seed;
     config.validate().map_err(quicseal::Error::Config)?;
-    let duration = match args.duration {
-        Some(d) if d.is_finite() && d > 0.0 => Some(Duration::from_secs_f64(d)),
-        Some(_) => return Err(quicseal::Error::Config("--duration must be a positive number of seconds".into())),
-        None => None,
-    };
+    let duration = args.duration;
     let proxy = Proxy::start(args.listen, args.target, config).await?;
     writeln!(out, "proxy listening on {} -> {}", proxy.local_addr(), args.target)?;
     out.flush()?;
@@ -90,6 +86,6 @@ pub(crate) async fn run(args: ProxyArgs, out: &mut impl Write) -> quicseal::Resu
             let _ = tokio::signal::ctrl_c().await;
         }
     }
-    writeln!(out, "{:?}", proxy.stats())?;
+    writeln!(out, "proxy stopped: {}", proxy.stats())?;
     Ok(())
 }

@@ -1,12 +1,15 @@
 //! `quicseal listen` and `quicseal send`: how an operator checks that certificates (made by
 //! any standard tool) and connectivity work.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use quicseal::{Identity, Limits, Node, NodeConfig, Policy, TrustStore};
+use quicseal::{CertFiles, Error, Fingerprint, Limits, Node, NodeConfig, Policy};
+use serde_json::json;
+
+use crate::args;
 
 /// Options shared by `listen` and `send`.
 #[derive(clap::Args, Debug)]
@@ -23,51 +26,141 @@ pub(crate) struct Tls {
     /// Certificate revocation list(s) (PEM), repeatable.
     #[arg(long)]
     crl: Vec<PathBuf>,
-    /// Only allow peers with this DNS/IP/URI SAN or CN (repeatable; default: any peer from the CA).
+    /// Only allow these peers (repeatable; default: any peer with a certificate from the CA):
+    /// a DNS/IP/URI SAN or CN (`db-1`, `10.0.0.1`, `spiffe://td/node/a`), a whole SPIFFE
+    /// trust domain (`spiffe://td`), or a key fingerprint (`key:HEX`, as `cert inspect` shows).
     #[arg(long)]
     allow: Vec<String>,
+    /// Print JSON lines instead of text (one object per event).
+    #[arg(long)]
+    json: bool,
+}
+
+/// Which role a node takes in `listen` or `send`: what its certificate must allow.
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    Listener,
+    Sender,
 }
 
 impl Tls {
-    fn config(&self, timeout: Option<Duration>) -> quicseal::Result<NodeConfig> {
-        let identity = Identity::from_pem_files(&self.cert, &self.key)?;
-        let mut trust = TrustStore::from_ca_file(&self.ca)?;
-        for crl in &self.crl {
-            trust.add_crl_file(crl)?;
-        }
-        let policy = if self.allow.is_empty() {
-            Policy::any_authenticated()
-        } else {
-            self.allow.iter().fold(Policy::allow_list(), |p, name| p.allow_name(name))
-        };
-        let mut limits = Limits::default();
-        if let Some(t) = timeout {
-            limits.handshake_timeout = t;
-        }
-        Ok(NodeConfig::new(identity, trust).policy(policy).limits(limits))
+    fn files(&self) -> CertFiles {
+        self.crl.iter().fold(CertFiles::new(&self.cert, &self.key, &self.ca), |f, crl| f.crl(crl))
     }
+
+    fn policy(&self) -> quicseal::Result<Policy> {
+        if self.allow.is_empty() {
+            return Ok(Policy::any_authenticated());
+        }
+        self.allow.iter().try_fold(Policy::allow_list(), |p, rule| {
+            if let Some(hex) = rule.strip_prefix("key:") {
+                let fp: Fingerprint = hex.parse().map_err(|_| {
+                    Error::Config(format!(
+                        "--allow {rule}: not a key fingerprint (64 hex digits, as `cert inspect` shows)"
+                    ))
+                })?;
+                Ok(p.allow_fingerprint(fp))
+            } else if let Some(domain) = rule.strip_prefix("spiffe://").filter(|d| !d.contains('/')) {
+                if domain.is_empty() {
+                    return Err(Error::Config(
+                        "--allow spiffe://: give a trust domain, e.g. spiffe://example.org".into(),
+                    ));
+                }
+                Ok(p.allow_spiffe_trust_domain(domain))
+            } else if rule.is_empty() {
+                Err(Error::Config("--allow \"\": give a name, spiffe://DOMAIN or key:FINGERPRINT".into()))
+            } else {
+                Ok(p.allow_name(rule))
+            }
+        })
+    }
+
+    /// Loads the files, refuses a certificate that cannot work in `role`, and builds the node
+    /// configuration.
+    fn config(&self, role: Role, limits: Limits, err: &mut impl Write) -> quicseal::Result<NodeConfig> {
+        let (identity, trust) = self.files().load()?;
+        startup_checks(&self.cert, &identity.chain()[0], role, err)?;
+        Ok(NodeConfig::new(identity, trust).policy(self.policy()?).limits(limits))
+    }
+}
+
+/// Refuses to start with a certificate that cannot work: a CA certificate, one that is expired
+/// or not valid yet, or one whose extended key usage does not allow the role (a listener needs
+/// `serverAuth`, a sender `clientAuth`). Warns when it expires within 30 days.
+fn startup_checks(path: &std::path::Path, leaf: &[u8], role: Role, err: &mut impl Write) -> quicseal::Result<()> {
+    let file = path.display();
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| Error::Config(format!("{file}: the certificate does not parse: {e}")))?;
+    if cert.is_ca() {
+        return Err(Error::Config(format!(
+            "{file} is a CA certificate: a node presents a node certificate issued by the CA \
+             (`quicseal cert issue NODE`)"
+        )));
+    }
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let validity = cert.validity();
+    if validity.not_after.timestamp() <= now {
+        return Err(Error::Config(format!(
+            "{file} expired on {}: renew it (`quicseal cert renew {file}`)",
+            validity.not_after
+        )));
+    }
+    if validity.not_before.timestamp() > now {
+        return Err(Error::Config(format!(
+            "{file} is not valid before {} (check this machine's clock)",
+            validity.not_before
+        )));
+    }
+    if let Ok(Some(eku)) = cert.extended_key_usage() {
+        let (allowed, needed, flag) = match role {
+            Role::Listener => (eku.value.server_auth || eku.value.any, "serverAuth", "--client-only"),
+            Role::Sender => (eku.value.client_auth || eku.value.any, "clientAuth", "--server-only"),
+        };
+        if !allowed {
+            let what = if role == Role::Listener { "accept sessions" } else { "dial" };
+            return Err(Error::Config(format!(
+                "{file} cannot {what}: its extended key usage lacks {needed} (issued with {flag}?)"
+            )));
+        }
+    }
+    let days_left = (validity.not_after.timestamp() - now).div_euclid(86_400);
+    if days_left < 30 {
+        writeln!(err, "warning: {file} expires in {days_left} days: renew it soon (`quicseal cert renew {file}`)")?;
+    }
+    Ok(())
 }
 
 /// `quicseal listen`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = "The certificate, key, CA and CRL files are watched (checked every 5 s) and reloaded when \
+                        they change: a certificate revoked in a new CRL is refused from then on, without a \
+                        restart; files that cannot be used are reported and the last good ones kept.")]
 pub(crate) struct ListenArgs {
     #[command(flatten)]
     tls: Tls,
-    /// UDP address to listen on.
-    #[arg(long, default_value = "127.0.0.1:4433")]
+    /// UDP address to listen on (IP:PORT or HOST:PORT).
+    #[arg(long, default_value = "127.0.0.1:4433", value_parser = args::address)]
     bind: SocketAddr,
     /// Exit after printing this many messages (default: run until killed).
     #[arg(long)]
     count: Option<u64>,
+    /// Serve the node's counters in the Prometheus text format over HTTP at this TCP address.
+    #[arg(long, value_parser = args::address)]
+    metrics: Option<SocketAddr>,
 }
 
 /// `quicseal send`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = "Exit codes: 0 the listener's application took the message; 1 bad input (arguments, \
+                        files, certificate); 2 the TLS handshake was refused (by either side: unknown CA, \
+                        expired, revoked, wrong name or usage); 3 an authorization policy refused the \
+                        session (either side); 4 no node answered, or the listener refused the connection \
+                        before the handshake; 5 sent, but its receipt did not arrive in time.")]
 pub(crate) struct SendArgs {
     #[command(flatten)]
     tls: Tls,
-    /// The listener's UDP address.
-    #[arg(long)]
+    /// The listener's UDP address (IP:PORT or HOST:PORT).
+    #[arg(long, value_parser = args::address)]
     to: SocketAddr,
     /// The name the listener's certificate must carry (DNS or IP SAN).
     #[arg(long)]
@@ -76,15 +169,34 @@ pub(crate) struct SendArgs {
     #[arg(long, default_value_t = 0)]
     channel: u16,
     /// Give up after this many seconds (handshake, then the receipt).
-    #[arg(long, default_value_t = 10.0)]
-    timeout: f64,
-    /// The message (sent as UTF-8 bytes).
+    #[arg(long, default_value = "10", value_parser = args::seconds)]
+    timeout: Duration,
+    /// The message (sent as UTF-8 bytes); `-` reads it from standard input.
     message: String,
 }
 
 pub(crate) async fn listen(args: ListenArgs, out: &mut impl Write) -> quicseal::Result<()> {
-    let node = Node::bind(args.bind, args.tls.config(None)?)?;
-    writeln!(out, "listening on {}", node.local_addr()?)?;
+    let tls = &args.tls;
+    let node = Node::bind(args.bind, tls.config(Role::Listener, Limits::default(), &mut std::io::stderr())?)?;
+    let _watcher = node.watch(tls.files());
+    let addr = node.local_addr()?;
+    if tls.json {
+        writeln!(out, "{}", json!({"event": "listening", "address": addr.to_string()}))?;
+    } else {
+        writeln!(out, "listening on {addr}")?;
+    }
+    let _scrape = match args.metrics {
+        Some(at) => {
+            let (bound, task) = crate::scrape::serve(&node, at).await?;
+            if tls.json {
+                writeln!(out, "{}", json!({"event": "metrics", "address": bound.to_string()}))?;
+            } else {
+                writeln!(out, "metrics on http://{bound}/metrics")?;
+            }
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     out.flush()?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(64);
     let mut printed = 0u64;
@@ -92,25 +204,42 @@ pub(crate) async fn listen(args: ListenArgs, out: &mut impl Write) -> quicseal::
         tokio::select! {
             accepted = node.accept() => match accepted {
                 Ok(session) => {
-                    let tx = tx.clone();
+                    let (tx, json) = (tx.clone(), tls.json);
                     tokio::spawn(async move {
                         while let Ok(m) = session.recv().await {
-                            let line = format!(
-                                "from {} [{}] channel {} #{}: {}",
-                                m.peer().display_name(),
-                                m.peer().fingerprint,
-                                m.channel(),
-                                m.seq(),
-                                printable(m.payload())
-                            );
+                            let line = if json {
+                                json!({
+                                    "event": "message",
+                                    "peer": m.peer().display_name(),
+                                    "fingerprint": m.peer().fingerprint.to_string(),
+                                    "channel": m.channel(),
+                                    "seq": m.seq(),
+                                    "text": String::from_utf8_lossy(m.payload()),
+                                    "bytes": m.payload().len(),
+                                })
+                                .to_string()
+                            } else {
+                                format!(
+                                    "from {} [{}] channel {} #{}: {}",
+                                    m.peer().display_name(),
+                                    m.peer().fingerprint,
+                                    m.channel(),
+                                    m.seq(),
+                                    printable(m.payload())
+                                )
+                            };
                             if tx.send(line).await.is_err() {
                                 break;
                             }
                         }
                     });
                 }
-                Err(quicseal::Error::Closed) => return Ok(()),
-                Err(e) => eprintln!("refused a connection: {e}"),
+                Err(Error::Closed) => return Ok(()),
+                Err(e) if tls.json => {
+                    writeln!(out, "{}", json!({"event": "refused", "error": crate::sentence(&e)}))?;
+                    out.flush()?;
+                }
+                Err(e) => eprintln!("refused a connection: {}", crate::sentence(&e)),
             },
             Some(line) = rx.recv() => {
                 writeln!(out, "{line}")?;
@@ -128,6 +257,15 @@ pub(crate) async fn listen(args: ListenArgs, out: &mut impl Write) -> quicseal::
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A peer's payload as text safe to print on a terminal: invalid UTF-8 replaced, control
 /// characters (escape sequences, carriage returns, bells...) written as `\u{1b}`-style escapes,
 /// so a peer cannot rewrite the operator's screen or forge log lines.
@@ -141,22 +279,86 @@ fn printable(payload: &[u8]) -> String {
         .collect()
 }
 
-pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> quicseal::Result<()> {
-    if !(args.timeout.is_finite() && args.timeout > 0.0) {
-        return Err(quicseal::Error::Config("--timeout must be a positive number of seconds".into()));
+/// `send`'s exit code for an error (see its `--help`).
+fn send_exit_code(e: &Error, sent: bool) -> u8 {
+    match e {
+        Error::Tls(_) | Error::AlpnMismatch { .. } => 2,
+        Error::Unauthorized { .. } => 3,
+        Error::Timeout { .. } | Error::ConnectionLost { .. } | Error::Refused if sent => 5,
+        Error::Timeout { .. } | Error::ConnectionLost { .. } | Error::Refused => 4,
+        _ => 1,
     }
-    let timeout = Duration::from_secs_f64(args.timeout);
+}
+
+/// Reads the message: the argument, or standard input for `-` (at most the largest message a
+/// node sends by default).
+fn message(arg: String) -> quicseal::Result<Vec<u8>> {
+    if arg != "-" {
+        return Ok(arg.into_bytes());
+    }
+    let limit = Limits::default().max_message_size;
+    let mut bytes = Vec::new();
+    std::io::stdin().take(limit as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > limit {
+        return Err(Error::Config(format!("the message on standard input is over {limit} bytes")));
+    }
+    Ok(bytes)
+}
+
+pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> quicseal::Result<u8> {
+    let tls = &args.tls;
+    if rustls_pki_types::ServerName::try_from(args.name.as_str()).is_err() {
+        return Err(Error::Config(format!("--name {:?}: not a DNS name or IP address", args.name)));
+    }
+    let payload = message(args.message)?;
+    let mut limits = Limits::default();
+    limits.handshake_timeout = args.timeout;
+    let config = tls.config(Role::Sender, limits, &mut std::io::stderr())?;
     let bind: SocketAddr = if args.to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal");
-    let node = Node::bind(bind, args.tls.config(Some(timeout))?)?;
-    let session = node.connect(args.to, &args.name).await?;
-    let seq = session.send_bytes(args.channel, args.message.into_bytes()).await?;
-    tokio::time::timeout(timeout, session.delivered(args.channel))
-        .await
-        .map_err(|_| quicseal::Error::Timeout { what: "delivery receipt" })??;
-    writeln!(out, "delivered message #{seq} on channel {} to {}", args.channel, session.peer())?;
-    session.close();
+    let node = Node::bind(bind, config)?;
+    let (to, name, channel) = (args.to, args.name.as_str(), args.channel);
+    let mut sent = false;
+    let result: quicseal::Result<(u64, String)> = async {
+        let session = node.connect(to, name).await?;
+        let seq = session.send_bytes(channel, payload).await?;
+        sent = true;
+        tokio::time::timeout(args.timeout, session.delivered(channel))
+            .await
+            .map_err(|_| Error::Timeout { what: "delivery receipt" })??;
+        let peer = session.peer().to_string();
+        session.close();
+        Ok((seq, peer))
+    }
+    .await;
     node.wait_idle().await;
-    Ok(())
+    match result {
+        Ok((seq, peer)) => {
+            if tls.json {
+                let v = json!({"delivered": true, "to": to.to_string(), "peer": peer, "channel": channel, "seq": seq});
+                writeln!(out, "{v}")?;
+            } else {
+                writeln!(out, "delivered message #{seq} on channel {channel} to {peer}")?;
+            }
+            Ok(0)
+        }
+        Err(e) => {
+            let code = send_exit_code(&e, sent);
+            if code == 1 {
+                return Err(e);
+            }
+            let what = if sent { "sent, but not acknowledged" } else { "not sent" };
+            let message = format!("{to} ({name}): {what}: {}", crate::sentence(&e));
+            if tls.json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"delivered": false, "to": to.to_string(), "exit_code": code, "error": message})
+                )?;
+            }
+            eprintln!("error: {message}");
+            Ok(code)
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,8 @@
 //! quicseal sessions through the fault-injecting `netsim` link on loopback.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use quicseal::netsim::{LinkConfig, Proxy};
 use quicseal::{Error, Limits, NodeConfig, SessionEvent};
 

@@ -2,8 +2,6 @@
 //! operator's loop end to end: bootstrap a PKI, connect nodes, revoke one, publish the CRL,
 //! and let the running node reload it.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;

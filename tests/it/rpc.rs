@@ -2,15 +2,13 @@
 //! cancellation, concurrency limits, at-most-once execution across reconnects and lost
 //! sessions, many calls at once, and calls through a lossy link.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use quicseal::{
     ApplicationError, Call, CallOptions, CancelReason, Error, Limits, Node, NodeConfig, RemoteError, Router,
     RouterConfig, RpcClient, Session, SessionEvent,

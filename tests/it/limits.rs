@@ -1,11 +1,9 @@
 //! Limits and hostile peers: oversize messages, garbage on streams, too many channels and
 //! connections. A raw quinn peer with a valid certificate sends what our API never would.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use quicseal::{Error, Limits, NodeConfig, Session, Side, close_code};
 
 /// A raw quinn peer that completed the quicseal hello with `server`, and the session the

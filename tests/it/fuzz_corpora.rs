@@ -1,7 +1,7 @@
 //! The fuzz corpora are tests: every committed file under `fuzz/corpus/<target>/` runs through
 //! the same code the fuzz target runs (`quicseal::fuzzing`), on stable Rust, so a past crash
 //! stays fixed. The seed files (`seed-*`) are generated here from real encoded messages:
-//! `QUICSEAL_WRITE_SEEDS=1 cargo test --test fuzz_corpora` rewrites them.
+//! `QUICSEAL_WRITE_SEEDS=1 cargo test --test it fuzz_corpora` rewrites them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,12 +1,10 @@
 //! Loading identities and trust stores from real files, including keys and certificates made by
 //! openssl (SEC1 EC keys, PKCS#1 RSA keys), and every loading error a user can hit.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use quicseal::{Error, Identity, LoadProblem, NodeConfig, TrustStore};
 
 fn write(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {

@@ -1,11 +1,9 @@
 //! Sessions that survive the loss of their connection: forced reconnects, blackouts through the
 //! netsim link, giving up, and a peer that no longer knows the session.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use quicseal::netsim::{LinkConfig, Proxy};
 use quicseal::{Error, Limits, NodeConfig, Session, SessionEvent};
 

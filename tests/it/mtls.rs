@@ -1,11 +1,9 @@
 //! Mutual TLS over real quinn connections on loopback: every way a peer can fail to prove who
 //! it is, checked on both sides with the exact error kind.
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::*;
+use crate::common::*;
 use quicseal::pki::{KeyType, Revoked, Usage};
 use quicseal::rustls::{AlertDescription, CertificateError, Error as RustlsError};
 use quicseal::{DeniedKey, Error, NodeConfig, Policy, Side, TlsError, TrustStore};

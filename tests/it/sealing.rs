@@ -3,14 +3,12 @@
 //! its own TLS session) and sends what a well-behaved node never would: replays, tampered
 //! frames, stale frames, datagrams out of order.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::common::*;
 use bytes::Bytes;
-use common::*;
 use quicseal::proto::seal::{self, ChannelSealer, EXPORTER_LABEL, KEY_MATERIAL_LEN};
 use quicseal::proto::wire::MessageKind;
 use quicseal::{Error, Limits, Node, NodeConfig, Session, close_code};
@@ -388,7 +386,7 @@ async fn on_path_recording_replayed_later_delivers_nothing_extra() {
 /// Every single-bit flip of a sealed message's epoch, sequence number, send time, payload and
 /// tag, sent through a real session: each is refused and counted exactly once, nothing is
 /// delivered, and the genuine message is delivered afterwards. (Flips of the frame header, kind
-/// or channel are protocol violations that close the connection: see tests/limits.rs.)
+/// or channel are protocol violations that close the connection: see tests/it/limits.rs.)
 #[tokio::test]
 async fn every_bit_flip_through_a_session_is_refused_and_counted() {
     let pki = Pki::new("ca");

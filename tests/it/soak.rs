@@ -6,11 +6,9 @@
 //! Default: 100,000 messages, 24 reconnects. `QUICSEAL_SOAK_LONG=1`: 1,000,000 messages, 60
 //! reconnects.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use quicseal::netsim::{LinkConfig, Proxy};
 use quicseal::{Limits, NodeConfig, SessionEvent};
 
