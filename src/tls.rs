@@ -91,13 +91,16 @@ impl LeafRules {
                 return Err(refused(CertificateError::Other(OtherError(Arc::new(DeniedKey(fp))))));
             }
         }
-        if !self.eku_optional {
-            let (_, cert) =
-                x509_parser::parse_x509_certificate(end_entity).map_err(|_| refused(CertificateError::BadEncoding))?;
-            if !matches!(cert.extended_key_usage(), Ok(Some(_))) {
-                let missing = MissingExtendedKeyUsage { needed };
-                return Err(refused(CertificateError::Other(OtherError(Arc::new(missing)))));
-            }
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(end_entity).map_err(|_| refused(CertificateError::BadEncoding))?;
+        // A CA certificate presented as a node's: webpki refuses it too, but this rule runs
+        // first and would otherwise name the missing EKU (CA certificates carry none) instead.
+        if cert.is_ca() {
+            return Err(refused(CertificateError::Other(OtherError(Arc::new(webpki::Error::CaUsedAsEndEntity)))));
+        }
+        if !self.eku_optional && !matches!(cert.extended_key_usage(), Ok(Some(_))) {
+            let missing = MissingExtendedKeyUsage { needed };
+            return Err(refused(CertificateError::Other(OtherError(Arc::new(missing)))));
         }
         Ok(())
     }

@@ -263,3 +263,95 @@ async fn explicit_reload_swaps_identity_and_refuses_unusable_material() {
     assert!(expiry.expiring_within(Duration::from_secs(30 * 86_400)).is_empty());
     assert_eq!(expiry.expiring_within(Duration::from_secs(100 * 86_400)).len(), 1);
 }
+
+/// Asserts exit code 1 and one `error:` line on stderr containing every needle, with no panic
+/// and no `Debug` dump.
+fn refused(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    for needle in needles {
+        assert!(stderr.contains(needle), "expected {needle:?} in {stderr}");
+    }
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Error(") && !stderr.contains("configuration:"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.lines().filter(|l| !l.contains(" WARN ")).count(), 1, "one line: {stderr}");
+}
+
+#[test]
+fn errors_name_the_file_the_cause_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    bootstrap(d, &["a"]);
+    std::fs::write(d.join("afile"), b"x").unwrap();
+    refused(&quicseal(d, &["init", "--name", "CA", "--out", "afile"]), &["--out afile: not a directory"]);
+    std::fs::create_dir(d.join("adir")).unwrap();
+    refused(
+        &quicseal(d, &["renew", "certs/a.crt", "--key", "adir"]),
+        &["--key adir: is a directory", "give the key file"],
+    );
+    // Garbage inside PEM armour, and no PEM at all.
+    std::fs::write(d.join("garbage.pem"), "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+    std::fs::write(d.join("noise.pem"), "not pem at all\n").unwrap();
+    refused(
+        &quicseal(d, &["inspect", "garbage.pem"]),
+        &["garbage.pem: a CERTIFICATE section does not hold a valid X.509"],
+    );
+    refused(&quicseal(d, &["inspect", "noise.pem"]), &["noise.pem: no certificate or CRL in it"]);
+    // verify: bad input exits 1, never a verdict of 2.
+    refused(&quicseal(d, &["verify", "garbage.pem"]), &["garbage.pem: certificate 1 of the file is not a valid X.509"]);
+    refused(&quicseal(d, &["verify", "noise.pem"]), &["noise.pem"]);
+    refused(
+        &quicseal(d, &["verify", "certs/a.crt", "--name", "not a name!"]),
+        &["--name \"not a name!\": not a DNS name"],
+    );
+    // A CA certificate given as a node's: a sentence, not `Other(OtherError(CaUsedAsEndEntity))`.
+    let out = quicseal(d, &["verify", "certs/ca.crt"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("a CA certificate was presented as a node certificate") && !stdout.contains("Other("),
+        "{stdout}"
+    );
+    // --json: the verdict as an object.
+    let out = quicseal(d, &["verify", "certs/a.crt", "--name", "a", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["valid"].as_bool(), v["exit_code"].as_u64()), (Some(true), Some(0)));
+    let out = quicseal(d, &["verify", "certs/a.crt", "--name", "b", "--json"]);
+    assert_eq!(out.status.code(), Some(5));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["valid"].as_bool(), v["exit_code"].as_u64()), (Some(false), Some(5)));
+}
+
+#[test]
+fn dangerous_issuance_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    refused(&quicseal(d, &["init", "--name", ""]), &["--name is empty"]);
+    refused(&quicseal(d, &["init", "--name", "  "]), &["--name is empty"]);
+    // --ca-dir is accepted by init too, like the other commands; --key-type names the algorithm.
+    ok(d, &["init", "--name", "Short CA", "--days", "30", "--ca-dir", "short", "--key-type", "ed25519"]);
+    refused(
+        &quicseal(d, &["issue", "n", "--ca-dir", "short"]),
+        &["--days 90: the certificate would outlive the CA", "--days 29"],
+    );
+    refused(&quicseal(d, &["issue", "n", "--ca-dir", "short", "--days", "0"]), &["out of range"]);
+    let issued = ok(d, &["issue", "n", "--ca-dir", "short", "--days", "20"]);
+    refused(&quicseal(d, &["renew", "short/n.crt", "--ca-dir", "short", "--days", "31"]), &["would outlive the CA"]);
+    // revoke --serial: only a serial this CA directory issued, unless --force.
+    refused(
+        &quicseal(d, &["revoke", "--serial", "abcdef", "--ca-dir", "short"]),
+        &["serial abcdef was never issued", "--force"],
+    );
+    ok(d, &["revoke", "--serial", "abcdef", "--ca-dir", "short", "--force"]);
+    let serial = issued.split("(serial ").nth(1).and_then(|s| s.split(')').next()).unwrap();
+    ok(d, &["revoke", "--serial", serial, "--ca-dir", "short"]);
+    let revoked = std::fs::read_to_string(d.join("short/revoked")).unwrap();
+    assert!(revoked.contains("abcdef ") && revoked.contains(&format!("{serial} ")), "{revoked}");
+    // The CRL and the issued list agree with openssl.
+    ok(d, &["crl", "--ca-dir", "short"]);
+    let out = openssl(d, &["crl", "-in", "short/ca.crl", "-noout", "-text"]);
+    let bare = serial.strip_prefix("00").unwrap_or(serial).to_uppercase();
+    assert!(String::from_utf8_lossy(&out.stdout).to_uppercase().contains(&bare));
+}

@@ -49,7 +49,14 @@ fn start_listener(dir: &Path, extra: &[&str]) -> (Child, String) {
         .unwrap();
     let mut first = String::new();
     BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut first).unwrap();
-    let addr = first.trim().strip_prefix("listening on ").unwrap_or_else(|| panic!("{first:?}")).to_owned();
+    let addr = match first.trim().strip_prefix("listening on ") {
+        Some(addr) => addr.to_owned(),
+        None => {
+            let event: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|_| panic!("{first:?}"));
+            assert_eq!(event["event"], "listening", "{first:?}");
+            event["address"].as_str().unwrap().to_owned()
+        }
+    };
     (child, addr)
 }
 
@@ -123,11 +130,12 @@ fn send_fails_with_the_reason() {
     write_node(dir.path(), &rogue, "mallory");
     let (mut listener, addr) = start_listener(dir.path(), &[]);
 
-    // A certificate from another CA: the listener refuses it.
+    // A certificate from another CA: the listener refuses it (exit 2: TLS).
     let out = send(dir.path(), "mallory", "ca.crt", &addr, "5", &["let me in"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("UnknownCA"), "{stderr}");
+    assert!(stderr.contains("alert UnknownCA (it does not trust the CA of our certificate)"), "{stderr}");
+    assert!(stderr.contains(&addr) && stderr.lines().filter(|l| l.starts_with("error")).count() == 1, "{stderr}");
 
     // The listener refuses by policy.
     listener.kill().unwrap();
@@ -135,17 +143,18 @@ fn send_fails_with_the_reason() {
     write_node(dir.path(), &pki, "client");
     let (mut listener, addr) = start_listener(dir.path(), &["--allow", "someone-else"]);
     let out = send(dir.path(), "client", "ca.crt", &addr, "5", &["hi"]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "policy refusals exit 3");
     assert!(String::from_utf8_lossy(&out.stderr).contains("unauthorized"));
     listener.kill().unwrap();
     let _ = listener.wait();
 
-    // Nobody listening: a timeout, not a hang.
+    // Nobody listening: a timeout, not a hang, that says no node answered there (exit 4).
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let silent = sock.local_addr().unwrap().to_string();
     let out = send(dir.path(), "client", "ca.crt", &silent, "1", &["anyone?"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("timed out"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(4));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&silent) && stderr.contains("no quicseal node answered at that address"), "{stderr}");
 }
 
 #[test]
@@ -179,7 +188,7 @@ fn send_through_the_fault_injecting_proxy() {
     assert!(status.success());
     let proxied = wait_with_deadline(proxy);
     let report = String::from_utf8_lossy(&proxied.stdout);
-    assert!(report.contains("NetsimStats") && report.contains("received"), "{report}");
+    assert!(report.contains("proxy stopped: received ") && !report.contains("NetsimStats"), "{report}");
     let listened = wait_with_deadline(listener);
     assert!(String::from_utf8_lossy(&listened.stdout).contains("through a bad link"));
 }
@@ -190,9 +199,284 @@ fn proxy_refuses_bad_arguments() {
         .args(["proxy", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:9", "--loss", "2"])
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("loss must be between 0 and 1"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 is not a chance: give 0 to 1"));
     let out = Command::new(BIN).args(["proxy", "--listen", "127.0.0.1:0", "--target", "10.1.2.3:9"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
+}
+
+/// Runs `quicseal ARGS...` and returns it (stdin closed).
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap()
+}
+
+/// Asserts a failure with exit code 1 and one error line on stderr that contains `needle`
+/// (and no panic, no `Debug` dump).
+fn fails_with(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(needle), "expected {needle:?} in {stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("{ ") && !stderr.contains("Error("), "{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.starts_with("error")).count(), 1, "{stderr}");
+}
+
+#[test]
+fn numbers_from_the_command_line_are_checked_instead_of_panicking() {
+    let pki = Pki::new("ca");
+    let dir = pki_dir(&pki, &["server", "client"]);
+    let d = dir.path().to_str().unwrap();
+    let cert = dir.path().join("client.crt");
+    let cert = cert.to_str().unwrap();
+    for (args, needle) in [
+        (vec!["cert", "init", "--name", "x", "--out", d, "--days", "4000000"], "out of range: give 1 to 36500"),
+        (vec!["cert", "issue", "n", "--ca-dir", d, "--days", "4000000"], "out of range"),
+        (vec!["cert", "issue", "n", "--ca-dir", d, "--days", "0"], "out of range"),
+        (vec!["cert", "renew", cert, "--ca-dir", d, "--days", "4000000"], "out of range"),
+        (vec!["cert", "crl", "--ca-dir", d, "--days", "4000000"], "out of range"),
+        (vec!["proxy", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:9", "--duration", "1e30"], "out of range"),
+        (
+            vec!["proxy", "--listen", "127.0.0.1:0", "--target", "127.0.0.1:9", "--delay-ms", "99999999999"],
+            "out of range",
+        ),
+        (vec!["send", "--to", "127.0.0.1:9", "--name", "s", "--timeout", "1e30", "m"], "out of range"),
+        (vec!["send", "--to", "127.0.0.1:9", "--name", "s", "--timeout", "1e-12", "m"], "out of range"),
+        (vec!["send", "--to", "127.0.0.1:9", "--name", "s", "--timeout", "NaN", "m"], "out of range"),
+        (vec!["send", "--to", "nowhere", "--name", "s", "m"], "give HOST:PORT or IP:PORT"),
+    ] {
+        let mut full: Vec<&str> = args.clone();
+        if full[0] == "send" {
+            full.extend(["--cert", cert, "--key", cert, "--ca", cert]);
+        }
+        fails_with(&run(&full), needle);
+    }
+}
+
+#[test]
+fn send_takes_host_names_and_standard_input_and_prints_json() {
+    let pki = Pki::new("ca");
+    let dir = pki_dir(&pki, &["server", "client"]);
+    let (listener, addr) = start_listener(dir.path(), &["--count", "2", "--json"]);
+    let port = addr.rsplit(':').next().unwrap();
+    let mut child = Command::new(BIN)
+        .arg("send")
+        .args(tls_args(dir.path(), "client", "ca.crt"))
+        .args(["--to", &format!("localhost:{port}"), "--name", "server", "--timeout", "10", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"from stdin\n").unwrap();
+    let out = wait_with_deadline(child);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = send(dir.path(), "client", "ca.crt", &addr, "10", &["--json", "second"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (sent["delivered"].as_bool(), sent["seq"].as_u64(), sent["channel"].as_u64()),
+        (Some(true), Some(1), Some(0))
+    );
+
+    let listened = wait_with_deadline(listener);
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&listened.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    let texts: Vec<&str> =
+        events.iter().filter(|e| e["event"] == "message").map(|e| e["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["from stdin\n", "second"]);
+    assert_eq!(events[1]["peer"], "client");
+    assert_eq!(events[1]["fingerprint"].as_str().unwrap().len(), 64);
+
+    // A refusal is a JSON object too, on stdout, with the exit code.
+    let (mut listener, addr) = start_listener(dir.path(), &["--allow", "someone-else"]);
+    let out = send(dir.path(), "client", "ca.crt", &addr, "5", &["--json", "hi"]);
+    assert_eq!(out.status.code(), Some(3));
+    let refused: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((refused["delivered"].as_bool(), refused["exit_code"].as_u64()), (Some(false), Some(3)));
+    listener.kill().unwrap();
+    let _ = listener.wait();
+}
+
+/// Accepts sessions and never reads them: a sent message is never acknowledged.
+#[test]
+fn a_message_the_listener_never_takes_exits_5() {
+    let pki = Pki::new("ca");
+    let dir = pki_dir(&pki, &["client"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let _guard = runtime.enter();
+    let node = bind(quicseal::NodeConfig::new(pki.identity("server"), pki.trust()));
+    let addr = node.local_addr().unwrap().to_string();
+    let holder = runtime.spawn({
+        let node = node.clone();
+        async move {
+            let mut held = Vec::new();
+            while let Ok(s) = node.accept().await {
+                held.push(s);
+            }
+        }
+    });
+    let out = send(dir.path(), "client", "ca.crt", &addr, "1", &["never read"]);
+    assert_eq!(out.status.code(), Some(5), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sent, but not acknowledged"));
+    holder.abort();
+}
+
+#[test]
+fn listen_and_send_refuse_certificates_that_cannot_work() {
+    use quicseal::pki::Usage;
+    use std::time::SystemTime;
+    let pki = Pki::new("ca");
+    let dir = pki_dir(&pki, &["server"]);
+    let write = |name: &str, issued: quicseal::pki::Issued| {
+        std::fs::write(dir.path().join(format!("{name}.crt")), issued.chain_pem).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.key")), issued.key_pem).unwrap();
+    };
+    let past = SystemTime::now() - Duration::from_secs(10 * 86_400);
+    write("expired", pki.issue(&pki.cert("expired").validity(past - Duration::from_secs(86_400), past)));
+    write("clientonly", pki.issue(&pki.cert("clientonly").usage(Usage::ClientOnly)));
+    write("serveronly", pki.issue(&pki.cert("serveronly").usage(Usage::ServerOnly)));
+    let soon = SystemTime::now() + Duration::from_secs(5 * 86_400);
+    write("soon", pki.issue(&pki.cert("soon").validity(SystemTime::now() - Duration::from_secs(60), soon)));
+    std::fs::write(dir.path().join("ca.key"), pki.ca.key_pem()).unwrap();
+    let listen = |name: &str| {
+        Command::new(BIN)
+            .arg("listen")
+            .args(tls_args(dir.path(), name, "ca.crt"))
+            .args(["--bind", "127.0.0.1:0", "--count", "0"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    fails_with(&listen("expired"), "expired.crt expired on");
+    fails_with(&listen("clientonly"), "cannot accept sessions: its extended key usage lacks serverAuth");
+    let out = send(dir.path(), "serveronly", "ca.crt", "127.0.0.1:9", "1", &["x"]);
+    fails_with(&out, "cannot dial: its extended key usage lacks clientAuth");
+    let out = Command::new(BIN)
+        .arg("send")
+        .args([
+            "--cert",
+            dir.path().join("ca.crt").to_str().unwrap(),
+            "--key",
+            dir.path().join("ca.key").to_str().unwrap(),
+        ])
+        .args(["--ca", dir.path().join("ca.crt").to_str().unwrap(), "--to", "127.0.0.1:9", "--name", "server", "x"])
+        .output()
+        .unwrap();
+    fails_with(&out, "is a CA certificate: a node presents a node certificate");
+    // Expiring soon: a warning on stderr by default, without colour codes (not a terminal).
+    let (mut listener, addr) = {
+        let mut child = Command::new(BIN)
+            .arg("listen")
+            .args(tls_args(dir.path(), "soon", "ca.crt"))
+            .args(["--bind", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut first).unwrap();
+        (child, first)
+    };
+    assert!(addr.starts_with("listening on"), "{addr}");
+    listener.kill().unwrap();
+    let out = listener.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("WARN") && stderr.contains("this node's certificate expires soon subject=soon"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "no ANSI colour codes when stderr is not a terminal: {stderr:?}");
+}
+
+#[test]
+fn listen_reloads_its_crl_and_refuses_a_certificate_revoked_after_it_started() {
+    use quicseal::pki::Revoked;
+    use std::time::SystemTime;
+    let pki = Pki::new("ca");
+    let dir = pki_dir(&pki, &["server", "client"]);
+    let crl = |revoked: &[Revoked], number: u64| {
+        let now = SystemTime::now();
+        let pem =
+            pki.ca.crl(revoked, number, now - Duration::from_secs(60), now + Duration::from_secs(86_400)).unwrap();
+        // Written beside and renamed, as `cert crl` does, so the watcher never reads half a file.
+        std::fs::write(dir.path().join("ca.crl.tmp"), pem).unwrap();
+        std::fs::rename(dir.path().join("ca.crl.tmp"), dir.path().join("ca.crl")).unwrap();
+    };
+    crl(&[], 1);
+    let crl_path = dir.path().join("ca.crl");
+    let (mut listener, addr) = start_listener(dir.path(), &["--crl", crl_path.to_str().unwrap()]);
+    let out = send(dir.path(), "client", "ca.crt", &addr, "5", &["before"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let client = quicseal::load_certificates(dir.path().join("client.crt")).unwrap();
+    let serial = x509_parser::parse_x509_certificate(&client[0]).unwrap().1.raw_serial().to_vec();
+    crl(&[Revoked { serial, revoked_at: SystemTime::now(), reason: None }], 2);
+    // The watcher checks every 5 s: within 30 s the listener refuses the client (exit 2).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let out = send(dir.path(), "client", "ca.crt", &addr, "5", &["after"]);
+        if out.status.code() == Some(2) {
+            break out;
+        }
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(std::time::Instant::now() < deadline, "the listener never reloaded its CRL");
+    };
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("CertificateRevoked"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    listener.kill().unwrap();
+    let _ = listener.wait();
+}
+
+#[test]
+fn listen_serves_prometheus_metrics_after_traffic() {
+    use std::io::{Read, Write};
+    let pki = Pki::new("ca");
+    let dir = pki_dir(&pki, &["server", "client"]);
+    let mut child = Command::new(BIN)
+        .arg("listen")
+        .args(tls_args(dir.path(), "server", "ca.crt"))
+        .args(["--bind", "127.0.0.1:0", "--metrics", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = lines.next().unwrap().unwrap().strip_prefix("listening on ").unwrap().to_owned();
+    let metrics = lines.next().unwrap().unwrap();
+    let metrics =
+        metrics.strip_prefix("metrics on http://").and_then(|m| m.strip_suffix("/metrics")).unwrap().to_owned();
+    for text in ["one", "two"] {
+        let out = send(dir.path(), "client", "ca.crt", &addr, "5", &[text]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut stream = std::net::TcpStream::connect(&metrics).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(response.starts_with("HTTP/1.1 200 OK") && response.contains("text/plain; version=0.0.4"), "{response}");
+    assert!(response.contains("quicseal_messages_delivered_total 2"), "{response}");
+    assert!(response.contains("quicseal_tag_failures_total 0"), "{response}");
+    assert!(response.contains("quicseal_open_connections"), "{response}");
+}
+
+#[test]
+fn completions_and_the_man_page_are_generated() {
+    for shell in ["bash", "zsh", "fish", "elvish", "powershell"] {
+        let out = run(&["completions", shell]);
+        assert!(out.status.success() && out.stdout.len() > 1000, "{shell}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("listen"), "{shell}");
+    }
+    let out = run(&["man"]);
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && page.contains(".TH quicseal 1") && page.contains("completions"), "{page}");
+    fails_with(&run(&["completions", "tcsh"]), "invalid value 'tcsh'");
+    // Help is not an error; an unknown argument is bad input (exit 1).
+    assert_eq!(run(&["--help"]).status.code(), Some(0));
+    let help = run(&["send", "--help"]);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("Exit codes: 0 the listener's application took"));
+    fails_with(&run(&["send", "--bogus"]), "unexpected argument");
 }

@@ -3,20 +3,37 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-/// An example's binary, next to this test binary (`target/<profile>/examples/`); `cargo test`
-/// builds the examples before it runs the tests, other runners may not: then build them here.
+/// The newest modification time of the files under `dir` (recursively).
+fn newest(dir: &Path) -> SystemTime {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() { newest(&path) } else { e.metadata().and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH) }
+        })
+        .max()
+        .unwrap_or(UNIX_EPOCH)
+}
+
+/// An example's binary, next to this test binary (`target/<profile>/examples/`). `cargo test`
+/// builds the examples before it runs the tests; a binary older than the sources (a run of
+/// `cargo test --test it` does not rebuild them) would test old code, so it is refused.
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let path = exe.parent().and_then(|deps| deps.parent()).unwrap().join("examples").join(name);
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status =
-            Command::new(cargo).args(["build", "--examples"]).current_dir(env!("CARGO_MANIFEST_DIR")).status().unwrap();
-        assert!(status.success(), "cargo build --examples failed");
-    }
+    let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources = newest(&root.join("src")).max(newest(&root.join("examples")));
+    assert!(
+        built >= sources,
+        "{} is missing or older than the sources: run `cargo test` (it builds the examples) or `cargo build --examples`",
+        path.display()
+    );
     path
 }
 

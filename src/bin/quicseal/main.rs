@@ -58,7 +58,12 @@ pub(crate) fn sentence(e: &quicseal::Error) -> String {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        // By default: errors, and the warnings an operator must see (certificates or CAs about
+        // to expire, certificate files that changed but cannot be used).
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error,quicseal::reload=warn".into()),
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -66,7 +71,12 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             // Help and version are not errors; every bad argument exits 1 (2 and up are the
-            // verdicts of `cert verify` and `send`).
+            // verdicts of `cert verify` and `send`). A bad value is one line: what and why.
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::ValueValidation | ErrorKind::InvalidValue) {
+                eprintln!("{}", e.to_string().lines().next().unwrap_or("error: invalid value"));
+                return ExitCode::FAILURE;
+            }
             let _ = e.print();
             return if e.use_stderr() { ExitCode::FAILURE } else { ExitCode::SUCCESS };
         }

@@ -77,17 +77,18 @@ impl Tls {
 
     /// Loads the files, refuses a certificate that cannot work in `role`, and builds the node
     /// configuration.
-    fn config(&self, role: Role, limits: Limits, err: &mut impl Write) -> quicseal::Result<NodeConfig> {
+    fn config(&self, role: Role, limits: Limits) -> quicseal::Result<NodeConfig> {
         let (identity, trust) = self.files().load()?;
-        startup_checks(&self.cert, &identity.chain()[0], role, err)?;
+        startup_checks(&self.cert, &identity.chain()[0], role)?;
         Ok(NodeConfig::new(identity, trust).policy(self.policy()?).limits(limits))
     }
 }
 
 /// Refuses to start with a certificate that cannot work: a CA certificate, one that is expired
 /// or not valid yet, or one whose extended key usage does not allow the role (a listener needs
-/// `serverAuth`, a sender `clientAuth`). Warns when it expires within 30 days.
-fn startup_checks(path: &std::path::Path, leaf: &[u8], role: Role, err: &mut impl Write) -> quicseal::Result<()> {
+/// `serverAuth`, a sender `clientAuth`). (The node itself warns when it or a CA expires within
+/// 30 days.)
+fn startup_checks(path: &std::path::Path, leaf: &[u8], role: Role) -> quicseal::Result<()> {
     let file = path.display();
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| Error::Config(format!("{file}: the certificate does not parse: {e}")))?;
@@ -122,10 +123,6 @@ fn startup_checks(path: &std::path::Path, leaf: &[u8], role: Role, err: &mut imp
                 "{file} cannot {what}: its extended key usage lacks {needed} (issued with {flag}?)"
             )));
         }
-    }
-    let days_left = (validity.not_after.timestamp() - now).div_euclid(86_400);
-    if days_left < 30 {
-        writeln!(err, "warning: {file} expires in {days_left} days: renew it soon (`quicseal cert renew {file}`)")?;
     }
     Ok(())
 }
@@ -177,7 +174,7 @@ pub(crate) struct SendArgs {
 
 pub(crate) async fn listen(args: ListenArgs, out: &mut impl Write) -> quicseal::Result<()> {
     let tls = &args.tls;
-    let node = Node::bind(args.bind, tls.config(Role::Listener, Limits::default(), &mut std::io::stderr())?)?;
+    let node = Node::bind(args.bind, tls.config(Role::Listener, Limits::default())?)?;
     let _watcher = node.watch(tls.files());
     let addr = node.local_addr()?;
     if tls.json {
@@ -313,7 +310,7 @@ pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> quicseal::Resu
     let payload = message(args.message)?;
     let mut limits = Limits::default();
     limits.handshake_timeout = args.timeout;
-    let config = tls.config(Role::Sender, limits, &mut std::io::stderr())?;
+    let config = tls.config(Role::Sender, limits)?;
     let bind: SocketAddr = if args.to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal");
     let node = Node::bind(bind, config)?;
     let (to, name, channel) = (args.to, args.name.as_str(), args.channel);
