@@ -480,3 +480,37 @@ fn completions_and_the_man_page_are_generated() {
     assert!(String::from_utf8_lossy(&help.stdout).contains("Exit codes: 0 the listener's application took"));
     fails_with(&run(&["send", "--bogus"]), "unexpected argument");
 }
+
+/// `listen --allow` takes what the library's policy does: names, SPIFFE trust domains and key
+/// fingerprints.
+#[test]
+fn listen_allows_by_name_trust_domain_and_key() {
+    let pki = Pki::new("ca");
+    let dir = pki_dir(&pki, &["server"]);
+    let client = pki.issue(&pki.cert("client").uri("spiffe://example.org/node/client"));
+    std::fs::write(dir.path().join("client.crt"), &client.chain_pem).unwrap();
+    std::fs::write(dir.path().join("client.key"), &client.key_pem).unwrap();
+    let fingerprint = to_identity(&client).fingerprint().to_string();
+    let key_rule = format!("key:{fingerprint}");
+    for (allow, code) in [
+        ("spiffe://example.org", 0),
+        ("spiffe://other.org", 3),
+        (key_rule.as_str(), 0),
+        ("key:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff", 3),
+        ("spiffe://example.org/node/client", 0),
+        ("client", 0),
+    ] {
+        let (mut listener, addr) = start_listener(dir.path(), &["--allow", allow]);
+        let out = send(dir.path(), "client", "ca.crt", &addr, "5", &["hi"]);
+        assert_eq!(out.status.code(), Some(code), "--allow {allow}: {}", String::from_utf8_lossy(&out.stderr));
+        listener.kill().unwrap();
+        let _ = listener.wait();
+    }
+    let bad = Command::new(BIN)
+        .arg("listen")
+        .args(tls_args(dir.path(), "server", "ca.crt"))
+        .args(["--bind", "127.0.0.1:0", "--allow", "key:nothex"])
+        .output()
+        .unwrap();
+    fails_with(&bad, "--allow key:nothex: not a key fingerprint");
+}

@@ -12,6 +12,7 @@ mod examples;
 mod fuzz_corpora;
 mod identity;
 mod limits;
+mod metrics_export;
 mod mtls;
 mod netsim;
 mod reconnect;
