@@ -383,7 +383,10 @@ fn listen_and_send_refuse_certificates_that_cannot_work() {
     listener.kill().unwrap();
     let out = listener.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("WARN") && stderr.contains("this node's certificate expires soon subject=soon"), "{stderr}");
+    assert!(
+        stderr.contains("WARN") && stderr.contains("this node's certificate expires soon subject=soon"),
+        "{stderr}"
+    );
     assert!(!stderr.contains('\x1b'), "no ANSI colour codes when stderr is not a terminal: {stderr:?}");
 }
 
