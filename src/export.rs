@@ -4,8 +4,8 @@
 //! Every counter of [`Stats`](crate::Stats) is exported as `quicseal_<name>_total` (totals over
 //! all sessions of the node, past and present), and the node's current state as gauges:
 //! `quicseal_open_connections` and `quicseal_buffered_bytes`. Values are copied from the node's
-//! own atomics when [`Node::record_metrics`] runs (on each scrape, or every interval of
-//! [`Node::export_metrics`]), so the message path pays nothing for them.
+//! own atomics when [`Node::record_metrics`](crate::Node::record_metrics) runs (on each scrape, or every interval of
+//! [`Node::export_metrics`](crate::Node::export_metrics)), so the message path pays nothing for them.
 
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::stats::Stats;
 
-/// The periodic export started by [`Node::export_metrics`]; dropping it stops it.
+/// The periodic export started by [`Node::export_metrics`](crate::Node::export_metrics); dropping it stops it.
 #[derive(Debug)]
 pub struct MetricsExporter {
     task: JoinHandle<()>,
@@ -28,7 +28,7 @@ impl Drop for MetricsExporter {
 impl crate::Node {
     /// Copies this node's counters and gauges to the `metrics` recorder in force now (the
     /// global one, or a local one of [`metrics::with_local_recorder`]). Call it before an
-    /// exporter renders, or let [`Node::export_metrics`] call it periodically.
+    /// exporter renders, or let [`Node::export_metrics`](crate::Node::export_metrics) call it periodically.
     pub fn record_metrics(&self) {
         let stats = self.stats();
         for (name, value) in stats.iter().filter(|(name, _)| !Stats::is_gauge(name)) {
@@ -38,7 +38,7 @@ impl crate::Node {
         metrics::gauge!("quicseal_buffered_bytes").set(self.buffered_bytes() as f64);
     }
 
-    /// Records this node's metrics ([`Node::record_metrics`]) now and every `interval` (at
+    /// Records this node's metrics ([`Node::record_metrics`](crate::Node::record_metrics)) now and every `interval` (at
     /// least 10 ms) until the returned handle is dropped or the node is dropped. Must be called
     /// inside a tokio runtime; the exporter does not keep the node open.
     pub fn export_metrics(&self, interval: Duration) -> MetricsExporter {
