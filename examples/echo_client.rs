@@ -9,28 +9,19 @@
 //! Certificates come from `certs/examples/` (`cargo run --example gen_certs`), or from the
 //! directory in `QUICSEAL_EXAMPLE_CERTS`.
 
-use std::path::{Path, PathBuf};
-
 use std::process::ExitCode;
 
 use quicseal::{Identity, Node, NodeConfig, Policy, TrustStore};
 
+mod support;
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    // Errors as a sentence, not a `Debug` dump.
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    support::exit(run().await)
 }
 
 async fn run() -> quicseal::Result<()> {
-    let certs = std::env::var_os("QUICSEAL_EXAMPLE_CERTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/examples"));
+    let certs = support::certs_dir();
     let text = std::env::args().nth(1).unwrap_or_else(|| "hello".into());
     let addr = std::env::args().nth(2).unwrap_or_else(|| "127.0.0.1:4433".into());
     let addr = addr.parse().map_err(|e| quicseal::Error::Config(format!("bad address {addr:?}: {e}")))?;

@@ -9,28 +9,19 @@
 //! Certificates come from `certs/examples/` (`cargo run --example gen_certs`), or from the
 //! directory in `QUICSEAL_EXAMPLE_CERTS`.
 
-use std::path::{Path, PathBuf};
-
 use std::process::ExitCode;
 
 use quicseal::{Identity, Node, NodeConfig, TrustStore};
 
+mod support;
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    // Errors as a sentence, not a `Debug` dump.
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    support::exit(run().await)
 }
 
 async fn run() -> quicseal::Result<()> {
-    let certs = std::env::var_os("QUICSEAL_EXAMPLE_CERTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/examples"));
+    let certs = support::certs_dir();
     let identity = Identity::from_pem_files(certs.join("server.crt"), certs.join("server.key"))?;
     let trust = TrustStore::from_ca_file(certs.join("ca.crt"))?;
     let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:4433".into());

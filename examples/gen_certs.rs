@@ -10,27 +10,20 @@
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use quicseal::pki::{Ca, KeyType, NodeCert};
 
-fn main() -> std::process::ExitCode {
-    // Errors as a sentence, not a `Debug` dump.
-    match run() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+mod support;
+
+fn main() -> ExitCode {
+    support::exit(run())
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let force = std::env::args().any(|a| a == "--force");
-    let dir = std::env::var_os("QUICSEAL_EXAMPLE_CERTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/examples"));
+    let dir = support::certs_dir();
     std::fs::create_dir_all(&dir)?;
     let ca = Ca::new("quicseal example CA", KeyType::EcdsaP256, Duration::from_secs(365 * 24 * 3600))?;
     let mut files = vec![("ca.crt".to_string(), ca.cert_pem().to_owned()), ("ca.key".into(), ca.key_pem().to_owned())];

@@ -14,15 +14,15 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use std::process::ExitCode;
 
 use quicseal::{
     ApplicationError, Call, CallOptions, Error, Identity, Node, NodeConfig, RemoteError, Router, RpcClient, TrustStore,
 };
+
+mod support;
 
 /// Application error code: no such key.
 const NOT_FOUND: u32 = 404;
@@ -56,9 +56,7 @@ fn router(store: Store) -> Router {
 }
 
 fn load(name: &str) -> quicseal::Result<(Identity, TrustStore)> {
-    let certs = std::env::var_os("QUICSEAL_EXAMPLE_CERTS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/examples"));
+    let certs = support::certs_dir();
     let identity = Identity::from_pem_files(certs.join(format!("{name}.crt")), certs.join(format!("{name}.key")))?;
     Ok((identity, TrustStore::from_ca_file(certs.join("ca.crt"))?))
 }
@@ -109,14 +107,7 @@ async fn run_command(client: &RpcClient, args: &[String]) -> quicseal::Result<()
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    // Errors as a sentence, not a `Debug` dump.
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    support::exit(run().await)
 }
 
 async fn run() -> quicseal::Result<()> {
