@@ -2,7 +2,7 @@
 //! decoded as the session does it (sealing and the replay window are in `benches/seal.rs`).
 //!
 //! ```text
-//! cargo bench --bench codec
+//! cargo bench -p quicseal-benches --bench codec
 //! ```
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 

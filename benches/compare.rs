@@ -1,9 +1,9 @@
 //! quicseal side by side with raw quinn and with TLS over TCP (tokio-rustls), in the same run.
 //!
 //! ```text
-//! cargo bench --bench compare              # full run
-//! cargo bench --bench compare -- --quick   # under a minute (CI runs this; no thresholds)
-//! cargo bench --bench compare -- --only W2,W3 --stacks quicseal   # a subset, e.g. to profile
+//! cargo bench -p quicseal-benches --bench compare              # full run
+//! cargo bench -p quicseal-benches --bench compare -- --quick   # under a minute (CI runs this; no thresholds)
+//! cargo bench -p quicseal-benches --bench compare -- --only W2,W3 --stacks quicseal   # a subset, e.g. to profile
 //! ```
 //!
 //! Every stack uses the same certificates, rustls on ring with TLS 1.3 and mutual
@@ -897,7 +897,7 @@ fn print_table(rows: &[Row], quick: bool) {
 }
 
 fn write_json(rows: &[Row]) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&dir).unwrap();
     let json = serde_json::json!(
         rows.iter()
@@ -929,7 +929,7 @@ fn write_svg(rows: &[Row]) {
     };
     let bars: Vec<[f64; 2]> = rows.iter().map(|r| [relative(r, 1), relative(r, 2)]).collect();
     let top = bars.iter().flatten().copied().filter(|x| x.is_finite()).fold(1.5f64, f64::max) * 1.1;
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench/compare.svg");
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/compare.svg");
     let height = 80 + 34 * rows.len() as u32;
     let root = SVGBackend::new(&path, (1100, height)).into_drawing_area();
     root.fill(&WHITE).unwrap();

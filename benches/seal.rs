@@ -2,7 +2,7 @@
 //! AES-256-GCM seal of the same payload (the floor: what any AEAD costs).
 //!
 //! ```text
-//! cargo bench --bench seal
+//! cargo bench -p quicseal-benches --bench seal
 //! ```
 #![allow(missing_docs)] // criterion's macros generate undocumented items
 

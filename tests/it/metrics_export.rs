@@ -60,12 +60,11 @@ async fn periodic_export_reaches_the_global_recorder() {
     let _exporter = a.export_metrics(Duration::from_millis(10));
     sa.send(0, &"one").await.unwrap();
     sb.recv().await.unwrap();
+    // Polls the rendered text until the exporter's task has recorded the send.
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
     let seen = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            if value(&handle.render(), "quicseal_messages_sent_total") == Some(1.0) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        while value(&handle.render(), "quicseal_messages_sent_total") != Some(1.0) {
+            poll.tick().await;
         }
     })
     .await;

@@ -536,3 +536,27 @@ async fn a_reload_never_lifts_a_denial_only_undeny_does() {
     c.unwrap();
     s.unwrap();
 }
+
+/// A node that presents its CA's own certificate is refused for what it is, and every refusal
+/// reads as a sentence, not rustls' `Debug` dump.
+#[tokio::test]
+async fn a_ca_certificate_presented_as_a_node_certificate_is_named_as_such() {
+    let pki = Pki::new("ca");
+    let ca_as_node = quicseal::Identity::from_pem(pki.ca.cert_pem().as_bytes(), pki.ca.key_pem().as_bytes()).unwrap();
+    let (c, s) = refused(
+        NodeConfig::new(ca_as_node, pki.trust()),
+        NodeConfig::new(pki.identity("server"), pki.trust()),
+        "server",
+    )
+    .await;
+    match local(&s) {
+        RustlsError::InvalidCertificate(CertificateError::Other(other)) => {
+            assert!(matches!(other.0.downcast_ref::<webpki::Error>(), Some(webpki::Error::CaUsedAsEndEntity)))
+        }
+        other => panic!("expected CaUsedAsEndEntity, got {other:?}"),
+    }
+    let said = s.to_string();
+    assert!(said.contains("a CA certificate was presented as a node certificate"), "{said}");
+    assert!(!said.contains("Other(") && !said.contains("OtherError"), "{said}");
+    assert!(c.to_string().starts_with("TLS handshake failed: the peer refused the handshake with alert"), "{c}");
+}

@@ -372,9 +372,11 @@ fn issue(a: IssueArgs, out: &mut impl Write) -> quicseal::Result<u8> {
     let issued = ca.issue(&node)?;
     let (crt, key) = (dir.join(format!("{}.crt", a.node)), dir.join(format!("{}.key", a.node)));
     refuse_existing(&[&crt, &key], a.force)?;
+    // Recorded first: a serial in the list whose files failed to write is harmless, a
+    // certificate on disk that `revoke --serial` does not know is not.
+    record_issued(&a.ca_dir, &issued.serial, &a.node, not_after)?;
     write_atomic(&key, &issued.key_pem, 0o600, a.force)?;
     write_atomic(&crt, &issued.chain_pem, 0o644, a.force)?;
-    record_issued(&a.ca_dir, &issued.serial, &a.node, not_after)?;
     writeln!(
         out,
         "issued {} (serial {}), valid {} days: {} and {}",
@@ -646,12 +648,12 @@ fn renew(a: RenewArgs, out: &mut impl Write) -> quicseal::Result<u8> {
     } else {
         ca.issue(&spec)?
     };
+    let name = parsed.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).unwrap_or("-");
+    record_issued(&a.ca_dir, &issued.serial, name, not_after)?;
     if !a.reuse_key {
         write_atomic(&key_path, &issued.key_pem, 0o600, true)?;
     }
     write_atomic(&a.cert, &issued.chain_pem, 0o644, true)?;
-    let name = parsed.subject().iter_common_name().next().and_then(|cn| cn.as_str().ok()).unwrap_or("-");
-    record_issued(&a.ca_dir, &issued.serial, name, not_after)?;
     let what = if a.reuse_key { "same key" } else { "new key" };
     writeln!(out, "renewed {} (serial {}, {what}), valid {} days", a.cert.display(), hex(&issued.serial), a.days)?;
     Ok(0)

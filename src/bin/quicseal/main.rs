@@ -17,6 +17,10 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
 #[command(name = "quicseal", version, about = "Secure, authenticated messaging over QUIC")]
@@ -57,15 +61,16 @@ pub(crate) fn sentence(e: &quicseal::Error) -> String {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        // By default: errors, and the warnings an operator must see (certificates or CAs about
-        // to expire, certificate files that changed but cannot be used).
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error,quicseal::reload=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+    // By default: errors, and the warnings an operator must see (certificates or CAs about to
+    // expire, certificate files that changed but cannot be used). RUST_LOG takes
+    // `LEVEL` or `TARGET=LEVEL,...` (e.g. `info`, `quicseal=debug`).
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(Level::ERROR).with_target("quicseal::reload", Level::WARN));
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()))
+        .with(filter)
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
