@@ -289,12 +289,17 @@ fn send_takes_host_names_and_standard_input_and_prints_json() {
     assert_eq!(events[1]["peer"], "client");
     assert_eq!(events[1]["fingerprint"].as_str().unwrap().len(), 64);
 
-    // A refusal is a JSON object too, on stdout, with the exit code.
-    let (mut listener, addr) = start_listener(dir.path(), &["--allow", "someone-else"]);
+    // A refusal is a JSON object too, on each side: send's outcome with its exit code, and the
+    // listener's refusal event.
+    let (mut listener, addr) = start_listener(dir.path(), &["--allow", "someone-else", "--json"]);
     let out = send(dir.path(), "client", "ca.crt", &addr, "5", &["--json", "hi"]);
     assert_eq!(out.status.code(), Some(3));
     let refused: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((refused["delivered"].as_bool(), refused["exit_code"].as_u64()), (Some(false), Some(3)));
+    let mut lines = BufReader::new(listener.stdout.take().unwrap()).lines();
+    let event: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(event["event"], "refused", "{event}");
+    assert!(event["error"].as_str().unwrap().contains("unauthorized"), "{event}");
     listener.kill().unwrap();
     let _ = listener.wait();
 }

@@ -5,33 +5,23 @@ use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
-
-/// The newest modification time of the files under `dir` (recursively).
-fn newest(dir: &Path) -> SystemTime {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| {
-            let path = e.path();
-            if path.is_dir() { newest(&path) } else { e.metadata().and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH) }
-        })
-        .max()
-        .unwrap_or(UNIX_EPOCH)
-}
+use std::time::UNIX_EPOCH;
 
 /// An example's binary, next to this test binary (`target/<profile>/examples/`). `cargo test`
-/// builds the examples before it runs the tests; a binary older than the sources (a run of
-/// `cargo test --test it` does not rebuild them) would test old code, so it is refused.
+/// builds the examples before it runs the tests; a run of `cargo test --test it` does not, and
+/// a binary older than any source file cargo built it from (its `.d` file lists them) would
+/// test old code, so it is refused.
 fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let path = exe.parent().and_then(|deps| deps.parent()).unwrap().join("examples").join(name);
-    let built = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sources = newest(&root.join("src")).max(newest(&root.join("examples")));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);
+    let sources = std::fs::read_to_string(path.with_extension("d")).unwrap_or_default();
+    let newest = sources
+        .split_once(": ")
+        .map(|(_, deps)| deps.split_whitespace().map(|d| modified(Path::new(d))).max().unwrap_or(UNIX_EPOCH));
     assert!(
-        built >= sources,
-        "{} is missing or older than the sources: run `cargo test` (it builds the examples) or `cargo build --examples`",
+        newest.is_some_and(|newest| modified(&path) >= newest),
+        "{} is missing or older than its sources: run `cargo test` (it builds the examples) or `cargo build --examples`",
         path.display()
     );
     path
