@@ -28,6 +28,7 @@ use crate::error::{Error, Result, Side, close_code, from_connection_error};
 use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
 use crate::policy::Policy;
 use crate::proto::epochs::EpochBook;
+use crate::proto::hello::{self, Admission, HelloRefusal};
 use crate::proto::reliable::{InboxConfig, OutboxConfig};
 use crate::proto::seal::{self, EXPORTER_LABEL, KEY_MATERIAL_LEN, OpenConfig};
 use crate::proto::wire::{self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, frame_type};
@@ -586,13 +587,6 @@ async fn handshake(
     };
     let retired =
         |fp: &Fingerprint, epoch: u64| shared.retired.lock().unwrap_or_else(|e| e.into_inner()).is_retired(fp, epoch);
-    let refuse_retired = |epoch: u64| {
-        conn.close(VarInt::from_u32(close_code::RETIRED_EPOCH), b"retired epoch");
-        Error::ProtocolViolation {
-            side: Side::Local,
-            reason: format!("the peer reused retired session epoch {epoch:#x}"),
-        }
-    };
     let (send, recv, epoch, peer_hello, resumable) = match role {
         Role::Dialler(epoch) => {
             let (mut send, mut recv) = conn.open_bi().await.map_err(lost)?;
@@ -602,18 +596,9 @@ async fn handshake(
                 .map_err(|e| write_err(e, &lost))?;
             let (peer_hello, _) = read_hello(&conn, &mut recv, &lost).await?;
             let peer_epoch = peer_hello.epoch;
-            match resume {
-                Some((names, expected)) if names != peer.names_digest || expected != peer_epoch => {
-                    conn.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), b"protocol violation");
-                    return Err(Error::ProtocolViolation {
-                        side: Side::Local,
-                        reason: "a different peer or session answered the resumption".into(),
-                    });
-                }
-                Some(_) => {}
-                None if retired(&peer.names_digest, peer_epoch) => return Err(refuse_retired(peer_epoch)),
-                None => {}
-            }
+            let resuming = resume.as_ref().map(|(names, epoch)| (names, *epoch));
+            hello::check_answer(resuming, &peer.names_digest, peer_epoch, retired(&peer.names_digest, peer_epoch))
+                .map_err(|r| refuse_hello(&conn, r))?;
             (send, recv, epoch, peer_hello, None)
         }
         Role::Acceptor(ref counted) => {
@@ -631,36 +616,27 @@ async fn handshake(
             {
                 let mut per_peer = shared.per_peer.lock().unwrap_or_else(|e| e.into_inner());
                 let open = per_peer.entry(peer.names_digest).or_insert(0);
-                let limit = shared.limits.max_connections_per_peer;
-                if !wants_resume && *open >= limit {
-                    conn.close(VarInt::from_u32(close_code::PEER_LIMIT), b"peer limit");
-                    return Err(Error::Limit { what: "connections per peer", limit: limit as u64 });
-                }
+                hello::check_peer_limit(wants_resume, *open, shared.limits.max_connections_per_peer)
+                    .map_err(|r| refuse_hello(&conn, r))?;
                 *open += 1;
                 let _ = counted.set(peer.names_digest);
             }
-            if retired(&peer.names_digest, peer_epoch) {
-                return Err(refuse_retired(peer_epoch));
-            }
-            let (epoch, resumable) = if wants_resume {
+            let found = if wants_resume {
                 let found = shared
                     .resumable
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get(&(peer.names_digest, peer_epoch))
                     .cloned();
-                match found.as_ref().and_then(|r| r.epoch().map(|e| (e, r.clone()))) {
-                    Some((epoch, r)) => (epoch, Some(r)),
-                    None => {
-                        conn.close(VarInt::from_u32(close_code::UNKNOWN_SESSION), b"unknown session");
-                        return Err(Error::ProtocolViolation {
-                            side: Side::Local,
-                            reason: format!("the peer asked to resume unknown session {peer_epoch:#x}"),
-                        });
-                    }
-                }
+                found.and_then(|r| r.epoch().map(|e| (e, r)))
             } else {
-                (random_epoch()?, None)
+                None
+            };
+            let admitted = hello::admit(wants_resume, peer_epoch, retired(&peer.names_digest, peer_epoch), found)
+                .map_err(|r| refuse_hello(&conn, r))?;
+            let (epoch, resumable) = match admitted {
+                Admission::New => (random_epoch()?, None),
+                Admission::Resume((epoch, r)) => (epoch, Some(r)),
             };
             send.write_all(&hello(epoch, false)).await.map_err(|e| write_err(e, &lost))?;
             (send, recv, epoch, peer_hello, resumable)
@@ -683,6 +659,18 @@ async fn handshake(
         return Ok(Outcome::Resumed);
     }
     Ok(Outcome::New(Box::new(Handshaken { parts, peer, peer_hello, epoch })))
+}
+
+/// Closes `conn` with the refusal's close code and returns the local error that says why.
+fn refuse_hello(conn: &Connection, refusal: HelloRefusal) -> Error {
+    conn.close(VarInt::from_u32(refusal.close_code()), refusal.close_reason());
+    let reason = match refusal {
+        HelloRefusal::PeerLimit { limit } => return Error::Limit { what: "connections per peer", limit: limit as u64 },
+        HelloRefusal::RetiredEpoch { epoch } => format!("the peer reused retired session epoch {epoch:#x}"),
+        HelloRefusal::WrongSession => "a different peer or session answered the resumption".into(),
+        HelloRefusal::UnknownSession { epoch } => format!("the peer asked to resume unknown session {epoch:#x}"),
+    };
+    Error::ProtocolViolation { side: Side::Local, reason }
 }
 
 /// Starts a new session over a handshaken connection.

@@ -3,6 +3,7 @@
 //! ([`Node`](crate::Node), [`Session`](crate::Session)) only moves bytes.
 
 pub mod epochs;
+pub mod hello;
 pub mod reliable;
 pub mod replay;
 pub mod rpc;
