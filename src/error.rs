@@ -150,6 +150,53 @@ fn describe_rustls(error: &rustls::Error) -> String {
     }
 }
 
+/// What timed out ([`Error::Timeout`]): a kind to match, never a string to compare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Timed {
+    /// A dial got no answer within `Limits::handshake_timeout`: no quicseal node at that
+    /// address (nothing listening there), or the path drops UDP.
+    NoAnswer,
+    /// The peer answered, but the TLS handshake and the quicseal hello did not finish within
+    /// `Limits::handshake_timeout`.
+    Handshake,
+    /// A connection was silent for `Limits::idle_timeout`.
+    ConnectionIdle,
+    /// A disconnected session was not resumed within `Limits::resume_timeout`.
+    SessionResumption,
+    /// An RPC call's deadline passed at the caller.
+    RpcCall,
+    /// An RPC call's deadline passed at the server, which stopped waiting for its handler.
+    RpcDeadlineAtServer,
+    /// An end-to-end receipt ([`Session::delivered`](crate::Session::delivered)) did not
+    /// arrive within a deadline the application set (quicseal itself puts none on it).
+    Receipt,
+}
+
+impl Timed {
+    /// Whether a new connection may cure it: the network or the peer's availability, not a
+    /// deadline the caller chose.
+    pub fn is_transient(self) -> bool {
+        matches!(self, Timed::NoAnswer | Timed::Handshake | Timed::ConnectionIdle | Timed::SessionResumption)
+    }
+}
+
+impl fmt::Display for Timed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Timed::NoAnswer => {
+                "handshake: no quicseal node answered at that address (nothing listening there, or the path drops UDP)"
+            }
+            Timed::Handshake => "handshake: the TLS handshake and quicseal hello did not finish in time",
+            Timed::ConnectionIdle => "connection idle",
+            Timed::SessionResumption => "session resumption",
+            Timed::RpcCall => "RPC call",
+            Timed::RpcDeadlineAtServer => "RPC call (the deadline passed at the server)",
+            Timed::Receipt => "waiting for the peer's receipt",
+        })
+    }
+}
+
 /// What was wrong with a certificate, key or CRL file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -221,11 +268,11 @@ pub enum Error {
         /// What was negotiated, if anything.
         negotiated: Option<String>,
     },
-    /// An operation did not finish in time (handshake, hello, idle connection).
+    /// An operation did not finish in time; `what` says which, as a kind to match.
     #[error("timed out: {what}")]
     Timeout {
         /// What timed out.
-        what: &'static str,
+        what: Timed,
     },
     /// The connection ended (closed by the peer, reset, network gone).
     #[error("connection lost: {reason}")]
@@ -373,7 +420,7 @@ pub(crate) fn from_connection_error(err: quinn::ConnectionError, captured: Optio
             }
         }
         C::ApplicationClosed(a) => from_application_close(u64::from(a.error_code), &a.reason),
-        C::TimedOut => Error::Timeout { what: "connection idle" },
+        C::TimedOut => Error::Timeout { what: Timed::ConnectionIdle },
         C::LocallyClosed => Error::Closed,
         C::Reset => Error::ConnectionLost { reason: "reset by the peer".into() },
         C::VersionMismatch => Error::ConnectionLost { reason: "QUIC version mismatch".into() },

@@ -91,7 +91,7 @@ pub mod pki;
 pub mod proto;
 
 pub use config::{Limits, NodeConfig};
-pub use error::{Error, LoadError, LoadProblem, Result, Side, TlsError, close_code};
+pub use error::{Error, LoadError, LoadProblem, Result, Side, Timed, TlsError, close_code};
 pub use export::MetricsExporter;
 pub use identity::{Fingerprint, Identity, PeerIdentity, TrustStore, load_certificates};
 pub use node::Node;

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::{Limits, NodeConfig};
-use crate::error::{Error, Result, Side, close_code, from_connection_error};
+use crate::error::{Error, Result, Side, Timed, close_code, from_connection_error};
 use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
 use crate::policy::Policy;
 use crate::proto::epochs::EpochBook;
@@ -444,7 +444,7 @@ async fn accept_one(shared: &Arc<Shared>, incoming: quinn::Incoming) -> Result<O
     let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout;
     let conn = match tokio::time::timeout_at(deadline, connecting).await {
         Ok(conn) => conn.map_err(|e| from_connection_error(e, take_captured(&captured)))?,
-        Err(_) => return Err(Error::Timeout { what: "handshake" }),
+        Err(_) => return Err(Error::Timeout { what: Timed::Handshake }),
     };
     // Counted as an open incoming connection until it closes, and once the handshake knows
     // who the peer is, as one of that peer's.
@@ -470,7 +470,7 @@ async fn accept_one(shared: &Arc<Shared>, incoming: quinn::Incoming) -> Result<O
         .await
         .unwrap_or_else(|_| {
             conn.close(VarInt::from_u32(close_code::HELLO_TIMEOUT), b"hello timeout");
-            Err(Error::Timeout { what: "handshake" })
+            Err(Error::Timeout { what: Timed::Handshake })
         });
     if result.is_err() {
         // Every refusal closed the connection with its code already; this only makes sure no
@@ -517,19 +517,13 @@ async fn dial(
         handshake(shared, conn, &captured, Role::Dialler(epoch), resume).await
     })
     .await;
-    let timed_out = if answered.load(Ordering::Relaxed) { HELLO_TIMEOUT } else { NO_ANSWER };
+    let timed_out = if answered.load(Ordering::Relaxed) { Timed::Handshake } else { Timed::NoAnswer };
     match result.unwrap_or(Err(Error::Timeout { what: timed_out }))? {
         Outcome::New(h) => Ok(*h),
         // Only an acceptor attaches connections to existing sessions.
         Outcome::Resumed => Err(Error::Config("a dialled connection cannot be resumed by the dialler".into())),
     }
 }
-
-/// [`Error::Timeout`]'s `what` when a dial's QUIC handshake got no answer in time.
-const NO_ANSWER: &str =
-    "handshake: no quicseal node answered at that address (nothing listening there, or the path drops UDP)";
-/// [`Error::Timeout`]'s `what` when the node answered but the quicseal hello did not finish.
-const HELLO_TIMEOUT: &str = "handshake: the node answered but the quicseal hello did not finish";
 
 enum Role {
     /// Dialling, with this session epoch.

@@ -44,7 +44,7 @@ use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, Timed};
 use crate::identity::{Fingerprint, PeerIdentity};
 use crate::proto::rpc::{
     Begin, CacheConfig, CallId, MAX_ERROR_MESSAGE_LEN, MAX_METHOD_LEN, ResponseCache, RpcFrame, Status,
@@ -781,7 +781,7 @@ impl SessionRpc {
         idempotent: bool,
         deadline: Instant,
     ) -> Result<Bytes> {
-        let timeout = || Error::Timeout { what: "RPC call" };
+        let timeout = || Error::Timeout { what: Timed::RpcCall };
         if method.is_empty() || method.len() > MAX_METHOD_LEN {
             return Err(Error::Config(format!("RPC method names are 1 to {MAX_METHOD_LEN} bytes")));
         }
@@ -828,7 +828,7 @@ impl SessionRpc {
             }
             Status::UnknownMethod => Err(Error::Remote(RemoteError::UnknownMethod)),
             Status::Overloaded => Err(Error::Remote(RemoteError::Overloaded)),
-            Status::DeadlineExceeded => Err(Error::Timeout { what: "RPC call (the deadline passed at the server)" }),
+            Status::DeadlineExceeded => Err(Error::Timeout { what: Timed::RpcDeadlineAtServer }),
             Status::HandlerPanicked => Err(Error::Remote(RemoteError::HandlerPanicked)),
             Status::RequestTooLarge => Err(Error::Remote(RemoteError::RequestTooLarge)),
             Status::Cancelled => Err(Error::Remote(RemoteError::Cancelled)),
@@ -957,7 +957,7 @@ impl RpcClient {
             let may_retry =
                 || (options.idempotent || first.elapsed() < self.retry_horizon) && Instant::now() + backoff < deadline;
             let session = match tokio::time::timeout_at(deadline, self.session()).await {
-                Err(_) => return Err(Error::Timeout { what: "RPC call" }),
+                Err(_) => return Err(Error::Timeout { what: Timed::RpcCall }),
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) if transient(&e) && may_retry() => {
                     debug!(error = %e, "RPC client: dialling failed, trying again");
@@ -992,7 +992,7 @@ where
 /// Failures that a new connection may cure: the network, not the peer's judgement of us.
 fn transient(e: &Error) -> bool {
     match e {
-        Error::Timeout { what } => *what == "session resumption" || what.starts_with("handshake"),
+        Error::Timeout { what } => what.is_transient(),
         _ => matches!(
             e,
             Error::ConnectionLost { .. }

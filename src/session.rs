@@ -33,7 +33,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::error::{Error, Result, Side, close_code, from_connection_error};
+use crate::error::{Error, Result, Side, Timed, close_code, from_connection_error};
 use crate::identity::PeerIdentity;
 use crate::proto::reliable::{Inbox, InboxConfig, Outbox, OutboxConfig, Received};
 use crate::proto::rpc::CallId;
@@ -436,7 +436,7 @@ impl Ending {
             EndKind::Violation => Error::ProtocolViolation { side: Side::Local, reason },
             EndKind::RemoteViolation => Error::ProtocolViolation { side: Side::Remote, reason },
             EndKind::Unauthorized => Error::Unauthorized { side: Side::Remote, reason },
-            EndKind::Timeout => Error::Timeout { what: "session resumption" },
+            EndKind::Timeout => Error::Timeout { what: Timed::SessionResumption },
             EndKind::Lost => Error::ConnectionLost { reason },
         }
     }
@@ -1336,7 +1336,7 @@ async fn recover(
                     // The deadline passed during the attempt.
                     Err(_) => {}
                 }
-                let e = Error::Timeout { what: "session resumption" };
+                let e = Error::Timeout { what: Timed::SessionResumption };
                 shared.give_up(format!("no connection after {attempt} attempts"), &e);
                 return false;
             }
@@ -1345,7 +1345,7 @@ async fn recover(
             // The peer dials again; the node attaches its new connection (Resumable).
             let resumed = tokio::time::timeout_at(deadline, shared.generation_changed(current)).await;
             if resumed.is_err() {
-                let e = Error::Timeout { what: "session resumption" };
+                let e = Error::Timeout { what: Timed::SessionResumption };
                 shared.give_up("the peer did not come back in time".into(), &e);
                 return false;
             }

@@ -52,7 +52,7 @@ async fn a_blackout_longer_than_the_resume_timeout_ends_the_session() {
     let mut events = to_server.events();
     proxy.set_blackout(true);
     let e = tokio::time::timeout(Duration::from_secs(20), to_server.closed()).await.unwrap();
-    assert!(matches!(e, Error::Timeout { what: "session resumption" }), "{e:?}");
+    assert!(matches!(e, Error::Timeout { what: quicseal::Timed::SessionResumption }), "{e:?}");
     let e = tokio::time::timeout(Duration::from_secs(20), at_server.closed()).await.unwrap();
     assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
     let mut seen = Vec::new();

@@ -379,7 +379,7 @@ async fn past_the_retry_horizon_only_idempotent_calls_are_retried() {
     // Not idempotent, and older than the (zero) horizon: the session's loss is the answer.
     let (answer, _) = t.call_across_a_lost_session(client.clone(), CallOptions::new(Duration::from_secs(30))).await;
     let e = answer.unwrap_err();
-    assert!(matches!(e, Error::Timeout { what: "session resumption" }), "{e:?}");
+    assert!(matches!(e, Error::Timeout { what: quicseal::Timed::SessionResumption }), "{e:?}");
     assert_eq!(t.client_node.stats().rpc_calls, 1, "not retried");
     // Idempotent: retried on a new session.
     let options = CallOptions::new(Duration::from_secs(30)).idempotent(true);

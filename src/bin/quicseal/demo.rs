@@ -188,7 +188,7 @@ pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
     for _ in 0..LOSSY {
         let m = tokio::time::timeout(Duration::from_secs(30), at_lossy.recv())
             .await
-            .map_err(|_| Error::Timeout { what: "demo delivery" })??;
+            .map_err(|_| Error::Timeout { what: quicseal::Timed::Receipt })??;
         let v: u32 = m.decode()?;
         let ch = m.channel() as usize;
         ordered &= last[ch].is_none_or(|l| v > l);

@@ -321,7 +321,7 @@ pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> quicseal::Resu
         sent = true;
         tokio::time::timeout(args.timeout, session.delivered(channel))
             .await
-            .map_err(|_| Error::Timeout { what: "delivery receipt" })??;
+            .map_err(|_| Error::Timeout { what: quicseal::Timed::Receipt })??;
         let peer = session.peer().to_string();
         session.close();
         Ok((seq, peer))
