@@ -522,3 +522,14 @@ fn listen_allows_by_name_trust_domain_and_key() {
         .unwrap();
     fails_with(&bad, "--allow key:nothex: not a key fingerprint");
 }
+
+/// A RUST_LOG the filter cannot read is said, not silently dropped.
+#[test]
+fn an_unreadable_rust_log_is_a_warning() {
+    let out = Command::new(BIN).args(["man"]).env("RUST_LOG", "quicseal=loud").output().unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("warning: RUST_LOG=\"quicseal=loud\" ignored"), "{stderr}");
+    let out = Command::new(BIN).args(["man"]).env("RUST_LOG", "quicseal=debug").output().unwrap();
+    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -64,10 +64,16 @@ fn main() -> ExitCode {
     // By default: errors, and the warnings an operator must see (certificates or CAs about to
     // expire, certificate files that changed but cannot be used). RUST_LOG takes
     // `LEVEL` or `TARGET=LEVEL,...` (e.g. `info`, `quicseal=debug`).
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|v| v.parse::<Targets>().ok())
-        .unwrap_or_else(|| Targets::new().with_default(Level::ERROR).with_target("quicseal::reload", Level::WARN));
+    let default = || Targets::new().with_default(Level::ERROR).with_target("quicseal::reload", Level::WARN);
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(v) => v.parse::<Targets>().unwrap_or_else(|e| {
+            eprintln!(
+                "warning: RUST_LOG={v:?} ignored ({e}): give LEVEL or TARGET=LEVEL,... (e.g. info, quicseal=debug)"
+            );
+            default()
+        }),
+        Err(_) => default(),
+    };
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal()))
         .with(filter)
