@@ -31,6 +31,7 @@ use crate::proto::epochs::EpochBook;
 use crate::proto::hello::{self, Admission, HelloRefusal};
 use crate::proto::reliable::{InboxConfig, OutboxConfig};
 use crate::proto::seal::{self, EXPORTER_LABEL, KEY_MATERIAL_LEN, OpenConfig};
+use crate::proto::session::SessionConfig;
 use crate::proto::wire::{self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, frame_type};
 use crate::rpc::RpcServer;
 use crate::session::{EndHook, LinkParts, Redial, Resumable, ResumePolicy, Session, SessionParams};
@@ -686,50 +687,52 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
     let session = Session::start(
         h.parts,
         SessionParams {
-            epoch,
-            peer_epoch,
-            open: OpenConfig {
-                max_payload: local_max,
-                window_width: limits.replay_window,
-                freshness_ms: limits.freshness.as_millis() as u64,
-                max_future_ms: limits.max_clock_skew.as_millis() as u64,
-                // The application's channels and the two RPC channels.
-                max_windows: usize::from(limits.max_channels) + 2,
-                stream_replay_check: !shared.no_dedup,
-            },
-            outbox: OutboxConfig {
-                max_messages: limits.outbox_messages,
-                max_bytes: limits.outbox_bytes,
-                // The peer's replay window: a resend is then never too old for it.
-                max_per_channel: h.peer_hello.window,
-                // QUIC already retransmits inside a connection; our timer only fills gaps left by
-                // messages the receiver refused (tag, freshness), so it is deliberately slow.
-                // After a reconnect everything unacknowledged is resent at once.
-                initial_rto_ms: 5_000,
-                min_rto_ms: 5_000,
-                max_rto_ms: 60_000,
-                retransmit_on_timeout: true,
-            },
-            inbox: InboxConfig {
-                reorder_window: limits.replay_window,
-                max_buffered_bytes: limits.receive_buffer,
-                max_channels: usize::from(limits.max_channels),
-                ack_delay_ms: 2,
-                ack_every: 64,
-                ack_when_drained: true,
-                auto_ack: !shared.manual_ack,
-                dedup: !shared.no_dedup,
-                reserved_from: Some(crate::rpc::FIRST_RESERVED_CHANNEL),
+            config: SessionConfig {
+                epoch,
+                peer_epoch,
+                open: OpenConfig {
+                    max_payload: local_max,
+                    window_width: limits.replay_window,
+                    freshness_ms: limits.freshness.as_millis() as u64,
+                    max_future_ms: limits.max_clock_skew.as_millis() as u64,
+                    // The application's channels and the two RPC channels.
+                    max_windows: usize::from(limits.max_channels) + 2,
+                    stream_replay_check: !shared.no_dedup,
+                },
+                outbox: OutboxConfig {
+                    max_messages: limits.outbox_messages,
+                    max_bytes: limits.outbox_bytes,
+                    // The peer's replay window: a resend is then never too old for it.
+                    max_per_channel: h.peer_hello.window,
+                    // QUIC already retransmits inside a connection; our timer only fills gaps left by
+                    // messages the receiver refused (tag, freshness), so it is deliberately slow.
+                    // After a reconnect everything unacknowledged is resent at once.
+                    initial_rto_ms: 5_000,
+                    min_rto_ms: 5_000,
+                    max_rto_ms: 60_000,
+                    retransmit_on_timeout: true,
+                },
+                inbox: InboxConfig {
+                    reorder_window: limits.replay_window,
+                    max_buffered_bytes: limits.receive_buffer,
+                    max_channels: usize::from(limits.max_channels),
+                    ack_delay_ms: 2,
+                    ack_every: 64,
+                    ack_when_drained: true,
+                    auto_ack: !shared.manual_ack,
+                    dedup: !shared.no_dedup,
+                    reserved_from: Some(crate::rpc::FIRST_RESERVED_CHANNEL),
+                },
+                max_tag_failures: limits.max_tag_failures,
+                max_recv: local_max,
+                max_send: local_max.min(h.peer_hello.max_message_size),
+                // Channels we open: no more than the peer accepts (a message on a channel it could
+                // not open would be dropped and resent for ever).
+                max_channels: limits.max_channels.min(h.peer_hello.max_channels),
+                receive_buffer: limits.receive_buffer,
             },
             tally,
-            max_tag_failures: limits.max_tag_failures,
             peer: h.peer,
-            local_max,
-            peer_max: h.peer_hello.max_message_size,
-            // Channels we open: no more than the peer accepts (a message on a channel it could
-            // not open would be dropped and resent for ever).
-            max_channels: limits.max_channels.min(h.peer_hello.max_channels),
-            receive_buffer: limits.receive_buffer,
             unread_budget: shared.unread.clone(),
             resume: ResumePolicy {
                 backoff_min: limits.reconnect_backoff.0,

@@ -52,12 +52,12 @@ use crate::proto::rpc::{
 use crate::session::Outlet;
 use crate::stats::Counter;
 
-/// The reserved channel that carries RPC requests and cancels (applications cannot send on it).
-pub const REQUEST_CHANNEL: u16 = 0xFFFE;
-/// The reserved channel that carries RPC responses (applications cannot send on it).
-pub const RESPONSE_CHANNEL: u16 = 0xFFFF;
 /// Channels from this number up are reserved for RPC.
-pub const FIRST_RESERVED_CHANNEL: u16 = REQUEST_CHANNEL;
+pub const FIRST_RESERVED_CHANNEL: u16 = crate::proto::session::FIRST_RESERVED_CHANNEL;
+/// The reserved channel that carries RPC requests and cancels (applications cannot send on it).
+pub const REQUEST_CHANNEL: u16 = FIRST_RESERVED_CHANNEL;
+/// The reserved channel that carries RPC responses (applications cannot send on it).
+pub const RESPONSE_CHANNEL: u16 = FIRST_RESERVED_CHANNEL + 1;
 
 /// Bytes a request frame adds to its body besides the method name (kind, call id, flags,
 /// budget, method length).

@@ -18,9 +18,9 @@
 //! flow control slows a peer we cannot keep up with), datagrams by the same budget (dropped and
 //! counted when it is full).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,18 +35,13 @@ use tracing::{debug, warn};
 
 use crate::error::{Error, Result, Side, Timed, close_code, from_connection_error};
 use crate::identity::PeerIdentity;
-use crate::proto::reliable::{Inbox, InboxConfig, Outbox, OutboxConfig, Received};
 use crate::proto::rpc::CallId;
-use crate::proto::seal::{ChannelSealer, OpenConfig, Opened, Opener, OpeningKey, Reject, SealError, SealingKey};
-use crate::proto::wire::{
-    self, FRAME_HEADER_LEN, Frame, FrameHeader, MESSAGE_OVERHEAD, MessageKind, STREAM_HEADER_LEN, StreamKind,
-    WireError, frame_type,
-};
+use crate::proto::seal::{OpeningKey, SealError, SealingKey};
+use crate::proto::session::{Arrival, DatagramError, PushError, SessionConfig, SessionCore, Stop, Violation};
+use crate::proto::wire::{self, FRAME_HEADER_LEN, MESSAGE_OVERHEAD, MessageKind, STREAM_HEADER_LEN, StreamKind, WireError};
 use crate::rpc::{self, CallOptions, RpcServer, SessionRpc};
 use crate::stats::{Counter, Stats, Tally};
 
-/// Most transmissions the driver takes from the outbox before it looks at acks again.
-const TRANSMIT_BATCH: usize = 64;
 /// Session events kept for [`Session::events`] receivers that fall behind (beyond, they get
 /// `Lagged` and go on with the newest). Each slot is held by every session, idle or not.
 const EVENT_BACKLOG: usize = 16;
@@ -107,21 +102,26 @@ pub(crate) fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     Ok(value)
 }
 
-/// The reliability state, behind one lock.
+/// The session's state machine behind its one lock, with this session's part of the node's
+/// unread budget.
 struct Core {
-    outbox: Outbox,
-    inbox: Inbox,
-    datagrams: VecDeque<Opened>,
-    datagram_bytes: usize,
-    /// Receive-buffer room channel readers reserved for a message body they are reading
-    /// (see [`Core::reserve`]), in all and per channel.
-    reserved: usize,
-    reserved_by: HashMap<u16, usize>,
-    /// Channels whose readers wait for receive-buffer room, with how many readers.
-    waiting: HashMap<u16, usize>,
+    state: SessionCore,
     /// The node's budget for received-but-unread bytes, and this session's part of it.
     node: Arc<UnreadBudget>,
     accounted: usize,
+}
+
+impl std::ops::Deref for Core {
+    type Target = SessionCore;
+    fn deref(&self) -> &SessionCore {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Core {
+    fn deref_mut(&mut self) -> &mut SessionCore {
+        &mut self.state
+    }
 }
 
 /// A node's budget for received-but-unread bytes, over all its sessions (`Limits::node_receive_buffer`):
@@ -148,12 +148,6 @@ impl UnreadBudget {
 }
 
 impl Core {
-    /// What this session holds received and unread: messages kept (in order or not), room
-    /// reserved for bodies being read, and datagrams.
-    fn unread(&self) -> usize {
-        self.inbox.held_bytes() + self.reserved + self.datagram_bytes
-    }
-
     /// Brings the node's count up to date with this session's (see [`CoreGuard`]).
     fn settle(&mut self) {
         let now = self.unread();
@@ -168,10 +162,16 @@ impl Core {
         self.accounted = now;
     }
 
-    /// Whether the node's budget has room for `len` more bytes from this session (a session
-    /// holding nothing may always take one message).
-    fn node_has_room(&self, len: usize) -> bool {
-        self.unread() == 0 || self.node.used() + len <= self.node.limit
+    /// Whether the node's budget has room for `len` more bytes (the core lets a session that
+    /// holds nothing take one message regardless).
+    fn node_has_room(node: &UnreadBudget, len: usize) -> bool {
+        node.used() + len <= node.limit
+    }
+
+    /// [`SessionCore::reserve`] against this node's budget.
+    fn reserve(&mut self, channel: u16, len: usize) -> bool {
+        let node = &self.node;
+        self.state.reserve(channel, len, |len| Core::node_has_room(node, len))
     }
 }
 
@@ -203,62 +203,6 @@ impl std::ops::DerefMut for CoreGuard<'_> {
 impl Drop for CoreGuard<'_> {
     fn drop(&mut self) {
         self.0.settle();
-    }
-}
-
-impl Core {
-    /// Reserves room for a message body of `len` bytes that follows in order on `channel`, if
-    /// the receive buffer has it: what the application can take now plus what readers reserved
-    /// must leave room (an empty buffer takes any one message, so a message larger than the
-    /// buffer still passes). Check and reservation happen under one lock, so readers of several
-    /// channels cannot all see the same room. Messages held behind a gap do not count: they
-    /// have their own bound in the inbox and must never keep out the message that fills the gap.
-    ///
-    /// Fair shares: while readers of other channels wait for room, a channel that already has
-    /// messages buffered may fill no more than an equal share of the buffer; a channel with none
-    /// gets in as soon as one message fits. So a busy channel cannot take all the room and starve
-    /// the others (the application takes channels in turn, see `Inbox::poll_deliver`).
-    fn reserve(&mut self, channel: u16, len: usize, budget: usize) -> bool {
-        let total = self.inbox.ready_bytes() + self.reserved;
-        let mine = self.inbox.ready_bytes_of(channel) + self.reserved_by.get(&channel).copied().unwrap_or(0);
-        let others_waiting = self.waiting.keys().filter(|&&c| c != channel).count();
-        let fits = (total == 0 || total + len <= budget) && self.node_has_room(len);
-        let within_share = others_waiting == 0 || mine == 0 || mine + len <= budget / (others_waiting + 1);
-        if !(fits && within_share) {
-            return false;
-        }
-        self.reserved += len;
-        *self.reserved_by.entry(channel).or_insert(0) += len;
-        true
-    }
-
-    /// Gives back room reserved for `channel`.
-    fn unreserve(&mut self, channel: u16, len: usize) {
-        self.reserved -= len;
-        if let std::collections::hash_map::Entry::Occupied(mut e) = self.reserved_by.entry(channel) {
-            *e.get_mut() -= len;
-            if *e.get() == 0 {
-                e.remove();
-            }
-        }
-    }
-
-    /// Marks (or, with `false`, unmarks) a reader of `channel` as waiting for room.
-    fn set_waiting(&mut self, channel: u16, waiting: bool) {
-        let entry = self.waiting.entry(channel).or_insert(0);
-        if waiting {
-            *entry += 1;
-        } else {
-            *entry -= 1;
-            if *entry == 0 {
-                self.waiting.remove(&channel);
-            }
-        }
-    }
-
-    /// The reliability core's next timer: a retransmission or an acknowledgement due.
-    fn next_deadline(&self) -> Option<u64> {
-        [self.outbox.next_deadline(), self.inbox.next_deadline()].into_iter().flatten().min()
     }
 }
 
@@ -316,9 +260,7 @@ pub(crate) struct ResumePolicy {
 struct Link {
     conn: Connection,
     /// Why we closed it, when we did because the peer misbehaved.
-    failure: OnceLock<String>,
-    seen_channels: Mutex<HashSet<u16>>,
-    tag_failures: AtomicU32,
+    failure: OnceLock<Violation>,
     /// Closed by us to move to a new connection ([`Session::force_reconnect`]).
     reconnecting: AtomicBool,
     /// Writes the channel frames; set when the connection's tasks start.
@@ -330,8 +272,6 @@ impl Link {
         Arc::new(Link {
             conn,
             failure: OnceLock::new(),
-            seen_channels: Mutex::new(HashSet::new()),
-            tag_failures: AtomicU32::new(0),
             reconnecting: AtomicBool::new(false),
             writer: OnceLock::new(),
         })
@@ -348,32 +288,19 @@ impl Link {
         self.conn.close(VarInt::from_u32(close_code::NO_ERROR), reason);
     }
 
-    /// Closes the connection because the peer broke the protocol.
-    fn violation(&self, code: u32, reason: String) {
-        warn!(peer = %self.conn.remote_address(), %reason, "closing connection: protocol violation");
-        let _ = self.failure.set(reason);
-        let wire_reason: &[u8] = match code {
-            close_code::MESSAGE_TOO_LARGE => b"message too large",
-            close_code::INTEGRITY_FAILURE => b"integrity failure",
-            _ => b"protocol violation",
-        };
-        self.conn.close(VarInt::from_u32(code), wire_reason);
-    }
-
-    fn wire_violation(&self, tally: &Tally, e: WireError) {
-        tally.add(Counter::malformed_frames, 1);
-        let code = if matches!(e, WireError::TooLarge { .. }) {
-            close_code::MESSAGE_TOO_LARGE
-        } else {
-            close_code::PROTOCOL_VIOLATION
-        };
-        self.violation(code, e.to_string());
+    /// Closes the connection because the peer broke the protocol (the core named how).
+    fn violation(&self, v: Violation) {
+        warn!(peer = %self.conn.remote_address(), reason = %v, "closing connection: protocol violation");
+        let (code, reason) = (v.close_code(), v.close_reason());
+        // Recorded before the close, which the supervisor may see at once.
+        let _ = self.failure.set(v);
+        self.conn.close(VarInt::from_u32(code), reason);
     }
 
     /// Why this connection ended, as an error.
     fn error(&self) -> Error {
-        if let Some(reason) = self.failure.get() {
-            return Error::ProtocolViolation { side: Side::Local, reason: reason.clone() };
+        if let Some(v) = self.failure.get() {
+            return Error::ProtocolViolation { side: Side::Local, reason: v.to_string() };
         }
         match self.conn.close_reason() {
             Some(e) => from_connection_error(e, None),
@@ -459,14 +386,11 @@ struct Shared {
     events: OnceLock<broadcast::Sender<SessionEvent>>,
     on_end: Mutex<Option<EndHook>>,
     epoch: u64,
-    max_recv: usize,
-    receive_buffer: usize,
     /// The node's budget for received-but-unread bytes (also in `Core`, which accounts to it).
     unread_budget: Arc<UnreadBudget>,
-    opener: Mutex<Opener>,
+    /// The session's state machine: every protocol decision is taken under this one lock.
     core: Mutex<Core>,
     tally: Tally,
-    max_tag_failures: u32,
     /// Zero of the reliability core's clock.
     started: Instant,
     /// Wakes the driver: something to send.
@@ -480,13 +404,9 @@ struct Shared {
     room: Notify,
     /// Signalled whenever acknowledgements arrive (waiters re-check the outbox).
     acked: Notify,
-    /// The largest payload we send: the smaller of our limit and the peer's.
+    /// The largest payload we send: the smaller of our limit and the peer's (also in the
+    /// core's configuration; here to be read without the lock).
     max_send: usize,
-    /// Most application channels we open.
-    max_channels: u16,
-    /// A sealed frame older than this (half the freshness horizon, ms) is not resent as it is:
-    /// the session moves to fresh keys instead (see [`WriteFailure::FreshKey`]).
-    reseal_after_ms: u64,
     /// Calls and the share of the node's RPC server.
     rpc: Arc<SessionRpc>,
     /// Held while RPC frames are taken from the reserved channels, so they are handled in
@@ -562,31 +482,10 @@ impl Shared {
         if self.is_ended() {
             return Err(self.error());
         }
-        let len = payload.len() as u64;
         let (seq, in_flight) = {
-            let mut core = self.core();
             let now = self.now();
-            let new_channel = core.outbox.last_seq(channel) == 0;
-            if user && new_channel {
-                let reserved =
-                    (rpc::FIRST_RESERVED_CHANNEL..=u16::MAX).filter(|&c| core.outbox.last_seq(c) != 0).count();
-                if core.outbox.channel_count() - reserved >= usize::from(self.max_channels) {
-                    return Err(Error::Limit { what: "channels per session", limit: u64::from(self.max_channels) });
-                }
-            }
-            if core.outbox.last_seq(channel) >= crate::proto::replay::MAX_SEQ {
-                return Err(seal_error(SealError::SeqExhausted));
-            }
-            let seq = core
-                .outbox
-                .push(channel, payload, now)
-                .map_err(|f| Error::Full { messages: f.messages, bytes: f.bytes })?;
-            (seq, core.outbox.in_flight().0)
+            self.core().push(channel, payload, user, now).map_err(push_error)?
         };
-        if user {
-            self.tally.add(Counter::messages_sent, 1);
-            self.tally.add(Counter::bytes_sent, len);
-        }
         // A message joining few others is written at once (latency); a busy outbox is left to
         // the driver, which gathers a batch into fewer, fuller packets (throughput).
         if in_flight <= WRITE_AT_ONCE_MAX_IN_FLIGHT {
@@ -623,35 +522,15 @@ impl Shared {
         }
     }
 
-    /// Counts and logs a refused message; closes the connection when too many failed their
-    /// integrity check.
-    fn reject(&self, link: &Link, kind: MessageKind, r: &Reject) {
-        let counter = match r {
-            Reject::Tag => Counter::tag_failures,
-            Reject::Stale { .. } | Reject::Future { .. } => Counter::stale_rejected,
-            Reject::Malformed(_) => Counter::malformed_frames,
-            Reject::TooManyChannels => Counter::datagrams_dropped,
-            _ => Counter::replays_rejected,
-        };
-        self.tally.add(counter, 1);
-        if kind == MessageKind::Datagram && counter != Counter::datagrams_dropped {
-            self.tally.add(Counter::datagrams_dropped, 1);
-        }
-        debug!(target: "quicseal::reject", peer = %link.conn.remote_address(), ?kind, reason = %r, "message refused");
-        if matches!(r, Reject::Tag) {
-            let failures = link.tag_failures.fetch_add(1, Ordering::Relaxed) + 1;
-            if failures >= self.max_tag_failures {
-                link.violation(
-                    close_code::INTEGRITY_FAILURE,
-                    format!("{failures} messages failed their integrity check"),
-                );
-            }
-        }
+    /// Closes `link` for a violation, recorded (and counted) by the core.
+    fn violation(&self, link: &Link, v: Violation) {
+        let v = self.core().violation(v);
+        link.violation(v);
     }
 
     /// Starts the tasks that serve one connection: datagrams, inbound channels, the peer's
     /// acknowledgements, and the driver. They end when the connection does.
-    fn run_link(self: &Arc<Self>, link: Arc<Link>, key: Arc<SealingKey>, control: (SendStream, RecvStream)) {
+    fn run_link(self: &Arc<Self>, link: Arc<Link>, control: (SendStream, RecvStream)) {
         let (control_send, control_recv) = control;
         // The three readers share one task: an idle session holds fewer tasks, and a wake-up
         // of one polls the other two, which costs a check of quinn's state each.
@@ -660,22 +539,18 @@ impl Shared {
         tokio::spawn(async move {
             tokio::join!(read_datagrams(a, la), accept_channels(b, lb), read_control(c, lc, control_recv));
         });
-        let _ = link.writer.set(tokio::sync::Mutex::new(Writer::new(key, self.epoch, control_send)));
+        let _ = link.writer.set(tokio::sync::Mutex::new(Writer::new(control_send)));
         tokio::spawn(drive(self.clone(), link));
     }
 
     /// Puts a new connection under the session: fresh keys (the replay windows stay), per
     /// connection tasks, and every unacknowledged message due again.
-    fn attach(self: &Arc<Self>, parts: LinkParts, seal_key: &Mutex<Arc<SealingKey>>) {
+    fn attach(self: &Arc<Self>, parts: LinkParts) {
         let link = Link::new(parts.conn);
-        let (sealing, opening) = parts.keys;
-        let sealing = Arc::new(sealing);
-        *seal_key.lock().unwrap_or_else(|e| e.into_inner()) = sealing.clone();
-        self.opener.lock().unwrap_or_else(|e| e.into_inner()).rekey(opening);
-        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = link.clone();
         let now = self.now();
-        self.core().outbox.retransmit_all(now);
-        self.run_link(link, sealing, parts.control);
+        self.core().new_connection(parts.keys, now);
+        *self.link.lock().unwrap_or_else(|e| e.into_inner()) = link.clone();
+        self.run_link(link, parts.control);
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.generation_signal.notify_waiters();
         self.work.notify_one();
@@ -685,11 +560,6 @@ impl Shared {
 struct SessionInner {
     shared: Arc<Shared>,
     peer: Arc<PeerIdentity>,
-    /// The sealing key of the current connection (for datagrams).
-    seal_key: Arc<Mutex<Arc<SealingKey>>>,
-    /// Datagram sealers, with the key they were made for.
-    datagram_sealers: Mutex<HashMap<u16, ChannelSealer>>,
-    datagram_key_generation: Mutex<u64>,
     manual_ack: bool,
     supervisor: JoinHandle<()>,
 }
@@ -730,17 +600,9 @@ impl std::fmt::Debug for Session {
 /// What [`Session::start`] needs besides the connection.
 pub(crate) struct SessionParams {
     pub(crate) peer: PeerIdentity,
-    pub(crate) epoch: u64,
-    pub(crate) peer_epoch: u64,
-    pub(crate) open: OpenConfig,
-    pub(crate) outbox: OutboxConfig,
-    pub(crate) inbox: InboxConfig,
+    /// The protocol's configuration (epochs, limits, timers).
+    pub(crate) config: SessionConfig,
     pub(crate) tally: Tally,
-    pub(crate) max_tag_failures: u32,
-    pub(crate) local_max: usize,
-    pub(crate) peer_max: usize,
-    pub(crate) max_channels: u16,
-    pub(crate) receive_buffer: usize,
     /// The node's budget for received-but-unread bytes.
     pub(crate) unread_budget: Arc<UnreadBudget>,
     pub(crate) resume: ResumePolicy,
@@ -756,7 +618,6 @@ pub(crate) struct SessionParams {
 #[derive(Clone)]
 pub(crate) struct Resumable {
     shared: std::sync::Weak<Shared>,
-    seal_key: std::sync::Weak<Mutex<Arc<SealingKey>>>,
 }
 
 impl Resumable {
@@ -767,7 +628,7 @@ impl Resumable {
 
     /// Attaches a new connection; false if the session is gone.
     pub(crate) fn resume(&self, parts: LinkParts) -> bool {
-        let (Some(shared), Some(key)) = (self.shared.upgrade(), self.seal_key.upgrade()) else { return false };
+        let Some(shared) = self.shared.upgrade() else { return false };
         if shared.is_ended() {
             return false;
         }
@@ -775,7 +636,7 @@ impl Resumable {
         let old = shared.link();
         old.reconnecting.store(true, Ordering::Relaxed);
         old.conn.close(VarInt::from_u32(close_code::RECONNECT), b"resumed elsewhere");
-        shared.attach(parts, &key);
+        shared.attach(parts);
         shared.event(SessionEvent::Resumed);
         shared.tally.add(Counter::reconnects, 1);
         true
@@ -784,12 +645,12 @@ impl Resumable {
 
 impl Session {
     pub(crate) fn start(parts: LinkParts, p: SessionParams) -> Session {
-        let manual_ack = !p.inbox.auto_ack;
-        let seed = p.epoch ^ p.peer_epoch;
-        let LinkParts { conn, keys: (sealing, opening), control } = parts;
+        let manual_ack = !p.config.inbox.auto_ack;
+        let seed = p.config.epoch ^ p.config.peer_epoch;
+        let LinkParts { conn, keys, control } = parts;
         let peer = Arc::new(p.peer);
-        let outbox_messages = p.outbox.max_messages;
-        let reseal_after_ms = p.open.freshness_ms / 2;
+        let outbox_messages = p.config.outbox.max_messages;
+        let (epoch, max_send) = (p.config.epoch, p.config.max_send);
         let shared = Arc::new(Shared {
             link: Mutex::new(Link::new(conn.clone())),
             generation: AtomicU64::new(0),
@@ -798,50 +659,31 @@ impl Session {
             ended_signal: Notify::new(),
             events: OnceLock::new(),
             on_end: Mutex::new(Some(p.on_end)),
-            epoch: p.epoch,
-            max_recv: p.local_max,
-            receive_buffer: p.receive_buffer,
+            epoch,
             unread_budget: p.unread_budget.clone(),
-            opener: Mutex::new(Opener::new(opening, p.peer_epoch, p.open)),
             core: Mutex::new(Core {
-                outbox: Outbox::new(p.outbox, seed),
-                inbox: Inbox::new(p.inbox),
-                datagrams: VecDeque::new(),
-                datagram_bytes: 0,
-                reserved: 0,
-                reserved_by: HashMap::new(),
-                waiting: HashMap::new(),
+                state: SessionCore::new(p.config, keys, seed, p.tally.clone()),
                 node: p.unread_budget,
                 accounted: 0,
             }),
             tally: p.tally,
-            max_tag_failures: p.max_tag_failures,
             started: Instant::now(),
             work: Notify::new(),
             drive_sleeps_until: AtomicU64::new(0),
             arrived: Notify::new(),
             room: Notify::new(),
             acked: Notify::new(),
-            max_send: p.local_max.min(p.peer_max),
-            max_channels: p.max_channels,
-            reseal_after_ms,
+            max_send,
             rpc: Arc::new(SessionRpc::new(p.rpc, peer.clone(), outbox_messages)),
             rpc_taking: Mutex::new(()),
         });
-        let seal_key = Arc::new(Mutex::new(Arc::new(sealing)));
-        // The first connection: attach it like any later one (its keys are already in place).
-        {
-            let key = seal_key.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            shared.run_link(shared.link(), key, control);
-        }
-        let supervisor = tokio::spawn(supervise(shared.clone(), seal_key.clone(), p.resume, p.redial));
+        // The first connection: its keys are already in the core.
+        shared.run_link(shared.link(), control);
+        let supervisor = tokio::spawn(supervise(shared.clone(), p.resume, p.redial));
         Session {
             inner: Arc::new(SessionInner {
                 shared,
                 peer,
-                seal_key,
-                datagram_sealers: Mutex::new(HashMap::new()),
-                datagram_key_generation: Mutex::new(0),
                 manual_ack,
                 supervisor,
             }),
@@ -849,7 +691,7 @@ impl Session {
     }
 
     pub(crate) fn resumable(&self) -> Resumable {
-        Resumable { shared: Arc::downgrade(&self.inner.shared), seal_key: Arc::downgrade(&self.inner.seal_key) }
+        Resumable { shared: Arc::downgrade(&self.inner.shared) }
     }
 
     /// The authenticated peer.
@@ -894,10 +736,10 @@ impl Session {
     pub fn stats(&self) -> Stats {
         let mut s = self.inner.shared.tally.session.snapshot();
         let core = self.inner.shared.core();
-        let (messages, bytes) = core.outbox.in_flight();
+        let (messages, bytes) = core.in_flight();
         s.in_flight_messages = messages as u64;
         s.in_flight_bytes = bytes as u64;
-        s.rtt_ms = core.outbox.srtt().unwrap_or(0);
+        s.rtt_ms = core.srtt().unwrap_or(0);
         s
     }
 
@@ -946,37 +788,23 @@ impl Session {
             return Err(Error::MessageTooLarge { size: payload.len(), limit });
         }
         let mut frame = Vec::with_capacity(payload.len() + MESSAGE_OVERHEAD);
-        let seq = {
-            let mut sealers = self.inner.datagram_sealers.lock().unwrap_or_else(|e| e.into_inner());
-            // A new connection has a new key: start new sealers, continuing the numbering.
-            let generation = shared.generation.load(Ordering::SeqCst);
-            let mut known = self.inner.datagram_key_generation.lock().unwrap_or_else(|e| e.into_inner());
-            if *known != generation {
-                *known = generation;
-                let key = self.inner.seal_key.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                for (channel, sealer) in sealers.iter_mut() {
-                    let last = sealer.last_seq();
-                    *sealer = ChannelSealer::new(key.clone(), shared.epoch, MessageKind::Datagram, *channel);
-                    sealer.skip_to(last);
+        let sealed = shared.core().seal_datagram(channel, &payload, now_ms(), &mut frame);
+        let seq = match sealed {
+            Ok((seq, wants_fresh_key)) => {
+                if wants_fresh_key {
+                    shared.fresh_key(&link, "the message key reached half its usage limit");
                 }
+                seq
             }
-            if !sealers.contains_key(&channel) && sealers.len() >= usize::from(self.inner.shared.max_channels) {
-                return Err(Error::Limit {
-                    what: "datagram channels per session",
-                    limit: u64::from(self.inner.shared.max_channels),
-                });
+            Err(DatagramError::TooManyChannels(limit)) => {
+                return Err(Error::Limit { what: "datagram channels per session", limit: u64::from(limit) });
             }
-            let key = self.inner.seal_key.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let sealer = sealers
-                .entry(channel)
-                .or_insert_with(|| ChannelSealer::new(key.clone(), shared.epoch, MessageKind::Datagram, channel));
-            let seq = sealer.last_seq() + 1;
-            let sealed = sealer.seal(seq, now_ms(), &payload, &mut frame);
-            if key.wants_fresh_key() {
-                shared.fresh_key(&link, "the message key reached half its usage limit");
+            Err(DatagramError::Seal(e)) => {
+                if e == SealError::KeyExhausted {
+                    shared.fresh_key(&link, "the message key reached its usage limit");
+                }
+                return Err(seal_error(e));
             }
-            sealed.map_err(seal_error)?;
-            seq
         };
         link.conn.send_datagram(frame.into()).map_err(|e| match e {
             quinn::SendDatagramError::UnsupportedByPeer => {
@@ -1001,14 +829,14 @@ impl Session {
 
     /// Waits until the peer's application has taken every message sent so far on `channel`.
     pub async fn delivered(&self, channel: u16) -> Result<()> {
-        let target = self.inner.shared.core().outbox.last_seq(channel);
-        self.wait_until(|core| core.outbox.all_acked_through(channel, target)).await
+        let target = self.inner.shared.core().last_seq(channel);
+        self.wait_until(|core| core.all_acked_through(channel, target)).await
     }
 
     /// Waits for the delivery receipt of message `seq` of `channel`: the peer's application took
     /// it.
     pub async fn wait_acked(&self, channel: u16, seq: u64) -> Result<()> {
-        self.wait_until(|core| core.outbox.is_acked(channel, seq)).await
+        self.wait_until(|core| core.is_acked(channel, seq)).await
     }
 
     async fn wait_until(&self, done: impl Fn(&Core) -> bool) -> Result<()> {
@@ -1061,22 +889,13 @@ impl Session {
         let shared = &self.inner.shared;
         let now = shared.now();
         let mut core = shared.core();
-        let (kind, channel, seq, payload) = if let Some((channel, seq, payload)) = core.inbox.poll_deliver(now) {
-            (MessageKind::Stream, channel, seq, payload)
-        } else {
-            let d = core.datagrams.pop_front()?;
-            core.datagram_bytes -= d.payload.len();
-            shared.tally.add(Counter::datagrams_delivered, 1);
-            (MessageKind::Datagram, d.channel, d.seq, d.payload)
-        };
+        let d = core.poll_deliver(now)?;
         // An acknowledgement may be due.
         shared.kick(&core);
         drop(core);
-        shared.tally.add(Counter::messages_delivered, 1);
-        shared.tally.add(Counter::bytes_delivered, payload.len() as u64);
         // Room for readers.
         shared.room.notify_waiters();
-        Some(Message { peer: self.inner.peer.clone(), kind, channel, seq, payload })
+        Some(Message { peer: self.inner.peer.clone(), kind: d.kind, channel: d.channel, seq: d.seq, payload: d.payload })
     }
 
     /// Acknowledges a message received in manual-ack mode (idempotent; datagrams and auto-ack
@@ -1088,7 +907,7 @@ impl Session {
         let shared = &self.inner.shared;
         let now = shared.now();
         let mut core = shared.core();
-        let newly = core.inbox.ack(message.channel, message.seq, now);
+        let newly = core.ack(message.channel, message.seq, now);
         if newly {
             // The acknowledgement goes out like the automatic ones (see `poll_message`).
             shared.kick(&core);
@@ -1242,12 +1061,11 @@ fn drain(
     let mut took = false;
     while more() {
         let now = shared.now();
-        let next = shared.core().inbox.poll_deliver_channel(channel, now);
+        let next = shared.core().poll_deliver_channel(channel, now);
         let Some((_, payload)) = next else { break };
         took = true;
         if let Err(reason) = handle(&payload) {
-            shared.tally.add(Counter::malformed_frames, 1);
-            shared.link().violation(close_code::PROTOCOL_VIOLATION, reason);
+            shared.violation(&shared.link(), Violation::Rpc(reason));
             break;
         }
     }
@@ -1258,7 +1076,6 @@ fn drain(
 /// (dialling side: reconnect with backoff; accepting side: wait for the peer) or ends it.
 async fn supervise(
     shared: Arc<Shared>,
-    seal_key: Arc<Mutex<Arc<SealingKey>>>,
     policy: ResumePolicy,
     redial: Option<Redial>,
 ) {
@@ -1284,7 +1101,7 @@ async fn supervise(
         shared.event(SessionEvent::Disconnected { reason: reason.clone() });
         // Boxed: the recovery's state exists only while recovering, not in every idle session's
         // supervisor.
-        let recovered = Box::pin(recover(&shared, &seal_key, policy, redial.as_ref(), current)).await;
+        let recovered = Box::pin(recover(&shared, policy, redial.as_ref(), current)).await;
         if !recovered {
             return;
         }
@@ -1296,7 +1113,6 @@ async fn supervise(
 /// ended instead.
 async fn recover(
     shared: &Arc<Shared>,
-    seal_key: &Mutex<Arc<SealingKey>>,
     policy: ResumePolicy,
     redial: Option<&Redial>,
     current: u64,
@@ -1311,7 +1127,7 @@ async fn recover(
                 shared.event(SessionEvent::Reconnecting { attempt });
                 match tokio::time::timeout_at(deadline, redial()).await {
                     Ok(Ok(parts)) => {
-                        shared.attach(parts, seal_key);
+                        shared.attach(parts);
                         shared.tally.add(Counter::reconnects, 1);
                         shared.event(SessionEvent::Resumed);
                         break;
@@ -1354,54 +1170,19 @@ async fn recover(
     true
 }
 
-/// What writes one connection's channel frames: the channel streams, their sealers, the frames
-/// sealed on this connection, and the frames quinn has not taken yet. The driver task uses it,
-/// and so does a sender that finds it free ([`Shared::transmit_now`]): that sender writes its
-/// own message without a hop through the driver, and without ever waiting on the network.
+/// What writes one connection's frames: its streams, and the frames quinn has not taken yet
+/// (the core seals them, see [`SessionCore::poll_transmit`]). The driver task uses it, and so
+/// does a sender that finds it free ([`Shared::transmit_now`]): that sender writes its own
+/// message without a hop through the driver, and without ever waiting on the network.
 struct Writer {
-    key: Arc<SealingKey>,
-    epoch: u64,
     /// The control stream (ACK frames), and the ACK frames quinn has not taken yet.
     control: SendStream,
     control_backlog: VecDeque<Bytes>,
     /// Channel streams (nothing comes back on them; the receive half is kept so the stream
     /// stays open both ways, as the peer expects).
     streams: HashMap<u16, (SendStream, RecvStream)>,
-    /// Per channel: its sealer and the frames sealed on this connection.
-    channels: HashMap<u16, SealedChannel>,
     /// Per channel, in order: frames (and a new stream's header) that quinn has not taken yet.
     backlog: Vec<(u16, VecDeque<Bytes>)>,
-    /// The key has sealed half its usage limit: nothing new is sealed; once what it sealed is
-    /// acknowledged (or a grace period passes) the driver moves the session to fresh keys.
-    worn_out: bool,
-}
-
-/// One channel's sealing on one connection.
-struct SealedChannel {
-    sealer: ChannelSealer,
-    /// Frames sealed and not yet acknowledged, by sequence number (ascending), with their
-    /// send time, for retransmission: a (channel, seq) is sealed once per key (GCM nonces never
-    /// repeat), and resent byte for byte. Acknowledged frames leave from the front.
-    sent: VecDeque<(u64, u64, Bytes)>,
-}
-
-impl SealedChannel {
-    /// The frame sealed for `seq` on this connection, and when it was sealed.
-    fn get(&self, seq: u64) -> Option<(u64, &Bytes)> {
-        self.sent.binary_search_by_key(&seq, |(s, _, _)| *s).ok().map(|i| (self.sent[i].1, &self.sent[i].2))
-    }
-
-    fn insert(&mut self, seq: u64, sent_at: u64, frame: Bytes) {
-        match self.sent.back() {
-            Some(&(last, _, _)) if last >= seq => {
-                // Not expected (first transmissions come in order), but kept sorted regardless.
-                if let Err(i) = self.sent.binary_search_by_key(&seq, |(s, _, _)| *s) {
-                    self.sent.insert(i, (seq, sent_at, frame));
-                }
-            }
-            _ => self.sent.push_back((seq, sent_at, frame)),
-        }
-    }
 }
 
 /// Resolves once `done` holds, re-checking whenever `signal` is notified (registered before each
@@ -1422,103 +1203,38 @@ async fn until(signal: &Notify, done: impl Fn() -> bool) {
 enum WriteFailure {
     /// The connection is gone (its close reason tells why).
     Gone,
-    /// A frame could not be sealed: the session must close.
-    Seal(SealError),
-    /// Sending on needs a fresh message key: the session moves to a new connection (a planned
-    /// reconnect), and everything unacknowledged is sealed again under the new key.
-    FreshKey(&'static str),
+    /// The core cannot go on over this connection: fresh keys needed, or a frame could not be
+    /// sealed.
+    Stop(Stop),
 }
 
 impl Writer {
-    fn new(key: Arc<SealingKey>, epoch: u64, control: SendStream) -> Writer {
-        Writer {
-            key,
-            epoch,
-            control,
-            control_backlog: VecDeque::new(),
-            streams: HashMap::new(),
-            channels: HashMap::new(),
-            backlog: Vec::new(),
-            worn_out: false,
-        }
+    fn new(control: SendStream) -> Writer {
+        Writer { control, control_backlog: VecDeque::new(), streams: HashMap::new(), backlog: Vec::new() }
     }
 
-    /// Takes the acknowledgements due and up to a batch of what the reliability core wants
-    /// sent, sealed, into the backlog. Returns whether the batch was full (there may be more).
+    /// Takes what the core wants written now (acknowledgements due, and up to a batch of sealed
+    /// frames) into the backlog. Returns whether the batch was full (there may be more).
     fn take(&mut self, shared: &Shared) -> Result<bool, WriteFailure> {
         let now = shared.now();
-        let transmits = {
-            let mut core = shared.core();
-            let mut acks = Vec::new();
-            while let Some(a) = core.inbox.poll_ack(now) {
-                Frame::Ack(a).encode(&mut acks);
-                shared.tally.add(Counter::acks_sent, 1);
-            }
-            if !acks.is_empty() {
-                self.control_backlog.push_back(acks.into());
-            }
-            // Nothing is taken for a channel whose earlier frames quinn has not taken yet (flow
-            // control): its messages stay due, are not sealed long before they can leave, and do
-            // not hold up the other channels.
-            let backlog = &self.backlog;
-            let t = if self.worn_out {
-                Vec::new()
-            } else {
-                core.outbox.poll_transmits(now, TRANSMIT_BATCH, |c| !backlog.iter().any(|(b, _)| *b == c))
-            };
-            // Forget what the peer acknowledged (in order: a frame acknowledged out of order
-            // goes once the ones before it did).
-            for (&c, ch) in self.channels.iter_mut() {
-                while ch.sent.front().is_some_and(|&(s, _, _)| core.outbox.is_acked(c, s)) {
-                    ch.sent.pop_front();
-                }
-            }
-            t
-        };
-        let full = transmits.len() == TRANSMIT_BATCH && !self.worn_out;
-        for t in transmits {
-            if t.retransmission {
-                shared.tally.add(Counter::retransmissions, 1);
-            }
-            let (key, epoch) = (&self.key, self.epoch);
-            let ch = self.channels.entry(t.channel).or_insert_with(|| SealedChannel {
-                sealer: ChannelSealer::new(key.clone(), epoch, MessageKind::Stream, t.channel),
-                sent: VecDeque::new(),
-            });
-            let wall = now_ms();
-            let frame = match ch.get(t.seq) {
-                // A resend is the identical frame, with its original send time: once that is
-                // half the peer's freshness horizon old, the peer may refuse it as stale, and
-                // resealing it under this key would reuse a nonce. Move to a fresh key instead.
-                // (What this batch took from the outbox is resent on the new connection.)
-                Some((sent_at, _)) if wall.saturating_sub(sent_at) > shared.reseal_after_ms => {
-                    return Err(WriteFailure::FreshKey("a resend would be stale"));
-                }
-                Some((_, f)) => f.clone(),
-                // The key is worn out: what this batch took is sent again on the next connection.
-                None if self.worn_out => continue,
-                None => {
-                    let mut out = Vec::with_capacity(t.payload.len() + MESSAGE_OVERHEAD);
-                    match ch.sealer.seal(t.seq, wall, &t.payload, &mut out) {
-                        Ok(()) => {}
-                        Err(SealError::KeyExhausted) => {
-                            self.worn_out = true;
-                            continue;
-                        }
-                        Err(e) => return Err(WriteFailure::Seal(e)),
-                    }
-                    self.worn_out |= self.key.wants_fresh_key();
-                    let f = Bytes::from(out);
-                    ch.insert(t.seq, wall, f.clone());
-                    f
-                }
-            };
-            match self.backlog.iter_mut().find(|(c, _)| *c == t.channel) {
+        // Nothing is taken for a channel whose earlier frames quinn has not taken yet (flow
+        // control): its messages stay due, are not sealed long before they can leave, and do
+        // not hold up the other channels.
+        let backlog = &self.backlog;
+        let out = shared
+            .core()
+            .poll_transmit(now, now_ms(), |c| backlog.iter().any(|(b, _)| *b == c))
+            .map_err(WriteFailure::Stop)?;
+        if let Some(acks) = out.control {
+            self.control_backlog.push_back(acks);
+        }
+        for (channel, frame) in out.frames {
+            match self.backlog.iter_mut().find(|(c, _)| *c == channel) {
                 Some((_, frames)) => frames.push_back(frame),
-                None => self.backlog.push((t.channel, VecDeque::from([frame]))),
+                None => self.backlog.push((channel, VecDeque::from([frame]))),
             }
         }
-        Ok(full)
+        Ok(out.more)
     }
 
     /// Hands quinn what it takes now, without waiting: opens missing streams if the peer's
@@ -1634,7 +1350,7 @@ impl Shared {
     /// retransmission) earlier than the one the driver sleeps on; a wake-up that would find
     /// nothing to do costs a thread switch and is skipped.
     fn kick(&self, core: &Core) {
-        if self.drive_would_miss(core.next_deadline()) {
+        if self.drive_would_miss(core.poll_timeout()) {
             self.work.notify_one();
         }
     }
@@ -1656,20 +1372,25 @@ impl Shared {
         let Some(writer) = link.writer.get() else { return self.work.notify_one() };
         let Ok(mut w) = writer.try_lock() else { return self.work.notify_one() };
         let remains = w.take(self).and_then(|_| w.flush_now(&link.conn));
-        let worn_out = w.worn_out;
         drop(w);
         match remains {
-            Ok(false) if !worn_out => self.kick(&self.core()),
-            // Frames left for the driver, a lost connection (which the driver notices), or a
-            // worn-out key (the driver moves to fresh keys once its frames are acknowledged).
-            Ok(_) | Err(WriteFailure::Gone) => self.work.notify_one(),
-            Err(WriteFailure::Seal(e)) => link.seal_failed(e),
-            Err(WriteFailure::FreshKey(why)) => self.fresh_key(&link, why),
+            Ok(false) => self.kick(&self.core()),
+            // Frames left for the driver, or a lost connection (which the driver notices).
+            Ok(true) | Err(WriteFailure::Gone) => self.work.notify_one(),
+            Err(WriteFailure::Stop(stop)) => self.stop(&link, stop),
         }
     }
 
-    /// Moves the session to a new connection for fresh message keys (see
-    /// [`WriteFailure::FreshKey`]): closes this one with `RECONNECT`; the dialling side redials
+    /// The core cannot go on over this connection.
+    fn stop(&self, link: &Link, stop: Stop) {
+        match stop {
+            Stop::FreshKeys(why) => self.fresh_key(link, why),
+            Stop::Seal(e) => link.seal_failed(e),
+        }
+    }
+
+    /// Moves the session to a new connection for fresh message keys (see [`Stop::FreshKeys`]):
+    /// closes this one with `RECONNECT`; the dialling side redials
     /// at once, the accepting side waits for it.
     fn fresh_key(&self, link: &Link, why: &str) {
         if link.reconnecting.swap(true, Ordering::SeqCst) {
@@ -1686,20 +1407,10 @@ impl Shared {
 /// next deadline or new work.
 async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
     let Some(writer) = link.writer.get() else { return };
-    // Set once the key is worn out (see `Writer::worn_out`): when to move to fresh keys even if
-    // what it sealed is not all acknowledged yet.
-    let mut drain_until: Option<Instant> = None;
     loop {
         let work = shared.work.notified();
         tokio::pin!(work);
         work.as_mut().enable();
-        // Acknowledgements matter to the driver only while a worn-out key drains.
-        let draining = drain_until.is_some();
-        let acked = shared.acked.notified();
-        tokio::pin!(acked);
-        if draining {
-            acked.as_mut().enable();
-        }
         // Awake: senders wake us for any timer (see `Shared::transmit_now`).
         shared.drive_sleeps_until.store(0, Ordering::SeqCst);
         let mut w = writer.lock().await;
@@ -1707,30 +1418,18 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
         let (batch_full, remains) = match written {
             Ok(r) => r,
             Err(WriteFailure::Gone) => return,
-            Err(WriteFailure::Seal(e)) => return link.seal_failed(e),
-            Err(WriteFailure::FreshKey(why)) => return shared.fresh_key(&link, why),
+            Err(WriteFailure::Stop(stop)) => return shared.stop(&link, stop),
         };
-        if w.worn_out {
-            // Move to fresh keys once the peer acknowledged what the worn-out key sealed (so the
-            // close discards nothing in flight), or after a grace period.
-            let drained = w.channels.values().all(|c| c.sent.is_empty());
-            let until = *drain_until.get_or_insert_with(|| Instant::now() + KEY_DRAIN_GRACE);
-            if drained || Instant::now() >= until {
-                return shared.fresh_key(&link, "the message key reached half its usage limit");
-            }
-            if !draining {
-                continue; // listen for acknowledgements from the next round on
-            }
-        }
         if batch_full && !remains {
             continue;
         }
-        let deadline = shared.core().next_deadline();
+        // The core's next timer: a resend, an acknowledgement due, or the end of a worn-out
+        // key's grace period.
+        let deadline = shared.core().poll_timeout();
         shared.drive_sleeps_until.store(deadline.unwrap_or(u64::MAX), Ordering::SeqCst);
         let sleep = async {
-            let at = deadline.map(|d| shared.started + std::time::Duration::from_millis(d));
-            match [at, drain_until].into_iter().flatten().min() {
-                Some(at) => tokio::time::sleep_until(at).await,
+            match deadline {
+                Some(d) => tokio::time::sleep_until(shared.started + Duration::from_millis(d)).await,
                 None => std::future::pending().await,
             }
         };
@@ -1741,7 +1440,6 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
             r = w.progress(&link.conn), if remains => r,
             _ = &mut work => Ok(()),
             _ = sleep => Ok(()),
-            _ = &mut acked, if draining => Ok(()),
             _ = link.conn.closed() => return,
         };
         if progressed.is_err() {
@@ -1750,10 +1448,6 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
     }
 }
 
-/// How long a worn-out key waits for what it sealed to be acknowledged before the session moves
-/// to fresh keys anyway (what is not acknowledged then is resent on the new connection).
-const KEY_DRAIN_GRACE: Duration = Duration::from_secs(2);
-
 /// Reads the peer's ACK frames from the control stream.
 async fn read_control(shared: Arc<Shared>, link: Arc<Link>, recv: RecvStream) {
     let mut reader = FrameReader::new(recv);
@@ -1761,37 +1455,33 @@ async fn read_control(shared: Arc<Shared>, link: Arc<Link>, recv: RecvStream) {
         let head = match reader.header::<FRAME_HEADER_LEN>().await {
             Ok(Some(h)) => h,
             Ok(None) | Err(ReadFailure::Gone) => return,
-            Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
-        };
-        let header = match FrameHeader::decode(head, 0) {
-            Ok(h) if h.frame_type == frame_type::ACK => h,
-            Ok(h) => {
-                return link.violation(
-                    close_code::PROTOCOL_VIOLATION,
-                    format!("frame type {:#04x} on the control stream after the hello", h.frame_type),
-                );
-            }
-            Err(e) => return link.wire_violation(&shared.tally, e),
+            Err(ReadFailure::Wire(e)) => return shared.violation(&link, Violation::Malformed(e)),
         };
         // The header bounds the body (at most 11 + 16 x 32 bytes).
-        let body = match reader.body(header.length as usize).await {
+        let len = shared.core().on_control_header(head);
+        let body = match len {
+            Ok(len) => reader.body(len).await,
+            Err(v) => return link.violation(v),
+        };
+        let body = match body {
             Ok(b) => b,
             Err(ReadFailure::Gone) => return,
-            Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
-        };
-        let ack = match header.decode_body(body) {
-            Ok(Frame::Ack(a)) => a,
-            Ok(_) => return link.violation(close_code::PROTOCOL_VIOLATION, "not an ACK".into()),
-            Err(e) => return link.wire_violation(&shared.tally, e),
+            Err(ReadFailure::Wire(e)) => return shared.violation(&link, Violation::Malformed(e)),
         };
         let now = shared.now();
-        let result = shared.core().outbox.on_ack(&ack, now);
-        match result {
-            Ok(acked) => {
-                shared.tally.add(Counter::acked, acked.newly.len() as u64);
+        let (acked, worn_out) = {
+            let mut core = shared.core();
+            (core.on_control(head, body, now), core.worn_out())
+        };
+        match acked {
+            Ok(_) => {
                 shared.acked.notify_waiters();
+                // A worn-out key moves to fresh keys once what it sealed is acknowledged.
+                if worn_out {
+                    shared.work.notify_one();
+                }
             }
-            Err(e) => return link.violation(close_code::PROTOCOL_VIOLATION, e.to_string()),
+            Err(v) => return link.violation(v),
         }
     }
 }
@@ -1905,26 +1595,21 @@ async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, re
     let mut reader = FrameReader::new(recv);
     let head = match reader.header::<STREAM_HEADER_LEN>().await {
         Ok(Some(h)) => h,
-        Ok(None) => return link.wire_violation(&shared.tally, WireError::Truncated),
+        Ok(None) => return shared.violation(&link, Violation::Malformed(WireError::Truncated)),
         Err(ReadFailure::Gone) => return,
-        Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
+        Err(ReadFailure::Wire(e)) => return shared.violation(&link, Violation::Malformed(e)),
     };
-    let channel = match wire::decode_stream_header(head) {
-        Ok(StreamKind::Channel(c)) => c,
-        Ok(StreamKind::Control) => {
-            return link.violation(close_code::PROTOCOL_VIOLATION, "second control stream".into());
-        }
-        Err(e) => return link.wire_violation(&shared.tally, e),
-    };
-    if !link.seen_channels.lock().unwrap_or_else(|e| e.into_inner()).insert(channel) {
-        return link.violation(close_code::PROTOCOL_VIOLATION, format!("channel {channel} opened twice"));
+    let channel = shared.core().on_channel_stream(head);
+    match channel {
+        Ok(channel) => read_messages(&shared, &link, &mut reader, channel).await,
+        Err(v) => link.violation(v),
     }
-    read_messages(&shared, &link, &mut reader, channel).await;
     // Whatever ended the stream, messages already accepted are announced.
     shared.arrived.notify_waiters();
 }
 
-/// Reads, opens and queues a channel's messages until the stream ends or breaks the protocol.
+/// Reads a channel's messages and hands them to the core until the stream ends or breaks the
+/// protocol.
 async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut FrameReader, channel: u16) {
     // Messages accepted and not yet announced: the application is woken once per batch that
     // arrived together, just before this reader would wait (for data or for room), not once
@@ -1938,27 +1623,21 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
         let head = match reader.header::<FRAME_HEADER_LEN>().await {
             Ok(Some(h)) => h,
             Ok(None) | Err(ReadFailure::Gone) => return,
-            Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
+            Err(ReadFailure::Wire(e)) => return shared.violation(link, Violation::Malformed(e)),
         };
-        let header = match FrameHeader::decode(head, shared.max_recv) {
-            Ok(h) if h.frame_type == frame_type::MESSAGE => h,
-            Ok(h) => {
-                return link.violation(
-                    close_code::PROTOCOL_VIOLATION,
-                    format!("frame type {:#04x} on an inbound channel", h.frame_type),
-                );
-            }
-            Err(e) => return link.wire_violation(&shared.tally, e),
+        let len = shared.core().on_message_header(head);
+        let len = match len {
+            Ok(len) => len,
+            Err(v) => return link.violation(v),
         };
         // Bound memory before allocating: wait until the receive buffer has room for this
-        // message (see `Core::reserve`); QUIC flow control holds the peer back meanwhile.
-        let len = header.length as usize;
+        // message (see `SessionCore::reserve`); QUIC flow control holds the peer back meanwhile.
         let mut waiting = false;
         loop {
             // Usually there is room: no waiter is registered then.
             {
                 let mut core = shared.core();
-                if core.reserve(channel, len, shared.receive_buffer) {
+                if core.reserve(channel, len) {
                     if waiting {
                         core.set_waiting(channel, false);
                     }
@@ -1977,7 +1656,7 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
             node.blocked.fetch_add(1, Ordering::SeqCst);
             let reserved = {
                 let mut core = shared.core();
-                let reserved = core.reserve(channel, len, shared.receive_buffer);
+                let reserved = core.reserve(channel, len);
                 if reserved == waiting {
                     // Reserved while marked waiting, or not reserved and not yet marked.
                     core.set_waiting(channel, !reserved);
@@ -2008,57 +1687,40 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
         let body = match reader.body(len).await {
             Ok(b) => b,
             Err(ReadFailure::Gone) => return,
-            Err(ReadFailure::Wire(e)) => return link.wire_violation(&shared.tally, e),
+            Err(ReadFailure::Wire(e)) => return shared.violation(link, Violation::Malformed(e)),
         };
-        let frame = match header.decode_body(body) {
-            Ok(Frame::Message(m)) if m.kind == MessageKind::Stream && m.channel == channel => m,
-            Ok(_) => {
-                return link.violation(
-                    close_code::PROTOCOL_VIOLATION,
-                    format!("channel {channel} stream carries a datagram or another channel's message"),
-                );
-            }
-            Err(e) => return link.wire_violation(&shared.tally, e),
+        let (now, wall) = (shared.now(), now_ms());
+        let arrival = {
+            let mut core = shared.core();
+            let arrival = core.on_message(channel, head, body, reservation.take(), wall, now);
+            // An acknowledgement may be due (a new message, or a duplicate to acknowledge again).
+            shared.kick(&core);
+            arrival
         };
-        let seq = frame.seq;
-        let verified = shared.opener.lock().unwrap_or_else(|e| e.into_inner()).verify(frame, now_ms());
-        let opened = match verified {
-            Ok(opened) => opened,
-            Err(Reject::Replay(_)) => {
-                drop(reservation);
-                shared.tally.add(Counter::replays_rejected, 1);
-                shared.duplicate(channel, seq);
-                continue;
-            }
-            Err(r) => {
-                drop(reservation);
-                shared.reject(link, MessageKind::Stream, &r);
-                continue;
-            }
-        };
-        match shared.receive(opened, reservation) {
-            Received::Accepted if channel >= rpc::FIRST_RESERVED_CHANNEL => {
+        shared.room.notify_waiters();
+        match arrival {
+            Ok(Arrival::Accepted) if channel >= rpc::FIRST_RESERVED_CHANNEL => {
                 take_rpc(&Outlet(shared.clone()));
             }
-            Received::Accepted => unannounced = true,
-            Received::Duplicate => {}
-            Received::Dropped => {}
+            Ok(Arrival::Accepted) => unannounced = true,
+            Ok(Arrival::Duplicate | Arrival::Dropped | Arrival::Refused) => {}
+            Err(v) => return link.violation(v),
         }
     }
 }
 
-/// A channel reader's reserved receive-buffer room: given back when the message it was for is
-/// kept or refused (under the same lock, see [`Shared::receive`]), or when the read fails.
+/// A channel reader's reserved receive-buffer room: handed to the core with the message it was
+/// for ([`SessionCore::on_message`] releases it), or given back if the read fails.
 struct Reservation<'a> {
     shared: &'a Shared,
     channel: u16,
-    /// Bytes still reserved (0 once released).
+    /// Bytes still reserved (0 once handed over).
     len: usize,
 }
 
 impl Reservation<'_> {
-    fn release(mut self, core: &mut Core) {
-        core.unreserve(self.channel, std::mem::take(&mut self.len));
+    fn take(mut self) -> usize {
+        std::mem::take(&mut self.len)
     }
 }
 
@@ -2066,82 +1728,24 @@ impl Drop for Reservation<'_> {
     fn drop(&mut self) {
         if self.len > 0 {
             self.shared.core().unreserve(self.channel, self.len);
+            self.shared.room.notify_waiters();
         }
-        self.shared.room.notify_waiters();
     }
 }
 
-impl Shared {
-    /// Keeps a verified channel message, or refuses it, before anything records it: the inbox
-    /// decides first, and only a message it keeps is committed to the replay window, under the
-    /// same lock. A message dropped for lack of room is thus never remembered as received, and
-    /// the sender's resend is accepted.
-    fn receive(&self, opened: Opened, reservation: Reservation<'_>) -> Received {
-        let (channel, seq) = (opened.channel, opened.seq);
-        let now = self.now();
-        let mut core = self.core();
-        reservation.release(&mut core);
-        let received = match core.inbox.check(channel, seq, opened.payload.len()) {
-            Received::Accepted => {
-                let committed = self.opener.lock().unwrap_or_else(|e| e.into_inner()).commit(opened.kind, channel, seq);
-                match committed {
-                    Ok(()) => core.inbox.on_message(channel, seq, opened.payload, now),
-                    // Committed since it was verified: a copy read on another connection.
-                    Err(_) => {
-                        core.inbox.note_duplicate(channel, seq, now);
-                        Received::Duplicate
-                    }
-                }
-            }
-            // Counted (and a duplicate re-acknowledged) by the inbox; nothing is kept.
-            _ => core.inbox.on_message(channel, seq, opened.payload, now),
-        };
-        self.kick(&core);
-        drop(core);
-        match received {
-            Received::Duplicate => self.tally.add(Counter::duplicates_dropped, 1),
-            Received::Dropped => {
-                self.tally.add(Counter::inbox_dropped, 1);
-                debug!(target: "quicseal::reject", channel, seq, "message dropped by the inbox (the sender resends it)");
-            }
-            Received::Accepted => {}
-        }
-        received
-    }
-
-    /// A copy of something already received: counts it, and re-acknowledges it so the sender
-    /// stops resending.
-    fn duplicate(&self, channel: u16, seq: u64) {
-        self.tally.add(Counter::duplicates_dropped, 1);
-        let now = self.now();
-        let mut core = self.core();
-        core.inbox.note_duplicate(channel, seq, now);
-        self.kick(&core);
-    }
-}
-
-/// Reads, opens and queues the peer's datagrams. A datagram that finds no room in the receive
-/// buffer is dropped and counted: datagrams may be lost, and never wait.
+/// Reads the peer's datagrams and hands them to the core. A datagram that finds no room in the
+/// receive buffer is dropped and counted: datagrams may be lost, and never wait.
 async fn read_datagrams(shared: Arc<Shared>, link: Arc<Link>) {
     while let Ok(bytes) = link.conn.read_datagram().await {
-        let opened = shared.opener.lock().unwrap_or_else(|e| e.into_inner()).open_bytes(&bytes, now_ms());
-        match opened {
-            Ok(opened) => {
-                let mut core = shared.core();
-                let used = core.datagram_bytes + core.inbox.held_bytes();
-                if used + opened.payload.len() > shared.receive_buffer || !core.node_has_room(opened.payload.len()) {
-                    drop(core);
-                    shared.tally.add(Counter::datagrams_dropped, 1);
-                    continue;
-                }
-                core.datagram_bytes += opened.payload.len();
-                core.datagrams.push_back(opened);
-                drop(core);
-                shared.arrived.notify_waiters();
-            }
-            // A malformed datagram is dropped like any refused one: it cannot desynchronise a
-            // stream, so it does not close the connection.
-            Err(r) => shared.reject(&link, MessageKind::Datagram, &r),
+        let kept = {
+            let mut core = shared.core();
+            let Core { state, node, .. } = &mut *core;
+            state.on_datagram(&bytes, now_ms(), |len| Core::node_has_room(node, len))
+        };
+        match kept {
+            Ok(true) => shared.arrived.notify_waiters(),
+            Ok(false) => {}
+            Err(v) => return link.violation(v),
         }
     }
 }
@@ -2157,6 +1761,15 @@ fn reserved(channel: u16) -> Result<()> {
         return Err(Error::ReservedChannel(channel));
     }
     Ok(())
+}
+
+fn push_error(e: PushError) -> Error {
+    match e {
+        PushError::TooLarge { size, limit } => Error::MessageTooLarge { size, limit },
+        PushError::Full(f) => Error::Full { messages: f.messages, bytes: f.bytes },
+        PushError::TooManyChannels(limit) => Error::Limit { what: "channels per session", limit: u64::from(limit) },
+        PushError::SeqExhausted => seal_error(SealError::SeqExhausted),
+    }
 }
 
 fn seal_error(e: SealError) -> Error {

@@ -8,4 +8,5 @@ pub mod reliable;
 pub mod replay;
 pub mod rpc;
 pub mod seal;
+pub mod session;
 pub mod wire;
