@@ -204,56 +204,6 @@ async fn a_full_outbox_makes_try_send_fail_and_send_wait() {
     assert_eq!(tokio::time::timeout(Duration::from_secs(5), waiting).await.unwrap().unwrap().unwrap(), 5);
 }
 
-/// The receiving application pauses for longer than the freshness horizon while the sender's
-/// frames wait in flow control: they arrive stale and are refused. A resend must not be the same
-/// stale frame for ever (nor a frame resealed under the same key): the sender moves to fresh
-/// keys and everything arrives, in order, once.
-async fn pause_longer_than_freshness(freshness: Duration, pause: Duration, n: u32, acceptor_sends: bool) {
-    let pki = Pki::new("ca");
-    let mut limits = quick_limits();
-    limits.freshness = freshness;
-    limits.max_message_size = 64 * 1024;
-    limits.receive_buffer = 1 << 20;
-    let (_a, _b, ab, ba) = session_pair(&pki, limits.clone(), limits).await;
-    let (tx, rx) = if acceptor_sends { (ba, ab) } else { (ab, ba) };
-    let sender = tokio::spawn({
-        let tx = tx.clone();
-        async move {
-            for i in 0..n {
-                let mut body = vec![0u8; 64 * 1024];
-                body[..4].copy_from_slice(&i.to_be_bytes());
-                tx.send_bytes(0, body).await.unwrap();
-            }
-        }
-    });
-    // The application does not read for a while.
-    tokio::time::sleep(pause).await;
-    let all = tokio::time::timeout(Duration::from_secs(120), async {
-        for i in 0..n {
-            let m = rx.recv().await.unwrap();
-            assert_eq!(u32::from_be_bytes(m.payload()[..4].try_into().unwrap()), i, "out of order or duplicated");
-        }
-    })
-    .await;
-    assert!(all.is_ok(), "stalled: receiver {:?}, sender {:?}", rx.stats(), tx.stats());
-    sender.await.unwrap();
-    tx.delivered(0).await.unwrap();
-    let (r, s) = (rx.stats(), tx.stats());
-    assert!(r.stale_rejected > 0, "the pause must make frames stale for the test to mean anything: {r:?}");
-    assert!(s.rekeys > 0, "{s:?}");
-    assert_eq!(r.messages_delivered, u64::from(n));
-}
-
-#[tokio::test]
-async fn a_pause_longer_than_the_freshness_horizon_does_not_wedge_a_channel() {
-    pause_longer_than_freshness(Duration::from_secs(2), Duration::from_secs(4), 100, false).await;
-}
-
-#[tokio::test]
-async fn a_long_pause_with_many_large_messages_from_the_accepting_side() {
-    pause_longer_than_freshness(Duration::from_secs(4), Duration::from_secs(10), 800, true).await;
-}
-
 /// With the key usage limit lowered, a busy session moves to fresh keys again and again, and no
 /// key seals more than its limit; nothing is lost or duplicated.
 #[tokio::test]

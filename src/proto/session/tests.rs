@@ -14,7 +14,7 @@
 //! progress fails with its seed, which then reproduces it exactly.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use super::*;
@@ -77,6 +77,12 @@ struct Plan {
     max_payload: usize,
     receive_buffer: usize,
     outbox_messages: usize,
+    /// Side 1's application takes nothing during this span (ms).
+    pause: (u64, u64),
+    /// Most messages an application takes per look.
+    takes: u64,
+    /// Readers waiting for room always retry lowest channel first (else in a random order).
+    lowest_wins: bool,
 }
 
 impl Plan {
@@ -106,6 +112,9 @@ impl Plan {
             max_payload: 1 + rng.below(3000) as usize,
             receive_buffer: 2_000 + rng.below(20_000) as usize,
             outbox_messages: 8 + rng.below(100) as usize,
+            pause: if rng.chance(100) { (rng.below(20_000), rng.below(80_000)) } else { (0, 0) },
+            takes: 8,
+            lowest_wins: false,
         }
     }
 }
@@ -157,6 +166,8 @@ struct Side {
     next_send: Vec<u64>,
     /// Indexes delivered, per channel, in delivery order.
     delivered: Vec<Vec<u64>>,
+    /// Channels of the messages delivered, in delivery order.
+    log: Vec<u16>,
     /// Delivered, not yet acknowledged (manual-ack mode).
     unacked: Vec<(u16, u64)>,
     datagrams_sent: u64,
@@ -169,8 +180,9 @@ struct Side {
     responses: HashSet<u64>,
     /// Channel streams the peer opened on the current connection.
     opened: HashSet<u16>,
-    /// Messages that found no room in the receive buffer (their stream waits).
-    stalled: Vec<Packet>,
+    /// Per channel stream, as the shell's reader of that stream: messages waiting behind one
+    /// that found no room in the receive buffer (the reader is marked waiting meanwhile).
+    stalled: BTreeMap<u16, VecDeque<Packet>>,
     /// (connection, channel, seq) -> the frame sealed for it.
     sealed: HashMap<(u64, u16, u64), Bytes>,
 }
@@ -284,6 +296,7 @@ struct Pair {
     pause: u64,
     /// Whether the applications did anything this step.
     busy: bool,
+    steps: u64,
     /// Per side: the payload size of each message index (for checks).
     sizes: Vec<HashMap<(u16, u64), usize>>,
 }
@@ -302,6 +315,7 @@ impl Pair {
                 counters,
                 next_send: vec![0; plan.channels as usize],
                 delivered: vec![Vec::new(); plan.channels as usize],
+                log: Vec::new(),
                 unacked: Vec::new(),
                 datagrams_sent: 0,
                 datagrams_seen: HashSet::new(),
@@ -310,7 +324,7 @@ impl Pair {
                 unanswered: Vec::new(),
                 responses: HashSet::new(),
                 opened: HashSet::new(),
-                stalled: Vec::new(),
+                stalled: BTreeMap::new(),
                 sealed: HashMap::new(),
             }
         };
@@ -327,6 +341,7 @@ impl Pair {
             corrupted: 0,
             pause: 1,
             busy: true,
+            steps: 0,
             sizes: vec![HashMap::new(), HashMap::new()],
         }
     }
@@ -346,6 +361,10 @@ impl Pair {
         self.wires[1].clear();
         for s in self.sides.iter_mut() {
             s.opened.clear();
+            // The old connection's readers end, and stop waiting.
+            for (&c, _) in s.stalled.iter() {
+                s.core.set_waiting(c, false);
+            }
             s.stalled.clear();
         }
         self.conn_id += 1;
@@ -426,8 +445,51 @@ impl Pair {
         }
     }
 
-    /// Side `i` receives one packet.
+    /// Side `i` receives one packet. A message queues behind its stream's waiting reader.
     fn receive(&mut self, i: usize, p: Packet) -> Result<(), String> {
+        if let Packet::Message { channel, .. } = &p
+            && let Some(queue) = self.sides[i].stalled.get_mut(channel)
+        {
+            queue.push_back(p);
+            return Ok(());
+        }
+        match self.read(i, p)? {
+            None => Ok(()),
+            Some(p) => {
+                let Packet::Message { channel, .. } = &p else { unreachable!() };
+                let channel = *channel;
+                self.sides[i].core.set_waiting(channel, true);
+                self.sides[i].stalled.insert(channel, VecDeque::from([p]));
+                Ok(())
+            }
+        }
+    }
+
+    /// Waiting readers try again (the application may have made room), each stream in order.
+    fn retry_stalled(&mut self, i: usize) -> Result<(), String> {
+        let channels: Vec<u16> = self.sides[i].stalled.keys().copied().collect();
+        // Woken together, the readers race for the room: the lowest channel wins every race
+        // here (the worst case, which the fair shares must handle), else any may go first.
+        let start = if self.plan.lowest_wins { 0 } else { self.rng.below(channels.len() as u64) as usize };
+        for k in 0..channels.len() {
+            let c = channels[(start + k) % channels.len()];
+            loop {
+                let Some(p) = self.sides[i].stalled.get_mut(&c).and_then(VecDeque::pop_front) else {
+                    self.sides[i].stalled.remove(&c);
+                    self.sides[i].core.set_waiting(c, false);
+                    break;
+                };
+                if let Some(p) = self.read(i, p)? {
+                    self.sides[i].stalled.get_mut(&c).expect("still waiting").push_front(p);
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Side `i` reads one packet; a message that finds no room is handed back.
+    fn read(&mut self, i: usize, p: Packet) -> Result<Option<Packet>, String> {
         let (now, wall) = (self.now, self.wall());
         let side = &mut self.sides[i];
         match p {
@@ -439,8 +501,7 @@ impl Pair {
                 let head: [u8; FRAME_HEADER_LEN] = frame[..FRAME_HEADER_LEN].try_into().unwrap();
                 let len = side.core.on_message_header(head).map_err(|v| format!("side {i}: {v}"))?;
                 if !side.core.reserve(channel, len, |_| true) {
-                    side.stalled.push(Packet::Message { channel, frame, corrupted });
-                    return Ok(());
+                    return Ok(Some(Packet::Message { channel, frame, corrupted }));
                 }
                 let before = if corrupted { stats(&side.counters) } else { Stats::default() };
                 let body = frame.slice(FRAME_HEADER_LEN..);
@@ -471,7 +532,7 @@ impl Pair {
                 side.core.on_datagram(&bytes, wall, |_| true).map_err(|v| format!("side {i}: {v}"))?;
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Side `i`'s application: sends what it may, takes what arrived (at a random pace).
@@ -516,8 +577,9 @@ impl Pair {
                 self.send(0, Packet::Datagram(out.into()));
             }
         }
-        // Take (the application may be slow).
-        let takes = self.rng.below(8);
+        // Take (the application may be slow, or pause).
+        let paused = i == 1 && (plan.pause.0..plan.pause.1).contains(&now);
+        let takes = if paused { 0 } else { self.rng.below(plan.takes) + 1 };
         for _ in 0..takes {
             let Some(d) = self.sides[i].core.poll_deliver(now) else { break };
             self.busy = true;
@@ -540,6 +602,7 @@ impl Pair {
                 return Err(format!("side {i} channel {channel}: message {index} delivered as seq {}", d.seq));
             }
             got.push(index);
+            side.log.push(channel);
             if plan.manual_ack {
                 side.unacked.push((channel, d.seq));
             }
@@ -623,11 +686,10 @@ impl Pair {
         t
     }
 
+    /// Runs until everything is delivered and acknowledged.
     fn run(mut self) -> Result<Outcome, String> {
-        let mut steps = 0u64;
         const GIVE_UP_MS: u64 = 30 * 60 * 1000;
         while !self.done() {
-            steps += 1;
             if self.now > GIVE_UP_MS {
                 let progress: Vec<_> = self
                     .sides
@@ -636,6 +698,31 @@ impl Pair {
                     .collect();
                 return Err(format!("no progress by {} ms: delivered and in flight {progress:?}", self.now));
             }
+            self.step()?;
+        }
+        let s0 = stats(&self.sides[0].counters);
+        let s1 = stats(&self.sides[1].counters);
+        Ok(Outcome {
+            end_ms: self.now,
+            connections: self.sides[0].core.connections(),
+            corrupted: self.corrupted,
+            retransmissions: s0.retransmissions + s1.retransmissions,
+            steps: self.steps,
+        })
+    }
+
+    /// Runs until simulated time `t` (ms).
+    fn run_until(&mut self, t: u64) -> Result<(), String> {
+        while self.now < t {
+            self.step()?;
+        }
+        Ok(())
+    }
+
+    /// One step: frames due arrive, the applications act, both sides write, bounds hold.
+    fn step(&mut self) -> Result<(), String> {
+        {
+            self.steps += 1;
             // Blackouts start at random while faults last; a reconnect ends each.
             match self.blackout_until {
                 Some(until) if self.now >= until => self.reconnect(),
@@ -657,10 +744,7 @@ impl Pair {
             for i in 0..2 {
                 self.application(i)?;
                 // Stalled messages retry once the application made room.
-                let stalled = std::mem::take(&mut self.sides[i].stalled);
-                for p in stalled {
-                    self.receive(i, p)?;
-                }
+                self.retry_stalled(i)?;
             }
             for i in 0..2 {
                 self.transmit(i)?;
@@ -668,15 +752,7 @@ impl Pair {
             self.check_bounds()?;
             self.now = self.next_time();
         }
-        let s0 = stats(&self.sides[0].counters);
-        let s1 = stats(&self.sides[1].counters);
-        Ok(Outcome {
-            end_ms: self.now,
-            connections: self.sides[0].core.connections(),
-            corrupted: self.corrupted,
-            retransmissions: s0.retransmissions + s1.retransmissions,
-            steps,
-        })
+        Ok(())
     }
 }
 
@@ -748,4 +824,80 @@ fn seeds_part_3_of_4_deliver_everything_exactly_once_in_order() {
 #[test]
 fn seeds_part_4_of_4_deliver_everything_exactly_once_in_order() {
     run_seeds(3, 4);
+}
+
+/// A plan without faults, requests or datagrams, for the scenarios below.
+fn quiet_plan(channels: u16, per_channel: u64) -> Plan {
+    Plan {
+        channels,
+        per_channel,
+        requests: 0,
+        datagrams: 0,
+        faults: Faults::default(),
+        faults_until: 0,
+        manual_ack: false,
+        key_messages: KeyLimits::default().messages,
+        max_payload: 3_000,
+        receive_buffer: 12_000,
+        outbox_messages: 64,
+        pause: (0, 0),
+        takes: 8,
+        lowest_wins: false,
+    }
+}
+
+/// The receiving application pauses for longer than the freshness horizon (30 s) while the
+/// sender's frames wait for room: the frames it then reads are stale, and resending the same
+/// sealed frames would be refused for ever (nor may they be sealed again under the same key).
+/// The sender moves to fresh keys, and everything arrives in order, once.
+#[test]
+fn a_pause_longer_than_the_freshness_horizon_does_not_wedge_a_channel() {
+    for seed in 0..20 {
+        let mut plan = quiet_plan(1 + (seed % 3) as u16, 100);
+        plan.pause = (100, 70_000);
+        let o = Pair::new(seed, plan).run().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert!(o.connections > 1, "seed {seed}: the pause must force fresh keys: {o:?}");
+        assert!(o.end_ms >= 70_000, "{o:?}");
+    }
+}
+
+/// A receiver that does not read holds the sender back: the sender's outbox stays within its
+/// bound (`push` fails with `Full`), the receiver holds at most its receive buffer plus one
+/// message, and once it reads again everything arrives.
+#[test]
+fn a_slow_reader_bounds_memory_and_holds_the_sender_back() {
+    let mut plan = quiet_plan(2, 200);
+    plan.outbox_messages = 20;
+    plan.pause = (0, 20_000);
+    let mut pair = Pair::new(7, plan);
+    pair.run_until(19_000).unwrap();
+    let (sender, receiver) = (&pair.sides[0], &pair.sides[1]);
+    let sent: u64 = sender.next_send.iter().sum();
+    assert!(sent < 400 && sent >= 20, "the sender should be held back after {sent}");
+    assert!(sender.core.in_flight().0 <= 20);
+    assert!(receiver.core.unread() <= plan.receive_buffer + plan.max_payload, "{}", receiver.core.unread());
+    assert!(receiver.delivered.iter().all(Vec::is_empty));
+    pair.run().unwrap();
+}
+
+/// Channels that all flood one small receive buffer share it, and the application, fairly: no
+/// channel takes all the room and starves the others.
+#[test]
+fn flooded_channels_share_the_receive_buffer_and_the_application_fairly() {
+    for seed in 0..10 {
+        let mut plan = quiet_plan(3, 400);
+        plan.receive_buffer = 4 * plan.max_payload;
+        plan.outbox_messages = 600;
+        plan.takes = 1;
+        plan.lowest_wins = true;
+        let mut pair = Pair::new(seed, plan);
+        while pair.sides[1].log.len() < 300 {
+            pair.step().unwrap();
+        }
+        let mut got = [0u32; 3];
+        for &c in &pair.sides[1].log[..300] {
+            got[c as usize] += 1;
+        }
+        assert!(got.iter().all(|&n| n >= 60), "seed {seed}: each channel should get about a third of 300: {got:?}");
+    }
 }
