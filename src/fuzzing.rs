@@ -25,6 +25,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("open_message", open_message),
     ("replay_window", replay_window),
     ("reliable_ops", reliable_ops),
+    ("session_core", session_core),
     ("rpc_decode", rpc_decode),
     ("rpc_cache", rpc_cache),
     ("pem_load", pem_load),
@@ -198,6 +199,194 @@ pub fn reliable_ops(data: &[u8]) {
         // Bound the simulated network too.
         if wire.len() > 256 {
             wire.drain(..128);
+        }
+    }
+}
+
+/// Two [`SessionCore`](crate::proto::session::SessionCore)s driven by arbitrary operations:
+/// pushes, transmissions, frames delivered from anywhere in flight (reordered, duplicated,
+/// corrupted), raw peer bytes fed to every input, time, and reconnects with new keys. Never
+/// panics; what the receiving application gets is in order, once, and unaltered per channel;
+/// memory stays within bounds. A violation closes the connection (a reconnect here).
+pub fn session_core(data: &[u8]) {
+    use crate::proto::session::{SessionConfig, SessionCore, Stop};
+    use crate::proto::wire::{FRAME_HEADER_LEN, STREAM_HEADER_LEN, StreamKind};
+    use crate::stats::{Counters, Tally};
+
+    let config = |epoch, peer_epoch| SessionConfig {
+        epoch,
+        peer_epoch,
+        open: test_open_config(),
+        outbox: OutboxConfig {
+            max_messages: 16,
+            max_bytes: 1024,
+            max_per_channel: 64,
+            initial_rto_ms: 10,
+            min_rto_ms: 5,
+            max_rto_ms: 100,
+            retransmit_on_timeout: true,
+        },
+        inbox: InboxConfig { reorder_window: 64, max_buffered_bytes: 512, max_channels: 4, ..InboxConfig::default() },
+        max_tag_failures: 8,
+        max_recv: 64,
+        max_send: 64,
+        max_channels: 4,
+        receive_buffer: 512,
+    };
+    let mut key_counter = 0u8;
+    let mut keys = || {
+        key_counter = key_counter.wrapping_add(1);
+        let mut material = TEST_KEY_MATERIAL;
+        material[0] = key_counter;
+        (seal::derive_keys(&material, Role::Dialler), seal::derive_keys(&material, Role::Acceptor))
+    };
+    let tally = || Tally { session: Arc::new(Counters::default()), node: Arc::new(Counters::default()) };
+    let (ka, kb) = keys();
+    let mut a = SessionCore::new(config(1, 2), ka, 1, tally());
+    let mut b = SessionCore::new(config(2, 1), kb, 2, tally());
+    // In flight: A's frames to B (channel, frame), B's ACK frames to A.
+    let mut to_b: Vec<(u16, Bytes)> = Vec::new();
+    let mut to_a: Vec<Bytes> = Vec::new();
+    let mut opened: Vec<u16> = Vec::new();
+    let mut sent = [0u64; 4];
+    let mut delivered = [0u64; 4];
+    let mut now = 0u64;
+    let wall = |now: u64| TEST_NOW_MS + now;
+    let mut reconnect =
+        |a: &mut SessionCore, b: &mut SessionCore, to_b: &mut Vec<_>, to_a: &mut Vec<_>, opened: &mut Vec<u16>, now| {
+            let (ka, kb) = keys();
+            a.new_connection(ka, now);
+            b.new_connection(kb, now);
+            to_b.clear();
+            to_a.clear();
+            opened.clear();
+        };
+    let mut ops = data.iter().copied().take(4096);
+    while let Some(op) = ops.next() {
+        match op % 10 {
+            0 | 1 => {
+                let ch = u16::from(op >> 6);
+                let n = sent[usize::from(ch)];
+                let len = 8 + usize::from(op >> 4 & 3) * 16;
+                let mut p = n.to_be_bytes().to_vec();
+                p.resize(len, ch as u8);
+                if a.push(ch, Bytes::from(p), true, now).is_ok() {
+                    sent[usize::from(ch)] += 1;
+                }
+            }
+            2 => loop {
+                match a.poll_transmit(now, wall(now), |_| false) {
+                    Ok(out) => {
+                        to_b.extend(out.frames);
+                        if !out.more {
+                            break;
+                        }
+                    }
+                    Err(Stop::FreshKeys(_)) => {
+                        reconnect(&mut a, &mut b, &mut to_b, &mut to_a, &mut opened, now);
+                        break;
+                    }
+                    Err(Stop::Seal(e)) => panic!("cannot seal: {e}"),
+                }
+            },
+            3 if !to_b.is_empty() => {
+                // One frame from anywhere in flight; sometimes a copy stays, sometimes a bit flips.
+                let i = usize::from(op >> 3) % to_b.len();
+                let (ch, mut frame) = if op & 0x80 != 0 { to_b[i].clone() } else { to_b.swap_remove(i) };
+                if op & 0x40 != 0 {
+                    let mut f = frame.to_vec();
+                    let at = usize::from(op) % f.len();
+                    f[at] ^= 1;
+                    frame = Bytes::from(f);
+                }
+                let mut read = || -> Result<(), crate::proto::session::Violation> {
+                    if !opened.contains(&ch) {
+                        opened.push(ch);
+                        b.on_channel_stream(wire::encode_stream_header(StreamKind::Channel(ch)))?;
+                    }
+                    let Some(head) = frame.get(..FRAME_HEADER_LEN) else { return Ok(()) };
+                    let head: [u8; FRAME_HEADER_LEN] = head.try_into().expect("length checked");
+                    let len = b.on_message_header(head)?;
+                    if frame.len() != FRAME_HEADER_LEN + len {
+                        return Ok(()); // truncated by the flip: the stream would wait for more
+                    }
+                    if b.reserve(ch, len, |_| true) {
+                        b.on_message(ch, head, frame.slice(FRAME_HEADER_LEN..), len, wall(now), now)?;
+                    }
+                    Ok(())
+                };
+                if read().is_err() {
+                    reconnect(&mut a, &mut b, &mut to_b, &mut to_a, &mut opened, now);
+                }
+            }
+            4 => {
+                while let Some(d) = b.poll_deliver(now) {
+                    let ch = usize::from(d.channel);
+                    let index = u64::from_be_bytes(d.payload[..8].try_into().expect("8 bytes"));
+                    assert_eq!(index, delivered[ch], "channel {ch}: out of order, twice or altered");
+                    assert!(d.payload[8..].iter().all(|&x| x == d.channel as u8), "payload altered");
+                    delivered[ch] += 1;
+                }
+                if let Ok(out) = b.poll_transmit(now, wall(now), |_| false) {
+                    to_a.extend(out.control);
+                }
+            }
+            5 if !to_a.is_empty() => {
+                let acks = to_a.remove(usize::from(op >> 3) % to_a.len());
+                let mut at = acks;
+                while at.len() >= FRAME_HEADER_LEN {
+                    let head: [u8; FRAME_HEADER_LEN] = at[..FRAME_HEADER_LEN].try_into().expect("length checked");
+                    let Ok(len) = a.on_control_header(head) else { break };
+                    let body = at.slice(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len);
+                    at = at.slice(FRAME_HEADER_LEN + len..);
+                    a.on_control(head, body, now).expect("a genuine ack is never refused");
+                }
+            }
+            6 => now += u64::from(op >> 2) * 10,
+            7 => reconnect(&mut a, &mut b, &mut to_b, &mut to_a, &mut opened, now),
+            8 => {
+                // Raw peer bytes into one of B's inputs: the next `n` bytes of the input.
+                let n = usize::from(op >> 4) * 4;
+                let raw: Vec<u8> = ops.by_ref().take(n).collect();
+                let raw = Bytes::from(raw);
+                let failed = match op >> 2 & 3 {
+                    0 => raw
+                        .get(..STREAM_HEADER_LEN)
+                        .map(|h| b.on_channel_stream(h.try_into().expect("length checked")).map(drop)),
+                    1 => raw.get(..FRAME_HEADER_LEN).map(|h| {
+                        let head: [u8; FRAME_HEADER_LEN] = h.try_into().expect("length checked");
+                        b.on_message_header(head).and_then(|len| {
+                            let body = raw.slice(FRAME_HEADER_LEN..);
+                            if body.len() == len {
+                                b.on_message(0, head, body, 0, wall(now), now).map(drop)
+                            } else {
+                                Ok(())
+                            }
+                        })
+                    }),
+                    2 => raw.get(..FRAME_HEADER_LEN).map(|h| {
+                        let head: [u8; FRAME_HEADER_LEN] = h.try_into().expect("length checked");
+                        b.on_control_header(head).and_then(|len| {
+                            let body = raw.slice(FRAME_HEADER_LEN..);
+                            if body.len() == len { b.on_control(head, body, now).map(drop) } else { Ok(()) }
+                        })
+                    }),
+                    _ => Some(b.on_datagram(&raw, wall(now), |_| true).map(drop)),
+                };
+                if matches!(failed, Some(Err(_))) {
+                    reconnect(&mut a, &mut b, &mut to_b, &mut to_a, &mut opened, now);
+                }
+            }
+            _ => {}
+        }
+        let (n, bytes) = a.in_flight();
+        assert!(n <= 16 && bytes <= 1024 + 64);
+        assert!(b.unread() <= 2 * 512 + 64);
+        if to_b.len() > 256 {
+            to_b.drain(..128);
+        }
+        if to_a.len() > 64 {
+            to_a.drain(..32);
         }
     }
 }

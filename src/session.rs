@@ -38,7 +38,9 @@ use crate::identity::PeerIdentity;
 use crate::proto::rpc::CallId;
 use crate::proto::seal::{OpeningKey, SealError, SealingKey};
 use crate::proto::session::{Arrival, DatagramError, PushError, SessionConfig, SessionCore, Stop, Violation};
-use crate::proto::wire::{self, FRAME_HEADER_LEN, MESSAGE_OVERHEAD, MessageKind, STREAM_HEADER_LEN, StreamKind, WireError};
+use crate::proto::wire::{
+    self, FRAME_HEADER_LEN, MESSAGE_OVERHEAD, MessageKind, STREAM_HEADER_LEN, StreamKind, WireError,
+};
 use crate::rpc::{self, CallOptions, RpcServer, SessionRpc};
 use crate::stats::{Counter, Stats, Tally};
 
@@ -269,12 +271,7 @@ struct Link {
 
 impl Link {
     fn new(conn: Connection) -> Arc<Link> {
-        Arc::new(Link {
-            conn,
-            failure: OnceLock::new(),
-            reconnecting: AtomicBool::new(false),
-            writer: OnceLock::new(),
-        })
+        Arc::new(Link { conn, failure: OnceLock::new(), reconnecting: AtomicBool::new(false), writer: OnceLock::new() })
     }
 
     /// A frame could not be sealed (its channel ran out of sequence numbers): the session
@@ -680,14 +677,7 @@ impl Session {
         // The first connection: its keys are already in the core.
         shared.run_link(shared.link(), control);
         let supervisor = tokio::spawn(supervise(shared.clone(), p.resume, p.redial));
-        Session {
-            inner: Arc::new(SessionInner {
-                shared,
-                peer,
-                manual_ack,
-                supervisor,
-            }),
-        }
+        Session { inner: Arc::new(SessionInner { shared, peer, manual_ack, supervisor }) }
     }
 
     pub(crate) fn resumable(&self) -> Resumable {
@@ -895,7 +885,13 @@ impl Session {
         drop(core);
         // Room for readers.
         shared.room.notify_waiters();
-        Some(Message { peer: self.inner.peer.clone(), kind: d.kind, channel: d.channel, seq: d.seq, payload: d.payload })
+        Some(Message {
+            peer: self.inner.peer.clone(),
+            kind: d.kind,
+            channel: d.channel,
+            seq: d.seq,
+            payload: d.payload,
+        })
     }
 
     /// Acknowledges a message received in manual-ack mode (idempotent; datagrams and auto-ack
@@ -1074,11 +1070,7 @@ fn drain(
 
 /// Watches the current connection; when it is lost, carries the session over to a new one
 /// (dialling side: reconnect with backoff; accepting side: wait for the peer) or ends it.
-async fn supervise(
-    shared: Arc<Shared>,
-    policy: ResumePolicy,
-    redial: Option<Redial>,
-) {
+async fn supervise(shared: Arc<Shared>, policy: ResumePolicy, redial: Option<Redial>) {
     loop {
         let current = shared.generation.load(Ordering::SeqCst);
         let link = shared.link();
@@ -1111,12 +1103,7 @@ async fn supervise(
 /// Carries a session whose connection was lost over to a new one: redials with backoff (the
 /// dialling side), or waits for the peer to (the accepting side). Returns false when the session
 /// ended instead.
-async fn recover(
-    shared: &Arc<Shared>,
-    policy: ResumePolicy,
-    redial: Option<&Redial>,
-    current: u64,
-) -> bool {
+async fn recover(shared: &Arc<Shared>, policy: ResumePolicy, redial: Option<&Redial>, current: u64) -> bool {
     let deadline = Instant::now() + policy.give_up_after;
     match redial {
         Some(redial) => {

@@ -105,6 +105,9 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("open_message", "seed-genuine-replayed-tampered", records(&[&datagram, &datagram, &stream, &tampered])),
         ("replay_window", "seed-ops", window),
         ("reliable_ops", "seed-push-send-deliver-ack", [0, 1, 64, 2, 3, 3, 3, 4, 5, 5, 6, 7, 2, 3, 4, 5].repeat(4)),
+        // Push on two channels, send, deliver (one copy kept, one flipped), take, acknowledge,
+        // time, reconnect, resend, raw bytes into a channel stream.
+        ("session_core", "seed-ops", [0, 64, 1, 2, 3, 131, 67, 3, 4, 5, 6, 7, 2, 3, 3, 4, 5, 0x18, 1, 2, 3].repeat(4)),
         ("rpc_decode", "seed-request", request),
         ("rpc_decode", "seed-response-error", response),
         ("rpc_decode", "seed-response-ok", ok),
