@@ -1,22 +1,45 @@
 //! [`Session`]: an authenticated connection to one peer, with reliable, ordered channels and
 //! unreliable datagrams.
 //!
-//! The async shell around the sans-IO cores:
-//!
-//! - [`proto::reliable`](crate::proto::reliable) numbers and keeps every channel message until
-//!   the peer's *application* acknowledged it ([`Outbox`]), and restores order and drops
-//!   duplicates on receipt ([`Inbox`]);
-//! - [`proto::seal`](crate::proto::seal) seals every message and opens what arrives (tag, replay
-//!   window, freshness, epoch).
+//! The async shell around [`SessionCore`](crate::proto::session::SessionCore), which holds the
+//! whole session protocol (outbox and inbox, sealing and opening, the stream rules, tag-failure
+//! counting, channel limits, key wear-out) and takes every decision on it. The shell moves bytes
+//! between the core and quinn, and wakes whoever waits.
 //!
 //! Each channel is a QUIC bidirectional stream, opened by the side that sends on it and carrying
-//! MESSAGE frames one way only; ACK frames travel on the control stream. A driver task moves
-//! what the cores produce onto the current connection; a supervisor moves the session to a new
-//! connection when one is lost. Memory is bounded: the outbox by count and bytes
-//! ([`Session::send`] waits, [`Session::try_send_bytes`] fails with [`Error::Full`]), the inbox by
-//! `Limits::receive_buffer` (a reader waits for room before it reads a message body, so QUIC
-//! flow control slows a peer we cannot keep up with), datagrams by the same budget (dropped and
-//! counted when it is full).
+//! MESSAGE frames one way only; ACK frames travel on the control stream. Memory is bounded: the
+//! outbox by count and bytes ([`Session::send`] waits, [`Session::try_send_bytes`] fails with
+//! [`Error::Full`]), the inbox by `Limits::receive_buffer` (a reader waits for room before it
+//! reads a message body, so QUIC flow control slows a peer we cannot keep up with), datagrams by
+//! the same budget (dropped and counted when it is full).
+//!
+//! # Concurrency map
+//!
+//! One lock holds the protocol: `Shared::core` (a `std::sync::Mutex<Core>`, never held across
+//! an `.await`). Everything else is I/O or waiting.
+//!
+//! Tasks, per session:
+//! - the **supervisor** ([`supervise`]): waits for the current connection to close, then
+//!   redials with backoff (dialling side) or waits for the node to attach the peer's new
+//!   connection (accepting side), or ends the session;
+//!
+//! per connection (they end with it):
+//! - the **readers** (one task: datagrams, the control stream, and the acceptance of channel
+//!   streams; plus one task per inbound channel stream): read frames, lock the core, hand them
+//!   over ([`SessionCore::on_message`](crate::proto::session::SessionCore::on_message) and the
+//!   like), unlock, then wake: `arrived` (a message for `recv`), `acked` (for `send`, `delivered`,
+//!   `wait_acked`), `work` (the driver, when the core has a timer earlier than its sleep, or a
+//!   worn-out key's frames were acknowledged);
+//! - the **driver** ([`drive`]): locks the writer (a `tokio::sync::Mutex`, held across waits on
+//!   flow control), takes [`SessionCore::poll_transmit`](crate::proto::session::SessionCore::poll_transmit)
+//!   under the core lock, writes to quinn, and sleeps until `work`, the core's
+//!   `poll_timeout`, or quinn taking more.
+//!
+//! API handles ([`Session`], and the RPC layer's `Outlet`) lock the core, push or take, unlock,
+//! and then either write their own message at once if the writer is free (`try_lock`, never
+//! waiting: [`Shared::transmit_now`]) or wake the driver. Waiters register on a `Notify` before
+//! they check the core, so a wake-up between check and wait is never lost. The lock order is
+//! writer, then core; the core lock is the innermost and is never held while taking another.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
