@@ -9,8 +9,11 @@
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use rustls::AlertDescription;
+
+pub use crate::proto::violation::Violation;
 
 /// Which end of a connection made a decision (refused a certificate, found a violation...).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,8 +246,9 @@ pub struct LoadError {
     pub problem: LoadProblem,
 }
 
-/// Every error quicseal returns.
-#[derive(Debug, thiserror::Error)]
+/// Every error quicseal returns. `Clone`, so that every caller waiting on a session that ended
+/// gets the same error.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// The mutual-TLS handshake failed.
@@ -286,14 +290,14 @@ pub enum Error {
     Refused,
     /// A peer broke the quicseal protocol.
     ///
-    /// [`Side::Local`]: the peer sent something malformed and we closed the connection.
-    /// [`Side::Remote`]: the peer says we did.
-    #[error("protocol violation detected by {side}: {reason}")]
+    /// [`Side::Local`]: the peer sent something malformed and we closed the connection with
+    /// `violation.close_code()`. [`Side::Remote`]: the peer says we did.
+    #[error("protocol violation detected by {side}: {violation}")]
     ProtocolViolation {
         /// Who detected it.
         side: Side,
         /// What was wrong.
-        reason: String,
+        violation: Violation,
     },
     /// A message is larger than the limit (ours, or the one the peer announced).
     #[error("message too large: {size} bytes, limit {limit}")]
@@ -320,7 +324,7 @@ pub enum Error {
     #[error("limit reached: {what} (at most {limit})")]
     Limit {
         /// Which limit.
-        what: &'static str,
+        what: Limited,
         /// Its value.
         limit: u64,
     },
@@ -329,7 +333,7 @@ pub enum Error {
     /// the server are fine; compare transport failures ([`Error::ConnectionLost`],
     /// [`Error::Timeout`]).
     #[error("remote: {0}")]
-    Remote(crate::rpc::RemoteError),
+    Remote(RemoteError),
     /// Channels 0xFFFE and 0xFFFF carry RPC; applications cannot send on them.
     #[error("channel {0:#06x} is reserved for RPC")]
     ReservedChannel(u16),
@@ -345,9 +349,97 @@ pub enum Error {
     /// The node or session was closed by this process.
     #[error("closed")]
     Closed,
-    /// An operating-system I/O error (binding a socket...).
+    /// An operating-system I/O error (binding a socket...), shared so that the error is `Clone`.
     #[error("I/O: {0}")]
-    Io(#[from] io::Error),
+    Io(Arc<io::Error>),
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Error {
+        Error::Io(Arc::new(e))
+    }
+}
+
+/// An error a handler returns on purpose: an application-defined code and a message. The
+/// caller receives it as [`Error::Remote`]`(`[`RemoteError::Application`]`)`. Messages longer than
+/// 1,024 bytes are cut.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("application error {code}: {message}")]
+pub struct ApplicationError {
+    /// Application-defined code.
+    pub code: u32,
+    /// Human-readable message.
+    pub message: String,
+}
+
+impl ApplicationError {
+    /// An application error.
+    pub fn new(code: u32, message: impl Into<String>) -> ApplicationError {
+        ApplicationError { code, message: message.into() }
+    }
+}
+
+/// How the server ended a call other than with a response: [`Error::Remote`] carries it. These
+/// are answers from a working server, distinct from transport failures (the session ending,
+/// [`Error::Timeout`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RemoteError {
+    /// The handler returned an application error.
+    #[error("{0}")]
+    Application(ApplicationError),
+    /// The server has no handler for the method (or serves no RPC at all).
+    #[error("unknown method")]
+    UnknownMethod,
+    /// The server's per-session or per-node concurrency limit, or its call cache, was full.
+    /// Nothing ran; trying again later may succeed.
+    #[error("the server is overloaded")]
+    Overloaded,
+    /// The handler panicked; the server carried on.
+    #[error("the handler panicked")]
+    HandlerPanicked,
+    /// The request body is larger than the server accepts ([`RouterConfig::max_request_size`](crate::RouterConfig::max_request_size)).
+    #[error("request too large for the server")]
+    RequestTooLarge,
+    /// The request body does not decode as the method's request type.
+    #[error("invalid request for this method")]
+    InvalidRequest,
+    /// The handler ran but its response could not be sent (it did not encode, or it was larger
+    /// than the message size limit).
+    #[error("the server could not send the response")]
+    Internal,
+    /// The call was cancelled before it finished (a retry of a cancelled call gets this).
+    #[error("the call was cancelled")]
+    Cancelled,
+}
+
+/// Which limit [`Error::Limit`] names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Limited {
+    /// Connections a node holds (`Limits::max_connections`).
+    ConnectionsPerNode,
+    /// Connections one peer may hold with a node (`Limits::max_connections_per_peer`).
+    ConnectionsPerPeer,
+    /// Application channels one session opens (`Limits::max_channels`, or the peer's, if
+    /// smaller).
+    ChannelsPerSession,
+    /// Datagram channels one session uses.
+    DatagramChannelsPerSession,
+    /// Sequence numbers of one channel in one session epoch.
+    SequenceNumbers,
+}
+
+impl fmt::Display for Limited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Limited::ConnectionsPerNode => "connections per node",
+            Limited::ConnectionsPerPeer => "connections per peer",
+            Limited::ChannelsPerSession => "channels per session",
+            Limited::DatagramChannelsPerSession => "datagram channels per session",
+            Limited::SequenceNumbers => "sequence numbers in this epoch",
+        })
+    }
 }
 
 /// The result type of quicseal.
@@ -400,7 +492,7 @@ pub(crate) fn from_connection_error(err: quinn::ConnectionError, captured: Optio
                 let error = captured.unwrap_or_else(|| rustls_error_for(alert, &t.reason));
                 Error::Tls(TlsError::Local { error, alert: Some(alert) })
             } else {
-                Error::ProtocolViolation { side: Side::Local, reason: format!("QUIC transport: {t}") }
+                Error::ProtocolViolation { side: Side::Local, violation: Violation::Transport(t.to_string()) }
             }
         }
         C::ConnectionClosed(c) => {
@@ -415,7 +507,7 @@ pub(crate) fn from_connection_error(err: quinn::ConnectionError, captured: Optio
             } else {
                 Error::ProtocolViolation {
                     side: Side::Remote,
-                    reason: format!("peer closed with QUIC transport error {}", c.error_code),
+                    violation: Violation::Transport(format!("the peer closed with {}", c.error_code)),
                 }
             }
         }
@@ -432,27 +524,28 @@ fn from_application_close(code: u64, reason: &[u8]) -> Error {
     let reason = String::from_utf8_lossy(reason).into_owned();
     match u32::try_from(code) {
         Ok(close_code::UNAUTHORIZED) => Error::Unauthorized { side: Side::Remote, reason },
-        Ok(close_code::PROTOCOL_VIOLATION) | Ok(close_code::HELLO_TIMEOUT) => {
-            Error::ProtocolViolation { side: Side::Remote, reason }
+        Ok(code @ close_code::PROTOCOL_VIOLATION) => {
+            Error::ProtocolViolation { side: Side::Remote, violation: Violation::Reported { code, reason } }
         }
-        Ok(close_code::MESSAGE_TOO_LARGE) => Error::ProtocolViolation {
+        Ok(close_code::HELLO_TIMEOUT) => {
+            Error::ProtocolViolation { side: Side::Remote, violation: Violation::HelloTimeout }
+        }
+        Ok(code @ close_code::MESSAGE_TOO_LARGE) => Error::ProtocolViolation {
             side: Side::Remote,
-            reason: "the peer says we sent a message over its limit".into(),
+            violation: Violation::Reported { code, reason: "the peer says we sent a message over its limit".into() },
         },
         Ok(close_code::ALPN_MISMATCH) => Error::AlpnMismatch { negotiated: None },
-        Ok(close_code::INTEGRITY_FAILURE) => Error::ProtocolViolation {
-            side: Side::Remote,
-            reason: "the peer says our messages failed its integrity checks".into(),
-        },
-        Ok(close_code::RETIRED_EPOCH) => Error::ProtocolViolation {
-            side: Side::Remote,
-            reason: "the peer refused our session epoch as retired".into(),
-        },
+        Ok(close_code::INTEGRITY_FAILURE) => {
+            Error::ProtocolViolation { side: Side::Remote, violation: Violation::IntegrityFailures(None) }
+        }
+        Ok(close_code::RETIRED_EPOCH) => {
+            Error::ProtocolViolation { side: Side::Remote, violation: Violation::RetiredEpoch(None) }
+        }
         Ok(close_code::RECONNECT) => {
             Error::ConnectionLost { reason: "the peer moved the session to a new connection".into() }
         }
         Ok(close_code::UNKNOWN_SESSION) => {
-            Error::ProtocolViolation { side: Side::Remote, reason: "the peer has no such session to resume".into() }
+            Error::ProtocolViolation { side: Side::Remote, violation: Violation::UnknownSession(None) }
         }
         Ok(close_code::PEER_LIMIT) => Error::Refused,
         Ok(close_code::NO_ERROR) => Error::ConnectionLost { reason: format!("closed by the peer: {reason}") },

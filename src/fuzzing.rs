@@ -1,6 +1,7 @@
 //! The bodies of the cargo-fuzz targets (`fuzz/fuzz_targets/`), in the library so that
 //! `cargo test` replays every committed corpus file through exactly the code the fuzzer runs
-//! (`tests/it/fuzz_corpora.rs`), on stable Rust, and a past crash stays fixed.
+//! (`fuzzing/tests.rs`), on stable Rust, and a past crash stays fixed. Compiled only for tests
+//! and for cargo-fuzz (which sets `cfg(fuzzing)`): not part of the library a user links.
 //!
 //! Each function takes arbitrary bytes, must never panic on its own account, and asserts the
 //! invariants of what it drives; a failed assertion is a finding. Not part of the public API.
@@ -477,25 +478,4 @@ pub fn pem_load(data: &[u8]) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The forgery check of `open_message` is live: a genuine message does open under its
-    /// configuration, and the same bytes with one bit flipped do not.
-    #[test]
-    fn open_message_opens_a_genuine_message() {
-        let (sealing, _) = seal::derive_keys(&TEST_KEY_MATERIAL, Role::Dialler);
-        let mut sealer = ChannelSealer::new(Arc::new(sealing), TEST_EPOCH, wire::MessageKind::Datagram, 1);
-        let mut frame = Vec::new();
-        sealer.seal(1, TEST_NOW_MS, b"genuine", &mut frame).unwrap();
-        let (_, opening) = seal::derive_keys(&TEST_KEY_MATERIAL, Role::Acceptor);
-        let mut opener = Opener::new(opening, TEST_EPOCH, test_open_config());
-        let mut flipped = frame.clone();
-        flipped[20] ^= 1;
-        assert!(opener.open_bytes(&Bytes::from(flipped), TEST_NOW_MS).is_err());
-        assert_eq!(&opener.open_bytes(&Bytes::from(frame.clone()), TEST_NOW_MS).unwrap().payload[..], b"genuine");
-        let mut record = (frame.len() as u16).to_be_bytes().to_vec();
-        record.extend_from_slice(&frame);
-        open_message(&record);
-    }
-}
+mod tests;

@@ -84,6 +84,7 @@ mod session;
 mod stats;
 mod tls;
 
+#[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod netsim;
@@ -91,7 +92,10 @@ pub mod pki;
 pub mod proto;
 
 pub use config::{Limits, NodeConfig};
-pub use error::{Error, LoadError, LoadProblem, Result, Side, Timed, TlsError, close_code};
+pub use error::{
+    ApplicationError, Error, Limited, LoadError, LoadProblem, RemoteError, Result, Side, Timed, TlsError, Violation,
+    close_code,
+};
 pub use export::MetricsExporter;
 pub use identity::{Fingerprint, Identity, PeerIdentity, TrustStore, load_certificates};
 pub use node::Node;
@@ -99,8 +103,8 @@ pub use policy::Policy;
 pub use proto::rpc::{CacheConfig, CallId};
 pub use reload::{CertExpiry, CertFiles, CertWatcher, EXPIRY_WARNING, Expiry, WatchStatus};
 pub use rpc::{
-    ApplicationError, Call, CallOptions, CancelReason, FIRST_RESERVED_CHANNEL, REQUEST_CHANNEL, RESPONSE_CHANNEL,
-    RemoteError, Router, RouterConfig, RpcClient,
+    Call, CallOptions, CancelReason, FIRST_RESERVED_CHANNEL, REQUEST_CHANNEL, RESPONSE_CHANNEL, Router, RouterConfig,
+    RpcClient,
 };
 pub use session::{Message, Session, SessionEvent};
 pub use stats::Stats;

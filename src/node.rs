@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::{Limits, NodeConfig};
-use crate::error::{Error, Result, Side, Timed, close_code, from_connection_error};
+use crate::error::{Error, Limited, Result, Side, Timed, Violation, close_code, from_connection_error};
 use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
 use crate::policy::Policy;
 use crate::proto::epochs::EpochBook;
@@ -499,7 +499,7 @@ async fn dial(
     // Our own dials count apart from incoming connections, which never block them.
     let dialled = shared.endpoint.open_connections().saturating_sub(shared.incoming_open.load(Ordering::SeqCst));
     if dialled >= shared.limits.max_connections {
-        return Err(Error::Limit { what: "connections per node", limit: shared.limits.max_connections as u64 });
+        return Err(Error::Limit { what: Limited::ConnectionsPerNode, limit: shared.limits.max_connections as u64 });
     }
     let (crypto, captured) = shared.tls().client_config()?;
     let mut cfg = quinn::ClientConfig::new(crypto);
@@ -602,8 +602,8 @@ async fn handshake(
             read_exact(&conn, &mut recv, &mut head, &lost).await?;
             match wire::decode_stream_header(head) {
                 Ok(StreamKind::Control) => {}
-                Ok(_) => return Err(violation(&conn, "first stream is not the control stream".into())),
-                Err(e) => return Err(violation(&conn, e.to_string())),
+                Ok(_) => return Err(violation(&conn, Violation::NotControlStream)),
+                Err(e) => return Err(violation(&conn, Violation::Malformed(e))),
             }
             let (peer_hello, wants_resume) = read_hello(&conn, &mut recv, &lost).await?;
             let peer_epoch = peer_hello.epoch;
@@ -659,13 +659,15 @@ async fn handshake(
 /// Closes `conn` with the refusal's close code and returns the local error that says why.
 fn refuse_hello(conn: &Connection, refusal: HelloRefusal) -> Error {
     conn.close(VarInt::from_u32(refusal.close_code()), refusal.close_reason());
-    let reason = match refusal {
-        HelloRefusal::PeerLimit { limit } => return Error::Limit { what: "connections per peer", limit: limit as u64 },
-        HelloRefusal::RetiredEpoch { epoch } => format!("the peer reused retired session epoch {epoch:#x}"),
-        HelloRefusal::WrongSession => "a different peer or session answered the resumption".into(),
-        HelloRefusal::UnknownSession { epoch } => format!("the peer asked to resume unknown session {epoch:#x}"),
+    let violation = match refusal {
+        HelloRefusal::PeerLimit { limit } => {
+            return Error::Limit { what: Limited::ConnectionsPerPeer, limit: limit as u64 };
+        }
+        HelloRefusal::RetiredEpoch { epoch } => Violation::RetiredEpoch(Some(epoch)),
+        HelloRefusal::WrongSession => Violation::WrongSession,
+        HelloRefusal::UnknownSession { epoch } => Violation::UnknownSession(Some(epoch)),
     };
-    Error::ProtocolViolation { side: Side::Local, reason }
+    Error::ProtocolViolation { side: Side::Local, violation }
 }
 
 /// Starts a new session over a handshaken connection.
@@ -762,7 +764,7 @@ fn peer_identity(conn: &Connection) -> Result<PeerIdentity> {
     let leaf = chain.first().ok_or_else(|| Error::ConnectionLost { reason: "empty certificate chain".into() })?;
     // The certificate was verified by webpki, so x509-parser reads it too; if it did not, the
     // peer is closed rather than trusted blindly.
-    PeerIdentity::from_certificate(leaf).map_err(|e| violation(conn, format!("unreadable peer certificate: {e}")))
+    PeerIdentity::from_certificate(leaf).map_err(|e| violation(conn, Violation::UnreadableCertificate(e.to_string())))
 }
 
 /// A random, non-zero session epoch.
@@ -799,9 +801,9 @@ async fn read_hello(
 ) -> Result<(PeerHello, bool)> {
     let mut head = [0u8; FRAME_HEADER_LEN];
     read_exact(conn, recv, &mut head, lost).await?;
-    let header = FrameHeader::decode(head, 0).map_err(|e| violation(conn, e.to_string()))?;
+    let header = FrameHeader::decode(head, 0).map_err(|e| violation(conn, Violation::Malformed(e)))?;
     if header.frame_type != frame_type::HELLO {
-        return Err(violation(conn, format!("expected HELLO, got frame type {:#04x}", header.frame_type)));
+        return Err(violation(conn, Violation::ExpectedHello(header.frame_type)));
     }
     let mut body = [0u8; wire::HELLO_LEN as usize];
     read_exact(conn, recv, &mut body, lost).await?;
@@ -817,8 +819,8 @@ async fn read_hello(
             };
             Ok((hello, resume))
         }
-        Ok(_) => Err(violation(conn, "HELLO with a zero max_message_size, epoch, max_channels or window".into())),
-        Err(e) => Err(violation(conn, e.to_string())),
+        Ok(_) => Err(violation(conn, Violation::BadHello)),
+        Err(e) => Err(violation(conn, Violation::Malformed(e))),
     }
 }
 
@@ -830,20 +832,22 @@ async fn read_exact(
 ) -> Result<()> {
     match recv.read_exact(buf).await {
         Ok(()) => Ok(()),
-        Err(quinn::ReadExactError::FinishedEarly(_)) => Err(violation(conn, "control stream ended early".into())),
+        Err(quinn::ReadExactError::FinishedEarly(_)) => {
+            Err(violation(conn, Violation::ControlStream("it ended early".into())))
+        }
         Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e))) => Err(lost(e)),
-        Err(quinn::ReadExactError::ReadError(e)) => Err(violation(conn, format!("control stream: {e}"))),
+        Err(quinn::ReadExactError::ReadError(e)) => Err(violation(conn, Violation::ControlStream(e.to_string()))),
     }
 }
 
 fn write_err(e: quinn::WriteError, lost: &impl Fn(quinn::ConnectionError) -> Error) -> Error {
     match e {
         quinn::WriteError::ConnectionLost(e) => lost(e),
-        e => Error::ProtocolViolation { side: Side::Remote, reason: format!("control stream: {e}") },
+        e => Error::ProtocolViolation { side: Side::Remote, violation: Violation::ControlStream(e.to_string()) },
     }
 }
 
-fn violation(conn: &Connection, reason: String) -> Error {
-    conn.close(VarInt::from_u32(close_code::PROTOCOL_VIOLATION), b"protocol violation");
-    Error::ProtocolViolation { side: Side::Local, reason }
+fn violation(conn: &Connection, violation: Violation) -> Error {
+    conn.close(VarInt::from_u32(violation.close_code()), violation.close_reason());
+    Error::ProtocolViolation { side: Side::Local, violation }
 }

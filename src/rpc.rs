@@ -44,7 +44,7 @@ use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::error::{Error, Result, Timed};
+use crate::error::{ApplicationError, Error, Limited, RemoteError, Result, Timed};
 use crate::identity::{Fingerprint, PeerIdentity};
 use crate::proto::rpc::{
     Begin, CacheConfig, CallId, MAX_ERROR_MESSAGE_LEN, MAX_METHOD_LEN, ResponseCache, RpcFrame, Status,
@@ -89,59 +89,6 @@ impl CallOptions {
         self.idempotent = on;
         self
     }
-}
-
-/// An error a handler returns on purpose: an application-defined code and a message. The
-/// caller receives it as [`Error::Remote`]`(`[`RemoteError::Application`]`)`. Messages longer than
-/// 1,024 bytes are cut.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("application error {code}: {message}")]
-pub struct ApplicationError {
-    /// Application-defined code.
-    pub code: u32,
-    /// Human-readable message.
-    pub message: String,
-}
-
-impl ApplicationError {
-    /// An application error.
-    pub fn new(code: u32, message: impl Into<String>) -> ApplicationError {
-        ApplicationError { code, message: message.into() }
-    }
-}
-
-/// How the server ended a call other than with a response: [`Error::Remote`] carries it. These
-/// are answers from a working server, distinct from transport failures (the session ending,
-/// [`Error::Timeout`]).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum RemoteError {
-    /// The handler returned an application error.
-    #[error("{0}")]
-    Application(ApplicationError),
-    /// The server has no handler for the method (or serves no RPC at all).
-    #[error("unknown method")]
-    UnknownMethod,
-    /// The server's per-session or per-node concurrency limit, or its call cache, was full.
-    /// Nothing ran; trying again later may succeed.
-    #[error("the server is overloaded")]
-    Overloaded,
-    /// The handler panicked; the server carried on.
-    #[error("the handler panicked")]
-    HandlerPanicked,
-    /// The request body is larger than the server accepts ([`RouterConfig::max_request_size`]).
-    #[error("request too large for the server")]
-    RequestTooLarge,
-    /// The request body does not decode as the method's request type.
-    #[error("invalid request for this method")]
-    InvalidRequest,
-    /// The handler ran but its response could not be sent (it did not encode, or it was larger
-    /// than the message size limit).
-    #[error("the server could not send the response")]
-    Internal,
-    /// The call was cancelled before it finished (a retry of a cancelled call gets this).
-    #[error("the call was cancelled")]
-    Cancelled,
 }
 
 /// Why a running call was cancelled, as its handler sees it.
@@ -998,7 +945,7 @@ fn transient(e: &Error) -> bool {
             Error::ConnectionLost { .. }
                 | Error::Refused
                 | Error::Io(_)
-                | Error::Limit { what: "connections per node", .. }
+                | Error::Limit { what: Limited::ConnectionsPerNode, .. }
         ),
     }
 }

@@ -56,7 +56,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use crate::error::{Error, Result, Side, Timed, close_code, from_connection_error};
+use crate::error::{Error, Limited, Result, Side, Timed, close_code, from_connection_error};
 use crate::identity::PeerIdentity;
 use crate::proto::rpc::CallId;
 use crate::proto::seal::{OpeningKey, SealError, SealingKey};
@@ -320,7 +320,7 @@ impl Link {
     /// Why this connection ended, as an error.
     fn error(&self) -> Error {
         if let Some(v) = self.failure.get() {
-            return Error::ProtocolViolation { side: Side::Local, reason: v.to_string() };
+            return Error::ProtocolViolation { side: Side::Local, violation: v.clone() };
         }
         match self.conn.close_reason() {
             Some(e) => from_connection_error(e, None),
@@ -346,49 +346,6 @@ impl Link {
     }
 }
 
-/// Why a session ended, kept so that every caller gets the same answer.
-#[derive(Debug, Clone)]
-struct Ending {
-    kind: EndKind,
-    reason: String,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum EndKind {
-    Closed,
-    Violation,
-    RemoteViolation,
-    Unauthorized,
-    Timeout,
-    Lost,
-}
-
-impl Ending {
-    fn from_error(e: &Error) -> Ending {
-        let (kind, reason) = match e {
-            Error::Closed => (EndKind::Closed, String::new()),
-            Error::ProtocolViolation { side: Side::Local, reason } => (EndKind::Violation, reason.clone()),
-            Error::ProtocolViolation { side: Side::Remote, reason } => (EndKind::RemoteViolation, reason.clone()),
-            Error::Unauthorized { reason, .. } => (EndKind::Unauthorized, reason.clone()),
-            Error::Timeout { .. } => (EndKind::Timeout, e.to_string()),
-            other => (EndKind::Lost, other.to_string()),
-        };
-        Ending { kind, reason }
-    }
-
-    fn to_error(&self) -> Error {
-        let reason = self.reason.clone();
-        match self.kind {
-            EndKind::Closed => Error::Closed,
-            EndKind::Violation => Error::ProtocolViolation { side: Side::Local, reason },
-            EndKind::RemoteViolation => Error::ProtocolViolation { side: Side::Remote, reason },
-            EndKind::Unauthorized => Error::Unauthorized { side: Side::Remote, reason },
-            EndKind::Timeout => Error::Timeout { what: Timed::SessionResumption },
-            EndKind::Lost => Error::ConnectionLost { reason },
-        }
-    }
-}
-
 /// State shared by the session handle and its background tasks (never the handle itself, so
 /// dropping every [`Session`] ends the session).
 struct Shared {
@@ -397,8 +354,8 @@ struct Shared {
     generation: AtomicU64,
     /// Signalled when `generation` changes (see [`Shared::generation_changed`]).
     generation_signal: Notify,
-    /// Set once, when the session is over.
-    ending: OnceLock<Ending>,
+    /// Set once, when the session is over: why (every caller gets this same error).
+    ending: OnceLock<Error>,
     /// Wakes everything waiting for the session's end (see [`Shared::ended`]).
     ended_signal: Notify,
     /// Created by the first [`Session::events`] call: events nobody subscribed to are dropped
@@ -462,9 +419,9 @@ impl Shared {
     }
 
     /// The session could not be carried over to a new connection: says so and ends it.
-    fn give_up(&self, reason: String, error: &Error) {
+    fn give_up(&self, reason: String, error: Error) {
         self.event(SessionEvent::GaveUp { reason });
-        self.end(Ending::from_error(error), close_code::NO_ERROR);
+        self.end(error, close_code::NO_ERROR);
     }
 
     fn event(&self, e: SessionEvent) {
@@ -475,7 +432,7 @@ impl Shared {
     }
 
     /// Ends the session (once): closes the connection, wakes every waiter, runs the end hook.
-    fn end(&self, why: Ending, code: u32) {
+    fn end(&self, why: Error, code: u32) {
         if self.ending.set(why).is_err() {
             return;
         }
@@ -537,7 +494,7 @@ impl Shared {
     /// The error callers see: why the session ended, else why the current connection did.
     fn error(&self) -> Error {
         match self.ending.get() {
-            Some(e) => e.to_error(),
+            Some(e) => e.clone(),
             None => self.link().error(),
         }
     }
@@ -586,7 +543,7 @@ struct SessionInner {
 
 impl Drop for SessionInner {
     fn drop(&mut self) {
-        self.shared.end(Ending { kind: EndKind::Closed, reason: String::new() }, close_code::NO_ERROR);
+        self.shared.end(Error::Closed, close_code::NO_ERROR);
         self.supervisor.abort();
     }
 }
@@ -810,7 +767,7 @@ impl Session {
                 seq
             }
             Err(DatagramError::TooManyChannels(limit)) => {
-                return Err(Error::Limit { what: "datagram channels per session", limit: u64::from(limit) });
+                return Err(Error::Limit { what: Limited::DatagramChannelsPerSession, limit: u64::from(limit) });
             }
             Err(DatagramError::Seal(e)) => {
                 if e == SealError::KeyExhausted {
@@ -936,7 +893,7 @@ impl Session {
 
     /// Ends the session; the peer sees a normal close.
     pub fn close(&self) {
-        self.inner.shared.end(Ending { kind: EndKind::Closed, reason: String::new() }, close_code::NO_ERROR);
+        self.inner.shared.end(Error::Closed, close_code::NO_ERROR);
     }
 
     /// Waits until the session has ended and returns why.
@@ -1109,7 +1066,7 @@ async fn supervise(shared: Arc<Shared>, policy: ResumePolicy, redial: Option<Red
             let error = link.error();
             let code =
                 if matches!(error, Error::Closed) { close_code::NO_ERROR } else { close_code::PROTOCOL_VIOLATION };
-            shared.end(Ending::from_error(&error), code);
+            shared.end(error, code);
             return;
         }
         let reason = link.error().to_string();
@@ -1147,7 +1104,7 @@ async fn recover(shared: &Arc<Shared>, policy: ResumePolicy, redial: Option<&Red
                     // node refusing connections under load (`Refused`), a timeout or a lost
                     // network is retried until the resume timeout.
                     Ok(Err(e)) if e.is_refusal_by_peer() || matches!(e, Error::ProtocolViolation { .. }) => {
-                        shared.give_up(e.to_string(), &e);
+                        shared.give_up(e.to_string(), e);
                         return false;
                     }
                     Ok(Err(e)) => {
@@ -1163,7 +1120,7 @@ async fn recover(shared: &Arc<Shared>, policy: ResumePolicy, redial: Option<&Red
                     Err(_) => {}
                 }
                 let e = Error::Timeout { what: Timed::SessionResumption };
-                shared.give_up(format!("no connection after {attempt} attempts"), &e);
+                shared.give_up(format!("no connection after {attempt} attempts"), e);
                 return false;
             }
         }
@@ -1172,7 +1129,7 @@ async fn recover(shared: &Arc<Shared>, policy: ResumePolicy, redial: Option<&Red
             let resumed = tokio::time::timeout_at(deadline, shared.generation_changed(current)).await;
             if resumed.is_err() {
                 let e = Error::Timeout { what: Timed::SessionResumption };
-                shared.give_up("the peer did not come back in time".into(), &e);
+                shared.give_up("the peer did not come back in time".into(), e);
                 return false;
             }
         }
@@ -1777,7 +1734,9 @@ fn push_error(e: PushError) -> Error {
     match e {
         PushError::TooLarge { size, limit } => Error::MessageTooLarge { size, limit },
         PushError::Full(f) => Error::Full { messages: f.messages, bytes: f.bytes },
-        PushError::TooManyChannels(limit) => Error::Limit { what: "channels per session", limit: u64::from(limit) },
+        PushError::TooManyChannels(limit) => {
+            Error::Limit { what: Limited::ChannelsPerSession, limit: u64::from(limit) }
+        }
         PushError::SeqExhausted => seal_error(SealError::SeqExhausted),
     }
 }
@@ -1787,7 +1746,7 @@ fn seal_error(e: SealError) -> Error {
         SealError::TooLarge(size) => Error::MessageTooLarge { size, limit: wire::MAX_MESSAGE_SIZE },
         SealError::KeyExhausted => Error::ConnectionLost { reason: "moving to fresh message keys".into() },
         SealError::SeqExhausted | SealError::SeqNotIncreasing { .. } => {
-            Error::Limit { what: "sequence numbers in this epoch", limit: crate::proto::replay::MAX_SEQ }
+            Error::Limit { what: Limited::SequenceNumbers, limit: crate::proto::replay::MAX_SEQ }
         }
     }
 }

@@ -9,4 +9,5 @@ pub mod replay;
 pub mod rpc;
 pub mod seal;
 pub mod session;
+pub mod violation;
 pub mod wire;

@@ -133,7 +133,10 @@ impl ReplayWindow {
 
 /// The accept rule written as plainly as possible, with a set of seen numbers: the reference
 /// that differential tests and the `replay_window` fuzz target compare [`ReplayWindow`] with.
-/// It forgets numbers that fell out of the window, so its memory stays bounded too.
+/// It forgets numbers that fell out of the window, so its memory stays bounded too. A test
+/// oracle: compiled only for tests and fuzzing.
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
 #[derive(Debug, Clone)]
 pub struct ReferenceWindow {
     seen: std::collections::BTreeSet<u64>,
@@ -141,6 +144,7 @@ pub struct ReferenceWindow {
     width: u64,
 }
 
+#[cfg(any(test, fuzzing))]
 impl ReferenceWindow {
     /// A reference window `width` bits wide.
     pub fn new(width: u64) -> ReferenceWindow {

@@ -41,14 +41,14 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::reliable::{AckError, Full, Inbox, InboxConfig, Outbox, OutboxConfig, Received};
+use super::reliable::{Full, Inbox, InboxConfig, Outbox, OutboxConfig, Received};
 use super::replay::MAX_SEQ;
 use super::seal::{ChannelSealer, OpenConfig, Opened, Opener, OpeningKey, Reject, SealError, SealingKey};
+pub use super::violation::Violation;
 use super::wire::{
     self, FRAME_HEADER_LEN, Frame, FrameHeader, MESSAGE_OVERHEAD, MessageKind, STREAM_HEADER_LEN, StreamKind,
-    WireError, frame_type,
+    frame_type,
 };
-use crate::error::close_code;
 use crate::stats::{Counter, Tally};
 
 /// Channels from this one up are the library's own (RPC requests and responses): they do not
@@ -87,59 +87,6 @@ pub struct SessionConfig {
     pub max_channels: u16,
     /// Received-but-unread bytes this session holds before its channel readers wait.
     pub receive_buffer: usize,
-}
-
-/// Why a connection must close because of what the peer sent. Each names its close code.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum Violation {
-    /// Bytes that are not a valid frame or stream header.
-    #[error("{0}")]
-    Malformed(WireError),
-    /// The peer opened a second control stream.
-    #[error("second control stream")]
-    SecondControlStream,
-    /// The peer opened the stream of a channel twice on one connection.
-    #[error("channel {0} opened twice")]
-    ChannelOpenedTwice(u16),
-    /// A frame other than MESSAGE on a channel stream.
-    #[error("frame type {0:#04x} on an inbound channel")]
-    FrameOnChannel(u8),
-    /// A frame other than ACK on the control stream after the hello.
-    #[error("frame type {0:#04x} on the control stream after the hello")]
-    FrameOnControl(u8),
-    /// A channel stream carried a datagram or another channel's message.
-    #[error("channel {0} stream carries a datagram or another channel's message")]
-    ForeignMessage(u16),
-    /// Too many messages failed their integrity check on this connection.
-    #[error("{0} messages failed their integrity check")]
-    IntegrityFailures(u32),
-    /// An acknowledgement that cannot be right.
-    #[error("{0}")]
-    Ack(AckError),
-    /// An RPC frame that does not decode, or answers no call.
-    #[error("RPC: {0}")]
-    Rpc(String),
-}
-
-impl Violation {
-    /// The QUIC application close code this violation closes the connection with.
-    pub fn close_code(&self) -> u32 {
-        match self {
-            Violation::Malformed(WireError::TooLarge { .. }) => close_code::MESSAGE_TOO_LARGE,
-            Violation::IntegrityFailures(_) => close_code::INTEGRITY_FAILURE,
-            _ => close_code::PROTOCOL_VIOLATION,
-        }
-    }
-
-    /// The reason sent with the close (short and fixed: details stay in our logs).
-    pub fn close_reason(&self) -> &'static [u8] {
-        match self.close_code() {
-            close_code::MESSAGE_TOO_LARGE => b"message too large",
-            close_code::INTEGRITY_FAILURE => b"integrity failure",
-            _ => b"protocol violation",
-        }
-    }
 }
 
 /// Why [`SessionCore::push`] refused a message.
@@ -625,7 +572,7 @@ impl SessionCore {
             self.conn.tag_failures += 1;
             if self.conn.tag_failures >= self.config.max_tag_failures {
                 let failures = self.conn.tag_failures;
-                return Err(self.violation(Violation::IntegrityFailures(failures)));
+                return Err(self.violation(Violation::IntegrityFailures(Some(failures))));
             }
         }
         Ok(())

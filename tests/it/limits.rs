@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::common::*;
-use quicseal::{Error, Limits, NodeConfig, Session, Side, close_code};
+use quicseal::{Error, Limited, Limits, NodeConfig, Session, Side, close_code};
 
 /// A raw quinn peer that completed the quicseal hello with `server`, and the session the
 /// server accepted for it.
@@ -68,7 +68,10 @@ async fn peer_sending_an_oversize_message_is_closed() {
     expect_closed_with(&conn, close_code::MESSAGE_TOO_LARGE).await;
     let e = session.recv().await.unwrap_err();
     match e {
-        Error::ProtocolViolation { side: Side::Local, reason } => assert!(reason.contains("exceeds"), "{reason}"),
+        Error::ProtocolViolation {
+            side: Side::Local,
+            violation: quicseal::Violation::Malformed(quicseal::proto::wire::WireError::TooLarge { .. }),
+        } => {}
         other => panic!("{other:?}"),
     }
 }
@@ -153,7 +156,7 @@ async fn channel_limit_is_a_typed_error() {
     ab.send(20, &1u8).await.unwrap();
     ab.send(10, &2u8).await.unwrap(); // an existing channel is fine
     let e = ab.send(30, &1u8).await.unwrap_err();
-    assert!(matches!(e, Error::Limit { what: "channels per session", limit: 2 }), "{e:?}");
+    assert!(matches!(e, Error::Limit { what: Limited::ChannelsPerSession, limit: 2 }), "{e:?}");
 }
 
 #[tokio::test]
@@ -173,7 +176,7 @@ async fn connection_limit_refuses_extra_peers() {
     let (_out, _inc) = (out.unwrap(), inc.unwrap());
     // A node at its own dial limit refuses to dial.
     let e = server.connect(first.local_addr().unwrap(), "first").await.unwrap_err();
-    assert!(matches!(e, Error::Limit { what: "connections per node", limit: 1 }), "{e:?}");
+    assert!(matches!(e, Error::Limit { what: Limited::ConnectionsPerNode, limit: 1 }), "{e:?}");
     assert_eq!(server.stats().handshakes_refused, 1);
 }
 
@@ -254,7 +257,7 @@ async fn channel_counts_are_negotiated_and_a_channel_the_peer_cannot_open_fails_
         ab.send(ch, &u32::from(ch)).await.unwrap();
     }
     let e = ab.send(69, &69u32).await.unwrap_err();
-    assert!(matches!(e, Error::Limit { what: "channels per session", limit: 64 }), "{e:?}");
+    assert!(matches!(e, Error::Limit { what: Limited::ChannelsPerSession, limit: 64 }), "{e:?}");
     // Both directions of channel 0 still work.
     ab.send(0, &1000u32).await.unwrap();
     ba.send(0, &2000u32).await.unwrap();
@@ -395,7 +398,7 @@ async fn connections_per_peer_are_limited() {
     let (c1, _c2) = (c1.unwrap(), c2.unwrap());
     let (c3, s3) = connect(&client, &server, "server").await;
     assert!(matches!(c3, Err(Error::Refused)), "{c3:?}");
-    assert!(matches!(s3, Err(Error::Limit { what: "connections per peer", limit: 2 })), "{s3:?}");
+    assert!(matches!(s3, Err(Error::Limit { what: Limited::ConnectionsPerPeer, limit: 2 })), "{s3:?}");
     // Another peer is not affected.
     let other = bind(NodeConfig::new(pki.identity("other"), pki.trust()));
     let (o, so) = connect(&other, &server, "server").await;

@@ -9,7 +9,6 @@ mod common;
 mod cert_cli;
 mod cli;
 mod examples;
-mod fuzz_corpora;
 mod identity;
 mod limits;
 mod metrics_export;

@@ -146,14 +146,32 @@ async fn resuming_a_session_the_peer_forgot_gives_up_at_once() {
     let restarted = quicseal::Node::bind(addr, NodeConfig::new(server_id, pki.trust()).limits(quick_limits())).unwrap();
     proxy.set_blackout(false);
     let e = tokio::time::timeout(Duration::from_secs(10), to_server.closed()).await.unwrap();
-    assert!(matches!(e, Error::ProtocolViolation { .. }), "refused, not timed out: {e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::ProtocolViolation {
+                side: quicseal::Side::Remote,
+                violation: quicseal::Violation::UnknownSession(None)
+            }
+        ),
+        "refused, not timed out: {e:?}"
+    );
     let mut gave_up = false;
     while let Ok(ev) = events.try_recv() {
         gave_up |= matches!(ev, SessionEvent::GaveUp { .. });
     }
     assert!(gave_up);
     let refused = tokio::time::timeout(Duration::from_secs(5), restarted.accept()).await.unwrap().unwrap_err();
-    assert!(matches!(refused, Error::ProtocolViolation { .. }), "{refused:?}");
+    assert!(
+        matches!(
+            refused,
+            Error::ProtocolViolation {
+                side: quicseal::Side::Local,
+                violation: quicseal::Violation::UnknownSession(Some(_))
+            }
+        ),
+        "{refused:?}"
+    );
 }
 
 #[tokio::test]

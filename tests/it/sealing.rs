@@ -133,7 +133,17 @@ async fn tampered_messages_are_dropped_counted_and_too_many_close_the_connection
     stream.write_all(&m).await.unwrap();
     let e = tokio::time::timeout(Duration::from_secs(10), insider.conn.closed()).await.unwrap();
     assert_eq!(app_code(&e), Some(u64::from(close_code::INTEGRITY_FAILURE)), "{e:?}");
-    assert!(matches!(session.recv().await, Err(Error::ProtocolViolation { .. })));
+    let e = session.recv().await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::ProtocolViolation {
+                side: quicseal::Side::Local,
+                violation: quicseal::Violation::IntegrityFailures(Some(3))
+            }
+        ),
+        "{e:?}"
+    );
     assert_eq!(session.stats().tag_failures, 3);
 }
 
@@ -201,7 +211,16 @@ async fn retired_epoch_is_refused() {
     let e = conn.closed().await;
     assert_eq!(app_code(&e), Some(u64::from(close_code::RETIRED_EPOCH)), "{e:?}");
     let refused = server.accept().await.unwrap_err();
-    assert!(matches!(refused, Error::ProtocolViolation { .. }), "{refused:?}");
+    assert!(
+        matches!(
+            refused,
+            Error::ProtocolViolation {
+                side: quicseal::Side::Local,
+                violation: quicseal::Violation::RetiredEpoch(Some(_))
+            }
+        ),
+        "{refused:?}"
+    );
     // A new epoch is welcome.
     let conn =
         raw_connect(&endpoint, raw_client_config(&pki, Some(&issued), quicseal::ALPN), addr, "server").await.unwrap();

@@ -100,7 +100,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Man => {
-            let result = clap_mangen::Man::new(Cli::command()).render(&mut out).map_err(quicseal::Error::Io);
+            let result = clap_mangen::Man::new(Cli::command()).render(&mut out).map_err(quicseal::Error::from);
             return finish(result.map(|()| 0), &mut out);
         }
         command => command,

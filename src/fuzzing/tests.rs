@@ -1,18 +1,18 @@
 //! The fuzz corpora are tests: every committed file under `fuzz/corpus/<target>/` runs through
-//! the same code the fuzz target runs (`quicseal::fuzzing`), on stable Rust, so a past crash
+//! the same code the fuzz target runs (this module's parent), on stable Rust, so a past crash
 //! stays fixed. The seed files (`seed-*`) are generated here from real encoded messages:
-//! `QUICSEAL_WRITE_SEEDS=1 cargo test --test it fuzz_corpora` rewrites them.
+//! `QUICSEAL_WRITE_SEEDS=1 cargo test --lib fuzzing` rewrites them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::fuzzing::{self, TARGETS, TEST_EPOCH, TEST_KEY_MATERIAL, TEST_NOW_MS, open_message, test_open_config};
+use crate::pki::{Ca, KeyType, NodeCert};
+use crate::proto::reliable::AckRanges;
+use crate::proto::rpc::{CallId, RpcFrame, Status};
+use crate::proto::seal::{self, ChannelSealer, Opener, Role};
+use crate::proto::wire::{self, Frame, MessageKind, StreamKind};
 use bytes::Bytes;
-use quicseal::fuzzing::{self, TARGETS, TEST_EPOCH, TEST_KEY_MATERIAL, TEST_NOW_MS};
-use quicseal::pki::{Ca, KeyType, NodeCert};
-use quicseal::proto::reliable::AckRanges;
-use quicseal::proto::rpc::{CallId, RpcFrame, Status};
-use quicseal::proto::seal::{self, ChannelSealer, Role};
-use quicseal::proto::wire::{self, Frame, MessageKind, StreamKind};
 
 fn corpus(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus").join(target)
@@ -122,7 +122,7 @@ fn pem_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let node = ca.issue(&NodeCert::new("seed").dns("seed")).unwrap();
     let ed = ca.issue(&NodeCert::new("seed-ed").dns("seed-ed").key_type(KeyType::Ed25519)).unwrap();
     let crl = ca.crl(&[], 1, std::time::SystemTime::now(), std::time::SystemTime::now()).unwrap();
-    let identity = |i: &quicseal::pki::Issued| [i.chain_pem.as_bytes(), b"\0", i.key_pem.as_bytes()].concat();
+    let identity = |i: &crate::pki::Issued| [i.chain_pem.as_bytes(), b"\0", i.key_pem.as_bytes()].concat();
     vec![
         ("seed-ca", ca.cert_pem().as_bytes().to_vec()),
         ("seed-crl", crl.into_bytes()),
@@ -157,4 +157,23 @@ fn seed_corpora_are_generated_from_real_messages() {
             assert!(path.exists(), "{} missing: QUICSEAL_WRITE_SEEDS=1 writes it", path.display());
         }
     }
+}
+
+/// The forgery check of `open_message` is live: a genuine message does open under its
+/// configuration, and the same bytes with one bit flipped do not.
+#[test]
+fn open_message_opens_a_genuine_message() {
+    let (sealing, _) = seal::derive_keys(&TEST_KEY_MATERIAL, Role::Dialler);
+    let mut sealer = ChannelSealer::new(Arc::new(sealing), TEST_EPOCH, wire::MessageKind::Datagram, 1);
+    let mut frame = Vec::new();
+    sealer.seal(1, TEST_NOW_MS, b"genuine", &mut frame).unwrap();
+    let (_, opening) = seal::derive_keys(&TEST_KEY_MATERIAL, Role::Acceptor);
+    let mut opener = Opener::new(opening, TEST_EPOCH, test_open_config());
+    let mut flipped = frame.clone();
+    flipped[20] ^= 1;
+    assert!(opener.open_bytes(&Bytes::from(flipped), TEST_NOW_MS).is_err());
+    assert_eq!(&opener.open_bytes(&Bytes::from(frame.clone()), TEST_NOW_MS).unwrap().payload[..], b"genuine");
+    let mut record = (frame.len() as u16).to_be_bytes().to_vec();
+    record.extend_from_slice(&frame);
+    open_message(&record);
 }
