@@ -901,3 +901,28 @@ fn flooded_channels_share_the_receive_buffer_and_the_application_fairly() {
         assert!(got.iter().all(|&n| n >= 60), "seed {seed}: each channel should get about a third of 300: {got:?}");
     }
 }
+
+/// The shape of an outside run that once hung with its senders blocked in `send`: six channels
+/// busy at once, a forced reconnect every 700 ms, small outbox and receive buffer so senders
+/// wait for room often. Every seed must finish with everything delivered once, in order.
+#[test]
+fn six_busy_channels_with_a_reconnect_every_700_ms_never_hang() {
+    for seed in 0..5 {
+        let mut plan = quiet_plan(6, 1000);
+        plan.outbox_messages = 16;
+        plan.takes = 1;
+        plan.receive_buffer = 4 * plan.max_payload;
+        let mut pair = Pair::new(seed, plan);
+        let mut next = 700;
+        while !pair.done() {
+            assert!(pair.now < 10 * 60 * 1000, "seed {seed}: stuck at {} ms", pair.now);
+            if pair.now >= next {
+                pair.reconnect();
+                next += 700;
+            }
+            pair.step().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        }
+        // The reconnects bit: the run spanned several of them.
+        assert!(pair.sides[0].core.connections() > 3, "seed {seed}: {} ms", pair.now);
+    }
+}
