@@ -29,7 +29,6 @@ fn config() -> OpenConfig {
         freshness_ms: 120_000,
         max_future_ms: 30_000,
         max_windows: 64,
-        stream_replay_check: true,
     }
 }
 

@@ -243,7 +243,6 @@ pub struct NodeConfig {
     pub(crate) policy: Policy,
     pub(crate) limits: Limits,
     pub(crate) manual_ack: bool,
-    pub(crate) no_dedup: bool,
     pub(crate) rpc: Option<crate::rpc::Router>,
 }
 
@@ -257,7 +256,6 @@ impl NodeConfig {
             policy: Policy::any_authenticated(),
             limits: Limits::default(),
             manual_ack: false,
-            no_dedup: false,
             rpc: None,
         }
     }
@@ -281,15 +279,6 @@ impl NodeConfig {
     /// [`Session::recv`](crate::Session::recv) returns it. Unacknowledged messages are resent.
     pub fn manual_ack(mut self, on: bool) -> NodeConfig {
         self.manual_ack = on;
-        self
-    }
-
-    /// **Dangerous, for tests only**: turns off de-duplication of channel messages (the replay
-    /// window for streams, and the inbox's duplicate check), so copies that a faulty network or
-    /// a reconnect produces reach the application. It exists to prove, in a control run, that
-    /// the faults a test injects really produce duplicates. Never use it in production.
-    pub fn dangerous_disable_deduplication(mut self, on: bool) -> NodeConfig {
-        self.no_dedup = on;
         self
     }
 

@@ -69,14 +69,7 @@ pub const TEST_EPOCH: u64 = 0x0102_0304_0506_0708;
 
 /// The opening rules of [`open_message`]: small limits, fixed clock horizons.
 fn test_open_config() -> OpenConfig {
-    OpenConfig {
-        max_payload: 4096,
-        window_width: 128,
-        freshness_ms: 120_000,
-        max_future_ms: 30_000,
-        max_windows: 4,
-        stream_replay_check: true,
-    }
+    OpenConfig { max_payload: 4096, window_width: 128, freshness_ms: 120_000, max_future_ms: 30_000, max_windows: 4 }
 }
 
 /// Opening messages with a fixed test key: decode, epoch, freshness, replay window, tag. The

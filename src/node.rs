@@ -69,7 +69,6 @@ struct Shared {
     policy: Policy,
     limits: Limits,
     manual_ack: bool,
-    no_dedup: bool,
     counters: Arc<Counters>,
     retired: Arc<std::sync::Mutex<EpochBook<Fingerprint>>>,
     /// RPC handlers and their shared state (cache, node-wide concurrency).
@@ -178,7 +177,6 @@ impl Node {
             policy: config.policy,
             limits: config.limits,
             manual_ack: config.manual_ack,
-            no_dedup: config.no_dedup,
             rpc: RpcServer::new(config.rpc),
             counters: Arc::default(),
             resumable: Arc::default(),
@@ -699,7 +697,6 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
                     max_future_ms: limits.max_clock_skew.as_millis() as u64,
                     // The application's channels and the two RPC channels.
                     max_windows: usize::from(limits.max_channels) + 2,
-                    stream_replay_check: !shared.no_dedup,
                 },
                 outbox: OutboxConfig {
                     max_messages: limits.outbox_messages,
@@ -722,7 +719,6 @@ fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option
                     ack_every: 64,
                     ack_when_drained: true,
                     auto_ack: !shared.manual_ack,
-                    dedup: !shared.no_dedup,
                     reserved_from: Some(crate::rpc::FIRST_RESERVED_CHANNEL),
                 },
                 max_tag_failures: limits.max_tag_failures,

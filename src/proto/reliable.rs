@@ -18,7 +18,7 @@
 //! received ones. The cumulative part covers `1..=cumulative`; selective ranges above it cover
 //! messages acknowledged out of order (manual-ack mode).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use bytes::Bytes;
 
@@ -488,9 +488,6 @@ pub struct InboxConfig {
     /// Acknowledge when [`Inbox::poll_deliver`] hands a message over (otherwise the application
     /// calls [`Inbox::ack`]).
     pub auto_ack: bool,
-    /// De-duplicate (always, except to demonstrate in a test what duplicates a faulty network
-    /// produces: then a copy of an already delivered message is delivered again).
-    pub dedup: bool,
     /// Channels from this number up are the library's own (RPC): [`Inbox::poll_deliver`] skips
     /// them (they are taken with [`Inbox::poll_deliver_channel`]) and they do not count
     /// against `max_channels`.
@@ -507,7 +504,6 @@ impl Default for InboxConfig {
             ack_every: 32,
             ack_when_drained: false,
             auto_ack: true,
-            dedup: true,
             reserved_from: None,
         }
     }
@@ -566,8 +562,6 @@ pub struct Inbox {
     /// The channel [`Inbox::poll_deliver`] served last (it goes round the channels).
     served_last: Option<u16>,
     stats: InboxStats,
-    /// Copies delivered again when de-duplication is off.
-    again: VecDeque<(u16, u64, Bytes)>,
 }
 
 impl Inbox {
@@ -580,7 +574,6 @@ impl Inbox {
             ready_bytes: 0,
             served_last: None,
             stats: InboxStats::default(),
-            again: VecDeque::new(),
         }
     }
 
@@ -621,13 +614,6 @@ impl Inbox {
                 return Received::Dropped;
             }
             Received::Duplicate => {
-                if !self.config.dedup
-                    && !self.is_reserved(channel)
-                    && seq != 0
-                    && self.again.len() < self.config.reorder_window as usize
-                {
-                    self.again.push_back((channel, seq, payload));
-                }
                 self.note_duplicate(channel, seq, now);
                 return Received::Duplicate;
             }
@@ -666,9 +652,6 @@ impl Inbox {
     /// (round robin), so none starves while others are busy. In auto-ack mode it counts as
     /// taken.
     pub fn poll_deliver(&mut self, now: u64) -> Option<(u16, u64, Bytes)> {
-        if let Some(copy) = self.again.pop_front() {
-            return Some(copy);
-        }
         let reserved_from = self.config.reserved_from.unwrap_or(u16::MAX);
         let reserved = self.config.reserved_from.is_some();
         // Round robin: start after the channel served last, so a busy channel cannot starve the

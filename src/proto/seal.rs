@@ -268,9 +268,6 @@ pub struct OpenConfig {
     /// Most windows kept per kind (streams, datagrams) for one peer epoch: the number of
     /// channels a peer may use.
     pub max_windows: usize,
-    /// Check stream messages against the replay window (always, except to demonstrate in a
-    /// test what a faulty network would deliver without it).
-    pub stream_replay_check: bool,
 }
 
 /// A message that passed every check.
@@ -418,24 +415,16 @@ impl Opener {
     /// copy read on another connection), and then it is refused as a replay.
     pub fn commit(&mut self, kind: MessageKind, channel: u16, seq: u64) -> Result<(), Reject> {
         self.check_window(kind, channel, seq)?;
-        let (width, checked) = (self.config.window_width, self.replay_checked(kind));
+        let width = self.config.window_width;
         let window = self.windows.entry((kind, channel)).or_insert_with(|| ReplayWindow::new(width));
-        if checked {
-            window.commit(seq).map_err(Reject::Replay)?;
-        }
-        Ok(())
-    }
-
-    fn replay_checked(&self, kind: MessageKind) -> bool {
-        kind == MessageKind::Datagram || self.config.stream_replay_check
+        window.commit(seq).map_err(Reject::Replay)
     }
 
     /// The replay window's verdict on `seq`, or for a (kind, channel) without a window yet,
     /// whether one more may be made.
     fn check_window(&self, kind: MessageKind, channel: u16, seq: u64) -> Result<(), Reject> {
-        match self.windows.get(&(kind, channel)).filter(|_| self.replay_checked(kind)) {
+        match self.windows.get(&(kind, channel)) {
             Some(w) => w.check(seq).map_err(Reject::Replay),
-            None if self.windows.contains_key(&(kind, channel)) => Ok(()),
             None => {
                 if self.windows.keys().filter(|(k, _)| *k == kind).count() >= self.config.max_windows {
                     return Err(Reject::TooManyChannels);
@@ -462,7 +451,6 @@ mod tests {
             freshness_ms: 120_000,
             max_future_ms: 30_000,
             max_windows: 4,
-            stream_replay_check: true,
         }
     }
 

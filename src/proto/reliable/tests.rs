@@ -130,7 +130,6 @@ fn run(
         ack_every: 8,
         ack_when_drained: seed % 2 == 0,
         auto_ack: !manual_ack,
-        dedup: true,
         reserved_from: None,
     };
     let mut outbox = Outbox::new(out_cfg.clone(), seed);
@@ -353,7 +352,6 @@ fn inbox_drops_what_it_cannot_hold_and_reacks_duplicates() {
         ack_every: 100,
         ack_when_drained: false,
         auto_ack: true,
-        dedup: true,
         reserved_from: None,
     });
     assert_eq!(i.on_message(0, 6, Bytes::from_static(b"x"), 0), Received::Dropped); // too far ahead

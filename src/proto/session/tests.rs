@@ -239,7 +239,6 @@ fn config(plan: &Plan, epoch: u64, peer_epoch: u64) -> SessionConfig {
             freshness_ms: 30_000,
             max_future_ms: 5_000,
             max_windows: usize::from(plan.channels) + 2,
-            stream_replay_check: true,
         },
         outbox: OutboxConfig {
             max_messages: plan.outbox_messages,
@@ -259,7 +258,6 @@ fn config(plan: &Plan, epoch: u64, peer_epoch: u64) -> SessionConfig {
             ack_every: 64,
             ack_when_drained: true,
             auto_ack: !plan.manual_ack,
-            dedup: true,
             reserved_from: Some(FIRST_RESERVED_CHANNEL),
         },
         max_tag_failures: u32::MAX,
