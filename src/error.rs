@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use rustls::AlertDescription;
 
+pub use crate::proto::close_code;
 pub use crate::proto::violation::Violation;
 
 /// Which end of a connection made a decision (refused a certificate, found a violation...).
@@ -444,35 +445,6 @@ impl fmt::Display for Limited {
 
 /// The result type of quicseal.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
-
-/// Application close codes quicseal sends in QUIC `CONNECTION_CLOSE` frames.
-///
-/// They are part of the wire protocol (see PROTOCOL.md).
-pub mod close_code {
-    /// Normal close.
-    pub const NO_ERROR: u32 = 0x0;
-    /// The authorization policy refused the peer.
-    pub const UNAUTHORIZED: u32 = 0x1;
-    /// The peer broke the framing or stream rules.
-    pub const PROTOCOL_VIOLATION: u32 = 0x2;
-    /// The peer sent a message larger than the announced limit.
-    pub const MESSAGE_TOO_LARGE: u32 = 0x3;
-    /// The negotiated ALPN protocol is not `quicseal/1`.
-    pub const ALPN_MISMATCH: u32 = 0x4;
-    /// The peer did not complete the quicseal hello in time.
-    pub const HELLO_TIMEOUT: u32 = 0x5;
-    /// Too many messages failed their integrity check.
-    pub const INTEGRITY_FAILURE: u32 = 0x6;
-    /// The peer presented a session epoch that was retired.
-    pub const RETIRED_EPOCH: u32 = 0x7;
-    /// This connection is closed, the session carries on over a new one.
-    pub const RECONNECT: u32 = 0x8;
-    /// A resuming peer asked for a session this node does not have.
-    pub const UNKNOWN_SESSION: u32 = 0x9;
-    /// The peer already has as many connections with this node as it may
-    /// (`Limits::max_connections_per_peer`); a later attempt may succeed.
-    pub const PEER_LIMIT: u32 = 0xA;
-}
 
 /// The first TLS alert code, as QUIC carries it in a transport error (RFC 9001, section 4.8).
 const CRYPTO_ERROR_BASE: u64 = 0x100;

@@ -232,7 +232,7 @@ impl Identity {
         };
         let fingerprint = Fingerprint::of_certificate(&chain[0])
             .map_err(|_| load_err(cert_path, invalid("the first certificate does not parse")))?;
-        let provider = crate::tls::provider();
+        let provider = provider();
         let signing_key = provider
             .key_provider
             .load_private_key(key_der.clone_key())
@@ -476,31 +476,12 @@ impl TrustStore {
     pub fn cas(&self) -> &[CertificateDer<'static>] {
         &self.cas
     }
+}
 
-    /// Checks a certificate chain (leaf first) exactly as a node's handshake does, now: the
-    /// deny-list, then the CAs and CRLs of this store (webpki). With `server_name`, as a node
-    /// dialling `server_name` checks the node it reached (the name must be a SAN, `serverAuth`
-    /// required); without, as a node checks a peer that dialled it (`clientAuth` required).
-    ///
-    /// Errors are [`Error::Tls`] with [`TlsError::Local`](crate::TlsError::Local) and rustls'
-    /// reason (for example `CertificateError::Expired`, `Revoked`, `UnknownIssuer`,
-    /// `NotValidForName`).
-    pub fn verify(&self, chain: &[CertificateDer<'static>], server_name: Option<&str>) -> Result<PeerIdentity> {
-        self.verify_at(chain, server_name, SystemTime::now())
-    }
-
-    /// [`TrustStore::verify`] at a given time.
-    pub fn verify_at(
-        &self,
-        chain: &[CertificateDer<'static>],
-        server_name: Option<&str>,
-        at: SystemTime,
-    ) -> Result<PeerIdentity> {
-        let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let now = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(secs));
-        crate::tls::verify_chain(self, chain, server_name, now)?;
-        PeerIdentity::from_certificate(&chain[0])
-    }
+/// The rustls crypto provider quicseal uses everywhere (ring), made once.
+pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    static PROVIDER: std::sync::OnceLock<Arc<rustls::crypto::CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
 }
 
 /// Reads every certificate of a PEM file (a certificate or a chain), leaf first.

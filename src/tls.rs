@@ -10,12 +10,12 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, Resumption, WebPkiServerVerifier};
-use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
@@ -23,16 +23,12 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherEr
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::error::{Error, Result};
-use crate::identity::{Fingerprint, Identity, TrustStore};
+use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
 
 /// The ALPN protocol every quicseal connection negotiates.
 pub const ALPN: &[u8] = b"quicseal/1";
 
-/// The crypto provider: rustls on ring.
-pub(crate) fn provider() -> Arc<CryptoProvider> {
-    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
-}
+pub(crate) use crate::identity::provider;
 
 /// The reason a certificate was refused because its key is on the trust store's deny-list.
 ///
@@ -127,7 +123,36 @@ pub(crate) struct TlsContext {
 /// acceptor checks a dialling node (`clientAuth`). A trust store that cannot make verifiers
 /// (no CA, a CRL no CA signed) is its own error; a refused chain is [`Error::Tls`] with rustls'
 /// reason.
-pub(crate) fn verify_chain(
+/// Verification of chains against a trust store, as a node's handshake does it (here, beside
+/// the verifiers it uses, so that `identity` does not depend on this module).
+impl TrustStore {
+    /// Checks a certificate chain (leaf first) exactly as a node's handshake does, now: the
+    /// deny-list, then the CAs and CRLs of this store (webpki). With `server_name`, as a node
+    /// dialling `server_name` checks the node it reached (the name must be a SAN, `serverAuth`
+    /// required); without, as a node checks a peer that dialled it (`clientAuth` required).
+    ///
+    /// Errors are [`Error::Tls`] with [`TlsError::Local`](crate::TlsError::Local) and rustls'
+    /// reason (for example `CertificateError::Expired`, `Revoked`, `UnknownIssuer`,
+    /// `NotValidForName`).
+    pub fn verify(&self, chain: &[CertificateDer<'static>], server_name: Option<&str>) -> Result<PeerIdentity> {
+        self.verify_at(chain, server_name, SystemTime::now())
+    }
+
+    /// [`TrustStore::verify`] at a given time.
+    pub fn verify_at(
+        &self,
+        chain: &[CertificateDer<'static>],
+        server_name: Option<&str>,
+        at: SystemTime,
+    ) -> Result<PeerIdentity> {
+        let secs = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = rustls_pki_types::UnixTime::since_unix_epoch(Duration::from_secs(secs));
+        verify_chain(self, chain, server_name, now)?;
+        PeerIdentity::from_certificate(&chain[0])
+    }
+}
+
+fn verify_chain(
     trust: &TrustStore,
     chain: &[CertificateDer<'static>],
     server_name: Option<&str>,

@@ -8,7 +8,7 @@
 //! first (a resumption replaces a connection, so it is exempt), then retired epochs (an ended
 //! session never comes back, resumed or not), then the session to resume.
 
-use crate::error::close_code;
+use super::close_code;
 
 /// Why a hello is refused; [`HelloRefusal::close_code`] is what the node closes the connection
 /// with.

@@ -2,7 +2,7 @@
 
 use super::reliable::AckError;
 use super::wire::WireError;
-use crate::error::close_code;
+use super::close_code;
 
 /// A break of the quicseal protocol. Found by us ([`Side::Local`](crate::Side::Local) in
 /// [`Error::ProtocolViolation`](crate::Error::ProtocolViolation)): the peer sent it, and we closed
