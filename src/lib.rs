@@ -72,6 +72,7 @@
 
 #![deny(rustdoc::broken_intra_doc_links)]
 
+mod client;
 mod config;
 mod error;
 mod export;
@@ -91,6 +92,7 @@ pub mod netsim;
 pub mod pki;
 pub mod proto;
 
+pub use client::RpcClient;
 pub use config::{Limits, NodeConfig};
 pub use error::{
     ApplicationError, Error, Limited, LoadError, LoadProblem, RemoteError, Result, Side, Timed, TlsError, Violation,
@@ -104,7 +106,6 @@ pub use proto::rpc::{CacheConfig, CallId};
 pub use reload::{CertExpiry, CertFiles, CertWatcher, EXPIRY_WARNING, Expiry, WatchStatus};
 pub use rpc::{
     Call, CallOptions, CancelReason, FIRST_RESERVED_CHANNEL, REQUEST_CHANNEL, RESPONSE_CHANNEL, Router, RouterConfig,
-    RpcClient,
 };
 pub use session::{Message, Session, SessionEvent};
 pub use stats::Stats;

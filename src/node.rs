@@ -340,6 +340,20 @@ impl Node {
         crate::reload::Expiry::of(identity, trust)
     }
 
+    /// Watches the files this node's identity and trust come from, and reloads the node
+    /// ([`Node::reload`](crate::Node::reload)) when they change: new handshakes use the new
+    /// material, established sessions keep running. Changed files that cannot be used
+    /// (missing, half-written, a key that does not match its certificate) are reported in
+    /// [`CertWatcher::status`](crate::CertWatcher::status) and logged, and the node keeps its last good material. The
+    /// node's deny-list is kept across reloads. Expiry within 30 days is logged once a day.
+    ///
+    /// The files as they are when the watcher starts count as loaded already. Must be called
+    /// inside a tokio runtime; the watcher does not keep the node open.
+    pub fn watch(&self, files: crate::reload::CertFiles) -> crate::reload::CertWatcher {
+        let node = self.downgrade();
+        crate::reload::watch(files, move || Node::upgrade(&node))
+    }
+
     /// A handle that does not keep the node open (for background tasks).
     pub(crate) fn downgrade(&self) -> std::sync::Weak<NodeInner> {
         Arc::downgrade(&self.inner)
@@ -846,4 +860,13 @@ fn write_err(e: quinn::WriteError, lost: &impl Fn(quinn::ConnectionError) -> Err
 fn violation(conn: &Connection, violation: Violation) -> Error {
     conn.close(VarInt::from_u32(violation.close_code()), violation.close_reason());
     Error::ProtocolViolation { side: Side::Local, violation }
+}
+
+impl crate::reload::Reloadable for Node {
+    fn reload(&self, identity: Identity, trust: TrustStore) -> Result<()> {
+        Node::reload(self, identity, trust)
+    }
+    fn expiry(&self) -> crate::reload::Expiry {
+        Node::expiry(self)
+    }
 }

@@ -202,66 +202,65 @@ impl Drop for CertWatcher {
     }
 }
 
-impl crate::Node {
-    /// Watches the files this node's identity and trust come from, and reloads the node
-    /// ([`Node::reload`](crate::Node::reload)) when they change: new handshakes use the new
-    /// material, established sessions keep running. Changed files that cannot be used
-    /// (missing, half-written, a key that does not match its certificate) are reported in
-    /// [`CertWatcher::status`] and logged, and the node keeps its last good material. The
-    /// node's deny-list is kept across reloads. Expiry within 30 days is logged once a day.
-    ///
-    /// The files as they are when the watcher starts count as loaded already. Must be called
-    /// inside a tokio runtime; the watcher does not keep the node open.
-    pub fn watch(&self, files: CertFiles) -> CertWatcher {
-        let status = Arc::new(Mutex::new(WatchStatus::default()));
-        let node = self.downgrade();
-        let task = tokio::spawn({
-            let status = status.clone();
-            async move {
-                let mut loaded = files.digest();
-                // The contents that failed last, not tried again until they change.
-                let mut failed = None;
-                let mut warned_at = tokio::time::Instant::now();
-                let mut tick = tokio::time::interval(files.interval.max(Duration::from_millis(10)));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+/// What a certificate watcher reloads (the node): `None` from its upgrade once it is gone.
+pub(crate) trait Reloadable: Send + 'static {
+    /// Puts new identity and trust in place for new handshakes.
+    fn reload(&self, identity: Identity, trust: TrustStore) -> Result<()>;
+    /// The expiry of what it runs on now.
+    fn expiry(&self) -> Expiry;
+}
+
+/// Starts a watcher of `files` that reloads what `target` returns, until it returns `None`
+/// (see [`Node::watch`](crate::Node::watch), which documents the behaviour). Must be called
+/// inside a tokio runtime.
+pub(crate) fn watch<T: Reloadable>(files: CertFiles, target: impl Fn() -> Option<T> + Send + 'static) -> CertWatcher {
+    let status = Arc::new(Mutex::new(WatchStatus::default()));
+    let task = tokio::spawn({
+        let status = status.clone();
+        async move {
+            let mut loaded = files.digest();
+            // The contents that failed last, not tried again until they change.
+            let mut failed = None;
+            let mut warned_at = tokio::time::Instant::now();
+            let mut tick = tokio::time::interval(files.interval.max(Duration::from_millis(10)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
                 tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let Some(node) = crate::Node::upgrade(&node) else { return };
-                    let now = files.digest();
-                    let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
-                    st.checks += 1;
-                    if now == loaded {
-                        // Back to the files the node runs on (a bad edit was undone).
-                        st.last_error = None;
-                        failed = None;
-                    } else if failed != Some(now) {
-                        // The node keeps its deny-list across reloads (see `Node::reload`).
-                        let result = files.load().and_then(|(identity, trust)| node.reload(identity, trust));
-                        match result {
-                            Ok(()) => {
-                                loaded = now;
-                                failed = None;
-                                st.reloads += 1;
-                                st.last_error = None;
-                                info!(cert = %files.cert.display(), "certificate files changed: reloaded");
-                            }
-                            Err(e) => {
-                                failed = Some(now);
-                                st.failures += 1;
-                                warn!(error = %e, "certificate files changed but cannot be used: keeping the last good ones");
-                                st.last_error = Some(e.to_string());
-                            }
+                let Some(node) = target() else { return };
+                let now = files.digest();
+                let mut st = status.lock().unwrap_or_else(|e| e.into_inner());
+                st.checks += 1;
+                if now == loaded {
+                    // Back to the files the node runs on (a bad edit was undone).
+                    st.last_error = None;
+                    failed = None;
+                } else if failed != Some(now) {
+                    // The node keeps its deny-list across reloads (see `Node::reload`).
+                    let result = files.load().and_then(|(identity, trust)| node.reload(identity, trust));
+                    match result {
+                        Ok(()) => {
+                            loaded = now;
+                            failed = None;
+                            st.reloads += 1;
+                            st.last_error = None;
+                            info!(cert = %files.cert.display(), "certificate files changed: reloaded");
+                        }
+                        Err(e) => {
+                            failed = Some(now);
+                            st.failures += 1;
+                            warn!(error = %e, "certificate files changed but cannot be used: keeping the last good ones");
+                            st.last_error = Some(e.to_string());
                         }
                     }
-                    drop(st);
-                    if warned_at.elapsed() >= Duration::from_secs(24 * 3600) {
-                        warned_at = tokio::time::Instant::now();
-                        node.expiry().log_warnings();
-                    }
+                }
+                drop(st);
+                if warned_at.elapsed() >= Duration::from_secs(24 * 3600) {
+                    warned_at = tokio::time::Instant::now();
+                    node.expiry().log_warnings();
                 }
             }
-        });
-        CertWatcher { task, status }
-    }
+        }
+    });
+    CertWatcher { task, status }
 }

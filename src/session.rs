@@ -64,7 +64,7 @@ use crate::proto::session::{Arrival, DatagramError, PushError, SessionConfig, Se
 use crate::proto::wire::{
     self, FRAME_HEADER_LEN, MESSAGE_OVERHEAD, MessageKind, STREAM_HEADER_LEN, StreamKind, WireError,
 };
-use crate::rpc::{self, CallOptions, RpcServer, SessionRpc};
+use crate::rpc::{self, CallOptions, RpcServer, SessionRpc, deadline_after, decode_exact};
 use crate::stats::{Counter, Stats, Tally};
 
 /// Session events kept for [`Session::events`] receivers that fall behind (beyond, they get
@@ -116,15 +116,6 @@ impl Message {
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
         decode_exact(&self.payload)
     }
-}
-
-/// Decodes a postcard value that fills `bytes` exactly.
-pub(crate) fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    let (value, rest) = postcard::take_from_bytes(bytes)?;
-    if !rest.is_empty() {
-        return Err(Error::Encoding(postcard::Error::DeserializeBadEncoding));
-    }
-    Ok(value)
 }
 
 /// The session's state machine behind its one lock, with this session's part of the node's
@@ -961,46 +952,34 @@ impl Session {
     }
 }
 
-/// Now plus `timeout`, or a year from now if that overflows.
-pub(crate) fn deadline_after(timeout: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(timeout).unwrap_or(now + Duration::from_secs(365 * 86_400))
-}
-
 /// The RPC layer's handle on a session: sends on the reserved channels, counts, and tells
 /// whether the session ended. It does not keep the session open (only [`Session`] handles do).
 #[derive(Clone)]
 pub(crate) struct Outlet(Arc<Shared>);
 
-impl Outlet {
-    /// Queues a message on a reserved channel, waiting for room in the outbox.
-    pub(crate) async fn send(&self, channel: u16, payload: Bytes) -> Result<()> {
+impl rpc::Outlet for Outlet {
+    async fn send(&self, channel: u16, payload: Bytes) -> Result<()> {
         self.0.send(channel, payload, false).await.map(drop)
     }
-    /// Queues a message on a reserved channel if there is room now.
-    pub(crate) fn try_send(&self, channel: u16, payload: Bytes) -> Result<()> {
+    fn try_send(&self, channel: u16, payload: Bytes) -> Result<()> {
         self.0.push(channel, payload, false).map(drop)
     }
-    pub(crate) fn max_send(&self) -> usize {
+    fn max_send(&self) -> usize {
         self.0.max_send
     }
-    pub(crate) fn is_ended(&self) -> bool {
+    fn is_ended(&self) -> bool {
         self.0.is_ended()
     }
-    pub(crate) fn error(&self) -> Error {
+    fn error(&self) -> Error {
         self.0.error()
     }
-    pub(crate) fn count(&self, c: Counter) {
-        self.0.tally.add(c, 1);
-    }
-    /// Takes the requests left waiting on the request channel, if the session may now.
-    pub(crate) fn take_waiting_requests(&self) {
-        take_rpc(self);
-    }
-    pub(crate) fn count_n(&self, c: Counter, n: u64) {
+    fn count_n(&self, c: Counter, n: u64) {
         if n > 0 {
             self.0.tally.add(c, n);
         }
+    }
+    fn take_waiting_requests(&self) {
+        take_rpc(self);
     }
 }
 

@@ -1,8 +1,8 @@
 //! [`Violation`]: what a peer did that breaks the protocol, with the close code it earns.
 
+use super::close_code;
 use super::reliable::AckError;
 use super::wire::WireError;
-use super::close_code;
 
 /// A break of the quicseal protocol. Found by us ([`Side::Local`](crate::Side::Local) in
 /// [`Error::ProtocolViolation`](crate::Error::ProtocolViolation)): the peer sent it, and we closed
