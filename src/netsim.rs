@@ -272,7 +272,7 @@ impl Drop for Proxy {
     }
 }
 
-struct Shared {
+struct ProxyShared {
     listen: Arc<UdpSocket>,
     target: SocketAddr,
     counters: Arc<Counters>,
@@ -292,7 +292,7 @@ impl Proxy {
         let local = socket.local_addr()?;
         let counters = Arc::new(Counters::default());
         let faults = Arc::new(std::sync::Mutex::new(Faults::new(config)));
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(ProxyShared {
             listen: socket,
             target,
             counters: counters.clone(),
@@ -344,7 +344,7 @@ impl Proxy {
 
 /// Client-side loop: datagrams from clients go to the target through one upstream socket per
 /// client; each upstream socket's replies go back to its client.
-async fn run(shared: Arc<Shared>) {
+async fn run(shared: Arc<ProxyShared>) {
     let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     // Reply loops live in this set, so they end when this task is aborted (Proxy dropped).
     let mut replies = tokio::task::JoinSet::new();
@@ -368,7 +368,7 @@ async fn run(shared: Arc<Shared>) {
     }
 }
 
-async fn reply_loop(shared: Arc<Shared>, up: Arc<UdpSocket>, client: SocketAddr) {
+async fn reply_loop(shared: Arc<ProxyShared>, up: Arc<UdpSocket>, client: SocketAddr) {
     let mut buf = vec![0u8; 65_536];
     loop {
         let Ok((n, from)) = up.recv_from(&mut buf).await else { return };
@@ -380,7 +380,7 @@ async fn reply_loop(shared: Arc<Shared>, up: Arc<UdpSocket>, client: SocketAddr)
 }
 
 /// Applies the fault model to one datagram and sends what survives from `via` to `to`.
-fn forward(shared: &Arc<Shared>, datagram: &[u8], via: Arc<UdpSocket>, to: SocketAddr) {
+fn forward(shared: &Arc<ProxyShared>, datagram: &[u8], via: Arc<UdpSocket>, to: SocketAddr) {
     let c = &shared.counters;
     c.received.fetch_add(1, Ordering::Relaxed);
     let decision = shared.faults.lock().unwrap_or_else(|e| e.into_inner()).decide(shared.started.elapsed());

@@ -58,7 +58,7 @@ pub struct Node {
     inner: Arc<NodeInner>,
 }
 
-struct Shared {
+struct NodeShared {
     endpoint: Endpoint,
     /// The TLS material new handshakes use; swapped by [`Node::reload`].
     tls: std::sync::RwLock<Arc<TlsContext>>,
@@ -113,7 +113,7 @@ impl Drop for HandshakeSlot {
     }
 }
 
-impl Shared {
+impl NodeShared {
     fn tls(&self) -> Arc<TlsContext> {
         self.tls.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -123,7 +123,7 @@ impl Shared {
 const RETIRED_PER_PEER: usize = 16;
 
 pub(crate) struct NodeInner {
-    shared: Arc<Shared>,
+    shared: Arc<NodeShared>,
     accepted: tokio::sync::Mutex<mpsc::Receiver<Result<Session>>>,
     accept_task: JoinHandle<()>,
 }
@@ -167,7 +167,7 @@ impl Node {
         base_server.migration(false);
         let endpoint = Endpoint::server(base_server.clone(), addr)?;
         let unread = Arc::new(crate::session::UnreadBudget::new(config.limits.node_receive_buffer));
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(NodeShared {
             endpoint,
             tls: std::sync::RwLock::new(Arc::new(tls)),
             material: std::sync::RwLock::new((config.identity.clone(), config.trust.clone())),
@@ -374,7 +374,7 @@ impl Node {
     }
 }
 
-async fn accept_loop(shared: Arc<Shared>, tx: mpsc::Sender<Result<Session>>) {
+async fn accept_loop(shared: Arc<NodeShared>, tx: mpsc::Sender<Result<Session>>) {
     while let Some(incoming) = shared.endpoint.accept().await {
         let slot = match admit(&shared, incoming.remote_address(), incoming.remote_address_validated()) {
             Admit::Refuse => {
@@ -428,7 +428,7 @@ enum Admit {
 /// handshake budgets, the per-address budget, and a Retry for an unvalidated address while
 /// handshakes pile up (an attacker flooding ClientHellos from addresses it does not receive at
 /// then holds no state at all).
-fn admit(shared: &Shared, remote: SocketAddr, validated: bool) -> Admit {
+fn admit(shared: &NodeShared, remote: SocketAddr, validated: bool) -> Admit {
     let limits = &shared.limits;
     if shared.incoming_open.load(Ordering::SeqCst) >= limits.max_connections {
         warn!(%remote, "refusing connection: incoming connection limit reached");
@@ -449,7 +449,7 @@ fn admit(shared: &Shared, remote: SocketAddr, validated: bool) -> Admit {
 }
 
 /// Accepts one connection: a new session (`Some`), or a resumed one (`None`).
-async fn accept_one(shared: &Arc<Shared>, incoming: quinn::Incoming) -> Result<Option<Session>> {
+async fn accept_one(shared: &Arc<NodeShared>, incoming: quinn::Incoming) -> Result<Option<Session>> {
     let (crypto, captured) = shared.tls().server_config()?;
     let mut cfg = shared.base_server.clone();
     cfg.crypto = crypto;
@@ -478,7 +478,7 @@ async fn accept_one(shared: &Arc<Shared>, incoming: quinn::Incoming) -> Result<O
             }
         }
     });
-    let accepting = Role::Acceptor(peer_slot);
+    let accepting = HandshakeRole::Acceptor(peer_slot);
     let result = tokio::time::timeout_at(deadline, handshake(shared, conn.clone(), &captured, accepting, None))
         .await
         .unwrap_or_else(|_| {
@@ -502,7 +502,7 @@ async fn accept_one(shared: &Arc<Shared>, incoming: quinn::Incoming) -> Result<O
 /// Dials `addr` and runs the quicseal handshake; `resume` is the (peer names digest, peer epoch) of a
 /// session to resume.
 async fn dial(
-    shared: &Arc<Shared>,
+    shared: &Arc<NodeShared>,
     addr: SocketAddr,
     server_name: &str,
     epoch: u64,
@@ -527,7 +527,7 @@ async fn dial(
     let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
         let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
         answered.store(true, Ordering::Relaxed);
-        handshake(shared, conn, &captured, Role::Dialler(epoch), resume).await
+        handshake(shared, conn, &captured, HandshakeRole::Dialler(epoch), resume).await
     })
     .await;
     let timed_out = if answered.load(Ordering::Relaxed) { Timed::Handshake } else { Timed::NoAnswer };
@@ -538,7 +538,7 @@ async fn dial(
     }
 }
 
-enum Role {
+enum HandshakeRole {
     /// Dialling, with this session epoch.
     Dialler(u64),
     /// Accepting; the handshake records the peer here (its names digest) once it counts the
@@ -568,10 +568,10 @@ enum Outcome {
 /// passes the peer it expects (`resume`); an acceptor receiving a resuming HELLO attaches the
 /// connection to the session it names.
 async fn handshake(
-    shared: &Arc<Shared>,
+    shared: &Arc<NodeShared>,
     conn: Connection,
     captured: &Captured,
-    role: Role,
+    role: HandshakeRole,
     resume: Option<(Fingerprint, u64)>,
 ) -> Result<Outcome> {
     let lost = |e: quinn::ConnectionError| from_connection_error(e, take_captured(captured));
@@ -595,7 +595,7 @@ async fn handshake(
     let retired =
         |fp: &Fingerprint, epoch: u64| shared.retired.lock().unwrap_or_else(|e| e.into_inner()).is_retired(fp, epoch);
     let (send, recv, epoch, peer_hello, resumable) = match role {
-        Role::Dialler(epoch) => {
+        HandshakeRole::Dialler(epoch) => {
             let (mut send, mut recv) = conn.open_bi().await.map_err(lost)?;
             let header = Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Control));
             send.write_all_chunks(&mut [header, hello(epoch, resume.is_some())])
@@ -608,7 +608,7 @@ async fn handshake(
                 .map_err(|r| refuse_hello(&conn, r))?;
             (send, recv, epoch, peer_hello, None)
         }
-        Role::Acceptor(ref counted) => {
+        HandshakeRole::Acceptor(ref counted) => {
             let (mut send, mut recv) = conn.accept_bi().await.map_err(lost)?;
             let mut head = [0u8; STREAM_HEADER_LEN];
             read_exact(&conn, &mut recv, &mut head, &lost).await?;
@@ -653,7 +653,7 @@ async fn handshake(
     let mut material = zeroize::Zeroizing::new([0u8; KEY_MATERIAL_LEN]);
     conn.export_keying_material(&mut material[..], EXPORTER_LABEL, b"")
         .map_err(|_| Error::Config("TLS exporter unavailable".into()))?;
-    let side = if matches!(role, Role::Dialler(_)) { seal::Role::Dialler } else { seal::Role::Acceptor };
+    let side = if matches!(role, HandshakeRole::Dialler(_)) { seal::Role::Dialler } else { seal::Role::Acceptor };
     let (mut sealing, opening) = seal::derive_keys(&material, side);
     let (messages, bytes) = shared.limits.test_key_limits;
     sealing.set_limits(seal::KeyLimits { messages, bytes });
@@ -683,7 +683,7 @@ fn refuse_hello(conn: &Connection, refusal: HelloRefusal) -> Error {
 }
 
 /// Starts a new session over a handshaken connection.
-fn start_session(shared: &Arc<Shared>, h: Handshaken, epoch: u64, redial: Option<Redial>) -> Session {
+fn start_session(shared: &Arc<NodeShared>, h: Handshaken, epoch: u64, redial: Option<Redial>) -> Session {
     let limits = &shared.limits;
     let local_max = limits.max_message_size;
     let tally = Tally { session: Arc::default(), node: shared.counters.clone() };

@@ -15,7 +15,7 @@
 //!
 //! # Concurrency map
 //!
-//! One lock holds the protocol: `Shared::core` (a `std::sync::Mutex<Core>`, never held across
+//! One lock holds the protocol: `SessionShared::core` (a `std::sync::Mutex<Core>`, never held across
 //! an `.await`). Everything else is I/O or waiting.
 //!
 //! Tasks, per session:
@@ -37,7 +37,7 @@
 //!
 //! API handles ([`Session`], and the RPC layer's `Outlet`) lock the core, push or take, unlock,
 //! and then either write their own message at once if the writer is free (`try_lock`, never
-//! waiting: [`Shared::transmit_now`]) or wake the driver. Waiters register on a `Notify` before
+//! waiting: [`SessionShared::transmit_now`]) or wake the driver. Waiters register on a `Notify` before
 //! they check the core, so a wake-up between check and wait is never lost. The lock order is
 //! writer, then core; the core lock is the innermost and is never held while taking another.
 
@@ -273,7 +273,7 @@ pub(crate) struct ResumePolicy {
 }
 
 /// One QUIC connection carrying the session; a session has one at a time.
-struct Link {
+struct Carrier {
     conn: Connection,
     /// Why we closed it, when we did because the peer misbehaved.
     failure: OnceLock<Violation>,
@@ -283,9 +283,14 @@ struct Link {
     writer: OnceLock<tokio::sync::Mutex<Writer>>,
 }
 
-impl Link {
-    fn new(conn: Connection) -> Arc<Link> {
-        Arc::new(Link { conn, failure: OnceLock::new(), reconnecting: AtomicBool::new(false), writer: OnceLock::new() })
+impl Carrier {
+    fn new(conn: Connection) -> Arc<Carrier> {
+        Arc::new(Carrier {
+            conn,
+            failure: OnceLock::new(),
+            reconnecting: AtomicBool::new(false),
+            writer: OnceLock::new(),
+        })
     }
 
     /// A frame could not be sealed (its channel ran out of sequence numbers): the session
@@ -339,15 +344,15 @@ impl Link {
 
 /// State shared by the session handle and its background tasks (never the handle itself, so
 /// dropping every [`Session`] ends the session).
-struct Shared {
-    link: Mutex<Arc<Link>>,
+struct SessionShared {
+    link: Mutex<Arc<Carrier>>,
     /// Bumped when a new connection is attached.
     generation: AtomicU64,
-    /// Signalled when `generation` changes (see [`Shared::generation_changed`]).
+    /// Signalled when `generation` changes (see [`SessionShared::generation_changed`]).
     generation_signal: Notify,
     /// Set once, when the session is over: why (every caller gets this same error).
     ending: OnceLock<Error>,
-    /// Wakes everything waiting for the session's end (see [`Shared::ended`]).
+    /// Wakes everything waiting for the session's end (see [`SessionShared::ended`]).
     ended_signal: Notify,
     /// Created by the first [`Session::events`] call: events nobody subscribed to are dropped
     /// either way, and an idle session need not hold the channel's slots.
@@ -364,7 +369,7 @@ struct Shared {
     /// Wakes the driver: something to send.
     work: Notify,
     /// The driver's next timer while it sleeps (reliability core clock, ms; `u64::MAX`: none),
-    /// 0 while it is awake (see [`Shared::drive_would_miss`]).
+    /// 0 while it is awake (see [`SessionShared::drive_would_miss`]).
     drive_sleeps_until: AtomicU64,
     /// Wakes receivers: something to deliver.
     arrived: Notify,
@@ -382,7 +387,7 @@ struct Shared {
     rpc_taking: Mutex<()>,
 }
 
-impl Shared {
+impl SessionShared {
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -391,7 +396,7 @@ impl Shared {
         CoreGuard(self.core.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn link(&self) -> Arc<Link> {
+    fn link(&self) -> Arc<Carrier> {
         self.link.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -464,7 +469,7 @@ impl Shared {
         Ok(seq)
     }
 
-    /// Like [`Shared::push`], but waits while the outbox is full.
+    /// Like [`SessionShared::push`], but waits while the outbox is full.
     async fn send(&self, channel: u16, payload: Bytes, user: bool) -> Result<u64> {
         loop {
             // Registered before trying, so an acknowledgement in between is not missed.
@@ -491,14 +496,14 @@ impl Shared {
     }
 
     /// Closes `link` for a violation, recorded (and counted) by the core.
-    fn violation(&self, link: &Link, v: Violation) {
+    fn violation(&self, link: &Carrier, v: Violation) {
         let v = self.core().violation(v);
         link.violation(v);
     }
 
     /// Starts the tasks that serve one connection: datagrams, inbound channels, the peer's
     /// acknowledgements, and the driver. They end when the connection does.
-    fn run_link(self: &Arc<Self>, link: Arc<Link>, control: (SendStream, RecvStream)) {
+    fn run_link(self: &Arc<Self>, link: Arc<Carrier>, control: (SendStream, RecvStream)) {
         let (control_send, control_recv) = control;
         // The three readers share one task: an idle session holds fewer tasks, and a wake-up
         // of one polls the other two, which costs a check of quinn's state each.
@@ -514,7 +519,7 @@ impl Shared {
     /// Puts a new connection under the session: fresh keys (the replay windows stay), per
     /// connection tasks, and every unacknowledged message due again.
     fn attach(self: &Arc<Self>, parts: LinkParts) {
-        let link = Link::new(parts.conn);
+        let link = Carrier::new(parts.conn);
         let now = self.now();
         self.core().new_connection(parts.keys, now);
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) = link.clone();
@@ -526,7 +531,7 @@ impl Shared {
 }
 
 struct SessionInner {
-    shared: Arc<Shared>,
+    shared: Arc<SessionShared>,
     peer: Arc<PeerIdentity>,
     manual_ack: bool,
     supervisor: JoinHandle<()>,
@@ -585,7 +590,7 @@ pub(crate) struct SessionParams {
 /// A handle the node keeps to resume a session when its peer reconnects.
 #[derive(Clone)]
 pub(crate) struct Resumable {
-    shared: std::sync::Weak<Shared>,
+    shared: std::sync::Weak<SessionShared>,
 }
 
 impl Resumable {
@@ -619,8 +624,8 @@ impl Session {
         let peer = Arc::new(p.peer);
         let outbox_messages = p.config.outbox.max_messages;
         let (epoch, max_send) = (p.config.epoch, p.config.max_send);
-        let shared = Arc::new(Shared {
-            link: Mutex::new(Link::new(conn.clone())),
+        let shared = Arc::new(SessionShared {
+            link: Mutex::new(Carrier::new(conn.clone())),
             generation: AtomicU64::new(0),
             generation_signal: Notify::new(),
             ending: OnceLock::new(),
@@ -955,7 +960,7 @@ impl Session {
 /// The RPC layer's handle on a session: sends on the reserved channels, counts, and tells
 /// whether the session ended. It does not keep the session open (only [`Session`] handles do).
 #[derive(Clone)]
-pub(crate) struct Outlet(Arc<Shared>);
+pub(crate) struct Outlet(Arc<SessionShared>);
 
 impl rpc::Outlet for Outlet {
     async fn send(&self, channel: u16, payload: Bytes) -> Result<()> {
@@ -1008,7 +1013,7 @@ fn take_rpc(outlet: &Outlet) -> bool {
 /// handler's `Err` is a protocol violation that closes the connection. Returns whether it took
 /// any.
 fn drain(
-    shared: &Shared,
+    shared: &SessionShared,
     channel: u16,
     more: impl Fn() -> bool,
     mut handle: impl FnMut(&Bytes) -> std::result::Result<(), String>,
@@ -1029,7 +1034,7 @@ fn drain(
 
 /// Watches the current connection; when it is lost, carries the session over to a new one
 /// (dialling side: reconnect with backoff; accepting side: wait for the peer) or ends it.
-async fn supervise(shared: Arc<Shared>, policy: ResumePolicy, redial: Option<Redial>) {
+async fn supervise(shared: Arc<SessionShared>, policy: ResumePolicy, redial: Option<Redial>) {
     loop {
         let current = shared.generation.load(Ordering::SeqCst);
         let link = shared.link();
@@ -1062,7 +1067,7 @@ async fn supervise(shared: Arc<Shared>, policy: ResumePolicy, redial: Option<Red
 /// Carries a session whose connection was lost over to a new one: redials with backoff (the
 /// dialling side), or waits for the peer to (the accepting side). Returns false when the session
 /// ended instead.
-async fn recover(shared: &Arc<Shared>, policy: ResumePolicy, redial: Option<&Redial>, current: u64) -> bool {
+async fn recover(shared: &Arc<SessionShared>, policy: ResumePolicy, redial: Option<&Redial>, current: u64) -> bool {
     let deadline = Instant::now() + policy.give_up_after;
     match redial {
         Some(redial) => {
@@ -1118,7 +1123,7 @@ async fn recover(shared: &Arc<Shared>, policy: ResumePolicy, redial: Option<&Red
 
 /// What writes one connection's frames: its streams, and the frames quinn has not taken yet
 /// (the core seals them, see [`SessionCore::poll_transmit`]). The driver task uses it, and so
-/// does a sender that finds it free ([`Shared::transmit_now`]): that sender writes its own
+/// does a sender that finds it free ([`SessionShared::transmit_now`]): that sender writes its own
 /// message without a hop through the driver, and without ever waiting on the network.
 struct Writer {
     /// The control stream (ACK frames), and the ACK frames quinn has not taken yet.
@@ -1161,7 +1166,7 @@ impl Writer {
 
     /// Takes what the core wants written now (acknowledgements due, and up to a batch of sealed
     /// frames) into the backlog. Returns whether the batch was full (there may be more).
-    fn take(&mut self, shared: &Shared) -> Result<bool, WriteFailure> {
+    fn take(&mut self, shared: &SessionShared) -> Result<bool, WriteFailure> {
         let now = shared.now();
         // Nothing is taken for a channel whose earlier frames quinn has not taken yet (flow
         // control): its messages stay due, are not sealed long before they can leave, and do
@@ -1291,7 +1296,7 @@ fn write_now(send: &mut SendStream, frames: &mut VecDeque<Bytes>) -> Result<(), 
     }
 }
 
-impl Shared {
+impl SessionShared {
     /// Wakes the driver if the reliability core now has a timer (an acknowledgement due, a
     /// retransmission) earlier than the one the driver sleeps on; a wake-up that would find
     /// nothing to do costs a thread switch and is skipped.
@@ -1328,7 +1333,7 @@ impl Shared {
     }
 
     /// The core cannot go on over this connection.
-    fn stop(&self, link: &Link, stop: Stop) {
+    fn stop(&self, link: &Carrier, stop: Stop) {
         match stop {
             Stop::FreshKeys(why) => self.fresh_key(link, why),
             Stop::Seal(e) => link.seal_failed(e),
@@ -1338,7 +1343,7 @@ impl Shared {
     /// Moves the session to a new connection for fresh message keys (see [`Stop::FreshKeys`]):
     /// closes this one with `RECONNECT`; the dialling side redials
     /// at once, the accepting side waits for it.
-    fn fresh_key(&self, link: &Link, why: &str) {
+    fn fresh_key(&self, link: &Carrier, why: &str) {
         if link.reconnecting.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -1351,13 +1356,13 @@ impl Shared {
 /// The driver: takes what the reliability core wants sent (messages, acknowledgements) and
 /// writes it to the connection, waiting on flow control where senders do not; sleeps until the
 /// next deadline or new work.
-async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
+async fn drive(shared: Arc<SessionShared>, link: Arc<Carrier>) {
     let Some(writer) = link.writer.get() else { return };
     loop {
         let work = shared.work.notified();
         tokio::pin!(work);
         work.as_mut().enable();
-        // Awake: senders wake us for any timer (see `Shared::transmit_now`).
+        // Awake: senders wake us for any timer (see `SessionShared::transmit_now`).
         shared.drive_sleeps_until.store(0, Ordering::SeqCst);
         let mut w = writer.lock().await;
         let written = w.take(&shared).and_then(|full| w.flush_now(&link.conn).map(|remains| (full, remains)));
@@ -1381,7 +1386,7 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
         };
         // While quinn holds frames back, the driver keeps the writer and waits for whichever
         // comes first: quinn taking more, new work, a timer. Senders that find the writer busy
-        // leave their message to it (see `Shared::transmit_now`).
+        // leave their message to it (see `SessionShared::transmit_now`).
         let progressed = tokio::select! {
             r = w.progress(&link.conn), if remains => r,
             _ = &mut work => Ok(()),
@@ -1395,7 +1400,7 @@ async fn drive(shared: Arc<Shared>, link: Arc<Link>) {
 }
 
 /// Reads the peer's ACK frames from the control stream.
-async fn read_control(shared: Arc<Shared>, link: Arc<Link>, recv: RecvStream) {
+async fn read_control(shared: Arc<SessionShared>, link: Arc<Carrier>, recv: RecvStream) {
     let mut reader = FrameReader::new(recv);
     loop {
         let head = match reader.header::<FRAME_HEADER_LEN>().await {
@@ -1528,13 +1533,13 @@ enum ReadFailure {
 }
 
 /// Accepts the channels the peer opens and spawns a reader for each.
-async fn accept_channels(shared: Arc<Shared>, link: Arc<Link>) {
+async fn accept_channels(shared: Arc<SessionShared>, link: Arc<Carrier>) {
     while let Ok((send, recv)) = link.conn.accept_bi().await {
         tokio::spawn(read_channel(shared.clone(), link.clone(), send, recv));
     }
 }
 
-async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, recv: RecvStream) {
+async fn read_channel(shared: Arc<SessionShared>, link: Arc<Carrier>, send: SendStream, recv: RecvStream) {
     // Nothing is ever written back on a channel stream.
     let mut send = send;
     let _ = send.finish();
@@ -1556,7 +1561,7 @@ async fn read_channel(shared: Arc<Shared>, link: Arc<Link>, send: SendStream, re
 
 /// Reads a channel's messages and hands them to the core until the stream ends or breaks the
 /// protocol.
-async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut FrameReader, channel: u16) {
+async fn read_messages(shared: &Arc<SessionShared>, link: &Arc<Carrier>, reader: &mut FrameReader, channel: u16) {
     // Messages accepted and not yet announced: the application is woken once per batch that
     // arrived together, just before this reader would wait (for data or for room), not once
     // per message.
@@ -1658,7 +1663,7 @@ async fn read_messages(shared: &Arc<Shared>, link: &Arc<Link>, reader: &mut Fram
 /// A channel reader's reserved receive-buffer room: handed to the core with the message it was
 /// for ([`SessionCore::on_message`] releases it), or given back if the read fails.
 struct Reservation<'a> {
-    shared: &'a Shared,
+    shared: &'a SessionShared,
     channel: u16,
     /// Bytes still reserved (0 once handed over).
     len: usize,
@@ -1681,7 +1686,7 @@ impl Drop for Reservation<'_> {
 
 /// Reads the peer's datagrams and hands them to the core. A datagram that finds no room in the
 /// receive buffer is dropped and counted: datagrams may be lost, and never wait.
-async fn read_datagrams(shared: Arc<Shared>, link: Arc<Link>) {
+async fn read_datagrams(shared: Arc<SessionShared>, link: Arc<Carrier>) {
     while let Ok(bytes) = link.conn.read_datagram().await {
         let kept = {
             let mut core = shared.core();

@@ -142,7 +142,7 @@ pub struct OutboxStats {
 }
 
 #[derive(Debug)]
-struct Pending {
+struct Unacked {
     payload: Bytes,
     /// When it is due (None: never, waiting for an ack; Some(t): transmit at t).
     due: Option<u64>,
@@ -160,7 +160,7 @@ struct OutChannel {
     /// transmissions leave in sequence order even if callers' clocks were read out of order.
     last_push: u64,
     cumulative: u64,
-    unacked: BTreeMap<u64, Pending>,
+    unacked: BTreeMap<u64, Unacked>,
 }
 
 /// Smoothed round-trip estimate (RFC 6298).
@@ -221,7 +221,7 @@ impl Outbox {
         ch.bytes += payload.len();
         self.messages += 1;
         self.bytes += payload.len();
-        ch.unacked.insert(seq, Pending { payload, due: Some(due), sent_at: None, attempts: 0 });
+        ch.unacked.insert(seq, Unacked { payload, due: Some(due), sent_at: None, attempts: 0 });
         self.due.insert((due, channel, seq));
         self.stats.pushed += 1;
         Ok(seq)

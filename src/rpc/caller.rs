@@ -55,7 +55,7 @@ impl SessionRpc {
         if self.pending().insert(call, tx).is_some() {
             return Err(Error::Config(format!("RPC call {call:?} is already waiting on this session")));
         }
-        let mut guard = Pending { rpc: self, outlet, call, answered: false };
+        let mut guard = AwaitedCall { rpc: self, outlet, call, answered: false };
         if outlet.is_ended() {
             return Err(outlet.error());
         }
@@ -97,14 +97,14 @@ impl SessionRpc {
 
 /// A call waiting for its response. Dropped before the response came (the caller's future was
 /// dropped, or its timeout fired), it tells the server to cancel the call.
-pub(super) struct Pending<'a, O: Outlet> {
+pub(super) struct AwaitedCall<'a, O: Outlet> {
     rpc: &'a SessionRpc,
     outlet: &'a O,
     call: CallId,
     answered: bool,
 }
 
-impl<O: Outlet> Drop for Pending<'_, O> {
+impl<O: Outlet> Drop for AwaitedCall<'_, O> {
     fn drop(&mut self) {
         self.rpc.pending().remove(&self.call);
         if !self.answered && !self.outlet.is_ended() {

@@ -38,7 +38,7 @@ pub(crate) struct Tls {
 
 /// Which role a node takes in `listen` or `send`: what its certificate must allow.
 #[derive(Clone, Copy, PartialEq)]
-enum Role {
+enum CliRole {
     Listener,
     Sender,
 }
@@ -77,7 +77,7 @@ impl Tls {
 
     /// Loads the files, refuses a certificate that cannot work in `role`, and builds the node
     /// configuration.
-    fn config(&self, role: Role, limits: Limits) -> quicseal::Result<NodeConfig> {
+    fn config(&self, role: CliRole, limits: Limits) -> quicseal::Result<NodeConfig> {
         let (identity, trust) = self.files().load()?;
         startup_checks(&self.cert, &identity.chain()[0], role)?;
         Ok(NodeConfig::new(identity, trust).policy(self.policy()?).limits(limits))
@@ -88,7 +88,7 @@ impl Tls {
 /// or not valid yet, or one whose extended key usage does not allow the role (a listener needs
 /// `serverAuth`, a sender `clientAuth`). (The node itself warns when it or a CA expires within
 /// 30 days.)
-fn startup_checks(path: &std::path::Path, leaf: &[u8], role: Role) -> quicseal::Result<()> {
+fn startup_checks(path: &std::path::Path, leaf: &[u8], role: CliRole) -> quicseal::Result<()> {
     let file = path.display();
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| Error::Config(format!("{file}: the certificate does not parse: {e}")))?;
@@ -114,11 +114,11 @@ fn startup_checks(path: &std::path::Path, leaf: &[u8], role: Role) -> quicseal::
     }
     if let Ok(Some(eku)) = cert.extended_key_usage() {
         let (allowed, needed, flag) = match role {
-            Role::Listener => (eku.value.server_auth || eku.value.any, "serverAuth", "--client-only"),
-            Role::Sender => (eku.value.client_auth || eku.value.any, "clientAuth", "--server-only"),
+            CliRole::Listener => (eku.value.server_auth || eku.value.any, "serverAuth", "--client-only"),
+            CliRole::Sender => (eku.value.client_auth || eku.value.any, "clientAuth", "--server-only"),
         };
         if !allowed {
-            let what = if role == Role::Listener { "accept sessions" } else { "dial" };
+            let what = if role == CliRole::Listener { "accept sessions" } else { "dial" };
             return Err(Error::Config(format!(
                 "{file} cannot {what}: its extended key usage lacks {needed} (issued with {flag}?)"
             )));
@@ -174,7 +174,7 @@ pub(crate) struct SendArgs {
 
 pub(crate) async fn listen(args: ListenArgs, out: &mut impl Write) -> quicseal::Result<()> {
     let tls = &args.tls;
-    let node = Node::bind(args.bind, tls.config(Role::Listener, Limits::default())?)?;
+    let node = Node::bind(args.bind, tls.config(CliRole::Listener, Limits::default())?)?;
     let _watcher = node.watch(tls.files());
     let addr = node.local_addr()?;
     if tls.json {
@@ -310,7 +310,7 @@ pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> quicseal::Resu
     let payload = message(args.message)?;
     let mut limits = Limits::default();
     limits.handshake_timeout = args.timeout;
-    let config = tls.config(Role::Sender, limits)?;
+    let config = tls.config(CliRole::Sender, limits)?;
     let bind: SocketAddr = if args.to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal");
     let node = Node::bind(bind, config)?;
     let (to, name, channel) = (args.to, args.name.as_str(), args.channel);

@@ -39,15 +39,15 @@ struct Faults {
 
 /// A one-way link: packets arrive after a random delay (reordering), may be lost, duplicated
 /// or corrupted (a corrupted packet fails its tag in the real stack: dropped here).
-struct Link {
+struct Wire {
     queue: BinaryHeap<Reverse<(u64, u64, usize)>>,
     packets: Vec<Option<Packet>>,
     order: u64,
 }
 
-impl Link {
-    fn new() -> Link {
-        Link { queue: BinaryHeap::new(), packets: Vec::new(), order: 0 }
+impl Wire {
+    fn new() -> Wire {
+        Wire { queue: BinaryHeap::new(), packets: Vec::new(), order: 0 }
     }
     fn send(&mut self, p: Packet, now: u64, f: Option<Faults>, rng: &mut Rng) {
         let copies = match f {
@@ -135,7 +135,7 @@ fn run(
     let mut outbox = Outbox::new(out_cfg.clone(), seed);
     let mut inbox = Inbox::new(in_cfg.clone());
     let mut windows: HashMap<u16, crate::proto::replay::ReplayWindow> = HashMap::new();
-    let (mut forward, mut back) = (Link::new(), Link::new());
+    let (mut forward, mut back) = (Wire::new(), Wire::new());
     let mut next_msg = vec![1u64; channels as usize];
     let mut delivered: Vec<Vec<u64>> = vec![Vec::new(); channels as usize];
     let mut to_ack: Vec<(u16, u64)> = Vec::new();
