@@ -347,6 +347,14 @@ pub enum Error {
     /// The configuration is not usable.
     #[error("configuration: {0}")]
     Config(String),
+    /// A file quicseal reads or writes (a CA directory's, for example) could not be used.
+    #[error("{}: {reason}", path.display())]
+    File {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was wrong, and what to do about it.
+        reason: String,
+    },
     /// The node or session was closed by this process.
     #[error("closed")]
     Closed,

@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason, RevokedCertParams,
-    SanType, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType,
+    SerialNumber,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::CertificateDer;
@@ -20,8 +20,11 @@ use time::OffsetDateTime;
 
 use crate::error::{Error, Result};
 
+mod ca_dir;
 mod inspect;
+pub use ca_dir::{CaDir, Revocation, hex, refuse_existing, unhex, write_atomic};
 pub use inspect::{Inspection, Report, WARN_DAYS, inspect_pem};
+pub use rcgen::RevocationReason;
 
 /// The key algorithm of a generated key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
