@@ -1,26 +1,5 @@
-//! quicseal side by side with raw quinn and with TLS over TCP (tokio-rustls), in the same run.
-//!
-//! ```text
-//! cargo bench -p quicseal-benches --bench compare              # full run
-//! cargo bench -p quicseal-benches --bench compare -- --quick   # under a minute (CI runs this; no thresholds)
-//! cargo bench -p quicseal-benches --bench compare -- --only W2,W3 --stacks quicseal   # a subset, e.g. to profile
-//! ```
-//!
-//! Every stack uses the same certificates, rustls on ring with TLS 1.3 and mutual
-//! authentication; the raw quinn baseline uses quicseal's own transport settings
-//! (`Limits::quinn_transport`). Baselines are written the way a competent user would:
-//! length-prefixed frames, one write per frame batch, `TCP_NODELAY` and buffered writes on TCP,
-//! a bidirectional stream per call for RPC over raw quinn. Runs of the stacks alternate; the
-//! table shows medians and the ratios quicseal/quinn and quicseal/TCP. Results are also written
-//! as JSON to `target/bench/compare.json` and as a chart to `target/bench/compare.svg`.
-//!
-//! Workloads: W1 bulk one way in 1 MiB messages; W2 small messages (64 B, 1 KiB) one way with 1
-//! and 64 in flight (a message is in flight until the receiving application confirmed it);
-//! W3 RPC of 64 B, closed loop at concurrency 1 and 64 (p50/p99); W4 mutual-TLS handshakes per
-//! second including the first message; W5 goodput through the `netsim` link at 1% and 5% loss
-//! (quicseal vs raw quinn); W6 resident memory per idle session (quicseal vs raw quinn, each in a
-//! fresh process).
-#![allow(missing_docs)]
+//! The three stacks, each as a connected pair with the operations the workloads need, and
+//! the workloads that run on a stack of their own (handshakes, loss, memory).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,16 +14,16 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::sync::{Mutex, oneshot};
 
-const ALPN: &[u8] = b"quicseal-bench";
+pub(crate) const ALPN: &[u8] = b"quicseal-bench";
 
-struct Pki {
+pub(crate) struct Pki {
     ca: Ca,
     server: Issued,
     client: Issued,
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         let ca = Ca::new("bench CA", KeyType::EcdsaP256, Duration::from_secs(3600)).unwrap();
         let server = ca.issue(&NodeCert::new("server").dns("server")).unwrap();
         let client = ca.issue(&NodeCert::new("client").dns("client")).unwrap();
@@ -100,7 +79,7 @@ impl Pki {
     }
 }
 
-fn loopback() -> SocketAddr {
+pub(crate) fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
@@ -109,7 +88,7 @@ fn loopback() -> SocketAddr {
 
 /// One message stream, one way, with an end-to-end confirmation per message from the receiving
 /// application (the receiver confirms cumulatively).
-trait Pair {
+pub(crate) trait Pair {
     /// Sends `count` messages of `size` bytes, keeping at most `window` unconfirmed; returns when
     /// the receiver confirmed the last one. `coalesce`: the baselines gather frames into 64 KiB
     /// writes instead of one `write_all` per frame (quicseal decides for itself).
@@ -120,15 +99,15 @@ trait Pair {
 
 // --- quicseal -------------------------------------------------------------------------------
 
-struct Quicseal {
-    server: Node,
-    client: Node,
+pub(crate) struct Quicseal {
+    pub(crate) server: Node,
+    pub(crate) client: Node,
     to_server: quicseal::Session,
     at_server: quicseal::Session,
 }
 
 impl Quicseal {
-    async fn new(pki: &Pki) -> Quicseal {
+    pub(crate) async fn new(pki: &Pki) -> Quicseal {
         let router = Router::new().handle_bytes("echo", |_call, body| async move { Ok::<_, ApplicationError>(body) });
         let server =
             Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.server), pki.trust()).rpc(router)).unwrap();
@@ -179,13 +158,13 @@ impl Pair for Quicseal {
 
 // --- raw quinn ------------------------------------------------------------------------------
 
-struct RawQuinn {
+pub(crate) struct RawQuinn {
     _server: quinn::Endpoint,
-    client: quinn::Endpoint,
+    pub(crate) client: quinn::Endpoint,
     conn: quinn::Connection,
 }
 
-fn quinn_server(pki: &Pki) -> quinn::Endpoint {
+pub(crate) fn quinn_server(pki: &Pki) -> quinn::Endpoint {
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(pki.server_tls()).unwrap();
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(Limits::default().quinn_transport()));
@@ -193,7 +172,7 @@ fn quinn_server(pki: &Pki) -> quinn::Endpoint {
     quinn::Endpoint::server(cfg, loopback()).unwrap()
 }
 
-fn quinn_client_config(pki: &Pki) -> quinn::ClientConfig {
+pub(crate) fn quinn_client_config(pki: &Pki) -> quinn::ClientConfig {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(pki.client_tls()).unwrap();
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(Limits::default().quinn_transport()));
@@ -203,7 +182,7 @@ fn quinn_client_config(pki: &Pki) -> quinn::ClientConfig {
 /// The raw quinn server: a bidirectional stream is either a message stream (first byte 0:
 /// length-prefixed frames in, a cumulative u64 confirmation out every time it read some) or
 /// one RPC call (first byte 1: request in, the same bytes back).
-fn serve_quinn(endpoint: quinn::Endpoint) {
+pub(crate) fn serve_quinn(endpoint: quinn::Endpoint) {
     tokio::spawn(async move {
         while let Some(incoming) = endpoint.accept().await {
             tokio::spawn(async move {
@@ -216,7 +195,7 @@ fn serve_quinn(endpoint: quinn::Endpoint) {
     });
 }
 
-async fn quinn_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+pub(crate) async fn quinn_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
     let mut kind = [0u8; 1];
     if recv.read_exact(&mut kind).await.is_err() {
         return;
@@ -247,7 +226,7 @@ async fn quinn_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream) 
 }
 
 impl RawQuinn {
-    async fn new(pki: &Pki) -> RawQuinn {
+    pub(crate) async fn new(pki: &Pki) -> RawQuinn {
         let server = quinn_server(pki);
         let addr = server.local_addr().unwrap();
         serve_quinn(server.clone());
@@ -261,7 +240,7 @@ impl RawQuinn {
 /// Sends length-prefixed frames on `send`, keeping at most `window` unconfirmed; reads cumulative
 /// u64 confirmations from `recv`. Each frame is one `write_all`, or with `coalesce` frames are
 /// gathered into writes of up to 64 KiB; one flush per batch either way.
-async fn framed_stream<W, R>(
+pub(crate) async fn framed_stream<W, R>(
     send: &mut W,
     recv: &mut R,
     count: usize,
@@ -340,14 +319,14 @@ impl Pair for RawQuinn {
 type TlsServerStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 type TlsClientStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
 
-struct Tcp {
+pub(crate) struct Tcp {
     addr: SocketAddr,
     connector: tokio_rustls::TlsConnector,
 }
 
 /// The TCP server: each connection starts with a kind byte, as for raw quinn. Message streams
 /// are confirmed cumulatively; RPC connections carry `[id u32][len u32][body]` frames both ways.
-async fn serve_tcp(listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+pub(crate) async fn serve_tcp(listener: tokio::net::TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
     while let Ok((tcp, _)) = listener.accept().await {
         tcp.set_nodelay(true).unwrap();
         let acceptor = acceptor.clone();
@@ -358,7 +337,7 @@ async fn serve_tcp(listener: tokio::net::TcpListener, acceptor: tokio_rustls::Tl
     }
 }
 
-async fn tcp_conn(tls: TlsServerStream) {
+pub(crate) async fn tcp_conn(tls: TlsServerStream) {
     let (rd, wr) = tokio::io::split(tls);
     let mut rd = tokio::io::BufReader::with_capacity(128 * 1024, rd);
     let mut wr = BufWriter::new(wr);
@@ -394,7 +373,7 @@ async fn tcp_conn(tls: TlsServerStream) {
 }
 
 impl Tcp {
-    async fn new(pki: &Pki) -> Tcp {
+    pub(crate) async fn new(pki: &Pki) -> Tcp {
         let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(serve_tcp(listener, tokio_rustls::TlsAcceptor::from(Arc::new(pki.server_tls()))));
@@ -469,7 +448,7 @@ impl Pair for Tcp {
 
 /// Runs `calls` calls of `one()` with `concurrency` callers in a closed loop; the latency of
 /// each.
-async fn closed_loop<F, Fut>(calls: usize, concurrency: usize, one: F) -> Vec<Duration>
+pub(crate) async fn closed_loop<F, Fut>(calls: usize, concurrency: usize, one: F) -> Vec<Duration>
 where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
@@ -499,7 +478,7 @@ where
 // ---------------------------------------------------------------------------------------------
 // Handshakes (W4): a new connection, authenticated both ways, plus its first message confirmed.
 
-async fn handshake_quicseal(pki: &Pki, n: usize) -> Duration {
+pub(crate) async fn handshake_quicseal(pki: &Pki, n: usize) -> Duration {
     // One client identity makes every connection, each closed before the next: a closed one may
     // still be counted at the server when the next arrives.
     let mut limits = Limits::default();
@@ -529,7 +508,7 @@ async fn handshake_quicseal(pki: &Pki, n: usize) -> Duration {
     d
 }
 
-async fn handshake_quinn(pki: &Pki, n: usize) -> Duration {
+pub(crate) async fn handshake_quinn(pki: &Pki, n: usize) -> Duration {
     let server = quinn_server(pki);
     let addr = server.local_addr().unwrap();
     serve_quinn(server.clone());
@@ -547,7 +526,7 @@ async fn handshake_quinn(pki: &Pki, n: usize) -> Duration {
     start.elapsed()
 }
 
-async fn handshake_tcp(tcp: &Tcp, n: usize) -> Duration {
+pub(crate) async fn handshake_tcp(tcp: &Tcp, n: usize) -> Duration {
     let start = Instant::now();
     for _ in 0..n {
         let mut tls = tcp.connect(0).await;
@@ -561,14 +540,14 @@ async fn handshake_tcp(tcp: &Tcp, n: usize) -> Duration {
 // ---------------------------------------------------------------------------------------------
 // Loss (W5): goodput of a one-way transfer through the netsim link, quicseal vs raw quinn.
 
-fn lossy(loss: f64, seed: u64) -> quicseal::netsim::LinkConfig {
+pub(crate) fn lossy(loss: f64, seed: u64) -> quicseal::netsim::LinkConfig {
     let mut link = quicseal::netsim::LinkConfig::default();
     link.loss = loss;
     link.seed = seed;
     link
 }
 
-async fn lossy_quicseal(pki: &Pki, loss: f64, mib: usize) -> Duration {
+pub(crate) async fn lossy_quicseal(pki: &Pki, loss: f64, mib: usize) -> Duration {
     let server = Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.server), pki.trust())).unwrap();
     let client = Node::bind(loopback(), NodeConfig::new(Pki::identity(&pki.client), pki.trust())).unwrap();
     let proxy =
@@ -580,7 +559,7 @@ async fn lossy_quicseal(pki: &Pki, loss: f64, mib: usize) -> Duration {
     pair.stream(mib * 16, 64 * 1024, 64, true).await
 }
 
-async fn lossy_quinn(pki: &Pki, loss: f64, mib: usize) -> Duration {
+pub(crate) async fn lossy_quinn(pki: &Pki, loss: f64, mib: usize) -> Duration {
     let server = quinn_server(pki);
     serve_quinn(server.clone());
     let proxy =
@@ -596,7 +575,7 @@ async fn lossy_quinn(pki: &Pki, loss: f64, mib: usize) -> Duration {
 // ---------------------------------------------------------------------------------------------
 // Memory (W6): resident memory per idle session, each stack measured in a fresh process.
 
-fn rss_bytes() -> u64 {
+pub(crate) fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
     pages * 4096
@@ -604,7 +583,7 @@ fn rss_bytes() -> u64 {
 
 /// In a child process: opens `n` idle sessions (both ends in this process) and prints the
 /// resident memory they added, per session.
-async fn memory_child(stack: &str, n: usize) {
+pub(crate) async fn memory_child(stack: &str, n: usize) {
     let pki = Pki::new();
     let mut limits = Limits::default();
     limits.max_connections = n + 16;
@@ -647,341 +626,11 @@ async fn memory_child(stack: &str, n: usize) {
     drop(keep);
 }
 
-fn memory_of(stack: &str, n: usize) -> f64 {
+pub(crate) fn memory_of(stack: &str, n: usize) -> f64 {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--memory-child", stack, &n.to_string()])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Reporting.
-
-#[derive(Default)]
-struct Row {
-    workload: String,
-    unit: &'static str,
-    /// Higher is better (throughput) or lower is better (latency).
-    higher_better: bool,
-    values: [Vec<f64>; 3],
-}
-
-impl Row {
-    /// Whether any stack ran this workload (`--only`/`--stacks` leave the others empty).
-    fn measured(&self) -> bool {
-        self.values.iter().any(|v| !v.is_empty())
-    }
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
-}
-
-fn percentile(lat: &mut [Duration], p: f64) -> f64 {
-    lat.sort_unstable();
-    let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
-    lat[i].as_secs_f64() * 1e6
-}
-
-fn ratio(row: &Row, base: usize) -> f64 {
-    let (q, b) = (median(&row.values[0]), median(&row.values[base]));
-    if b == 0.0 || b.is_nan() { f64::NAN } else { q / b }
-}
-
-fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    if let Some(i) = args.iter().position(|a| a == "--memory-child") {
-        runtime.block_on(memory_child(&args[i + 1], args[i + 2].parse().unwrap()));
-        return;
-    }
-    let quick = args.iter().any(|a| a == "--quick");
-    let list = |flag: &str| -> Option<Vec<String>> {
-        let i = args.iter().position(|a| a == flag)?;
-        let v = args.get(i + 1).unwrap_or_else(|| panic!("{flag} needs a comma-separated list"));
-        Some(v.split(',').map(str::to_owned).collect())
-    };
-    let select = Select { workloads: list("--only"), stacks: list("--stacks") };
-    runtime.block_on(run(quick, &select));
-}
-
-/// What `--only W1,W2` and `--stacks quicseal,quinn,tcp` keep (everything by default).
-struct Select {
-    workloads: Option<Vec<String>>,
-    stacks: Option<Vec<String>>,
-}
-
-impl Select {
-    fn workload(&self, w: &str) -> bool {
-        self.workloads.as_ref().is_none_or(|l| l.iter().any(|x| x.eq_ignore_ascii_case(w)))
-    }
-    fn stack(&self, s: usize) -> bool {
-        let name = ["quicseal", "quinn", "tcp"][s];
-        self.stacks.as_ref().is_none_or(|l| l.iter().any(|x| x == name))
-    }
-}
-
-async fn run(quick: bool, select: &Select) {
-    let pki = Pki::new();
-    let mut q = Quicseal::new(&pki).await;
-    let mut r = RawQuinn::new(&pki).await;
-    let mut t = Tcp::new(&pki).await;
-    let rounds = if quick { 3 } else { 5 };
-    let bulk_mib = if quick { 64 } else { 1024 };
-    let small = if quick { 5_000 } else { 50_000 };
-    let rpcs = if quick { 2_000 } else { 20_000 };
-    let handshakes = if quick { 20 } else { 200 };
-    let mut rows: Vec<Row> = Vec::new();
-    let mut row = |name: String, unit, higher_better| {
-        rows.push(Row { workload: name, unit, higher_better, ..Row::default() });
-        rows.len() - 1
-    };
-    let w1 = row(format!("W1 bulk {bulk_mib} MiB in 1 MiB messages"), "MiB/s", true);
-    // The W2 targets are against baselines writing one frame per `write_all`; the last row has
-    // them gather frames into 64 KiB writes, the best a user can do by hand.
-    let w2: Vec<(usize, usize, usize, bool)> =
-        [(64, 1, false), (64, 64, false), (1024, 1, false), (1024, 64, false), (64, 64, true)]
-            .iter()
-            .map(|&(size, window, coalesce)| {
-                let name = format!(
-                    "W2 {size} B messages, {window} in flight{}",
-                    if coalesce { ", baselines coalescing writes" } else { "" }
-                );
-                (row(name, "msg/s", true), size, window, coalesce)
-            })
-            .collect();
-    let w3: Vec<(usize, usize, usize)> = [1, 64]
-        .iter()
-        .flat_map(|&c| {
-            [
-                (row(format!("W3 RPC 64 B, concurrency {c}, p50"), "µs", false), c, 50),
-                (row(format!("W3 RPC 64 B, concurrency {c}, p99"), "µs", false), c, 99),
-            ]
-        })
-        .collect();
-    let w4 = row("W4 handshakes + first message".into(), "per s", true);
-    let lossy_mib = if quick { 4 } else { 32 };
-    let w5: Vec<(usize, f64)> = [0.01, 0.05]
-        .iter()
-        .map(|&l| (row(format!("W5 goodput at {}% loss ({lossy_mib} MiB)", l * 100.0), "MiB/s", true), l))
-        .collect();
-    let sessions = if quick { 100 } else { 1000 };
-    let w6 = row(format!("W6 memory per idle session ({sessions})"), "KiB", false);
-    for round in 0..rounds {
-        // Alternate the order of the stacks from round to round.
-        let order: [usize; 3] = [[0, 1, 2], [1, 2, 0], [2, 0, 1]][round % 3];
-        for &stack in order.iter().filter(|&&s| select.stack(s)) {
-            let pair: &mut dyn PairDyn = match stack {
-                0 => &mut q,
-                1 => &mut r,
-                _ => &mut t,
-            };
-            if select.workload("W1") {
-                let d = pair.stream_dyn(bulk_mib, 1 << 20, 8, false).await;
-                rows[w1].values[stack].push(bulk_mib as f64 / d.as_secs_f64());
-            }
-            for &(i, size, window, coalesce) in w2.iter().filter(|_| select.workload("W2")) {
-                let n = small / if window == 1 { 10 } else { 1 };
-                let d = pair.stream_dyn(n, size, window, coalesce).await;
-                rows[i].values[stack].push(n as f64 / d.as_secs_f64());
-            }
-            for &(i, c, p) in w3.iter().filter(|_| select.workload("W3")) {
-                if p == 50 {
-                    let mut lat = pair.rpc_dyn(rpcs / if c == 1 { 4 } else { 1 }, 64, c).await;
-                    let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
-                    rows[i].values[stack].push(p50);
-                    rows[i + 1].values[stack].push(p99);
-                }
-            }
-            if select.workload("W4") {
-                let d = match stack {
-                    0 => handshake_quicseal(&pki, handshakes).await,
-                    1 => handshake_quinn(&pki, handshakes).await,
-                    _ => handshake_tcp(&t, handshakes).await,
-                };
-                rows[w4].values[stack].push(handshakes as f64 / d.as_secs_f64());
-            }
-            // W5 and W6 compare with raw quinn only (TCP is not QUIC over the netsim link).
-            for &(i, loss) in w5.iter().filter(|_| select.workload("W5")) {
-                let d = match stack {
-                    0 => Some(lossy_quicseal(&pki, loss, lossy_mib).await),
-                    1 => Some(lossy_quinn(&pki, loss, lossy_mib).await),
-                    _ => None,
-                };
-                rows[i].values[stack].extend(d.map(|d| lossy_mib as f64 / d.as_secs_f64()));
-            }
-            if round == 0 && stack < 2 && select.workload("W6") {
-                rows[w6].values[stack].push(memory_of(if stack == 0 { "quicseal" } else { "quinn" }, sessions));
-            }
-        }
-    }
-    print_table(&rows, quick);
-    write_json(&rows);
-    write_svg(&rows);
-    drop((q.server, q.client));
-    drop(r.client);
-}
-
-/// Object-safe wrappers (the workloads pick a stack at run time).
-trait PairDyn {
-    fn stream_dyn<'a>(
-        &'a mut self,
-        count: usize,
-        size: usize,
-        window: usize,
-        coalesce: bool,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Duration> + 'a>>;
-    fn rpc_dyn<'a>(
-        &'a mut self,
-        calls: usize,
-        size: usize,
-        concurrency: usize,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Duration>> + 'a>>;
-}
-
-impl<P: Pair> PairDyn for P {
-    fn stream_dyn<'a>(
-        &'a mut self,
-        count: usize,
-        size: usize,
-        window: usize,
-        coalesce: bool,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Duration> + 'a>> {
-        Box::pin(self.stream(count, size, window, coalesce))
-    }
-    fn rpc_dyn<'a>(
-        &'a mut self,
-        calls: usize,
-        size: usize,
-        concurrency: usize,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Duration>> + 'a>> {
-        Box::pin(self.rpc(calls, size, concurrency))
-    }
-}
-
-fn print_table(rows: &[Row], quick: bool) {
-    println!(
-        "\nquicseal vs raw quinn vs TLS over TCP ({}; medians of alternating runs)\n",
-        if quick { "quick" } else { "full" }
-    );
-    println!("| workload | unit | quicseal | raw quinn | TLS/TCP | quicseal/quinn | quicseal/TCP |");
-    println!("|---|---|---:|---:|---:|---:|---:|");
-    let num = |x: f64| if x.is_nan() { "-".to_owned() } else { format!("{x:.1}") };
-    for row in rows.iter().filter(|r| r.measured()) {
-        let m: Vec<f64> = row.values.iter().map(|v| median(v)).collect();
-        let r = |base| {
-            let x = ratio(row, base);
-            if x.is_nan() {
-                "-".to_owned()
-            } else {
-                format!("{x:.2}{}", if row.higher_better { "" } else { " (cost)" })
-            }
-        };
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            row.workload,
-            row.unit,
-            num(m[0]),
-            num(m[1]),
-            num(m[2]),
-            r(1),
-            r(2)
-        );
-    }
-    println!("\nRatios: throughput as quicseal's share of the baseline (higher is better); \"(cost)\" rows as");
-    println!("quicseal's multiple of the baseline's time or memory (lower is better).");
-}
-
-fn write_json(rows: &[Row]) {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir).unwrap();
-    let json = serde_json::json!(
-        rows.iter()
-            .map(|r| serde_json::json!({
-                "workload": r.workload,
-                "unit": r.unit,
-                "higher_is_better": r.higher_better,
-                "quicseal": r.values[0],
-                "quinn": r.values[1],
-                "tcp": r.values[2],
-                "median": { "quicseal": median(&r.values[0]), "quinn": median(&r.values[1]), "tcp": median(&r.values[2]) },
-            }))
-            .collect::<Vec<_>>()
-    );
-    let path = dir.join("compare.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
-    println!("\nwrote {}", path.display());
-}
-
-/// The chart: quicseal's performance relative to each baseline, one pair of bars per workload
-/// (1.0 = as fast as the baseline; time and memory rows inverted so that longer is better
-/// everywhere).
-fn write_svg(rows: &[Row]) {
-    use plotters::prelude::*;
-    let rows: Vec<&Row> = rows.iter().filter(|r| r.measured()).collect();
-    let relative = |row: &Row, base: usize| {
-        let r = ratio(row, base);
-        if row.higher_better { r } else { 1.0 / r }
-    };
-    let bars: Vec<[f64; 2]> = rows.iter().map(|r| [relative(r, 1), relative(r, 2)]).collect();
-    let top = bars.iter().flatten().copied().filter(|x| x.is_finite()).fold(1.5f64, f64::max) * 1.1;
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/compare.svg");
-    let height = 80 + 34 * rows.len() as u32;
-    let root = SVGBackend::new(&path, (1100, height)).into_drawing_area();
-    root.fill(&WHITE).unwrap();
-    let n = rows.len() as f64;
-    let mut chart = ChartBuilder::on(&root)
-        .caption("quicseal relative to raw quinn and TLS/TCP (1.0 = equal, longer is better)", ("sans-serif", 18))
-        .margin(10)
-        .x_label_area_size(30)
-        .y_label_area_size(420)
-        .build_cartesian_2d(0f64..top, 0f64..n)
-        .unwrap();
-    let names: Vec<String> =
-        rows.iter().map(|r| format!("{}{}", r.workload, if r.higher_better { "" } else { " (inverted)" })).collect();
-    chart
-        .configure_mesh()
-        .disable_y_mesh()
-        .y_labels(rows.len() * 2 + 1)
-        .y_label_formatter(&|y: &f64| {
-            // Labels sit at the middle of each row's band.
-            let i = y.floor() as usize;
-            if (y - y.floor() - 0.5).abs() < 1e-6 && i < names.len() {
-                names[names.len() - 1 - i].clone()
-            } else {
-                String::new()
-            }
-        })
-        .x_desc("quicseal / baseline")
-        .draw()
-        .unwrap();
-    const COLORS: [RGBColor; 2] = [RGBColor(52, 101, 164), RGBColor(237, 125, 49)];
-    let labels = ["vs raw quinn", "vs TLS/TCP"];
-    for (stack, (&color, label)) in COLORS.iter().zip(labels).enumerate() {
-        let rects = bars.iter().enumerate().filter(|(_, b)| b[stack].is_finite()).map(|(i, b)| {
-            // Row 0 at the top: band (n - 1 - i); quinn's bar above TCP's.
-            let base = n - 1.0 - i as f64;
-            let (y0, y1) = if stack == 0 { (base + 0.5, base + 0.9) } else { (base + 0.1, base + 0.5) };
-            Rectangle::new([(0.0, y0), (b[stack], y1)], color.filled())
-        });
-        chart
-            .draw_series(rects)
-            .unwrap()
-            .label(label)
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
-    }
-    chart.draw_series(std::iter::once(PathElement::new(vec![(1.0, 0.0), (1.0, n)], BLACK.stroke_width(1)))).unwrap();
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .border_style(BLACK)
-        .background_style(WHITE)
-        .draw()
-        .unwrap();
-    root.present().unwrap();
-    println!("wrote {}", path.display());
 }
