@@ -344,9 +344,18 @@ pub enum Error {
     /// A certificate, key or CRL could not be loaded.
     #[error("loading {0}")]
     Load(#[from] LoadError),
-    /// The configuration is not usable.
+    /// The configuration is not usable ([`NodeConfig`](crate::NodeConfig), [`Limits`](crate::Limits),
+    /// a [`Router`](crate::Router)'s limits, the trust material a node is given).
     #[error("configuration: {0}")]
     Config(String),
+    /// An argument is not valid: a name that is not a DNS name, bytes that are not a
+    /// certificate, an RPC method name that is too long, a call identity already in use.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// Something that should not fail did (the system's random number generator, the TLS
+    /// exporter): a bug or a broken platform, not the caller's doing.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A file quicseal reads or writes (a CA directory's, for example) could not be used.
     #[error("{}: {reason}", path.display())]
     File {

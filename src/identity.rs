@@ -33,7 +33,7 @@ impl Fingerprint {
     /// The fingerprint of the public key in a DER certificate.
     pub fn of_certificate(cert_der: &[u8]) -> Result<Fingerprint> {
         let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
-            .map_err(|e| Error::Config(format!("not a certificate: {e}")))?;
+            .map_err(|e| Error::InvalidInput(format!("not a certificate: {e}")))?;
         Ok(Fingerprint::of_spki(cert.tbs_certificate.subject_pki.raw))
     }
 }
@@ -54,7 +54,7 @@ impl FromStr for Fingerprint {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let hex: String = s.chars().filter(|c| *c != ':').collect();
-        let bad = || Error::Config(format!("not a SHA-256 fingerprint (64 hex digits): {s:?}"));
+        let bad = || Error::InvalidInput(format!("not a SHA-256 fingerprint (64 hex digits): {s:?}"));
         if hex.len() != 64 || !hex.is_ascii() {
             return Err(bad());
         }
@@ -110,7 +110,7 @@ impl PeerIdentity {
     /// Reads the identity from a DER end-entity certificate (already verified by TLS).
     pub fn from_certificate(cert_der: &[u8]) -> Result<PeerIdentity> {
         let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
-            .map_err(|e| Error::Config(format!("not a certificate: {e}")))?;
+            .map_err(|e| Error::InvalidInput(format!("not a certificate: {e}")))?;
         let mut id = PeerIdentity {
             dns_names: Vec::new(),
             ip_addresses: Vec::new(),

@@ -518,7 +518,7 @@ async fn dial(
     cfg.transport_config(shared.transport.clone());
     let connecting = shared.endpoint.connect_with(cfg, addr, server_name).map_err(|e| match e {
         quinn::ConnectError::EndpointStopping => Error::Closed,
-        e => Error::Config(format!("cannot dial {addr} as {server_name:?}: {e}")),
+        e => Error::InvalidInput(format!("cannot dial {addr} as {server_name:?}: {e}")),
     })?;
     // Whether the QUIC/TLS handshake finished before the timeout: if it did not, no quicseal
     // node answered at `addr` (nothing listens there, or the path drops UDP), which the error
@@ -534,7 +534,7 @@ async fn dial(
     match result.unwrap_or(Err(Error::Timeout { what: timed_out }))? {
         Outcome::New(h) => Ok(*h),
         // Only an acceptor attaches connections to existing sessions.
-        Outcome::Resumed => Err(Error::Config("a dialled connection cannot be resumed by the dialler".into())),
+        Outcome::Resumed => Err(Error::Internal("a dialled connection cannot be resumed by the dialler".into())),
     }
 }
 
@@ -652,7 +652,7 @@ async fn handshake(
     // Wiped once the keys are derived.
     let mut material = zeroize::Zeroizing::new([0u8; KEY_MATERIAL_LEN]);
     conn.export_keying_material(&mut material[..], EXPORTER_LABEL, b"")
-        .map_err(|_| Error::Config("TLS exporter unavailable".into()))?;
+        .map_err(|_| Error::Internal("TLS exporter unavailable".into()))?;
     let side = if matches!(role, HandshakeRole::Dialler(_)) { seal::Role::Dialler } else { seal::Role::Acceptor };
     let (mut sealing, opening) = seal::derive_keys(&material, side);
     let (messages, bytes) = shared.limits.test_key_limits;
@@ -782,7 +782,7 @@ pub(crate) fn random_epoch() -> Result<u64> {
     use ring::rand::SecureRandom;
     let mut b = [0u8; 8];
     loop {
-        ring::rand::SystemRandom::new().fill(&mut b).map_err(|_| Error::Config("system RNG failed".into()))?;
+        ring::rand::SystemRandom::new().fill(&mut b).map_err(|_| Error::Internal("system RNG failed".into()))?;
         let e = u64::from_be_bytes(b);
         if e != 0 {
             return Ok(e);

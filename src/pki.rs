@@ -144,13 +144,13 @@ impl NodeCert {
     /// validity of `validity` from one minute ago: the starting point to renew it.
     pub fn from_certificate(cert_der: &[u8], validity: Duration) -> Result<NodeCert> {
         let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
-            .map_err(|e| Error::Config(format!("not a certificate: {e}")))?;
+            .map_err(|e| Error::InvalidInput(format!("not a certificate: {e}")))?;
         let common_name = cert
             .subject()
             .iter_common_name()
             .next()
             .and_then(|cn| cn.as_str().ok())
-            .ok_or_else(|| Error::Config("the certificate has no common name".into()))?;
+            .ok_or_else(|| Error::InvalidInput("the certificate has no common name".into()))?;
         let now = SystemTime::now();
         let mut node = NodeCert::new(common_name).validity(now - Duration::from_secs(60), now + validity);
         if let Ok(Some(san)) = cert.subject_alternative_name() {
@@ -202,9 +202,9 @@ impl NodeCert {
         p.use_authority_key_identifier_extension = true;
         for d in &self.dns {
             if !is_dns_name(d) {
-                return Err(Error::Config(format!("not a DNS name: {d:?}")));
+                return Err(Error::InvalidInput(format!("not a DNS name: {d:?}")));
             }
-            let name = d.clone().try_into().map_err(|_| Error::Config(format!("not a DNS name: {d:?}")))?;
+            let name = d.clone().try_into().map_err(|_| Error::InvalidInput(format!("not a DNS name: {d:?}")))?;
             p.subject_alt_names.push(SanType::DnsName(name));
         }
         for ip in &self.ips {
@@ -212,9 +212,9 @@ impl NodeCert {
         }
         for u in &self.uris {
             if !is_uri(u) {
-                return Err(Error::Config(format!("not a URI: {u:?}")));
+                return Err(Error::InvalidInput(format!("not a URI: {u:?}")));
             }
-            let uri = u.clone().try_into().map_err(|_| Error::Config(format!("not a URI: {u:?}")))?;
+            let uri = u.clone().try_into().map_err(|_| Error::InvalidInput(format!("not a URI: {u:?}")))?;
             p.subject_alt_names.push(SanType::URI(uri));
         }
         Ok(p)
@@ -281,12 +281,12 @@ impl Ca {
         let cert_der: CertificateDer<'static> = {
             use rustls_pki_types::pem::PemObject;
             CertificateDer::from_pem_slice(cert_pem.as_bytes())
-                .map_err(|e| Error::Config(format!("CA certificate: {e}")))?
+                .map_err(|e| Error::InvalidInput(format!("CA certificate: {e}")))?
         };
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert_der)
-            .map_err(|e| Error::Config(format!("CA certificate: {e}")))?;
+            .map_err(|e| Error::InvalidInput(format!("CA certificate: {e}")))?;
         if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(Error::Config("the CA key does not match the CA certificate".into()));
+            return Err(Error::InvalidInput("the CA key does not match the CA certificate".into()));
         }
         let issuer = Issuer::from_ca_cert_der(&cert_der, key).map_err(pki_err)?;
         Ok(Ca { cert_der, cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned(), issuer })
@@ -396,14 +396,14 @@ fn is_uri(uri: &str) -> bool {
 /// A random positive 128-bit serial number (RFC 5280 allows up to 20 octets).
 fn random_serial() -> Result<SerialNumber> {
     let mut bytes = [0u8; 16];
-    SystemRandom::new().fill(&mut bytes).map_err(|_| Error::Config("system RNG failed".into()))?;
+    SystemRandom::new().fill(&mut bytes).map_err(|_| Error::Internal("system RNG failed".into()))?;
     // Positive, and no leading zero octet, so the DER encoding is exactly these 16 bytes.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     Ok(SerialNumber::from_slice(&bytes))
 }
 
 fn pki_err(e: rcgen::Error) -> Error {
-    Error::Config(format!("certificate generation: {e}"))
+    Error::InvalidInput(format!("certificate generation: {e}"))
 }
 
 #[cfg(test)]
@@ -428,7 +428,7 @@ mod tests {
         let again = Ca::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
         again.issue(&NodeCert::new("b").dns("b.example")).unwrap();
         let other = Ca::new("other", KeyType::Ed25519, Duration::from_secs(3600)).unwrap();
-        assert!(matches!(Ca::from_pem(ca.cert_pem(), other.key_pem()), Err(Error::Config(_))));
+        assert!(matches!(Ca::from_pem(ca.cert_pem(), other.key_pem()), Err(Error::InvalidInput(_))));
     }
 
     #[test]
@@ -467,7 +467,7 @@ mod tests {
         for bad in
             [NodeCert::new("x").dns("bad name"), NodeCert::new("x").dns("a..b"), NodeCert::new("x").uri("no scheme")]
         {
-            assert!(matches!(ca.issue(&bad), Err(Error::Config(_))), "{bad:?}");
+            assert!(matches!(ca.issue(&bad), Err(Error::InvalidInput(_))), "{bad:?}");
         }
         ca.issue(&NodeCert::new("x").dns("a-b.example").uri("spiffe://example.org/x")).unwrap();
     }

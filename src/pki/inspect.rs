@@ -33,11 +33,12 @@ pub struct Inspection {
 pub fn inspect_pem(bytes: &[u8]) -> Result<Inspection> {
     let mut out = Inspection::default();
     for pem in Pem::iter_from_buffer(bytes) {
-        let pem = pem.map_err(|e| Error::Config(format!("not PEM ({e}): give a PEM certificate, chain or CRL")))?;
+        let pem =
+            pem.map_err(|e| Error::InvalidInput(format!("not PEM ({e}): give a PEM certificate, chain or CRL")))?;
         match pem.label.as_str() {
             "CERTIFICATE" => {
                 let (_, cert) = X509Certificate::from_der(&pem.contents).map_err(|_| {
-                    Error::Config(
+                    Error::InvalidInput(
                         "a CERTIFICATE section does not hold a valid X.509 certificate (malformed DER)".into(),
                     )
                 })?;
@@ -45,7 +46,7 @@ pub fn inspect_pem(bytes: &[u8]) -> Result<Inspection> {
             }
             "X509 CRL" => {
                 let (_, crl) = CertificateRevocationList::from_der(&pem.contents).map_err(|_| {
-                    Error::Config("an X509 CRL section does not hold a valid CRL (malformed DER)".into())
+                    Error::InvalidInput("an X509 CRL section does not hold a valid CRL (malformed DER)".into())
                 })?;
                 out.reports.push(describe_crl(&crl));
             }
@@ -53,7 +54,7 @@ pub fn inspect_pem(bytes: &[u8]) -> Result<Inspection> {
         }
     }
     if out.reports.is_empty() {
-        return Err(Error::Config("no certificate or CRL in it: give a PEM certificate, chain or CRL".into()));
+        return Err(Error::InvalidInput("no certificate or CRL in it: give a PEM certificate, chain or CRL".into()));
     }
     Ok(out)
 }

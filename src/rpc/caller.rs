@@ -40,7 +40,7 @@ impl SessionRpc {
     ) -> Result<Bytes> {
         let timeout = || Error::Timeout { what: Timed::RpcCall };
         if method.is_empty() || method.len() > MAX_METHOD_LEN {
-            return Err(Error::Config(format!("RPC method names are 1 to {MAX_METHOD_LEN} bytes")));
+            return Err(Error::InvalidInput(format!("RPC method names are 1 to {MAX_METHOD_LEN} bytes")));
         }
         let overhead = REQUEST_OVERHEAD + method.len();
         let size = body.len() + overhead;
@@ -53,7 +53,7 @@ impl SessionRpc {
         };
         let (tx, rx) = oneshot::channel();
         if self.pending().insert(call, tx).is_some() {
-            return Err(Error::Config(format!("RPC call {call:?} is already waiting on this session")));
+            return Err(Error::InvalidInput(format!("RPC call {call:?} is already waiting on this session")));
         }
         let mut guard = AwaitedCall { rpc: self, outlet, call, answered: false };
         if outlet.is_ended() {
@@ -63,7 +63,7 @@ impl SessionRpc {
         let mut frame = Vec::with_capacity(size);
         RpcFrame::Request { call, method: method.to_owned(), budget_ms: budget as u32, idempotent, body }
             .encode(&mut frame)
-            .map_err(|e| Error::Config(e.to_string()))?;
+            .map_err(|e| Error::InvalidInput(e.to_string()))?;
         outlet.count(Counter::rpc_calls);
         tokio::select! {
             r = outlet.send(REQUEST_CHANNEL, frame.into()) => r?,

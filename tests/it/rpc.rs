@@ -479,7 +479,7 @@ async fn oversize_requests_are_refused_by_the_server_or_before_sending() {
     assert!(matches!(e, Error::MessageTooLarge { .. }), "{e:?}");
     // A method name over 255 bytes is a local error too.
     let e = c.request_bytes(&"m".repeat(256), Bytes::new(), CallOptions::new(SECOND)).await.unwrap_err();
-    assert!(matches!(e, Error::Config(_)), "{e:?}");
+    assert!(matches!(e, Error::InvalidInput(_)), "{e:?}");
     assert_eq!(server.stats().rpc_requests, 2);
 }
 

@@ -24,7 +24,7 @@ struct Note {
 const LOOPBACK: &str = "127.0.0.1:0";
 
 /// Runs the demo and writes its report to `out`.
-pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
+pub(crate) async fn run(out: &mut impl Write) -> crate::Result<()> {
     let started = Instant::now();
     let mut checks = Checks::default();
     let dir = tempfile::tempdir()?;
@@ -163,7 +163,7 @@ pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
     let mut faults = LinkConfig::default();
     (faults.loss, faults.duplicate, faults.reorder, faults.corrupt) = (0.05, 0.05, 0.4, 0.02);
     faults.jitter = Duration::from_millis(1);
-    proxy.reconfigure(faults).map_err(Error::Config)?;
+    proxy.reconfigure(faults).map_err(crate::CliError::Input)?;
     const LOSSY: u32 = 2000;
     let sender = tokio::spawn({
         let lossy = lossy.clone();
@@ -195,7 +195,7 @@ pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
         last[ch] = Some(v);
         received.push(v);
     }
-    sender.await.map_err(|e| Error::Config(e.to_string()))??;
+    sender.await.map_err(|e| crate::CliError::Input(e.to_string()))??;
     let sent_stats = lossy.stats();
     let recv_stats = at_lossy.stats();
     let link = proxy.stats();
@@ -240,7 +240,7 @@ pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
         .collect();
     let mut answered = 0;
     for call in calls {
-        if call.await.map_err(|e| Error::Config(e.to_string()))?? {
+        if call.await.map_err(|e| crate::CliError::Input(e.to_string()))?? {
             answered += 1;
         }
     }
@@ -273,7 +273,7 @@ pub(crate) async fn run(out: &mut impl Write) -> quicseal::Result<()> {
         writeln!(out, "result   OK")?;
         Ok(())
     } else {
-        Err(Error::Config(format!("{} demo checks failed", checks.failed.len())))
+        Err(crate::CliError::Input(format!("{} demo checks failed", checks.failed.len())))
     }
 }
 

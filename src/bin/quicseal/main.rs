@@ -51,11 +51,32 @@ enum Command {
     Man,
 }
 
-/// An error as one sentence: a configuration problem is its own message, the rest their
-/// `Display`.
+/// What a command fails with: bad input to the command itself, or the library's error.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CliError {
+    /// Bad input to the command (an argument, a file it was given), as one sentence that says
+    /// what and how to fix it.
+    #[error("{0}")]
+    Input(String),
+    /// The library's error.
+    #[error("{}", sentence(.0))]
+    Lib(#[from] quicseal::Error),
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> CliError {
+        CliError::Lib(e.into())
+    }
+}
+
+/// The result of a command.
+pub(crate) type Result<T, E = CliError> = std::result::Result<T, E>;
+
+/// A library error as one sentence: a configuration or input problem is its own message, the
+/// rest their `Display`.
 pub(crate) fn sentence(e: &quicseal::Error) -> String {
     match e {
-        quicseal::Error::Config(m) => m.clone(),
+        quicseal::Error::Config(m) | quicseal::Error::InvalidInput(m) => m.clone(),
         e => e.to_string(),
     }
 }
@@ -100,7 +121,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Command::Man => {
-            let result = clap_mangen::Man::new(Cli::command()).render(&mut out).map_err(quicseal::Error::from);
+            let result = clap_mangen::Man::new(Cli::command()).render(&mut out).map_err(CliError::from);
             return finish(result.map(|()| 0), &mut out);
         }
         command => command,
@@ -124,12 +145,12 @@ fn main() -> ExitCode {
     finish(result, &mut out)
 }
 
-fn finish(result: quicseal::Result<u8>, out: &mut impl Write) -> ExitCode {
+fn finish(result: Result<u8>, out: &mut impl Write) -> ExitCode {
     let _ = out.flush();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {}", sentence(&e));
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -64,7 +64,7 @@ fn parse_blackout(s: &str) -> Result<(Duration, Duration), String> {
     Ok((args::millis(a)?, args::millis(b)?))
 }
 
-pub(crate) async fn run(args: ProxyArgs, out: &mut impl Write) -> quicseal::Result<()> {
+pub(crate) async fn run(args: ProxyArgs, out: &mut impl Write) -> crate::Result<()> {
     let mut config = LinkConfig::default();
     config.loss = args.loss;
     config.burst = args.burst;
@@ -75,7 +75,7 @@ pub(crate) async fn run(args: ProxyArgs, out: &mut impl Write) -> quicseal::Resu
     config.corrupt = args.corrupt;
     config.blackouts = args.blackout;
     config.seed = args.seed;
-    config.validate().map_err(quicseal::Error::Config)?;
+    config.validate().map_err(crate::CliError::Input)?;
     let duration = args.duration;
     let proxy = Proxy::start(args.listen, args.target, config).await?;
     writeln!(out, "proxy listening on {} -> {}", proxy.local_addr(), args.target)?;

@@ -19,17 +19,14 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Installs the Prometheus recorder as the process's `metrics` recorder, binds `addr` and
 /// serves the node's metrics there until the task is dropped. Returns the bound address.
-pub(crate) async fn serve(
-    node: &Node,
-    addr: SocketAddr,
-) -> quicseal::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub(crate) async fn serve(node: &Node, addr: SocketAddr) -> crate::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let recorder = PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder)
-        .map_err(|e| quicseal::Error::Config(format!("cannot install the metrics recorder: {e}")))?;
+        .map_err(|e| crate::CliError::Input(format!("cannot install the metrics recorder: {e}")))?;
     let listener = TcpListener::bind(addr)
         .await
-        .map_err(|e| quicseal::Error::Config(format!("--metrics {addr}: cannot listen there: {e}")))?;
+        .map_err(|e| crate::CliError::Input(format!("--metrics {addr}: cannot listen there: {e}")))?;
     let bound = listener.local_addr()?;
     let node = node.clone();
     let task = tokio::spawn(async move {

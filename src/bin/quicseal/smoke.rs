@@ -48,27 +48,27 @@ impl Tls {
         self.crl.iter().fold(CertFiles::new(&self.cert, &self.key, &self.ca), |f, crl| f.crl(crl))
     }
 
-    fn policy(&self) -> quicseal::Result<Policy> {
+    fn policy(&self) -> crate::Result<Policy> {
         if self.allow.is_empty() {
             return Ok(Policy::any_authenticated());
         }
         self.allow.iter().try_fold(Policy::allow_list(), |p, rule| {
             if let Some(hex) = rule.strip_prefix("key:") {
                 let fp: Fingerprint = hex.parse().map_err(|_| {
-                    Error::Config(format!(
+                    crate::CliError::Input(format!(
                         "--allow {rule}: not a key fingerprint (64 hex digits, as `cert inspect` shows)"
                     ))
                 })?;
                 Ok(p.allow_fingerprint(fp))
             } else if let Some(domain) = rule.strip_prefix("spiffe://").filter(|d| !d.contains('/')) {
                 if domain.is_empty() {
-                    return Err(Error::Config(
+                    return Err(crate::CliError::Input(
                         "--allow spiffe://: give a trust domain, e.g. spiffe://example.org".into(),
                     ));
                 }
                 Ok(p.allow_spiffe_trust_domain(domain))
             } else if rule.is_empty() {
-                Err(Error::Config("--allow \"\": give a name, spiffe://DOMAIN or key:FINGERPRINT".into()))
+                Err(crate::CliError::Input("--allow \"\": give a name, spiffe://DOMAIN or key:FINGERPRINT".into()))
             } else {
                 Ok(p.allow_name(rule))
             }
@@ -77,7 +77,7 @@ impl Tls {
 
     /// Loads the files, refuses a certificate that cannot work in `role`, and builds the node
     /// configuration.
-    fn config(&self, role: CliRole, limits: Limits) -> quicseal::Result<NodeConfig> {
+    fn config(&self, role: CliRole, limits: Limits) -> crate::Result<NodeConfig> {
         let (identity, trust) = self.files().load()?;
         startup_checks(&self.cert, &identity.chain()[0], role)?;
         Ok(NodeConfig::new(identity, trust).policy(self.policy()?).limits(limits))
@@ -88,12 +88,12 @@ impl Tls {
 /// or not valid yet, or one whose extended key usage does not allow the role (a listener needs
 /// `serverAuth`, a sender `clientAuth`). (The node itself warns when it or a CA expires within
 /// 30 days.)
-fn startup_checks(path: &std::path::Path, leaf: &[u8], role: CliRole) -> quicseal::Result<()> {
+fn startup_checks(path: &std::path::Path, leaf: &[u8], role: CliRole) -> crate::Result<()> {
     let file = path.display();
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|e| Error::Config(format!("{file}: the certificate does not parse: {e}")))?;
+        .map_err(|e| crate::CliError::Input(format!("{file}: the certificate does not parse: {e}")))?;
     if cert.is_ca() {
-        return Err(Error::Config(format!(
+        return Err(crate::CliError::Input(format!(
             "{file} is a CA certificate: a node presents a node certificate issued by the CA \
              (`quicseal cert issue NODE`)"
         )));
@@ -101,13 +101,13 @@ fn startup_checks(path: &std::path::Path, leaf: &[u8], role: CliRole) -> quicsea
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let validity = cert.validity();
     if validity.not_after.timestamp() <= now {
-        return Err(Error::Config(format!(
+        return Err(crate::CliError::Input(format!(
             "{file} expired on {}: renew it (`quicseal cert renew {file}`)",
             validity.not_after
         )));
     }
     if validity.not_before.timestamp() > now {
-        return Err(Error::Config(format!(
+        return Err(crate::CliError::Input(format!(
             "{file} is not valid before {} (check this machine's clock)",
             validity.not_before
         )));
@@ -119,7 +119,7 @@ fn startup_checks(path: &std::path::Path, leaf: &[u8], role: CliRole) -> quicsea
         };
         if !allowed {
             let what = if role == CliRole::Listener { "accept sessions" } else { "dial" };
-            return Err(Error::Config(format!(
+            return Err(crate::CliError::Input(format!(
                 "{file} cannot {what}: its extended key usage lacks {needed} (issued with {flag}?)"
             )));
         }
@@ -172,7 +172,7 @@ pub(crate) struct SendArgs {
     message: String,
 }
 
-pub(crate) async fn listen(args: ListenArgs, out: &mut impl Write) -> quicseal::Result<()> {
+pub(crate) async fn listen(args: ListenArgs, out: &mut impl Write) -> crate::Result<()> {
     let tls = &args.tls;
     let node = Node::bind(args.bind, tls.config(CliRole::Listener, Limits::default())?)?;
     let _watcher = node.watch(tls.files());
@@ -289,7 +289,7 @@ fn send_exit_code(e: &Error, sent: bool) -> u8 {
 
 /// Reads the message: the argument, or standard input for `-` (at most the largest message a
 /// node sends by default).
-fn message(arg: String) -> quicseal::Result<Vec<u8>> {
+fn message(arg: String) -> crate::Result<Vec<u8>> {
     if arg != "-" {
         return Ok(arg.into_bytes());
     }
@@ -297,15 +297,15 @@ fn message(arg: String) -> quicseal::Result<Vec<u8>> {
     let mut bytes = Vec::new();
     std::io::stdin().take(limit as u64 + 1).read_to_end(&mut bytes)?;
     if bytes.len() > limit {
-        return Err(Error::Config(format!("the message on standard input is over {limit} bytes")));
+        return Err(crate::CliError::Input(format!("the message on standard input is over {limit} bytes")));
     }
     Ok(bytes)
 }
 
-pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> quicseal::Result<u8> {
+pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> crate::Result<u8> {
     let tls = &args.tls;
     if rustls_pki_types::ServerName::try_from(args.name.as_str()).is_err() {
-        return Err(Error::Config(format!("--name {:?}: not a DNS name or IP address", args.name)));
+        return Err(crate::CliError::Input(format!("--name {:?}: not a DNS name or IP address", args.name)));
     }
     let payload = message(args.message)?;
     let mut limits = Limits::default();
@@ -341,7 +341,7 @@ pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> quicseal::Resu
         Err(e) => {
             let code = send_exit_code(&e, sent);
             if code == 1 {
-                return Err(e);
+                return Err(e.into());
             }
             let what = if sent { "sent, but not acknowledged" } else { "not sent" };
             let message = format!("{to} ({name}): {what}: {}", crate::sentence(&e));

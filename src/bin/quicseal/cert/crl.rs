@@ -19,7 +19,7 @@ pub(super) struct CrlArgs {
     ca_dir: PathBuf,
 }
 
-pub(super) fn crl(a: CrlArgs, out: &mut impl Write) -> quicseal::Result<u8> {
+pub(super) fn crl(a: CrlArgs, out: &mut impl Write) -> crate::Result<u8> {
     let (path, revoked) = CaDir::open(&a.ca_dir)?.write_crl(a.days)?;
     writeln!(out, "{}: {revoked} revoked, next update in {} days", path.display(), a.days)?;
     Ok(0)

@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use quicseal::Error;
 use quicseal::pki::{Ca, CaDir};
 
 use super::{DAY, KeyArg, directory};
@@ -29,9 +28,11 @@ pub(super) struct InitArgs {
     force: bool,
 }
 
-pub(super) fn init(a: InitArgs, out: &mut impl Write) -> quicseal::Result<u8> {
+pub(super) fn init(a: InitArgs, out: &mut impl Write) -> crate::Result<u8> {
     if a.name.trim().is_empty() {
-        return Err(Error::Config("--name is empty: give the CA a name, e.g. --name \"db cluster CA\"".into()));
+        return Err(crate::CliError::Input(
+            "--name is empty: give the CA a name, e.g. --name \"db cluster CA\"".into(),
+        ));
     }
     directory(&a.out, "--out")?;
     let ca = Ca::new(&a.name, a.key_type.into(), DAY * a.days)?;

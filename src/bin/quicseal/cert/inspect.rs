@@ -4,7 +4,6 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use quicseal::Error;
 
 #[derive(Args, Debug)]
 pub(super) struct InspectArgs {
@@ -15,11 +14,11 @@ pub(super) struct InspectArgs {
     json: bool,
 }
 
-pub(super) fn inspect(a: InspectArgs, out: &mut impl Write, err: &mut impl Write) -> quicseal::Result<u8> {
-    let bytes =
-        std::fs::read(&a.file).map_err(|e| Error::Config(format!("{}: cannot read it: {e}", a.file.display())))?;
+pub(super) fn inspect(a: InspectArgs, out: &mut impl Write, err: &mut impl Write) -> crate::Result<u8> {
+    let bytes = std::fs::read(&a.file)
+        .map_err(|e| crate::CliError::Input(format!("{}: cannot read it: {e}", a.file.display())))?;
     let inspection = quicseal::pki::inspect_pem(&bytes)
-        .map_err(|e| Error::Config(format!("{}: {}", a.file.display(), crate::sentence(&e))))?;
+        .map_err(|e| crate::CliError::Input(format!("{}: {}", a.file.display(), crate::sentence(&e))))?;
     for label in &inspection.skipped {
         writeln!(err, "skipping a PEM `{label}` section")?;
     }
@@ -30,7 +29,7 @@ pub(super) fn inspect(a: InspectArgs, out: &mut impl Write, err: &mut impl Write
             .map(|r| serde_json::Value::Object(r.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()))
             .collect();
         let v = if reports.len() == 1 { reports.remove(0) } else { serde_json::Value::Array(reports) };
-        writeln!(out, "{}", serde_json::to_string_pretty(&v).map_err(|e| Error::Config(e.to_string()))?)?;
+        writeln!(out, "{}", serde_json::to_string_pretty(&v).map_err(|e| crate::CliError::Input(e.to_string()))?)?;
         return Ok(0);
     }
     for (i, r) in reports.iter().enumerate() {

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use quicseal::Error;
 use quicseal::pki::{CaDir, NodeCert, Usage, hex, refuse_existing, write_atomic};
 
 use super::{KeyArg, directory};
@@ -51,11 +50,11 @@ pub(super) struct IssueArgs {
     force: bool,
 }
 
-pub(super) fn issue(a: IssueArgs, out: &mut impl Write) -> quicseal::Result<u8> {
+pub(super) fn issue(a: IssueArgs, out: &mut impl Write) -> crate::Result<u8> {
     // NODE names the files too: keep it a plain file name.
     let plain = a.node.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
     if a.node.is_empty() || a.node.starts_with('.') || !plain {
-        return Err(Error::Config(format!(
+        return Err(crate::CliError::Input(format!(
             "node name {:?}: use letters, digits, '-', '_' and '.' (it names the files too)",
             a.node
         )));

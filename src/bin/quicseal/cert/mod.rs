@@ -15,7 +15,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use quicseal::Error;
 use quicseal::pki::KeyType;
 
 mod crl;
@@ -74,7 +73,7 @@ impl From<KeyArg> for KeyType {
 }
 
 /// Runs a `cert` subcommand; returns the process exit code.
-pub(crate) fn run(args: CertArgs, out: &mut impl Write, err: &mut impl Write) -> quicseal::Result<u8> {
+pub(crate) fn run(args: CertArgs, out: &mut impl Write, err: &mut impl Write) -> crate::Result<u8> {
     match args.command {
         CertCommand::Init(a) => init::init(a, out),
         CertCommand::Issue(a) => issue::issue(a, out),
@@ -87,9 +86,9 @@ pub(crate) fn run(args: CertArgs, out: &mut impl Write, err: &mut impl Write) ->
 }
 
 /// Refuses an output directory that exists as something else (a file).
-pub(super) fn directory(dir: &Path, flag: &str) -> quicseal::Result<()> {
+pub(super) fn directory(dir: &Path, flag: &str) -> crate::Result<()> {
     if dir.exists() && !dir.is_dir() {
-        return Err(Error::Config(format!(
+        return Err(crate::CliError::Input(format!(
             "{flag} {}: not a directory: give a directory to write into",
             dir.display()
         )));

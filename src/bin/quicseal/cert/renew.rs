@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use clap::Args;
-use quicseal::Error;
 use quicseal::pki::{CaDir, NodeCert, hex, write_atomic};
 
 use super::DAY;
@@ -29,19 +28,23 @@ pub(super) struct RenewArgs {
     ca_dir: PathBuf,
 }
 
-pub(super) fn renew(a: RenewArgs, out: &mut impl Write) -> quicseal::Result<u8> {
+pub(super) fn renew(a: RenewArgs, out: &mut impl Write) -> crate::Result<u8> {
     let ca_dir = CaDir::open(&a.ca_dir)?;
     let ca = ca_dir.ca();
     let chain = quicseal::load_certificates(&a.cert)?;
     if !ca.is_issuer_of(&chain[0]) {
-        return Err(Error::Config(format!("{} was not issued by the CA in {}", a.cert.display(), a.ca_dir.display())));
+        return Err(crate::CliError::Input(format!(
+            "{} was not issued by the CA in {}",
+            a.cert.display(),
+            a.ca_dir.display()
+        )));
     }
     let (_, parsed) = x509_parser::parse_x509_certificate(&chain[0])
-        .map_err(|e| Error::Config(format!("{}: certificate does not parse: {e}", a.cert.display())))?;
+        .map_err(|e| crate::CliError::Input(format!("{}: certificate does not parse: {e}", a.cert.display())))?;
     if parsed.is_ca() {
         // Renewing a CA as a node certificate would replace the CA's key with a node key and
         // write a node certificate over the CA's: every later issuance would be broken.
-        return Err(Error::Config(format!(
+        return Err(crate::CliError::Input(format!(
             "{} is a CA certificate: `cert renew` renews node certificates. To rotate a CA, make a new one with \
              `cert init --out NEWDIR`, trust both CA certificates during an overlap, re-issue the nodes from the \
              new CA, then drop the old one",
@@ -50,7 +53,7 @@ pub(super) fn renew(a: RenewArgs, out: &mut impl Write) -> quicseal::Result<u8> 
     }
     let key_path = a.key.clone().unwrap_or_else(|| a.cert.with_extension("key"));
     if key_path.is_dir() {
-        return Err(Error::Config(format!(
+        return Err(crate::CliError::Input(format!(
             "--key {}: is a directory: give the key file (default: the certificate's path with .key)",
             key_path.display()
         )));
@@ -59,18 +62,18 @@ pub(super) fn renew(a: RenewArgs, out: &mut impl Write) -> quicseal::Result<u8> 
     let mut spec = NodeCert::from_certificate(&chain[0], DAY * a.days)?;
     spec = spec.validity(SystemTime::now() - Duration::from_secs(60), not_after);
     let issued = if a.reuse_key {
-        let key =
-            std::fs::read_to_string(&key_path).map_err(|e| Error::Config(format!("{}: {e}", key_path.display())))?;
+        let key = std::fs::read_to_string(&key_path)
+            .map_err(|e| crate::CliError::Input(format!("{}: {e}", key_path.display())))?;
         // The key must be this certificate's own.
         let cert_pem = std::fs::read(&a.cert)?;
         quicseal::Identity::from_pem(&cert_pem, key.as_bytes()).map_err(|e| {
-            Error::Config(format!("{} is not the key of {}: {e}", key_path.display(), a.cert.display()))
+            crate::CliError::Input(format!("{} is not the key of {}: {e}", key_path.display(), a.cert.display()))
         })?;
         // A key revoked for compromise is never certified again, under this certificate or any
         // other that carried it.
         let fingerprint = quicseal::Fingerprint::of_spki(parsed.tbs_certificate.subject_pki.raw);
         if ca_dir.key_compromised(parsed.raw_serial(), fingerprint)? {
-            return Err(Error::Config(format!(
+            return Err(crate::CliError::Input(format!(
                 "the key of {} was revoked for key compromise: it must not be certified again; renew without \
                  --reuse-key",
                 a.cert.display()

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, ValueEnum};
-use quicseal::Error;
 use quicseal::pki::{CaDir, Revocation, RevocationReason, hex, unhex};
 use x509_parser::prelude::*;
 
@@ -51,26 +50,27 @@ pub(super) struct RevokeArgs {
     force: bool,
 }
 
-pub(super) fn revoke(a: RevokeArgs, out: &mut impl Write) -> quicseal::Result<u8> {
+pub(super) fn revoke(a: RevokeArgs, out: &mut impl Write) -> crate::Result<u8> {
     let ca_dir = CaDir::open(&a.ca_dir)?;
     let (serial, key) = match (&a.cert, &a.serial) {
         (Some(path), _) => {
             let chain = quicseal::load_certificates(path)?;
             if !ca_dir.ca().is_issuer_of(&chain[0]) {
-                return Err(Error::Config(format!(
+                return Err(crate::CliError::Input(format!(
                     "{} was not issued by the CA in {}",
                     path.display(),
                     a.ca_dir.display()
                 )));
             }
-            let (_, cert) = X509Certificate::from_der(&chain[0]).map_err(|e| Error::Config(e.to_string()))?;
+            let (_, cert) = X509Certificate::from_der(&chain[0]).map_err(|e| crate::CliError::Input(e.to_string()))?;
             let key = quicseal::Fingerprint::of_spki(cert.tbs_certificate.subject_pki.raw);
             (cert.raw_serial().to_vec(), Some(key))
         }
         (None, Some(hex)) => {
-            let serial = unhex(hex).ok_or_else(|| Error::Config(format!("not a hex serial number: {hex:?}")))?;
+            let serial =
+                unhex(hex).ok_or_else(|| crate::CliError::Input(format!("not a hex serial number: {hex:?}")))?;
             if !a.force && !ca_dir.was_issued(&serial)? {
-                return Err(Error::Config(format!(
+                return Err(crate::CliError::Input(format!(
                     "serial {hex} was never issued from {} (not in its `issued` list): check the serial \
                      (`cert inspect CERT` shows it), or add --force to revoke it anyway",
                     a.ca_dir.display()
@@ -78,7 +78,7 @@ pub(super) fn revoke(a: RevokeArgs, out: &mut impl Write) -> quicseal::Result<u8
             }
             (serial, None)
         }
-        (None, None) => return Err(Error::Config("give a certificate or --serial".into())),
+        (None, None) => return Err(crate::CliError::Input("give a certificate or --serial".into())),
     };
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let revocation =

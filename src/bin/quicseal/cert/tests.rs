@@ -17,7 +17,7 @@ struct Cli {
 }
 
 /// Runs `quicseal cert ARGS...` in-process; returns (exit code or error, stdout).
-fn cert(args: &[&str]) -> (quicseal::Result<u8>, String) {
+fn cert(args: &[&str]) -> (crate::Result<u8>, String) {
     let cli = Cli::try_parse_from(std::iter::once("cert").chain(args.iter().copied())).expect("arguments parse");
     let (mut out, mut err) = (Vec::new(), Vec::new());
     let r = run(CertArgs { command: cli.command }, &mut out, &mut err);
@@ -234,6 +234,6 @@ fn renew_keeps_the_names_with_a_new_or_the_same_key() {
 }
 
 /// Whether `r` failed with an error whose message satisfies `check`.
-fn fails_with(r: &quicseal::Result<u8>, check: impl Fn(&str) -> bool) -> bool {
+fn fails_with(r: &crate::Result<u8>, check: impl Fn(&str) -> bool) -> bool {
     matches!(r, Err(e) if check(&e.to_string()))
 }

@@ -28,18 +28,18 @@ pub(super) struct VerifyArgs {
     json: bool,
 }
 
-pub(super) fn verify(a: VerifyArgs, out: &mut impl Write) -> quicseal::Result<u8> {
+pub(super) fn verify(a: VerifyArgs, out: &mut impl Write) -> crate::Result<u8> {
     // Bad input is exit 1, not a verdict: a file that is not a certificate, a name that is not
     // one.
     if let Some(name) = &a.name {
         if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
-            return Err(Error::Config(format!("--name {name:?}: not a DNS name or IP address")));
+            return Err(crate::CliError::Input(format!("--name {name:?}: not a DNS name or IP address")));
         }
     }
     let chain = quicseal::load_certificates(&a.cert)?;
     for (i, der) in chain.iter().enumerate() {
         X509Certificate::from_der(der).map_err(|_| {
-            Error::Config(format!(
+            crate::CliError::Input(format!(
                 "{}: certificate {} of the file is not a valid X.509 certificate (malformed DER)",
                 a.cert.display(),
                 i + 1
@@ -67,7 +67,7 @@ pub(super) fn verify(a: VerifyArgs, out: &mut impl Write) -> quicseal::Result<u8
             };
             (code, format!("INVALID: {}: {}", a.cert.display(), tls.reason()))
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     if a.json {
         let v =
