@@ -2,8 +2,8 @@
 //!
 //! Errors come in layers, as in rustls: the peer misbehaved ([`Error::ProtocolViolation`] with
 //! [`Side::Local`]), the peer refused us ([`Error::Unauthorized`] with [`Side::Remote`], or
-//! [`TlsError::Remote`]), the caller misused the API ([`Error::MessageTooLarge`], [`Error::Limit`]),
-//! or the configuration is wrong ([`Error::Config`], [`Error::Load`]). Details that help an
+//! [`TlsError::Remote`]), the caller misused the API ([`Error::MessageTooLarge`], [`Error::Limit`],
+//! [`Error::InvalidInput`]), or the configuration is wrong ([`Error::Config`], [`Error::Load`]). Details that help an
 //! operator stay in the local error; what is sent to the peer is only a close code.
 
 use std::fmt;

@@ -205,7 +205,6 @@ pub fn reliable_ops(data: &[u8]) {
 pub fn session_core(data: &[u8]) {
     use crate::proto::session::{SessionConfig, SessionCore, Stop};
     use crate::proto::wire::{FRAME_HEADER_LEN, STREAM_HEADER_LEN, StreamKind};
-    use crate::stats::{Counters, Tally};
 
     let config = |epoch, peer_epoch| SessionConfig {
         epoch,
@@ -234,10 +233,9 @@ pub fn session_core(data: &[u8]) {
         material[0] = key_counter;
         (seal::derive_keys(&material, Role::Dialler), seal::derive_keys(&material, Role::Acceptor))
     };
-    let tally = || Tally { session: Arc::new(Counters::default()), node: Arc::new(Counters::default()) };
     let (ka, kb) = keys();
-    let mut a = SessionCore::new(config(1, 2), ka, 1, tally());
-    let mut b = SessionCore::new(config(2, 1), kb, 2, tally());
+    let mut a = SessionCore::new(config(1, 2), ka, 1);
+    let mut b = SessionCore::new(config(2, 1), kb, 2);
     // In flight: A's frames to B (channel, frame), B's ACK frames to A.
     let mut to_b: Vec<(u16, Bytes)> = Vec::new();
     let mut to_a: Vec<Bytes> = Vec::new();

@@ -635,7 +635,7 @@ impl Session {
             epoch,
             unread_budget: p.unread_budget.clone(),
             core: Mutex::new(Core {
-                state: SessionCore::new(p.config, keys, seed, p.tally.clone()),
+                state: SessionCore::with_tally(p.config, keys, seed, p.tally.clone()),
                 node: p.unread_budget,
                 accounted: 0,
             }),

@@ -173,6 +173,11 @@ pub(crate) struct Tally {
 }
 
 impl Tally {
+    /// Counters of their own (a session core outside a node).
+    pub(crate) fn standalone() -> Tally {
+        Tally { session: Arc::new(Counters::default()), node: Arc::new(Counters::default()) }
+    }
+
     pub(crate) fn add(&self, c: Counter, n: u64) {
         self.session.get(c).fetch_add(n, Ordering::Relaxed);
         self.node.get(c).fetch_add(n, Ordering::Relaxed);

@@ -1,6 +1,13 @@
 //! The sans-IO core: pure functions and state machines that take bytes and return bytes and
 //! decisions. No tokio, no sockets, no clock, no global RNG in here: the async shell
 //! ([`Node`](crate::Node), [`Session`](crate::Session)) only moves bytes.
+//!
+//! Public for those who build their own shell (another runtime, another QUIC stack, a
+//! simulator): [`session::SessionCore`] is the whole session protocol once a connection is up,
+//! [`hello`] decides what a HELLO starts (new session, resumption, refusal), [`seal`] derives
+//! the message keys from the TLS exporter. `PROTOCOL.md` is the specification they implement.
+//! This is a lower-level interface than [`Node`](crate::Node): it follows the protocol's
+//! versions, not the stability of the rest of the API.
 
 pub mod epochs;
 pub mod hello;

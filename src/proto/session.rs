@@ -247,9 +247,25 @@ impl std::fmt::Debug for SessionCore {
 }
 
 impl SessionCore {
-    /// A session over its first connection, with that connection's message keys. `seed` drives
-    /// the retransmission jitter; `tally` receives the counters.
-    pub(crate) fn new(config: SessionConfig, keys: (SealingKey, OpeningKey), seed: u64, tally: Tally) -> SessionCore {
+    /// A session over its first connection, with that connection's message keys (see
+    /// [`derive_keys`](super::seal::derive_keys)). `seed` drives the retransmission jitter (any
+    /// value; a random one in production). Its counters are its own: [`SessionCore::stats`].
+    pub fn new(config: SessionConfig, keys: (SealingKey, OpeningKey), seed: u64) -> SessionCore {
+        SessionCore::with_tally(config, keys, seed, Tally::standalone())
+    }
+
+    /// What this session counted so far (sent, delivered, refused...; the gauges are zero).
+    pub fn stats(&self) -> crate::Stats {
+        self.tally.session.snapshot()
+    }
+
+    /// [`SessionCore::new`], counting into a node's counters too.
+    pub(crate) fn with_tally(
+        config: SessionConfig,
+        keys: (SealingKey, OpeningKey),
+        seed: u64,
+        tally: Tally,
+    ) -> SessionCore {
         let (sealing, opening) = keys;
         let mut inbox = config.inbox.clone();
         inbox.reserved_from = inbox.reserved_from.or(Some(FIRST_RESERVED_CHANNEL));

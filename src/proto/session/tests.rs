@@ -307,7 +307,7 @@ impl Pair {
         let side = |i: usize, k, rng: &mut Rng| {
             let counters = Arc::new(Counters::default());
             let tally = Tally { session: counters.clone(), node: Arc::new(Counters::default()) };
-            let core = SessionCore::new(config(&plan, epochs[i], epochs[1 - i]), k, rng.next(), tally);
+            let core = SessionCore::with_tally(config(&plan, epochs[i], epochs[1 - i]), k, rng.next(), tally);
             Side {
                 core,
                 counters,
