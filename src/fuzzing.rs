@@ -269,8 +269,9 @@ pub fn session_core(data: &[u8]) {
             2 => loop {
                 match a.poll_transmit(now, wall(now), |_| false) {
                     Ok(out) => {
-                        to_b.extend(out.frames);
-                        if !out.more {
+                        let more = out.more;
+                        to_b.extend(out.seal_all(&mut a).1);
+                        if !more {
                             break;
                         }
                     }

@@ -60,7 +60,7 @@ use crate::error::{Error, Limited, Result, Side, Timed, close_code, from_connect
 use crate::identity::PeerIdentity;
 use crate::proto::rpc::CallId;
 use crate::proto::seal::{OpeningKey, SealError, SealingKey};
-use crate::proto::session::{Arrival, DatagramError, PushError, SessionConfig, SessionCore, Stop, Violation};
+use crate::proto::session::{Arrival, DatagramError, PushError, SessionConfig, SessionCore, Stop, Violation, seal_one};
 use crate::proto::wire::{
     self, FRAME_HEADER_LEN, MESSAGE_OVERHEAD, MessageKind, STREAM_HEADER_LEN, StreamKind, WireError,
 };
@@ -1179,11 +1179,18 @@ impl Writer {
         if let Some(acks) = out.control {
             self.control_backlog.push_back(acks);
         }
-        for (channel, frame) in out.frames {
+        // New messages are sealed here, outside the core's lock (readers and senders of this
+        // session need it meanwhile), then handed back for resends.
+        let mut sealed = Vec::new();
+        for (channel, o) in out.frames {
+            let frame = seal_one(channel, o, &mut sealed);
             match self.backlog.iter_mut().find(|(c, _)| *c == channel) {
                 Some((_, frames)) => frames.push_back(frame),
                 None => self.backlog.push((channel, VecDeque::from([frame]))),
             }
+        }
+        if !sealed.is_empty() {
+            shared.core().record_sealed(out.connection, sealed);
         }
         Ok(out.more)
     }

@@ -228,17 +228,69 @@ impl ChannelSealer {
 
     /// Appends the sealed MESSAGE frame for `payload` to `out`.
     pub fn seal(&mut self, seq: u64, sent_at_ms: u64, payload: &[u8], out: &mut Vec<u8>) -> Result<(), SealError> {
+        self.ticket(seq, sent_at_ms, payload.len())?.seal(payload, out);
+        Ok(())
+    }
+
+    /// Takes `seq` for a payload of `len` bytes: checks it and counts it against the key's
+    /// limits, as [`ChannelSealer::seal`] does, and returns the ticket that seals it. A ticket
+    /// holds no borrow, so the encryption itself can run elsewhere (outside a lock); the
+    /// sequence number is spent either way, so no nonce is ever used twice.
+    pub fn ticket(&mut self, seq: u64, sent_at_ms: u64, len: usize) -> Result<SealTicket, SealError> {
         if seq <= self.last {
             return Err(SealError::SeqNotIncreasing { last: self.last, seq });
         }
         if seq > MAX_SEQ {
             return Err(SealError::SeqExhausted);
         }
-        if payload.len() > MAX_MESSAGE_SIZE {
-            return Err(SealError::TooLarge(payload.len()));
+        if len > MAX_MESSAGE_SIZE {
+            return Err(SealError::TooLarge(len));
         }
-        self.key.spend(payload.len())?;
-        let aad = wire::message_aad(self.kind, self.channel, self.epoch, seq, sent_at_ms, payload.len());
+        self.key.spend(len)?;
+        self.last = seq;
+        Ok(SealTicket {
+            key: self.key.clone(),
+            epoch: self.epoch,
+            kind: self.kind,
+            channel: self.channel,
+            seq,
+            sent_at_ms,
+            len,
+        })
+    }
+}
+
+/// The right to seal one message: its key, numbering and send time, taken from a
+/// [`ChannelSealer`] (see [`ChannelSealer::ticket`]).
+#[derive(Debug)]
+pub struct SealTicket {
+    key: Arc<SealingKey>,
+    epoch: u64,
+    kind: MessageKind,
+    channel: u16,
+    seq: u64,
+    sent_at_ms: u64,
+    len: usize,
+}
+
+impl SealTicket {
+    /// The sequence number it seals.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The send time it seals into the frame (ms since the Unix epoch).
+    pub fn sent_at_ms(&self) -> u64 {
+        self.sent_at_ms
+    }
+
+    /// Appends the sealed MESSAGE frame for `payload` to `out`.
+    ///
+    /// # Panics
+    /// If `payload` is not as long as the ticket was taken for.
+    pub fn seal(self, payload: &[u8], out: &mut Vec<u8>) {
+        assert_eq!(payload.len(), self.len, "a ticket seals the payload it was taken for");
+        let aad = wire::message_aad(self.kind, self.channel, self.epoch, self.seq, self.sent_at_ms, payload.len());
         out.reserve(aad.len() + payload.len() + TAG_LEN);
         out.extend_from_slice(&aad);
         let start = out.len();
@@ -246,11 +298,9 @@ impl ChannelSealer {
         let tag = self
             .key
             .key
-            .seal_in_place_separate_tag(nonce(self.kind, self.channel, seq), Aad::from(aad), &mut out[start..])
+            .seal_in_place_separate_tag(nonce(self.kind, self.channel, self.seq), Aad::from(aad), &mut out[start..])
             .expect("payload size is within AES-GCM limits");
         out.extend_from_slice(tag.as_ref());
-        self.last = seq;
-        Ok(())
     }
 }
 

@@ -43,7 +43,7 @@ use bytes::Bytes;
 
 use super::reliable::{Full, Inbox, InboxConfig, Outbox, OutboxConfig, Received};
 use super::replay::MAX_SEQ;
-use super::seal::{ChannelSealer, OpenConfig, Opened, Opener, OpeningKey, Reject, SealError, SealingKey};
+use super::seal::{ChannelSealer, OpenConfig, Opened, Opener, OpeningKey, Reject, SealError, SealTicket, SealingKey};
 pub use super::violation::Violation;
 use super::wire::{
     self, FRAME_HEADER_LEN, Frame, FrameHeader, MESSAGE_OVERHEAD, MessageKind, STREAM_HEADER_LEN, StreamKind,
@@ -122,15 +122,73 @@ pub enum Stop {
     Seal(SealError),
 }
 
-/// What to write now: ACK frames for the control stream and sealed frames per channel stream.
+/// What to write now: ACK frames for the control stream and MESSAGE frames per channel stream.
 #[derive(Debug, Default)]
 pub struct Transmits {
     /// ACK frames, concatenated, for the control stream.
     pub control: Option<Bytes>,
-    /// Sealed MESSAGE frames, each for its channel's stream, in order per channel.
-    pub frames: Vec<(u16, Bytes)>,
+    /// MESSAGE frames, each for its channel's stream, in order per channel: resends as the
+    /// frames sealed before, new messages as tickets to seal (see [`Outgoing`]).
+    pub frames: Vec<(u16, Outgoing)>,
     /// The batch was full: call again, there may be more.
     pub more: bool,
+    /// The connection these frames are for (see [`SessionCore::record_sealed`]).
+    pub connection: u64,
+}
+
+/// One MESSAGE frame to write.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A frame sealed before on this connection, sent again byte for byte.
+    Sealed(Bytes),
+    /// A new message: its sequence number is taken; seal the payload with the ticket (no lock
+    /// needed), write the frame, and hand it back with [`SessionCore::record_sealed`] so that a
+    /// resend on this connection is the same frame.
+    Seal(SealTicket, Bytes),
+}
+
+impl Transmits {
+    /// Seals what is to be sealed here and now, and records it in `core`: the frames to
+    /// write, in order. (The shell seals outside its lock instead; this is the same, in one
+    /// step.)
+    pub fn seal_all(self, core: &mut SessionCore) -> (Option<Bytes>, Vec<(u16, Bytes)>) {
+        let mut frames = Vec::with_capacity(self.frames.len());
+        let mut sealed = Vec::new();
+        for (channel, o) in self.frames {
+            frames.push((channel, seal_one(channel, o, &mut sealed)));
+        }
+        core.record_sealed(self.connection, sealed);
+        (self.control, frames)
+    }
+}
+
+/// A frame to write: as it was, or sealed now (and then noted in `sealed` for
+/// [`SessionCore::record_sealed`]).
+pub fn seal_one(channel: u16, o: Outgoing, sealed: &mut Vec<SealedFrame>) -> Bytes {
+    match o {
+        Outgoing::Sealed(f) => f,
+        Outgoing::Seal(ticket, payload) => {
+            let (seq, sent_at) = (ticket.seq(), ticket.sent_at_ms());
+            let mut buf = Vec::with_capacity(payload.len() + MESSAGE_OVERHEAD);
+            ticket.seal(&payload, &mut buf);
+            let frame = Bytes::from(buf);
+            sealed.push(SealedFrame { channel, seq, sent_at, frame: frame.clone() });
+            frame
+        }
+    }
+}
+
+/// A frame sealed from a ticket, handed back to [`SessionCore::record_sealed`].
+#[derive(Debug)]
+pub struct SealedFrame {
+    /// Its channel.
+    pub channel: u16,
+    /// Its sequence number.
+    pub seq: u64,
+    /// The send time sealed into it (ms since the Unix epoch).
+    pub sent_at: u64,
+    /// The frame.
+    pub frame: Bytes,
 }
 
 /// What became of a message read from a channel stream.
@@ -370,7 +428,7 @@ impl SessionCore {
     /// what it sealed, or [`KEY_DRAIN_GRACE_MS`] after it wore out, this returns
     /// [`Stop::FreshKeys`] (acknowledgements due then wait for the new connection).
     pub fn poll_transmit(&mut self, now: u64, wall: u64, busy: impl Fn(u16) -> bool) -> Result<Transmits, Stop> {
-        let mut out = Transmits::default();
+        let mut out = Transmits { connection: self.connections, ..Transmits::default() };
         self.forget_acked();
         if let Some(since) = self.conn.worn_out
             && (self.key_drained() || now >= since.saturating_add(KEY_DRAIN_GRACE_MS))
@@ -408,31 +466,43 @@ impl SessionCore {
                 Some((sent_at, _)) if wall.saturating_sub(sent_at) > reseal_after => {
                     return Err(Stop::FreshKeys("a resend would be stale"));
                 }
-                Some((_, f)) => f.clone(),
+                Some((_, f)) => Outgoing::Sealed(f.clone()),
                 // The key wore out in this batch: the rest goes on the next connection.
                 None if self.conn.worn_out.is_some() => continue,
                 None => {
-                    let mut buf = Vec::with_capacity(t.payload.len() + MESSAGE_OVERHEAD);
-                    match ch.sealer.seal(t.seq, wall, &t.payload, &mut buf) {
-                        Ok(()) => {}
+                    let ticket = match ch.sealer.ticket(t.seq, wall, t.payload.len()) {
+                        Ok(ticket) => ticket,
                         Err(SealError::KeyExhausted) => {
                             self.conn.worn_out.get_or_insert(now);
                             continue;
                         }
                         Err(e) => return Err(Stop::Seal(e)),
-                    }
+                    };
                     if self.conn.key.wants_fresh_key() {
                         self.conn.worn_out.get_or_insert(now);
                     }
-                    let f = Bytes::from(buf);
-                    ch.insert(t.seq, wall, f.clone());
-                    f
+                    Outgoing::Seal(ticket, t.payload)
                 }
             };
             out.frames.push((t.channel, frame));
         }
         out.more &= self.conn.worn_out.is_none();
         Ok(out)
+    }
+
+    /// Keeps the frames sealed from the tickets of [`SessionCore::poll_transmit`] on
+    /// `connection`, so that a resend on that connection is the same frame. Frames of an
+    /// earlier connection are dropped (their key is gone). Call it before the next
+    /// `poll_transmit` of that connection.
+    pub fn record_sealed(&mut self, connection: u64, frames: Vec<SealedFrame>) {
+        if connection != self.connections {
+            return;
+        }
+        for f in frames {
+            if let Some(ch) = self.conn.channels.get_mut(&f.channel) {
+                ch.insert(f.seq, f.sent_at, f.frame);
+            }
+        }
     }
 
     /// Forgets sealed frames the peer acknowledged (in order: one acknowledged out of order

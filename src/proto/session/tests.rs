@@ -419,10 +419,12 @@ impl Pair {
                 }
                 Err(Stop::Seal(e)) => return Err(format!("side {i} cannot seal: {e}")),
             };
-            if let Some(acks) = out.control {
+            let more = out.more;
+            let (control, frames) = out.seal_all(&mut self.sides[i].core);
+            if let Some(acks) = control {
                 self.send(1 - i, Packet::Ack(acks));
             }
-            for (channel, frame) in out.frames {
+            for (channel, frame) in frames {
                 // The nonce rule: under one key, one (channel, seq) is one frame.
                 let seq = u64::from_be_bytes(frame[FRAME_HEADER_LEN + 11..FRAME_HEADER_LEN + 19].try_into().unwrap());
                 let key = (self.conn_id, channel, seq);
@@ -437,7 +439,7 @@ impl Pair {
                 }
                 self.send(1 - i, Packet::Message { channel, frame, corrupted: false });
             }
-            if !out.more {
+            if !more {
                 return Ok(());
             }
         }
