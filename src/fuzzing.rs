@@ -299,12 +299,13 @@ pub fn session_core(data: &[u8]) {
                     }
                     let Some(head) = frame.get(..FRAME_HEADER_LEN) else { return Ok(()) };
                     let head: [u8; FRAME_HEADER_LEN] = head.try_into().expect("length checked");
-                    let len = b.on_message_header(head)?;
+                    let header = b.on_message_header(head)?;
+                    let len = header.length as usize;
                     if frame.len() != FRAME_HEADER_LEN + len {
                         return Ok(()); // truncated by the flip: the stream would wait for more
                     }
                     if b.reserve(ch, len, |_| true) {
-                        b.on_message(ch, head, frame.slice(FRAME_HEADER_LEN..), len, wall(now), now)?;
+                        b.on_message(ch, header, frame.slice(FRAME_HEADER_LEN..), len, wall(now), now)?;
                     }
                     Ok(())
                 };
@@ -329,10 +330,11 @@ pub fn session_core(data: &[u8]) {
                 let mut at = acks;
                 while at.len() >= FRAME_HEADER_LEN {
                     let head: [u8; FRAME_HEADER_LEN] = at[..FRAME_HEADER_LEN].try_into().expect("length checked");
-                    let Ok(len) = a.on_control_header(head) else { break };
+                    let Ok(header) = a.on_control_header(head) else { break };
+                    let len = header.length as usize;
                     let body = at.slice(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len);
                     at = at.slice(FRAME_HEADER_LEN + len..);
-                    a.on_control(head, body, now).expect("a genuine ack is never refused");
+                    a.on_control(header, body, now).expect("a genuine ack is never refused");
                 }
             }
             6 => now += u64::from(op >> 2) * 10,
@@ -348,10 +350,10 @@ pub fn session_core(data: &[u8]) {
                         .map(|h| b.on_channel_stream(h.try_into().expect("length checked")).map(drop)),
                     1 => raw.get(..FRAME_HEADER_LEN).map(|h| {
                         let head: [u8; FRAME_HEADER_LEN] = h.try_into().expect("length checked");
-                        b.on_message_header(head).and_then(|len| {
+                        b.on_message_header(head).and_then(|header| {
                             let body = raw.slice(FRAME_HEADER_LEN..);
-                            if body.len() == len {
-                                b.on_message(0, head, body, 0, wall(now), now).map(drop)
+                            if body.len() == header.length as usize {
+                                b.on_message(0, header, body, 0, wall(now), now).map(drop)
                             } else {
                                 Ok(())
                             }
@@ -359,9 +361,13 @@ pub fn session_core(data: &[u8]) {
                     }),
                     2 => raw.get(..FRAME_HEADER_LEN).map(|h| {
                         let head: [u8; FRAME_HEADER_LEN] = h.try_into().expect("length checked");
-                        b.on_control_header(head).and_then(|len| {
+                        b.on_control_header(head).and_then(|header| {
                             let body = raw.slice(FRAME_HEADER_LEN..);
-                            if body.len() == len { b.on_control(head, body, now).map(drop) } else { Ok(()) }
+                            if body.len() == header.length as usize {
+                                b.on_control(header, body, now).map(drop)
+                            } else {
+                                Ok(())
+                            }
                         })
                     }),
                     _ => Some(b.on_datagram(&raw, wall(now), |_| true).map(drop)),

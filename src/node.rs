@@ -671,15 +671,13 @@ async fn handshake(
 /// Closes `conn` with the refusal's close code and returns the local error that says why.
 fn refuse_hello(conn: &Connection, refusal: HelloRefusal) -> Error {
     conn.close(VarInt::from_u32(refusal.close_code()), refusal.close_reason());
-    let violation = match refusal {
-        HelloRefusal::PeerLimit { limit } => {
-            return Error::Limit { what: Limited::ConnectionsPerPeer, limit: limit as u64 };
+    match (refusal.violation(), refusal) {
+        (Some(violation), _) => Error::ProtocolViolation { side: Side::Local, violation },
+        (None, HelloRefusal::PeerLimit { limit }) => {
+            Error::Limit { what: Limited::ConnectionsPerPeer, limit: limit as u64 }
         }
-        HelloRefusal::RetiredEpoch { epoch } => Violation::RetiredEpoch(Some(epoch)),
-        HelloRefusal::WrongSession => Violation::WrongSession,
-        HelloRefusal::UnknownSession { epoch } => Violation::UnknownSession(Some(epoch)),
-    };
-    Error::ProtocolViolation { side: Side::Local, violation }
+        (None, other) => unreachable!("only the peer limit is not a violation: {other:?}"),
+    }
 }
 
 /// Starts a new session over a handshaken connection.

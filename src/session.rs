@@ -189,6 +189,12 @@ impl Core {
         let node = &self.node;
         self.state.reserve(channel, len, |len| Core::node_has_room(node, len))
     }
+
+    /// [`SessionCore::on_datagram`] against this node's budget.
+    fn on_datagram(&mut self, bytes: &Bytes, wall: u64) -> std::result::Result<bool, Violation> {
+        let node = &self.node;
+        self.state.on_datagram(bytes, wall, |len| Core::node_has_room(node, len))
+    }
 }
 
 impl Drop for Core {
@@ -1416,11 +1422,12 @@ async fn read_control(shared: Arc<SessionShared>, link: Arc<Carrier>, recv: Recv
             Err(ReadFailure::Wire(e)) => return shared.violation(&link, Violation::Malformed(e)),
         };
         // The header bounds the body (at most 11 + 16 x 32 bytes).
-        let len = shared.core().on_control_header(head);
-        let body = match len {
-            Ok(len) => reader.body(len).await,
+        let header = shared.core().on_control_header(head);
+        let header = match header {
+            Ok(h) => h,
             Err(v) => return link.violation(v),
         };
+        let body = reader.body(header.length as usize).await;
         let body = match body {
             Ok(b) => b,
             Err(ReadFailure::Gone) => return,
@@ -1429,7 +1436,7 @@ async fn read_control(shared: Arc<SessionShared>, link: Arc<Carrier>, recv: Recv
         let now = shared.now();
         let (acked, worn_out) = {
             let mut core = shared.core();
-            (core.on_control(head, body, now), core.worn_out())
+            (core.on_control(header, body, now), core.worn_out())
         };
         match acked {
             Ok(_) => {
@@ -1583,11 +1590,12 @@ async fn read_messages(shared: &Arc<SessionShared>, link: &Arc<Carrier>, reader:
             Ok(None) | Err(ReadFailure::Gone) => return,
             Err(ReadFailure::Wire(e)) => return shared.violation(link, Violation::Malformed(e)),
         };
-        let len = shared.core().on_message_header(head);
-        let len = match len {
-            Ok(len) => len,
+        let header = shared.core().on_message_header(head);
+        let header = match header {
+            Ok(h) => h,
             Err(v) => return link.violation(v),
         };
+        let len = header.length as usize;
         // Bound memory before allocating: wait until the receive buffer has room for this
         // message (see `SessionCore::reserve`); QUIC flow control holds the peer back meanwhile.
         let mut waiting = false;
@@ -1650,7 +1658,7 @@ async fn read_messages(shared: &Arc<SessionShared>, link: &Arc<Carrier>, reader:
         let (now, wall) = (shared.now(), now_ms());
         let arrival = {
             let mut core = shared.core();
-            let arrival = core.on_message(channel, head, body, reservation.take(), wall, now);
+            let arrival = core.on_message(channel, header, body, reservation.take(), wall, now);
             // An acknowledgement may be due (a new message, or a duplicate to acknowledge again).
             shared.kick(&core);
             arrival
@@ -1695,11 +1703,7 @@ impl Drop for Reservation<'_> {
 /// receive buffer is dropped and counted: datagrams may be lost, and never wait.
 async fn read_datagrams(shared: Arc<SessionShared>, link: Arc<Carrier>) {
     while let Ok(bytes) = link.conn.read_datagram().await {
-        let kept = {
-            let mut core = shared.core();
-            let Core { state, node, .. } = &mut *core;
-            state.on_datagram(&bytes, now_ms(), |len| Core::node_has_room(node, len))
-        };
+        let kept = shared.core().on_datagram(&bytes, now_ms());
         match kept {
             Ok(true) => shared.arrived.notify_waiters(),
             Ok(false) => {}

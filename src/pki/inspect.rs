@@ -6,6 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::json;
 use x509_parser::prelude::*;
 
+use super::hex;
 use crate::error::{Error, Result};
 use crate::identity::Fingerprint;
 
@@ -57,10 +58,6 @@ pub fn inspect_pem(bytes: &[u8]) -> Result<Inspection> {
         return Err(Error::InvalidInput("no certificate or CRL in it: give a PEM certificate, chain or CRL".into()));
     }
     Ok(out)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn time_str(t: ASN1Time) -> String {

@@ -9,6 +9,7 @@
 //! session never comes back, resumed or not), then the session to resume.
 
 use super::close_code;
+use super::violation::Violation;
 
 /// Why a hello is refused; [`HelloRefusal::close_code`] is what the node closes the connection
 /// with.
@@ -34,24 +35,25 @@ pub enum HelloRefusal {
 }
 
 impl HelloRefusal {
+    /// The protocol violation a refusal stands for; `None` for the peer limit, which is not
+    /// one (a later attempt may succeed).
+    pub fn violation(&self) -> Option<Violation> {
+        match *self {
+            HelloRefusal::RetiredEpoch { epoch } => Some(Violation::RetiredEpoch(Some(epoch))),
+            HelloRefusal::WrongSession => Some(Violation::WrongSession),
+            HelloRefusal::UnknownSession { epoch } => Some(Violation::UnknownSession(Some(epoch))),
+            HelloRefusal::PeerLimit { .. } => None,
+        }
+    }
+
     /// The QUIC application close code sent with the refusal (see PROTOCOL.md).
     pub fn close_code(&self) -> u32 {
-        match self {
-            HelloRefusal::RetiredEpoch { .. } => close_code::RETIRED_EPOCH,
-            HelloRefusal::WrongSession => close_code::PROTOCOL_VIOLATION,
-            HelloRefusal::UnknownSession { .. } => close_code::UNKNOWN_SESSION,
-            HelloRefusal::PeerLimit { .. } => close_code::PEER_LIMIT,
-        }
+        self.violation().map_or(close_code::PEER_LIMIT, |v| v.close_code())
     }
 
     /// The close reason sent with the code: a few words, nothing the peer does not know.
     pub fn close_reason(&self) -> &'static [u8] {
-        match self {
-            HelloRefusal::RetiredEpoch { .. } => b"retired epoch",
-            HelloRefusal::WrongSession => b"protocol violation",
-            HelloRefusal::UnknownSession { .. } => b"unknown session",
-            HelloRefusal::PeerLimit { .. } => b"peer limit",
-        }
+        self.violation().map_or(b"peer limit", |v| v.close_reason())
     }
 }
 

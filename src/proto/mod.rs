@@ -16,6 +16,8 @@ pub mod replay;
 pub mod rpc;
 pub mod seal;
 pub mod session;
+#[cfg(test)]
+mod test_rng;
 pub mod violation;
 pub mod wire;
 

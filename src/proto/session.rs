@@ -566,31 +566,31 @@ impl SessionCore {
         }
     }
 
-    /// The header of the next frame on a channel stream: the length of its body.
-    pub fn on_message_header(&mut self, head: [u8; FRAME_HEADER_LEN]) -> Result<usize, Violation> {
+    /// The header of the next frame on a channel stream, validated (a MESSAGE within the size
+    /// limit): its `length` is the body's, to read next and hand to [`SessionCore::on_message`].
+    pub fn on_message_header(&mut self, head: [u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, Violation> {
         match FrameHeader::decode(head, self.config.max_recv) {
-            Ok(h) if h.frame_type == frame_type::MESSAGE => Ok(h.length as usize),
+            Ok(h) if h.frame_type == frame_type::MESSAGE => Ok(h),
             Ok(h) => Err(self.violation(Violation::FrameOnChannel(h.frame_type))),
             Err(e) => Err(self.violation(Violation::Malformed(e))),
         }
     }
 
-    /// A MESSAGE frame's body read from `channel`'s stream, for which `reserved` bytes of
+    /// A MESSAGE frame's body read from `channel`'s stream after `header` (from
+    /// [`SessionCore::on_message_header`]), for which `reserved` bytes of
     /// receive buffer were reserved ([`SessionCore::reserve`]; released here whatever becomes of
     /// it). Opens it and keeps it, or refuses it; only a message the inbox keeps is recorded
     /// in the replay window, so a message dropped for lack of room is accepted when resent.
     pub fn on_message(
         &mut self,
         channel: u16,
-        head: [u8; FRAME_HEADER_LEN],
+        header: FrameHeader,
         body: Bytes,
         reserved: usize,
         wall: u64,
         now: u64,
     ) -> Result<Arrival, Violation> {
         self.unreserve(channel, reserved);
-        let header =
-            FrameHeader::decode(head, self.config.max_recv).map_err(|e| self.violation(Violation::Malformed(e)))?;
         let frame = match header.decode_body(body) {
             Ok(Frame::Message(m)) if m.kind == MessageKind::Stream && m.channel == channel => m,
             Ok(_) => return Err(self.violation(Violation::ForeignMessage(channel))),
@@ -664,19 +664,19 @@ impl SessionCore {
         Ok(())
     }
 
-    /// The header of the next frame on the control stream: the length of its body (an ACK
-    /// frame's header bounds it).
-    pub fn on_control_header(&mut self, head: [u8; FRAME_HEADER_LEN]) -> Result<usize, Violation> {
+    /// The header of the next frame on the control stream, validated (an ACK, whose header
+    /// bounds its body): its `length` is the body's, for [`SessionCore::on_control`].
+    pub fn on_control_header(&mut self, head: [u8; FRAME_HEADER_LEN]) -> Result<FrameHeader, Violation> {
         match FrameHeader::decode(head, 0) {
-            Ok(h) if h.frame_type == frame_type::ACK => Ok(h.length as usize),
+            Ok(h) if h.frame_type == frame_type::ACK => Ok(h),
             Ok(h) => Err(self.violation(Violation::FrameOnControl(h.frame_type))),
             Err(e) => Err(self.violation(Violation::Malformed(e))),
         }
     }
 
-    /// An ACK frame's body from the control stream: how many messages it newly acknowledged.
-    pub fn on_control(&mut self, head: [u8; FRAME_HEADER_LEN], body: Bytes, now: u64) -> Result<usize, Violation> {
-        let header = FrameHeader::decode(head, 0).map_err(|e| self.violation(Violation::Malformed(e)))?;
+    /// An ACK frame's body from the control stream, after `header` (from
+    /// [`SessionCore::on_control_header`]): how many messages it newly acknowledged.
+    pub fn on_control(&mut self, header: FrameHeader, body: Bytes, now: u64) -> Result<usize, Violation> {
         let ack = match header.decode_body(body) {
             Ok(Frame::Ack(a)) => a,
             Ok(_) => return Err(self.violation(Violation::FrameOnControl(header.frame_type))),

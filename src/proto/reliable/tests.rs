@@ -5,23 +5,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 
 use super::*;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+use crate::proto::test_rng::Rng;
 
 #[derive(Debug, Clone)]
 enum Packet {
@@ -112,7 +96,7 @@ fn run(
     out_of_order_bytes: usize,
     commit: Commit,
 ) -> Result<Outcome, String> {
-    let mut rng = Rng(seed.wrapping_mul(0x9e3779b97f4a7c15) | 1);
+    let mut rng = Rng::new(seed);
     let out_cfg = OutboxConfig {
         max_messages: 64,
         max_bytes: 64 * 100,

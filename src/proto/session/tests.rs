@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::proto::seal::{KEY_MATERIAL_LEN, KeyLimits, Role, derive_keys};
+use crate::proto::test_rng::Rng;
 use crate::stats::{Counters, Stats};
 
 /// Requests and responses travel on the reserved channels, as the RPC layer's do.
@@ -26,26 +27,6 @@ const REQUEST: u16 = FIRST_RESERVED_CHANNEL;
 const RESPONSE: u16 = FIRST_RESERVED_CHANNEL + 1;
 /// Wall clock at simulated time zero (ms since the Unix epoch).
 const WALL_ZERO: u64 = 1_800_000_000_000;
-
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn chance(&mut self, per_mille: u64) -> bool {
-        self.next() % 1000 < per_mille
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// Fault rates, per mille of frames.
 #[derive(Debug, Clone, Copy, Default)]
@@ -107,12 +88,12 @@ impl Plan {
                 Faults::default()
             },
             faults_until: 20_000 + rng.below(40_000),
-            manual_ack: rng.chance(250),
-            key_messages: if rng.chance(200) { 20 + rng.below(200) } else { KeyLimits::default().messages },
+            manual_ack: rng.per_mille(250),
+            key_messages: if rng.per_mille(200) { 20 + rng.below(200) } else { KeyLimits::default().messages },
             max_payload: 1 + rng.below(3000) as usize,
             receive_buffer: 2_000 + rng.below(20_000) as usize,
             outbox_messages: 8 + rng.below(100) as usize,
-            pause: if rng.chance(100) { (rng.below(20_000), rng.below(80_000)) } else { (0, 0) },
+            pause: if rng.per_mille(100) { (rng.below(20_000), rng.below(80_000)) } else { (0, 0) },
             takes: 8,
             lowest_wins: false,
         }
@@ -379,15 +360,15 @@ impl Pair {
         }
         let f = if self.faulty() { self.plan.faults } else { Faults::default() };
         let is_ack = matches!(p, Packet::Ack(_));
-        if self.rng.chance(f.loss) {
+        if self.rng.per_mille(f.loss) {
             return;
         }
-        let copies = if self.rng.chance(f.dup) { 2 } else { 1 };
+        let copies = if self.rng.per_mille(f.dup) { 2 } else { 1 };
         for _ in 0..copies {
             let mut p = p.clone();
             // Acknowledgements are not corrupted: QUIC authenticates the control stream, and
             // an altered ACK is not something the session layer can detect.
-            if !is_ack && self.rng.chance(f.corrupt) {
+            if !is_ack && self.rng.per_mille(f.corrupt) {
                 p = match p {
                     Packet::Message { channel, frame, .. } => {
                         let mut b = frame.to_vec();
@@ -499,14 +480,17 @@ impl Pair {
                     side.core.on_channel_stream(head).map_err(|v| format!("side {i}: {v}"))?;
                 }
                 let head: [u8; FRAME_HEADER_LEN] = frame[..FRAME_HEADER_LEN].try_into().unwrap();
-                let len = side.core.on_message_header(head).map_err(|v| format!("side {i}: {v}"))?;
+                let header = side.core.on_message_header(head).map_err(|v| format!("side {i}: {v}"))?;
+                let len = header.length as usize;
                 if !side.core.reserve(channel, len, |_| true) {
                     return Ok(Some(Packet::Message { channel, frame, corrupted }));
                 }
                 let before = if corrupted { stats(&side.counters) } else { Stats::default() };
                 let body = frame.slice(FRAME_HEADER_LEN..);
-                let arrival =
-                    side.core.on_message(channel, head, body, len, wall, now).map_err(|v| format!("side {i}: {v}"))?;
+                let arrival = side
+                    .core
+                    .on_message(channel, header, body, len, wall, now)
+                    .map_err(|v| format!("side {i}: {v}"))?;
                 if corrupted {
                     self.corrupted += 1;
                     let after = stats(&side.counters);
@@ -522,10 +506,11 @@ impl Pair {
                 let mut at = bytes;
                 while !at.is_empty() {
                     let head: [u8; FRAME_HEADER_LEN] = at[..FRAME_HEADER_LEN].try_into().unwrap();
-                    let len = side.core.on_control_header(head).map_err(|v| format!("side {i}: {v}"))?;
+                    let header = side.core.on_control_header(head).map_err(|v| format!("side {i}: {v}"))?;
+                    let len = header.length as usize;
                     let body = at.slice(FRAME_HEADER_LEN..FRAME_HEADER_LEN + len);
                     at = at.slice(FRAME_HEADER_LEN + len..);
-                    side.core.on_control(head, body, now).map_err(|v| format!("side {i}: {v}"))?;
+                    side.core.on_control(header, body, now).map_err(|v| format!("side {i}: {v}"))?;
                 }
             }
             Packet::Datagram(bytes) => {
@@ -542,7 +527,7 @@ impl Pair {
         // Send.
         for c in 0..plan.channels {
             let n = self.sides[i].next_send[c as usize];
-            if n >= plan.per_channel || !self.rng.chance(700) {
+            if n >= plan.per_channel || !self.rng.per_mille(700) {
                 continue;
             }
             let len = 10 + self.rng.below(plan.max_payload.saturating_sub(10) as u64 + 1) as usize;
@@ -561,14 +546,14 @@ impl Pair {
             }
         }
         // Requests from side 0.
-        if i == 0 && self.sides[0].requests_sent < plan.requests && self.rng.chance(300) {
+        if i == 0 && self.sides[0].requests_sent < plan.requests && self.rng.per_mille(300) {
             let n = self.sides[0].requests_sent;
             if self.sides[0].core.push(REQUEST, payload(REQUEST, n, 10), false, now).is_ok() {
                 self.sides[0].requests_sent += 1;
             }
         }
         // Datagrams from side 1.
-        if i == 1 && self.sides[1].datagrams_sent < plan.datagrams && self.rng.chance(300) {
+        if i == 1 && self.sides[1].datagrams_sent < plan.datagrams && self.rng.per_mille(300) {
             let n = self.sides[1].datagrams_sent;
             let mut out = Vec::new();
             let p = payload(0, n, 20.min(plan.max_payload.max(10)));
@@ -608,7 +593,7 @@ impl Pair {
             }
         }
         // Manual acknowledgements, sometimes late and out of order.
-        if !self.sides[i].unacked.is_empty() && self.rng.chance(500) {
+        if !self.sides[i].unacked.is_empty() && self.rng.per_mille(500) {
             let k = self.rng.below(self.sides[i].unacked.len() as u64) as usize;
             let (c, s) = self.sides[i].unacked.swap_remove(k);
             self.busy = true;
