@@ -23,17 +23,20 @@
 //!   redials with backoff (dialling side) or waits for the node to attach the peer's new
 //!   connection (accepting side), or ends the session;
 //!
-//! per connection (they end with it):
-//! - the **readers** (one task: datagrams, the control stream, and the acceptance of channel
-//!   streams; plus one task per inbound channel stream): read frames, lock the core, hand them
-//!   over ([`SessionCore::on_message`](crate::proto::session::SessionCore::on_message) and the
-//!   like), unlock, then wake: `arrived` (a message for `recv`), `acked` (for `send`, `delivered`,
+//! per connection, one task ([`serve`], ending with the connection), polling:
+//! - the **readers**: datagrams, the control stream, and a reader per inbound channel stream
+//!   (accepted as the peer opens them). They read frames, lock the core, hand them over
+//!   ([`SessionCore::on_message`](crate::proto::session::SessionCore::on_message) and the like),
+//!   unlock, then wake: `arrived` (a message for `recv`), `acked` (for `send`, `delivered`,
 //!   `wait_acked`), `work` (the driver, when the core has a timer earlier than its sleep, or a
 //!   worn-out key's frames were acknowledged);
 //! - the **driver** ([`drive`]): locks the writer (a `tokio::sync::Mutex`, held across waits on
 //!   flow control), takes [`SessionCore::poll_transmit`](crate::proto::session::SessionCore::poll_transmit)
 //!   under the core lock, writes to quinn, and sleeps until `work`, the core's
 //!   `poll_timeout`, or quinn taking more.
+//!
+//! Each part yields to the others through tokio's cooperative budget when it has frames
+//! buffered, so a busy channel cannot starve the driver (and its acknowledgements).
 //!
 //! API handles ([`Session`], and the RPC layer's `Outlet`) lock the core, push or take, unlock,
 //! and then either write their own message at once if the writer is free (`try_lock`, never
@@ -507,19 +510,12 @@ impl SessionShared {
         link.violation(v);
     }
 
-    /// Starts the tasks that serve one connection: datagrams, inbound channels, the peer's
-    /// acknowledgements, and the driver. They end when the connection does.
+    /// Starts the one task that serves a connection ([`serve`]): the driver and every reader.
+    /// It ends when the connection does.
     fn run_link(self: &Arc<Self>, link: Arc<Carrier>, control: (SendStream, RecvStream)) {
         let (control_send, control_recv) = control;
-        // The three readers share one task: an idle session holds fewer tasks, and a wake-up
-        // of one polls the other two, which costs a check of quinn's state each.
-        let (a, b, c) = (self.clone(), self.clone(), self.clone());
-        let (la, lb, lc) = (link.clone(), link.clone(), link.clone());
-        tokio::spawn(async move {
-            tokio::join!(read_datagrams(a, la), accept_channels(b, lb), read_control(c, lc, control_recv));
-        });
         let _ = link.writer.set(tokio::sync::Mutex::new(Writer::new(control_send)));
-        tokio::spawn(drive(self.clone(), link));
+        tokio::spawn(serve(self.clone(), link, control_recv));
     }
 
     /// Puts a new connection under the session: fresh keys (the replay windows stay), per
@@ -1385,6 +1381,8 @@ async fn drive(shared: Arc<SessionShared>, link: Arc<Carrier>) {
             Err(WriteFailure::Stop(stop)) => return shared.stop(&link, stop),
         };
         if batch_full && !remains {
+            drop(w);
+            tokio::task::consume_budget().await;
             continue;
         }
         // The core's next timer: a resend, an acknowledgement due, or the end of a worn-out
@@ -1416,6 +1414,7 @@ async fn drive(shared: Arc<SessionShared>, link: Arc<Carrier>) {
 async fn read_control(shared: Arc<SessionShared>, link: Arc<Carrier>, recv: RecvStream) {
     let mut reader = FrameReader::new(recv);
     loop {
+        tokio::task::consume_budget().await;
         let head = match reader.header::<FRAME_HEADER_LEN>().await {
             Ok(Some(h)) => h,
             Ok(None) | Err(ReadFailure::Gone) => return,
@@ -1546,11 +1545,34 @@ enum ReadFailure {
     Gone,
 }
 
-/// Accepts the channels the peer opens and spawns a reader for each.
-async fn accept_channels(shared: Arc<SessionShared>, link: Arc<Carrier>) {
-    while let Ok((send, recv)) = link.conn.accept_bi().await {
-        tokio::spawn(read_channel(shared.clone(), link.clone(), send, recv));
-    }
+/// The connection's one task: the driver, the datagram and control-stream readers, and a
+/// reader for each channel the peer opens, all polled here. A wake-up polls only the part that
+/// was woken (the channel readers sit in a `FuturesUnordered`, which tracks their wakers), and
+/// no frame crosses a thread to reach the core or the wire. Ends when the connection does.
+async fn serve(shared: Arc<SessionShared>, link: Arc<Carrier>, control: RecvStream) {
+    use futures_util::StreamExt;
+    use futures_util::stream::FuturesUnordered;
+
+    let channels = async {
+        let mut readers = FuturesUnordered::new();
+        loop {
+            tokio::select! {
+                accepted = link.conn.accept_bi() => match accepted {
+                    Ok((send, recv)) => readers.push(read_channel(shared.clone(), link.clone(), send, recv)),
+                    Err(_) => break,
+                },
+                Some(()) = readers.next(), if !readers.is_empty() => {}
+            }
+        }
+        // The connection is gone: the readers see it and end.
+        while readers.next().await.is_some() {}
+    };
+    tokio::join!(
+        drive(shared.clone(), link.clone()),
+        read_datagrams(shared.clone(), link.clone()),
+        read_control(shared.clone(), link.clone(), control),
+        channels,
+    );
 }
 
 async fn read_channel(shared: Arc<SessionShared>, link: Arc<Carrier>, send: SendStream, recv: RecvStream) {
@@ -1585,6 +1607,9 @@ async fn read_messages(shared: &Arc<SessionShared>, link: &Arc<Carrier>, reader:
             unannounced = false;
             shared.arrived.notify_waiters();
         }
+        // Frames already buffered are read without waiting: yield now and then, so the rest of
+        // the connection's task (the driver, the other readers) is not starved.
+        tokio::task::consume_budget().await;
         let head = match reader.header::<FRAME_HEADER_LEN>().await {
             Ok(Some(h)) => h,
             Ok(None) | Err(ReadFailure::Gone) => return,
@@ -1703,6 +1728,7 @@ impl Drop for Reservation<'_> {
 /// receive buffer is dropped and counted: datagrams may be lost, and never wait.
 async fn read_datagrams(shared: Arc<SessionShared>, link: Arc<Carrier>) {
     while let Ok(bytes) = link.conn.read_datagram().await {
+        tokio::task::consume_budget().await;
         let kept = shared.core().on_datagram(&bytes, now_ms());
         match kept {
             Ok(true) => shared.arrived.notify_waiters(),

@@ -52,6 +52,8 @@ struct Plan {
     /// Faults stop at this time (ms), so every run can finish.
     faults_until: u64,
     manual_ack: bool,
+    /// In manual-ack mode, side 1's application acknowledges nothing before this time (ms).
+    acks_from: u64,
     /// Messages one key may seal (small values force key rotation).
     key_messages: u64,
     /// Largest payload, bytes.
@@ -71,7 +73,7 @@ impl Plan {
         let mut rng = Rng::new(seed ^ 0x5eed);
         let faulty = seed % 8 != 0;
         Plan {
-            channels: 1 + rng.below(3) as u16,
+            channels: 1 + rng.below(6) as u16,
             per_channel: 10 + rng.below(60),
             requests: rng.below(20),
             datagrams: rng.below(30),
@@ -89,6 +91,7 @@ impl Plan {
             },
             faults_until: 20_000 + rng.below(40_000),
             manual_ack: rng.per_mille(250),
+            acks_from: 0,
             key_messages: if rng.per_mille(200) { 20 + rng.below(200) } else { KeyLimits::default().messages },
             max_payload: 1 + rng.below(3000) as usize,
             receive_buffer: 2_000 + rng.below(20_000) as usize,
@@ -593,7 +596,8 @@ impl Pair {
             }
         }
         // Manual acknowledgements, sometimes late and out of order.
-        if !self.sides[i].unacked.is_empty() && self.rng.per_mille(500) {
+        let holding = i == 1 && now < plan.acks_from;
+        if !holding && !self.sides[i].unacked.is_empty() && self.rng.per_mille(500) {
             let k = self.rng.below(self.sides[i].unacked.len() as u64) as usize;
             let (c, s) = self.sides[i].unacked.swap_remove(k);
             self.busy = true;
@@ -821,6 +825,7 @@ fn quiet_plan(channels: u16, per_channel: u64) -> Plan {
         faults: Faults::default(),
         faults_until: 0,
         manual_ack: false,
+        acks_from: 0,
         key_messages: KeyLimits::default().messages,
         max_payload: 3_000,
         receive_buffer: 12_000,
@@ -909,5 +914,49 @@ fn six_busy_channels_with_a_reconnect_every_700_ms_never_hang() {
         }
         // The reconnects bit: the run spanned several of them.
         assert!(pair.sides[0].core.connections() > 3, "seed {seed}: {} ms", pair.now);
+    }
+}
+
+/// Manual-ack mode: messages the application took but did not acknowledge bring the sender no
+/// receipt, however long it waits, through loss, duplication, resends and reconnects; the
+/// outbox stays full meanwhile (`push` fails with `Full`). Acknowledgements given later and out
+/// of order bring exactly their receipts, and everything then completes.
+#[test]
+fn in_manual_ack_mode_only_what_the_application_acknowledged_is_acknowledged() {
+    for seed in 0..10 {
+        let mut plan = quiet_plan(2, 30);
+        plan.manual_ack = true;
+        plan.acks_from = 120_000;
+        plan.outbox_messages = 20;
+        plan.faults = Faults { loss: 100, dup: 100, corrupt: 20, jitter: 30, ..Faults::default() };
+        plan.faults_until = 100_000;
+        let mut pair = Pair::new(seed, plan);
+        let mut next = 30_000;
+        while pair.now < 119_000 {
+            if pair.now >= next {
+                pair.reconnect();
+                next += 30_000;
+            }
+            pair.step().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        }
+        let sender = &pair.sides[0];
+        assert!(sender.core.connections() >= 4, "seed {seed}");
+        // The outbox filled and stayed full: nothing was acknowledged to free it.
+        let sent: u64 = sender.next_send.iter().sum();
+        assert_eq!(sent, 20, "seed {seed}");
+        assert_eq!(sender.core.in_flight().0, 20, "seed {seed}");
+        let now = pair.now;
+        let more = pair.sides[0].core.push(0, payload(0, 20, 10), true, now);
+        assert!(matches!(more, Err(PushError::Full(_))), "seed {seed}: {more:?}");
+        // Every message was delivered, none acknowledged.
+        let (sender, receiver) = (&pair.sides[0], &pair.sides[1]);
+        assert_eq!(receiver.unacked.len(), 20, "seed {seed}");
+        for c in 0..2u16 {
+            for seq in 1..=sender.next_send[c as usize] {
+                assert!(!sender.core.is_acked(c, seq), "seed {seed}: channel {c} seq {seq} acknowledged");
+            }
+        }
+        let o = pair.run().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert!(o.end_ms > 120_000, "{o:?}");
     }
 }
