@@ -361,6 +361,8 @@ struct SessionShared {
     generation_signal: Notify,
     /// Set once, when the session is over: why (every caller gets this same error).
     ending: OnceLock<Error>,
+    /// Set after `ending`, once the end hook has run (see [`SessionShared::ended`]).
+    finished: AtomicBool,
     /// Wakes everything waiting for the session's end (see [`SessionShared::ended`]).
     ended_signal: Notify,
     /// Created by the first [`Session::events`] call: events nobody subscribed to are dropped
@@ -418,9 +420,10 @@ impl SessionShared {
         until(&self.generation_signal, || self.generation.load(Ordering::SeqCst) != from).await;
     }
 
-    /// Resolves once the session has ended.
+    /// Resolves once the session has ended and the node has heard of it (the end hook ran, so
+    /// the peer's epoch is retired by the time [`Session::closed`] returns).
     async fn ended(&self) {
-        until(&self.ended_signal, || self.is_ended()).await;
+        until(&self.ended_signal, || self.finished.load(Ordering::SeqCst)).await;
     }
 
     /// The session could not be carried over to a new connection: says so and ends it.
@@ -442,6 +445,12 @@ impl SessionShared {
             return;
         }
         self.link().conn.close(VarInt::from_u32(code), b"session ended");
+        // Before anyone waiting for the end is let go: once `closed` returns, the node has
+        // retired the peer's epoch.
+        if let Some(hook) = self.on_end.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            hook(self.tally.session.snapshot());
+        }
+        self.finished.store(true, Ordering::SeqCst);
         self.ended_signal.notify_waiters();
         self.event(SessionEvent::Ended);
         // Calls still waiting fail with the session's error.
@@ -449,9 +458,6 @@ impl SessionShared {
         self.arrived.notify_waiters();
         self.room.notify_waiters();
         self.work.notify_one();
-        if let Some(hook) = self.on_end.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            hook(self.tally.session.snapshot());
-        }
     }
 
     /// Queues a channel message; fails with [`Error::Full`] when the outbox is full. `user` is
@@ -631,6 +637,7 @@ impl Session {
             generation: AtomicU64::new(0),
             generation_signal: Notify::new(),
             ending: OnceLock::new(),
+            finished: AtomicBool::new(false),
             ended_signal: Notify::new(),
             events: OnceLock::new(),
             on_end: Mutex::new(Some(p.on_end)),

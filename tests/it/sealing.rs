@@ -3,15 +3,17 @@
 //! its own TLS session) and sends what a well-behaved node never would: replays, tampered
 //! frames, stale frames, datagrams out of order.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::common::*;
 use bytes::Bytes;
+use futures_util::FutureExt;
 use quicseal::proto::seal::{self, ChannelSealer, EXPORTER_LABEL, KEY_MATERIAL_LEN};
 use quicseal::proto::wire::MessageKind;
-use quicseal::{Error, Limits, Node, NodeConfig, Session, close_code};
+use quicseal::{Error, Limits, Node, NodeConfig, Session, Stats, close_code};
 
 const EPOCH: u64 = 0xfeed_beef;
 
@@ -64,9 +66,22 @@ async fn recv_payload(session: &Session) -> Vec<u8> {
     tokio::time::timeout(Duration::from_secs(10), session.recv()).await.expect("a message").unwrap().payload().to_vec()
 }
 
-/// Nothing more arrives within a short while.
-async fn assert_quiet(session: &Session) {
-    if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), session.recv()).await {
+/// Waits (10 s at most) until the session's counters show `done`: the frames a check is about
+/// have been processed, so what it asserts next does not depend on timing.
+async fn until(session: &Session, done: impl Fn(&Stats) -> bool) {
+    let settled = tokio::time::timeout(Duration::from_secs(10), async {
+        while !done(&session.stats()) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    settled.await.unwrap_or_else(|_| panic!("counters never settled: {:?}", session.stats()));
+}
+
+/// Nothing is waiting to be received now. Callers first make sure every frame that could have
+/// delivered something was processed (a later frame on the same stream was delivered, or
+/// [`until`] the counters show it), so this is a fact, not a guess made after a pause.
+fn assert_nothing_waiting(session: &Session) {
+    if let Some(r) = session.recv().now_or_never() {
         panic!("unexpected delivery: {r:?}");
     }
 }
@@ -83,8 +98,9 @@ async fn replayed_message_is_rejected_and_counted() {
     stream.write_all(&first).await.unwrap(); // the same sealed bytes again
     stream.write_all(&seal(&mut sealer, 2, now_ms(), b"next")).await.unwrap();
     assert_eq!(recv_payload(&session).await, b"pay me once");
+    // The copy came between the two on the stream: it was refused before "next" arrived.
     assert_eq!(recv_payload(&session).await, b"next");
-    assert_quiet(&session).await;
+    assert_nothing_waiting(&session);
     let stats = session.stats();
     assert_eq!(stats.replays_rejected, 1, "{stats:?}");
     assert_eq!(stats.messages_delivered, 2);
@@ -110,12 +126,12 @@ async fn tampered_messages_are_dropped_counted_and_too_many_close_the_connection
         stream.write_all(&bad).await.unwrap();
     }
     stream.write_all(&genuine[2]).await.unwrap();
-    // 3 waits for 1 and 2 (order), and nothing is acknowledged: the application took nothing.
-    assert_quiet(&session).await;
-    assert_eq!(session.stats().tag_failures, 2);
-    let mut ack = [0u8; 16];
+    // 3 waits for 1 and 2 (order: the receipts below would show 3 first otherwise), and
+    // nothing is acknowledged before the application takes them (the first ACK frame on the
+    // control stream, read below, is the one for all three).
+    until(&session, |s| s.tag_failures == 2).await;
+    assert_nothing_waiting(&session);
     let control = &mut insider.control.1;
-    assert!(tokio::time::timeout(Duration::from_millis(300), control.read_exact(&mut ack)).await.is_err());
     // The genuine 1 and 2 arrive (as a retransmission would bring them): all three, in order.
     stream.write_all(&genuine[0]).await.unwrap();
     stream.write_all(&genuine[1]).await.unwrap();
@@ -162,8 +178,8 @@ async fn stale_and_future_messages_are_rejected() {
         std::mem::forget(stream);
     }
     assert_eq!(recv_payload(&session).await, b"fine");
-    assert_quiet(&session).await;
-    assert_eq!(session.stats().stale_rejected, 2);
+    until(&session, |s| s.stale_rejected == 2).await;
+    assert_nothing_waiting(&session);
 }
 
 #[tokio::test]
@@ -178,8 +194,8 @@ async fn a_message_for_another_channel_or_epoch_is_refused() {
     let mut sealer = insider.sealer(MessageKind::Stream, 1);
     stream.write_all(&seal(&mut sealer, 1, now_ms(), b"current")).await.unwrap();
     assert_eq!(recv_payload(&session).await, b"current");
-    assert_quiet(&session).await;
-    assert_eq!(session.stats().replays_rejected, 1);
+    until(&session, |s| s.replays_rejected == 1).await;
+    assert_nothing_waiting(&session);
     // A frame sealed for channel 2 written on channel 1's stream is a protocol violation.
     let mut wrong = insider.sealer(MessageKind::Stream, 2);
     stream.write_all(&seal(&mut wrong, 1, now_ms(), b"moved")).await.unwrap();
@@ -199,8 +215,8 @@ async fn retired_epoch_is_refused() {
     let _control = raw_hello_epoch(&conn, 42).await;
     let session = server.accept().await.unwrap();
     conn.close(0u32.into(), b"bye");
+    // The node retires the epoch as the session ends, before `closed` returns.
     let _ = session.closed().await;
-    tokio::time::sleep(Duration::from_millis(100)).await; // the node retires the epoch as the session ends
     // The same peer comes back with the same epoch: refused.
     let conn =
         raw_connect(&endpoint, raw_client_config(&pki, Some(&issued), quicseal::ALPN), addr, "server").await.unwrap();
@@ -289,7 +305,8 @@ async fn datagrams_out_of_order_inside_the_window_are_accepted_and_duplicates_re
         got.push(u64::from_be_bytes(recv_payload(&session).await.try_into().unwrap()));
     }
     assert_eq!(got, [3000, 1000, 2999, 953]);
-    assert_quiet(&session).await;
+    until(&session, |s| s.replays_rejected + s.datagrams_dropped >= 4).await;
+    assert_nothing_waiting(&session);
     let stats = session.stats();
     assert_eq!(stats.replays_rejected, 2, "{stats:?}");
     assert_eq!(stats.datagrams_dropped, 2, "{stats:?}");
@@ -362,44 +379,45 @@ async fn on_path_recording_replayed_later_delivers_nothing_extra() {
         to_server.send(1, &i).await.unwrap();
         to_server.send_datagram(2, i.to_be_bytes().to_vec()).await.unwrap();
     }
-    let mut streams = 0;
-    let mut datagrams = 0;
-    while streams < 50 {
-        let m = tokio::time::timeout(Duration::from_secs(10), at_server.recv()).await.unwrap().unwrap();
-        if m.is_datagram() {
-            datagrams += 1;
-        } else {
-            assert_eq!(m.decode::<u32>().unwrap(), streams);
-            streams += 1;
-        }
+    let mut datagrams = HashSet::new();
+    for i in 0..50u32 {
+        assert_eq!(next_message(&at_server, &mut datagrams).await, i);
     }
     to_server.delivered(1).await.unwrap();
-    while let Ok(Ok(m)) = tokio::time::timeout(Duration::from_millis(200), at_server.recv()).await {
-        assert!(m.is_datagram());
-        datagrams += 1;
-    }
-    let before = at_server.stats();
 
-    // Re-inject the whole recording on the live connection, twice.
+    // Re-inject the whole recording on the live connection, twice. A message sent after the
+    // replays along the same path comes after whatever they could deliver: only datagrams of
+    // the first sending not received yet may come before it, never a second copy.
     let n = relay.replay_all().await;
     assert!(n >= 10, "{n} UDP datagrams recorded");
     relay.replay_all().await;
-    assert_quiet(&at_server).await;
-    assert_eq!(at_server.stats().messages_delivered, before.messages_delivered);
+    to_server.send(1, &50u32).await.unwrap();
+    assert_eq!(next_message(&at_server, &mut datagrams).await, 50);
 
     // And towards a new connection (a new session of the same client): still nothing extra.
     let (second, second_at) = tokio::join!(client.connect(server.local_addr().unwrap(), "server"), server.accept());
     let (second, second_at) = (second.unwrap(), second_at.unwrap());
     relay.replay_all().await;
-    assert_quiet(&second_at).await;
-    assert_quiet(&at_server).await;
-
-    // Both sessions still work.
-    to_server.send(1, &999u32).await.unwrap();
-    assert_eq!(at_server.recv().await.unwrap().decode::<u32>().unwrap(), 999);
     second.send(1, &7u32).await.unwrap();
-    assert_eq!(second_at.recv().await.unwrap().decode::<u32>().unwrap(), 7);
-    assert!(datagrams <= 50);
+    let first = tokio::time::timeout(Duration::from_secs(10), second_at.recv()).await.unwrap().unwrap();
+    assert_eq!(first.decode::<u32>().unwrap(), 7, "{first:?}");
+    to_server.send(1, &999u32).await.unwrap();
+    assert_eq!(next_message(&at_server, &mut datagrams).await, 999);
+    assert!(datagrams.len() <= 50);
+    // Datagrams count as delivered messages too.
+    assert_eq!(at_server.stats().messages_delivered, 52 + datagrams.len() as u64);
+}
+
+/// Receives until the next channel message and returns it. What comes before it may only be
+/// datagrams not received before (`seen` keeps those received): a second copy fails the test.
+async fn next_message(session: &Session, seen: &mut HashSet<Bytes>) -> u32 {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), session.recv()).await.expect("a message").unwrap();
+        if !m.is_datagram() {
+            return m.decode().unwrap();
+        }
+        assert!(seen.insert(m.payload().clone()), "a datagram delivered twice: {m:?}");
+    }
 }
 
 /// Every single-bit flip of a sealed message's epoch, sequence number, send time, payload and
@@ -427,8 +445,9 @@ async fn every_bit_flip_through_a_session_is_refused_and_counted() {
         flips += 1;
     }
     stream.write_all(&genuine).await.unwrap();
+    // The flips came before it on the stream: all were processed.
     assert_eq!(recv_payload(&session).await, b"8 bytes!");
-    assert_quiet(&session).await;
+    assert_nothing_waiting(&session);
     let s = session.stats();
     assert_eq!(s.tag_failures + s.replays_rejected + s.stale_rejected, flips, "{s:?}");
     assert!(s.tag_failures > 0 && s.replays_rejected > 0 && s.stale_rejected > 0, "{s:?}");
@@ -478,18 +497,19 @@ async fn rpc_requests_are_sealed_messages_a_replayed_request_does_not_run_again(
     stream.write_all(&tampered).await.unwrap();
     let third = seal(&mut sealer, 3, now_ms(), &rpc_request(EPOCH, 3, "count", b"z"));
     stream.write_all(&third).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while runs.load(std::sync::atomic::Ordering::SeqCst) < 1 || session.stats().tag_failures < 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    // Request 1 replayed once more: once it is refused, request 3 (before it on the stream)
+    // has been taken in.
+    stream.write_all(&request).await.unwrap();
+    until(&session, |s| s.replays_rejected == 2 && s.tag_failures == 1 && s.rpc_requests == 1).await;
+    let ran = tokio::time::timeout(Duration::from_secs(10), async {
+        while runs.load(std::sync::atomic::Ordering::SeqCst) < 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-    })
-    .await
-    .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    });
+    ran.await.unwrap();
     // Request 3 waits behind the lost request 2 (in order per channel): only request 1 ran.
     assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
-    let stats = session.stats();
-    assert_eq!((stats.replays_rejected, stats.tag_failures, stats.rpc_requests), (1, 1, 1), "{stats:?}");
+    assert_eq!(session.stats().rpc_requests, 1);
     // The sender resends request 2 intact: 2 and 3 run, once each.
     stream.write_all(&intact).await.unwrap();
     tokio::time::timeout(Duration::from_secs(10), async {
