@@ -72,9 +72,11 @@ impl Plan {
     fn from_seed(seed: u64) -> Plan {
         let mut rng = Rng::new(seed ^ 0x5eed);
         let faulty = seed % 8 != 0;
+        let channels = 1 + rng.below(6) as u16;
         Plan {
-            channels: 1 + rng.below(6) as u16,
-            per_channel: 10 + rng.below(60),
+            channels,
+            // About as many messages in all, however many channels carry them.
+            per_channel: 10 + rng.below(120 / u64::from(channels)),
             requests: rng.below(20),
             datagrams: rng.below(30),
             faults: if faulty {
