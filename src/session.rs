@@ -1553,9 +1553,11 @@ enum ReadFailure {
 }
 
 /// The connection's one task: the driver, the datagram and control-stream readers, and a
-/// reader for each channel the peer opens, all polled here. A wake-up polls only the part that
-/// was woken (the channel readers sit in a `FuturesUnordered`, which tracks their wakers), and
-/// no frame crosses a thread to reach the core or the wire. Ends when the connection does.
+/// reader for each channel the peer opens, all polled here. The channel readers sit in a
+/// `FuturesUnordered`, which polls only those that were woken; the four parts are joined, so a
+/// wake-up also checks the other three (a look at quinn's state each). A frame read here and
+/// the acknowledgement it makes due are handled by the same task, without a hop to another.
+/// Ends when the connection does.
 async fn serve(shared: Arc<SessionShared>, link: Arc<Carrier>, control: RecvStream) {
     use futures_util::StreamExt;
     use futures_util::stream::FuturesUnordered;
