@@ -39,6 +39,7 @@ use crate::policy::Policy;
 /// | `max_clock_skew` | 30 s | messages stamped further in the future are refused |
 /// | `max_tag_failures` | 8 | messages failing their integrity check before the connection is closed |
 /// | `datagram_receive_buffer` | 1 MiB | datagrams quinn buffers before we read them (0 turns datagrams off) |
+/// | `udp_socket_buffer` | 4 MiB | the node's UDP socket's kernel receive and send buffers (0 keeps the system's default) |
 /// | `retired_epochs` | 4,096 peers × 16 | retired session epochs remembered per node |
 /// | `outbox_messages` | 1,024 | channel messages sent and not yet acknowledged, per session (at most `replay_window`) |
 /// | `outbox_bytes` | 16 MiB | their payload bytes (one larger message may still pass alone) |
@@ -96,6 +97,13 @@ pub struct Limits {
     pub max_tag_failures: u32,
     /// Datagram receive buffer (0: datagrams off).
     pub datagram_receive_buffer: usize,
+    /// Kernel receive and send buffer of the node's UDP socket, bytes (0: the system's default,
+    /// often 208 KiB). Every session of a node shares this one socket: a burst of handshakes or
+    /// a busy node overflows a small buffer, and the kernel drops what does not fit (each loss
+    /// then costs a retransmission timeout, a second or more during a handshake). The kernel
+    /// caps it at `net.core.rmem_max` and `net.core.wmem_max` (it logs at debug level when it
+    /// gave less); memory is used only by datagrams actually queued.
+    pub udp_socket_buffer: usize,
     /// Peers whose retired epochs are remembered (16 epochs each).
     pub retired_epochs: usize,
     /// Unacknowledged channel messages per session.
@@ -136,6 +144,7 @@ impl Default for Limits {
             max_clock_skew: Duration::from_secs(30),
             max_tag_failures: 8,
             datagram_receive_buffer: 1 << 20,
+            udp_socket_buffer: 4 << 20,
             retired_epochs: 4096,
             outbox_messages: 1024,
             outbox_bytes: 16 << 20,

@@ -165,7 +165,13 @@ impl Node {
         base_server.incoming_buffer_size_total(16 << 20);
         // Peers are nodes with fixed addresses; a migrating peer is a reconnecting peer.
         base_server.migration(false);
-        let endpoint = Endpoint::server(base_server.clone(), addr)?;
+        let socket = bind_udp(addr, config.limits.udp_socket_buffer)?;
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(base_server.clone()),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let unread = Arc::new(crate::session::UnreadBudget::new(config.limits.node_receive_buffer));
         let shared = Arc::new(NodeShared {
             endpoint,
@@ -497,6 +503,27 @@ async fn accept_one(shared: &Arc<NodeShared>, incoming: quinn::Incoming) -> Resu
             Ok(Some(start_session(shared, *h, epoch, None)))
         }
     }
+}
+
+/// Binds the node's UDP socket with kernel buffers of `buffer` bytes each way (0: the system's
+/// default). A kernel that caps them lower is not an error: the node works with what it got,
+/// and says so at debug level.
+fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    if buffer > 0 {
+        let s = socket2::SockRef::from(&socket);
+        let _ = s.set_recv_buffer_size(buffer);
+        let _ = s.set_send_buffer_size(buffer);
+        // Linux reports twice what it grants (its bookkeeping overhead).
+        let (recv, send) = (s.recv_buffer_size().unwrap_or(0) / 2, s.send_buffer_size().unwrap_or(0) / 2);
+        if recv < buffer || send < buffer {
+            debug!(
+                wanted = buffer,
+                recv, send, "the kernel capped the UDP socket buffers (net.core.rmem_max, wmem_max)"
+            );
+        }
+    }
+    Ok(socket)
 }
 
 /// Dials `addr` and runs the quicseal handshake; `resume` is the (peer names digest, peer epoch) of a
@@ -866,5 +893,35 @@ impl crate::reload::Reloadable for Node {
     }
     fn expiry(&self) -> crate::reload::Expiry {
         Node::expiry(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the kernel grants (it reports twice the size it was asked for).
+    fn granted(socket: &std::net::UdpSocket) -> (usize, usize) {
+        let s = socket2::SockRef::from(socket);
+        (s.recv_buffer_size().unwrap() / 2, s.send_buffer_size().unwrap() / 2)
+    }
+
+    fn kernel_max(name: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}")).unwrap().trim().parse().unwrap()
+    }
+
+    #[test]
+    fn the_udp_socket_gets_the_configured_buffers_up_to_the_kernels_cap() {
+        let loopback: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let wanted = Limits::default().udp_socket_buffer;
+        let (recv, send) = granted(&bind_udp(loopback, wanted).unwrap());
+        assert_eq!(recv, wanted.min(kernel_max("rmem_max")));
+        assert_eq!(send, wanted.min(kernel_max("wmem_max")));
+        // 0 keeps the system's default, which is what a plain bind gets.
+        let plain = granted(&std::net::UdpSocket::bind(loopback).unwrap());
+        assert_eq!(granted(&bind_udp(loopback, 0).unwrap()), plain);
+        // IPv6 too.
+        let (recv, _) = granted(&bind_udp("[::1]:0".parse().unwrap(), 1 << 20).unwrap());
+        assert_eq!(recv, (1usize << 20).min(kernel_max("rmem_max")));
     }
 }
