@@ -19,12 +19,15 @@
 //! W3 RPC of 64 B, closed loop at concurrency 1 and 64 (p50/p99); W4 mutual-TLS handshakes per
 //! second including the first message; W5 goodput through the `netsim` link at 1% and 5% loss
 //! (quicseal vs raw quinn); W6 resident memory per idle session (quicseal vs raw quinn, each in a
-//! fresh process).
+//! fresh process); W7 sessions per node: 1,000, 5,000 and 10,000 sessions dialled at one acceptor
+//! by other processes (200 in the quick mode), with the share established, the time it took, the
+//! acceptor's memory per session and idle CPU, and one busy session's throughput (scale.rs).
 #![allow(missing_docs)]
 
 use std::time::Duration;
 
 mod report;
+mod scale;
 mod stacks;
 
 use report::{Row, Stack, percentile, print_table, write_json, write_svg};
@@ -35,6 +38,23 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     if let Some(i) = args.iter().position(|a| a == "--memory-child") {
         runtime.block_on(memory_child(&args[i + 1], args[i + 2].parse().unwrap()));
+        return;
+    }
+    // W7's processes (see scale.rs): `--pki DIR` then their role.
+    if let Some(i) = args.iter().position(|a| a == "--pki") {
+        let pki = Pki::load(std::path::Path::new(&args[i + 1]));
+        let (role, rest) = (&args[i + 2], &args[i + 3..]);
+        match role.as_str() {
+            "--w7-acceptor" => runtime.block_on(scale::acceptor_child(&pki, &rest[0], rest[1].parse().unwrap())),
+            "--w7-dialler" => runtime.block_on(scale::dialler_child(
+                &pki,
+                &rest[0],
+                rest[1].parse().unwrap(),
+                rest[2].parse().unwrap(),
+            )),
+            "--w7-busy" => runtime.block_on(scale::busy_child(&pki, &rest[0], rest[1].parse().unwrap())),
+            other => panic!("unknown role {other}"),
+        }
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");
@@ -108,6 +128,20 @@ async fn run(quick: bool, select: &Select) {
         .collect();
     let sessions = if quick { 100 } else { 1000 };
     let w6 = row(format!("W6 memory per idle session ({sessions})"), "KiB", false);
+    // W7: one acceptor, many sessions from other processes (see scale.rs); its own rows per size.
+    let w7: Vec<(usize, [usize; 5])> = (if quick { vec![200] } else { vec![1_000, 5_000, 10_000] })
+        .into_iter()
+        .map(|n| {
+            let rows = [
+                row(format!("W7 {n} sessions: established"), "%", true),
+                row(format!("W7 {n} sessions: time to establish all"), "ms", false),
+                row(format!("W7 {n} sessions: acceptor memory per session"), "KiB", false),
+                row(format!("W7 {n} sessions: acceptor CPU while idle"), "% core", false),
+                row(format!("W7 {n} sessions: one busy session, 1 KiB x 64 in flight"), "msg/s", true),
+            ];
+            (n, rows)
+        })
+        .collect();
     for round in 0..rounds {
         // Alternate the order of the stacks from round to round.
         let order: Vec<Stack> = (0..3).map(|i| Stack::ALL[(round + i) % 3]).collect();
@@ -153,6 +187,19 @@ async fn run(quick: bool, select: &Select) {
             }
             if round == 0 && stack != Stack::Tcp && select.workload("W6") {
                 rows[w6].values[stack].push(memory_of(stack.name(), sessions));
+            }
+            for &(n, r) in w7.iter().filter(|_| round == 0 && stack != Stack::Tcp && select.workload("W7")) {
+                let m = scale::scale_of(&pki, stack, n);
+                let figures = [
+                    m.established as f64 / m.dialled as f64 * 100.0,
+                    m.seconds * 1000.0,
+                    m.kib_per_session,
+                    m.idle_cpu_percent,
+                    m.busy_msgs_per_sec,
+                ];
+                for (i, v) in r.into_iter().zip(figures) {
+                    rows[i].values[stack].push(v);
+                }
             }
         }
     }

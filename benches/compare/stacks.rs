@@ -17,24 +17,51 @@ use tokio::sync::{Mutex, oneshot};
 pub(crate) const ALPN: &[u8] = b"quicseal-bench";
 
 pub(crate) struct Pki {
-    ca: Ca,
-    server: Issued,
-    client: Issued,
+    ca_pem: String,
+    ca_der: CertificateDer<'static>,
+    pub(crate) server: Issued,
+    pub(crate) client: Issued,
 }
+
+/// The files [`Pki::save`] writes, in order: CA certificate, then chain and key of the server
+/// and of the client.
+const PKI_FILES: [&str; 5] = ["ca.pem", "server.pem", "server.key", "client.pem", "client.key"];
 
 impl Pki {
     pub(crate) fn new() -> Pki {
         let ca = Ca::new("bench CA", KeyType::EcdsaP256, Duration::from_secs(3600)).unwrap();
         let server = ca.issue(&NodeCert::new("server").dns("server")).unwrap();
         let client = ca.issue(&NodeCert::new("client").dns("client")).unwrap();
-        Pki { ca, server, client }
+        Pki { ca_pem: ca.cert_pem().to_owned(), ca_der: ca.cert_der().clone(), server, client }
     }
-    fn trust(&self) -> TrustStore {
+    /// Writes the certificates and keys to `dir`, for the benchmark's other processes.
+    pub(crate) fn save(&self, dir: &std::path::Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        let parts =
+            [&self.ca_pem, &self.server.chain_pem, &self.server.key_pem, &self.client.chain_pem, &self.client.key_pem];
+        for (name, text) in PKI_FILES.iter().zip(parts) {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+    }
+    /// Reads what [`Pki::save`] wrote.
+    pub(crate) fn load(dir: &std::path::Path) -> Pki {
+        let [ca_pem, server_chain, server_key, client_chain, client_key] =
+            PKI_FILES.map(|name| std::fs::read_to_string(dir.join(name)).unwrap());
+        let issued = |chain_pem: String, key_pem: String| Issued {
+            cert_der: CertificateDer::pem_slice_iter(chain_pem.as_bytes()).next().unwrap().unwrap(),
+            chain_pem,
+            key_pem,
+            serial: Vec::new(),
+        };
+        let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+        Pki { ca_pem, ca_der, server: issued(server_chain, server_key), client: issued(client_chain, client_key) }
+    }
+    pub(crate) fn trust(&self) -> TrustStore {
         let mut t = TrustStore::new();
-        t.add_ca_pem(self.ca.cert_pem().as_bytes()).unwrap();
+        t.add_ca_pem(self.ca_pem.as_bytes()).unwrap();
         t
     }
-    fn identity(i: &Issued) -> Identity {
+    pub(crate) fn identity(i: &Issued) -> Identity {
         Identity::from_pem(i.chain_pem.as_bytes(), i.key_pem.as_bytes()).unwrap()
     }
     fn chain(i: &Issued) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
@@ -43,7 +70,7 @@ impl Pki {
     }
     fn roots(&self) -> Arc<rustls::RootCertStore> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.ca.cert_der().clone()).unwrap();
+        roots.add(self.ca_der.clone()).unwrap();
         Arc::new(roots)
     }
     /// Mutual TLS 1.3 on ring, no resumption, no early data: the same policy as quicseal.
@@ -169,7 +196,19 @@ pub(crate) fn quinn_server(pki: &Pki) -> quinn::Endpoint {
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(Limits::default().quinn_transport()));
     cfg.migration(false);
-    quinn::Endpoint::server(cfg, loopback()).unwrap()
+    quinn_endpoint(Some(cfg))
+}
+
+/// A raw quinn endpoint on loopback, with the same UDP socket buffers as a quicseal node
+/// (`Limits::udp_socket_buffer`): the size a user running many connections on one socket would
+/// choose.
+pub(crate) fn quinn_endpoint(server: Option<quinn::ServerConfig>) -> quinn::Endpoint {
+    let socket = std::net::UdpSocket::bind(loopback()).unwrap();
+    let buffer = Limits::default().udp_socket_buffer;
+    let s = socket2::SockRef::from(&socket);
+    s.set_recv_buffer_size(buffer).unwrap();
+    s.set_send_buffer_size(buffer).unwrap();
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, Arc::new(quinn::TokioRuntime)).unwrap()
 }
 
 pub(crate) fn quinn_client_config(pki: &Pki) -> quinn::ClientConfig {
@@ -230,7 +269,7 @@ impl RawQuinn {
         let server = quinn_server(pki);
         let addr = server.local_addr().unwrap();
         serve_quinn(server.clone());
-        let mut client = quinn::Endpoint::client(loopback()).unwrap();
+        let mut client = quinn_endpoint(None);
         client.set_default_client_config(quinn_client_config(pki));
         let conn = client.connect(addr, "server").unwrap().await.unwrap();
         RawQuinn { _server: server, client, conn }
@@ -496,13 +535,19 @@ pub(crate) async fn handshake_quicseal(pki: &Pki, n: usize) -> Duration {
         }
     });
     let start = Instant::now();
+    let (mut tc, mut tm) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..n {
+        let t0 = Instant::now();
         let s = client.connect(addr, "server").await.unwrap();
+        let t1 = Instant::now();
         s.send_bytes(0, &b"hi"[..]).await.unwrap();
         s.delivered(0).await.unwrap();
+        tm += t1.elapsed();
+        tc += t1 - t0;
         s.close();
     }
     let d = start.elapsed();
+    eprintln!("quicseal: connect {:?} message {:?} total {:?}", tc / n as u32, tm / n as u32, d / n as u32);
     accept.await.unwrap();
     drop(server);
     d
@@ -512,17 +557,23 @@ pub(crate) async fn handshake_quinn(pki: &Pki, n: usize) -> Duration {
     let server = quinn_server(pki);
     let addr = server.local_addr().unwrap();
     serve_quinn(server.clone());
-    let mut client = quinn::Endpoint::client(loopback()).unwrap();
+    let mut client = quinn_endpoint(None);
     client.set_default_client_config(quinn_client_config(pki));
     let start = Instant::now();
+    let (mut tc, mut tm) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..n {
+        let t0 = Instant::now();
         let conn = client.connect(addr, "server").unwrap().await.unwrap();
+        let t1 = Instant::now();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         send.write_all(&[0, 0, 0, 0, 2, b'h', b'i']).await.unwrap();
         let mut c = [0u8; 8];
         recv.read_exact(&mut c).await.unwrap();
+        tm += t1.elapsed();
+        tc += t1 - t0;
         conn.close(0u32.into(), b"");
     }
+    eprintln!("quinn: connect {:?} message {:?} total {:?}", tc / n as u32, tm / n as u32, start.elapsed() / n as u32);
     start.elapsed()
 }
 
@@ -564,7 +615,7 @@ pub(crate) async fn lossy_quinn(pki: &Pki, loss: f64, mib: usize) -> Duration {
     serve_quinn(server.clone());
     let proxy =
         quicseal::netsim::Proxy::start(loopback(), server.local_addr().unwrap(), Default::default()).await.unwrap();
-    let mut client = quinn::Endpoint::client(loopback()).unwrap();
+    let mut client = quinn_endpoint(None);
     client.set_default_client_config(quinn_client_config(pki));
     let conn = client.connect(proxy.local_addr(), "server").unwrap().await.unwrap();
     proxy.reconfigure(lossy(loss, 7)).unwrap();
@@ -609,7 +660,7 @@ pub(crate) async fn memory_child(stack: &str, n: usize) {
         _ => {
             let server = quinn_server(&pki);
             let addr = server.local_addr().unwrap();
-            let mut client = quinn::Endpoint::client(loopback()).unwrap();
+            let mut client = quinn_endpoint(None);
             client.set_default_client_config(quinn_client_config(&pki));
             for _ in 0..n {
                 let (a, b) = tokio::join!(async { client.connect(addr, "server").unwrap().await.unwrap() }, async {
