@@ -166,12 +166,8 @@ impl Node {
         // Peers are nodes with fixed addresses; a migrating peer is a reconnecting peer.
         base_server.migration(false);
         let socket = bind_udp(addr, config.limits.udp_socket_buffer)?;
-        let endpoint = Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(base_server.clone()),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )?;
+        let endpoint =
+            Endpoint::new(endpoint_config(), Some(base_server.clone()), socket, Arc::new(quinn::TokioRuntime))?;
         let unread = Arc::new(crate::session::UnreadBudget::new(config.limits.node_receive_buffer));
         let shared = Arc::new(NodeShared {
             endpoint,
@@ -504,6 +500,49 @@ async fn accept_one(shared: &Arc<NodeShared>, incoming: quinn::Incoming) -> Resu
         }
     }
 }
+
+/// The endpoint's configuration: quinn's defaults, except for connection IDs (see [`RandomCids`]).
+fn endpoint_config() -> quinn::EndpointConfig {
+    let mut config = quinn::EndpointConfig::default();
+    config.cid_generator(cid_generator);
+    config
+}
+
+fn cid_generator() -> Box<dyn quinn::ConnectionIdGenerator> {
+    Box::new(RandomCids)
+}
+
+/// Connection IDs of 64 random bits.
+///
+/// quinn's default generator draws 24 random bits per ID (the rest is a keyed hash that lets it
+/// drop non-QUIC packets cheaply), and the ID it puts in a Retry is not checked against the IDs
+/// of live connections. With thousands of connections, each holding several IDs, a Retry's ID
+/// then often equals a live connection's: the dialler's next Initial, sent to that ID, reaches
+/// the wrong connection, which drops it, and the dial hangs until its handshake timeout. The
+/// W7 benchmark lost about one dial in a thousand that way once more than `retry_above`
+/// handshakes were in progress. With 64 bits, such a collision is out of reach.
+struct RandomCids;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut id = [0u8; RANDOM_CID_LEN];
+        // The system's generator does not fail on the platforms ring supports; an all-zero ID
+        // would still route (as one connection's), never panic.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+        quinn::ConnectionId::new(&id)
+    }
+
+    fn cid_len(&self) -> usize {
+        RANDOM_CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// Bytes of a connection ID made by [`RandomCids`].
+const RANDOM_CID_LEN: usize = 8;
 
 /// Binds the node's UDP socket with kernel buffers of `buffer` bytes each way (0: the system's
 /// default). A kernel that caps them lower is not an error: the node works with what it got,
@@ -908,6 +947,27 @@ mod tests {
 
     fn kernel_max(name: &str) -> usize {
         std::fs::read_to_string(format!("/proc/sys/net/core/{name}")).unwrap().trim().parse().unwrap()
+    }
+
+    /// How many of `n` connection IDs from `generate` were made before (birthday collisions).
+    fn repeats(n: usize, mut generate: impl FnMut() -> quinn::ConnectionId) -> usize {
+        let mut seen = std::collections::HashSet::with_capacity(n);
+        (0..n).filter(|_| !seen.insert(generate())).count()
+    }
+
+    #[test]
+    fn connection_ids_do_not_repeat_among_hundreds_of_thousands() {
+        use quinn::ConnectionIdGenerator;
+        // What a node with many connections holds: some IDs per connection, plus a Retry's ID
+        // per new dial while handshakes pile up. A repeat misroutes a dial (see RandomCids).
+        let n = 300_000;
+        let mut ours = cid_generator();
+        assert_eq!(repeats(n, || ours.generate_cid()), 0);
+        assert_eq!(ours.cid_len(), RANDOM_CID_LEN);
+        // quinn's default (the generator the node used before) repeats: about n^2 / 2^25 of
+        // them with its 24 random bits, some 2,700 here.
+        let mut default = quinn_proto::HashedConnectionIdGenerator::default();
+        assert!(repeats(n, || default.generate_cid()) > 100);
     }
 
     #[test]
