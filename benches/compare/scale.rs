@@ -39,7 +39,8 @@ pub(crate) struct Scale {
     /// Sessions established of those dialled.
     pub(crate) established: usize,
     pub(crate) dialled: usize,
-    /// From the first dial to the last session established (or the dialling deadline).
+    /// From starting the dialling processes until the last of them reported (every dial
+    /// established or failed): includes their start-up, some milliseconds.
     pub(crate) seconds: f64,
     pub(crate) kib_per_session: f64,
     /// CPU time of the acceptor per second of wall time while every session idles, percent of
