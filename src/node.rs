@@ -509,7 +509,7 @@ fn endpoint_config() -> quinn::EndpointConfig {
 }
 
 fn cid_generator() -> Box<dyn quinn::ConnectionIdGenerator> {
-    Box::new(RandomCids)
+    Box::new(RandomCids { made: 0 })
 }
 
 /// Connection IDs of 64 random bits.
@@ -521,14 +521,23 @@ fn cid_generator() -> Box<dyn quinn::ConnectionIdGenerator> {
 /// the wrong connection, which drops it, and the dial hangs until its handshake timeout. The
 /// W7 benchmark lost about one dial in a thousand that way once more than `retry_above`
 /// handshakes were in progress. With 64 bits, such a collision is out of reach.
-struct RandomCids;
+///
+/// Each ID is also XORed with a count of the IDs this generator made (one generator serves an
+/// endpoint): that keeps the IDs uniformly random, and distinct even if the system's generator
+/// ever failed (ring's does not on the platforms it supports, but a failure must not turn every
+/// ID into the same one).
+struct RandomCids {
+    made: u64,
+}
 
 impl quinn::ConnectionIdGenerator for RandomCids {
     fn generate_cid(&mut self) -> quinn::ConnectionId {
         let mut id = [0u8; RANDOM_CID_LEN];
-        // The system's generator does not fail on the platforms ring supports; an all-zero ID
-        // would still route (as one connection's), never panic.
         let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id);
+        for (byte, count) in id.iter_mut().zip(self.made.to_be_bytes()) {
+            *byte ^= count;
+        }
+        self.made = self.made.wrapping_add(1);
         quinn::ConnectionId::new(&id)
     }
 

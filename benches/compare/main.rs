@@ -210,21 +210,14 @@ async fn run(quick: bool, select: &Select) {
     drop(r.client);
 }
 
+/// A boxed workload future (what makes [`PairDyn`] object-safe).
+type Workload<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + 'a>>;
+
 /// Object-safe wrappers (the workloads pick a stack at run time).
 trait PairDyn {
-    fn stream_dyn<'a>(
-        &'a mut self,
-        count: usize,
-        size: usize,
-        window: usize,
-        coalesce: bool,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Duration> + 'a>>;
-    fn rpc_dyn<'a>(
-        &'a mut self,
-        calls: usize,
-        size: usize,
-        concurrency: usize,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Duration>> + 'a>>;
+    fn stream_dyn<'a>(&'a mut self, count: usize, size: usize, window: usize, coalesce: bool)
+    -> Workload<'a, Duration>;
+    fn rpc_dyn<'a>(&'a mut self, calls: usize, size: usize, concurrency: usize) -> Workload<'a, Vec<Duration>>;
 }
 
 impl<P: Pair> PairDyn for P {
@@ -234,15 +227,10 @@ impl<P: Pair> PairDyn for P {
         size: usize,
         window: usize,
         coalesce: bool,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Duration> + 'a>> {
+    ) -> Workload<'a, Duration> {
         Box::pin(self.stream(count, size, window, coalesce))
     }
-    fn rpc_dyn<'a>(
-        &'a mut self,
-        calls: usize,
-        size: usize,
-        concurrency: usize,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<Duration>> + 'a>> {
+    fn rpc_dyn<'a>(&'a mut self, calls: usize, size: usize, concurrency: usize) -> Workload<'a, Vec<Duration>> {
         Box::pin(self.rpc(calls, size, concurrency))
     }
 }

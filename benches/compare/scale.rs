@@ -89,13 +89,14 @@ pub(crate) fn scale_of(pki: &Pki, stack: Stack, n: usize) -> Scale {
     let dir = std::env::temp_dir().join(format!("quicseal-w7-{}", std::process::id()));
     pki.save(&dir);
     let dir_arg = dir.display().to_string();
-    let child = |args: &[String]| {
+    // Every process of the run reads the same certificates.
+    let spawn = |args: &[String]| {
         let mut all = vec!["--pki".to_owned(), dir_arg.clone()];
         all.extend_from_slice(args);
         child(&all)
     };
     let name = stack.name().to_owned();
-    let mut acceptor = child(&["--w7-acceptor".into(), name.clone(), n.to_string()]);
+    let mut acceptor = spawn(&["--w7-acceptor".into(), name.clone(), n.to_string()]);
     let mut from_acceptor = BufReader::new(acceptor.stdout.take().unwrap());
     let mut to_acceptor = acceptor.stdin.take().unwrap();
     let addr = read_line(&mut from_acceptor);
@@ -104,7 +105,7 @@ pub(crate) fn scale_of(pki: &Pki, stack: Stack, n: usize) -> Scale {
     let mut diallers: Vec<(Child, BufReader<std::process::ChildStdout>)> = (0..DIALLERS)
         .map(|i| {
             let count = per.min(n - (i * per).min(n));
-            let mut c = child(&["--w7-dialler".into(), name.clone(), addr.clone(), count.to_string()]);
+            let mut c = spawn(&["--w7-dialler".into(), name.clone(), addr.clone(), count.to_string()]);
             let out = BufReader::new(c.stdout.take().unwrap());
             (c, out)
         })
@@ -119,7 +120,7 @@ pub(crate) fn scale_of(pki: &Pki, stack: Stack, n: usize) -> Scale {
     let measured = read_line(&mut from_acceptor);
     let mut m = measured.split_whitespace().map(|v| v.parse::<f64>().unwrap_or(0.0));
     let (kib_per_session, idle_cpu_percent) = (m.next().unwrap_or(0.0), m.next().unwrap_or(0.0));
-    let mut busy = child(&["--w7-busy".into(), name, addr]);
+    let mut busy = spawn(&["--w7-busy".into(), name, addr]);
     let busy_msgs_per_sec = read_line(&mut BufReader::new(busy.stdout.take().unwrap())).parse().unwrap_or(0.0);
     let _ = busy.wait();
     for (mut c, _) in diallers {
