@@ -997,6 +997,21 @@ impl rpc::Outlet for Outlet {
     }
 }
 
+thread_local! {
+    /// The session whose RPC frames this thread is taking (`take_rpc`), if any.
+    static TAKING_RPC: std::cell::Cell<*const SessionShared> = const { std::cell::Cell::new(std::ptr::null()) };
+}
+
+/// Marks this thread as taking a session's RPC frames until dropped (then restores the mark it
+/// replaced), also when a handler unwinds.
+struct Taking(*const SessionShared);
+
+impl Drop for Taking {
+    fn drop(&mut self) {
+        TAKING_RPC.set(self.0);
+    }
+}
+
 /// Takes the RPC frames waiting on the reserved channels, in order: responses always (they
 /// complete our calls), requests while the session owes few enough answers. Channel readers
 /// call it as soon as an RPC frame arrives (no task hop on the way to the handler or the
@@ -1005,8 +1020,15 @@ impl rpc::Outlet for Outlet {
 fn take_rpc(outlet: &Outlet) -> bool {
     let shared = &outlet.0;
     let rpc = &shared.rpc;
+    let this = Arc::as_ptr(shared);
+    if TAKING_RPC.get() == this {
+        // A handler's first poll, run by this very taking (`run_here_or_spawn`), answered: the
+        // taking's loop asks `may_take_request` again before its next request.
+        return false;
+    }
     let took = {
         let _in_order = shared.rpc_taking.lock().unwrap_or_else(|e| e.into_inner());
+        let _taking = Taking(TAKING_RPC.replace(this));
         drain(shared, rpc::RESPONSE_CHANNEL, || true, |p| rpc.on_response(outlet, p))
             | drain(shared, rpc::REQUEST_CHANNEL, || rpc.may_take_request(), |p| rpc.on_request(outlet, p))
     };

@@ -17,7 +17,11 @@
 //!   (beyond, callers get [`RemoteError::Overloaded`]); a handler whose deadline passed or whose
 //!   caller cancelled is told through [`Call::cancelled`], no longer waited for, and dropped after
 //!   [`RouterConfig::cancel_grace`]; a panicking handler is answered with
-//!   [`RemoteError::HandlerPanicked`] and the server carries on.
+//!   [`RemoteError::HandlerPanicked`] and the server carries on. A handler is first polled in
+//!   the task that read its request (so one that answers at once costs no task switch) and gets
+//!   a task of its own only when it waits: do blocking or long CPU-bound work in
+//!   `tokio::task::spawn_blocking`, as anywhere in async code, or the session's reading waits
+//!   with it.
 //! - **At most once**: the server remembers each call by (peer key fingerprint, caller epoch,
 //!   request id) in a bounded [`ResponseCache`](crate::proto::rpc::ResponseCache). A request that
 //!   arrives again (a retry on a new session) is answered from the cache, or waits for the
@@ -107,7 +111,9 @@ pub(crate) trait Outlet: Clone + Send + Sync + 'static {
     }
     /// Counts `n`.
     fn count_n(&self, c: Counter, n: u64);
-    /// Takes the requests left waiting on the request channel, if the session may now.
+    /// Takes the requests left waiting on the request channel, if the session may now. Called
+    /// from within the taking itself (a handler that answered in its first poll), it does
+    /// nothing: the taking under way checks again before its next request.
     fn take_waiting_requests(&self);
 }
 

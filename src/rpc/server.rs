@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,6 +20,20 @@ use crate::error::{Error, Result};
 use crate::identity::{Fingerprint, PeerIdentity};
 use crate::proto::rpc::{Begin, CallId, ResponseCache, RpcFrame, Status};
 use crate::stats::Counter;
+
+/// Polls `work` once here, in the caller's task, and gives it a task of its own only if it has
+/// to wait: a handler that answers at once (and a quick refusal) costs no task hop on the way
+/// back to the caller. The task polls it again at once, registering a waker that works (the
+/// first poll's waker does nothing), so nothing it was waiting for is missed.
+///
+/// Callers hold the session's RPC taking lock (`session::take_rpc`); what `work` does under it
+/// must not take that lock again (the answer path skips it; see `Outlet::take_waiting_requests`).
+fn run_here_or_spawn(work: impl Future<Output = ()> + Send + 'static) {
+    let mut work = Box::pin(work);
+    if work.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
+        tokio::spawn(work);
+    }
+}
 
 /// A call's key in the server's memory: who called, and which call.
 type Key = (Fingerprint, CallId);
@@ -284,7 +299,7 @@ impl SessionRpc {
                 };
                 let (this, outlet, handler) = (self.clone(), outlet.clone(), handler.clone());
                 self.owe();
-                tokio::spawn(async move {
+                run_here_or_spawn(async move {
                     this.run(&outlet, key, handler, ctx, body).await;
                     drop((session_permit, node_permit, peer_slot));
                 });
@@ -378,7 +393,7 @@ impl SessionRpc {
     fn answer<O: Outlet>(self: &Arc<Self>, outlet: &O, call: CallId, status: Status, body: Bytes) {
         self.owe();
         let (this, outlet) = (self.clone(), outlet.clone());
-        tokio::spawn(async move { this.send_answer(&outlet, call, status, body).await });
+        run_here_or_spawn(async move { this.send_answer(&outlet, call, status, body).await });
     }
 
     async fn send_answer<O: Outlet>(&self, outlet: &O, call: CallId, status: Status, body: Bytes) {
