@@ -91,6 +91,7 @@ pub mod fuzzing;
 pub mod netsim;
 pub mod pki;
 pub mod proto;
+pub mod store;
 
 pub use client::RpcClient;
 pub use config::{Limits, NodeConfig};

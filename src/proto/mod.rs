@@ -9,6 +9,7 @@
 //! This is a lower-level interface than [`Node`](crate::Node): it follows the protocol's
 //! versions, not the stability of the rest of the API.
 
+pub mod durable;
 pub mod epochs;
 pub mod hello;
 pub mod reliable;
@@ -17,7 +18,7 @@ pub mod rpc;
 pub mod seal;
 pub mod session;
 #[cfg(test)]
-mod test_rng;
+pub(crate) mod test_rng;
 pub mod violation;
 pub mod wire;
 
