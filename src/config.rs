@@ -253,6 +253,7 @@ pub struct NodeConfig {
     pub(crate) limits: Limits,
     pub(crate) manual_ack: bool,
     pub(crate) rpc: Option<crate::rpc::Router>,
+    pub(crate) store: Option<(std::path::PathBuf, crate::store::StoreLimits)>,
 }
 
 impl NodeConfig {
@@ -266,7 +267,27 @@ impl NodeConfig {
             limits: Limits::default(),
             manual_ack: false,
             rpc: None,
+            store: None,
         }
+    }
+
+    /// Keeps a durable store in directory `dir` (created if missing; one node per directory),
+    /// which enables durable channels ([`Session::send_durable_bytes`](crate::Session::send_durable_bytes),
+    /// [`Node::recv_durable`](crate::Node::recv_durable)) and keys the node's stateless resets
+    /// by the store's secret. [`Node::bind`](crate::Node::bind) opens it, and fails with
+    /// [`Error::Store`](crate::Error::Store) if it cannot.
+    pub fn store(self, dir: impl Into<std::path::PathBuf>) -> NodeConfig {
+        self.store_with_limits(dir, crate::store::StoreLimits::default())
+    }
+
+    /// Like [`NodeConfig::store`], with limits of its own.
+    pub fn store_with_limits(
+        mut self,
+        dir: impl Into<std::path::PathBuf>,
+        limits: crate::store::StoreLimits,
+    ) -> NodeConfig {
+        self.store = Some((dir.into(), limits));
+        self
     }
 
     /// Serves RPC calls with these handlers, on every session of the node (accepted and

@@ -335,8 +335,9 @@ pub enum Error {
     /// [`Error::Timeout`]).
     #[error("remote: {0}")]
     Remote(RemoteError),
-    /// Channels 0xFFFE and 0xFFFF carry RPC; applications cannot send on them.
-    #[error("channel {0:#06x} is reserved for RPC")]
+    /// Channels 0xFFFD (durable channels) and 0xFFFE and 0xFFFF (RPC) are the library's;
+    /// applications cannot send on them.
+    #[error("channel {0:#06x} is reserved (durable channels and RPC)")]
     ReservedChannel(u16),
     /// A typed message could not be encoded or decoded.
     #[error("message encoding: {0}")]
@@ -364,6 +365,9 @@ pub enum Error {
         /// What was wrong, and what to do about it.
         reason: String,
     },
+    /// The durable store failed (see [`StoreError`](crate::store::StoreError)).
+    #[error("durable store: {0}")]
+    Store(crate::store::StoreError),
     /// The node or session was closed by this process.
     #[error("closed")]
     Closed,

@@ -74,6 +74,7 @@
 
 mod client;
 mod config;
+mod durable;
 mod error;
 mod export;
 mod identity;

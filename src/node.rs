@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::{Limits, NodeConfig};
+use crate::durable::Durable;
 use crate::error::{Error, Limited, Result, Side, Timed, Violation, close_code, from_connection_error};
 use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
 use crate::policy::Policy;
@@ -34,8 +35,9 @@ use crate::proto::seal::{self, EXPORTER_LABEL, KEY_MATERIAL_LEN, OpenConfig};
 use crate::proto::session::SessionConfig;
 use crate::proto::wire::{self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, frame_type};
 use crate::rpc::RpcServer;
-use crate::session::{EndHook, LinkParts, Redial, Resumable, ResumePolicy, Session, SessionParams};
+use crate::session::{EndHook, LinkParts, Outlet, Redial, Resumable, ResumePolicy, Session, SessionParams};
 use crate::stats::{Counter, Counters, Stats, Tally};
+use crate::store::{Store, Stored};
 use crate::tls::{ALPN, Captured, TlsContext, take_captured};
 
 /// A quicseal node bound to one UDP address: it accepts sessions and dials them.
@@ -85,6 +87,8 @@ struct NodeShared {
     per_peer: Arc<std::sync::Mutex<HashMap<Fingerprint, usize>>>,
     /// Received-but-unread bytes over all sessions.
     unread: Arc<crate::session::UnreadBudget>,
+    /// Durable channels, when the node keeps a store.
+    durable: Option<Arc<Durable<Outlet>>>,
 }
 
 /// Incoming handshakes in progress.
@@ -131,6 +135,9 @@ pub(crate) struct NodeInner {
 impl Drop for NodeInner {
     fn drop(&mut self) {
         self.accept_task.abort();
+        if let Some(d) = &self.shared.durable {
+            d.close();
+        }
         self.shared.endpoint.close(VarInt::from_u32(close_code::NO_ERROR), b"node closed");
     }
 }
@@ -165,9 +172,18 @@ impl Node {
         base_server.incoming_buffer_size_total(16 << 20);
         // Peers are nodes with fixed addresses; a migrating peer is a reconnecting peer.
         base_server.migration(false);
+        let durable = match &config.store {
+            Some((dir, limits)) => Some(Durable::new(Store::open_with(dir, *limits).map_err(Error::Store)?)?),
+            None => None,
+        };
+        let reset_secret = durable.as_ref().map(|d| d.store().secret());
         let socket = bind_udp(addr, config.limits.udp_socket_buffer)?;
-        let endpoint =
-            Endpoint::new(endpoint_config(), Some(base_server.clone()), socket, Arc::new(quinn::TokioRuntime))?;
+        let endpoint = Endpoint::new(
+            endpoint_config(reset_secret),
+            Some(base_server.clone()),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let unread = Arc::new(crate::session::UnreadBudget::new(config.limits.node_receive_buffer));
         let shared = Arc::new(NodeShared {
             endpoint,
@@ -186,6 +202,7 @@ impl Node {
             incoming_open: Arc::default(),
             per_peer: Arc::default(),
             unread,
+            durable,
         });
         let (tx, rx) = mpsc::channel(shared.limits.accept_queue);
         let accept_task = tokio::spawn(accept_loop(shared.clone(), tx));
@@ -367,7 +384,39 @@ impl Node {
 
     /// Closes every connection and stops accepting.
     pub fn close(&self) {
+        if let Some(d) = &self.inner.shared.durable {
+            d.close();
+        }
         self.inner.shared.endpoint.close(VarInt::from_u32(close_code::NO_ERROR), b"node closed");
+    }
+
+    /// The node's store ([`NodeConfig::store`]), if it keeps one: for
+    /// [`Store::consume_with`], [`Store::stats`] and [`Store::inspect`].
+    pub fn store(&self) -> Option<&Store> {
+        self.inner.shared.durable.as_ref().map(|d| d.store())
+    }
+
+    /// The next durable message from any peer (PROTOCOL.md section 10), oldest first; waits for
+    /// one. Each stream's messages come in the order they were sent. A message comes once per
+    /// process: until it is consumed ([`Node::consume`], or [`Store::consume_with`] together
+    /// with the application's own writes), it is still in the store, and a restarted process
+    /// gets it again. `peer` in the message is the sender certificate's names digest
+    /// ([`PeerIdentity::names_digest`](crate::PeerIdentity)), which survives renewal.
+    ///
+    /// Errors: [`Error::Config`] if the node keeps no store, [`Error::Closed`] once it is closed.
+    pub async fn recv_durable(&self) -> Result<Stored> {
+        match &self.inner.shared.durable {
+            Some(d) => d.recv().await,
+            None => Err(Error::Config("durable messages need a store (NodeConfig::store)".into())),
+        }
+    }
+
+    /// The application is done with a durable message: it is removed from the store (durably).
+    pub async fn consume(&self, message: &Stored) -> Result<()> {
+        match self.store() {
+            Some(store) => store.consume(message).await.map_err(Error::Store),
+            None => Err(Error::Config("durable messages need a store (NodeConfig::store)".into())),
+        }
     }
 
     /// Waits until every connection is closed and the peers were told.
@@ -502,8 +551,19 @@ async fn accept_one(shared: &Arc<NodeShared>, incoming: quinn::Incoming) -> Resu
 }
 
 /// The endpoint's configuration: quinn's defaults, except for connection IDs (see [`RandomCids`]).
-fn endpoint_config() -> quinn::EndpointConfig {
-    let mut config = quinn::EndpointConfig::default();
+/// The endpoint's configuration: our connection IDs, and with a store, stateless resets keyed
+/// by the store's secret, so that a restarted process's resets are recognised by peers of the
+/// process before (PROTOCOL.md section 10): they learn of the restart in one round trip
+/// instead of after their idle timeout. Without a store, quinn draws a random key per process.
+fn endpoint_config(reset_secret: Option<[u8; 32]>) -> quinn::EndpointConfig {
+    let mut config = match reset_secret {
+        Some(secret) => {
+            let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+            let key = ring::hmac::sign(&derive, b"quicseal stateless reset key v1");
+            quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_ref())))
+        }
+        None => quinn::EndpointConfig::default(),
+    };
     config.cid_generator(cid_generator);
     config
 }
@@ -782,8 +842,8 @@ fn start_session(shared: &Arc<NodeShared>, h: Handshaken, epoch: u64, redial: Op
                     window_width: limits.replay_window,
                     freshness_ms: limits.freshness.as_millis() as u64,
                     max_future_ms: limits.max_clock_skew.as_millis() as u64,
-                    // The application's channels and the two RPC channels.
-                    max_windows: usize::from(limits.max_channels) + 2,
+                    // The application's channels and the three reserved ones (durable, RPC).
+                    max_windows: usize::from(limits.max_channels) + 3,
                 },
                 outbox: OutboxConfig {
                     max_messages: limits.outbox_messages,
@@ -827,8 +887,12 @@ fn start_session(shared: &Arc<NodeShared>, h: Handshaken, epoch: u64, redial: Op
             redial,
             on_end,
             rpc: shared.rpc.clone(),
+            durable: shared.durable.clone(),
         },
     );
+    if let Some(durable) = &shared.durable {
+        durable.attach(fingerprint, session.outlet());
+    }
     if accepted {
         shared
             .resumable

@@ -59,8 +59,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::durable::{self, Durable};
 use crate::error::{Error, Limited, Result, Side, Timed, close_code, from_connection_error};
-use crate::identity::PeerIdentity;
+use crate::identity::{Fingerprint, PeerIdentity};
+use crate::proto::durable::DURABLE_CHANNEL;
 use crate::proto::rpc::CallId;
 use crate::proto::seal::{OpeningKey, SealError, SealingKey};
 use crate::proto::session::{Arrival, DatagramError, PushError, SessionConfig, SessionCore, Stop, Violation, seal_one};
@@ -69,6 +71,7 @@ use crate::proto::wire::{
 };
 use crate::rpc::{self, CallOptions, RpcServer, SessionRpc, deadline_after, decode_exact};
 use crate::stats::{Counter, Stats, Tally};
+use crate::store::Stored;
 
 /// Session events kept for [`Session::events`] receivers that fall behind (beyond, they get
 /// `Lagged` and go on with the newest). Each slot is held by every session, idle or not.
@@ -396,6 +399,12 @@ struct SessionShared {
     /// Held while RPC frames are taken from the reserved channels, so they are handled in
     /// order whichever task takes them (a channel reader, or one that queued an answer).
     rpc_taking: Mutex<()>,
+    /// The node's durable layer, if it keeps a store (weak: the layer holds its sessions).
+    durable: Option<std::sync::Weak<Durable<Outlet>>>,
+    /// This session's receiving side of durable channels, made on the first DURABLE frame.
+    durable_rx: OnceLock<Arc<durable::Rx>>,
+    /// The peer's names digest: what its durable stream is filed under.
+    peer_names: Fingerprint,
 }
 
 impl SessionShared {
@@ -593,6 +602,8 @@ pub(crate) struct SessionParams {
     pub(crate) on_end: EndHook,
     /// The node's RPC server.
     pub(crate) rpc: Arc<RpcServer>,
+    /// The node's durable layer, if it keeps a store.
+    pub(crate) durable: Option<Arc<Durable<Outlet>>>,
 }
 
 /// A handle the node keeps to resume a session when its peer reconnects.
@@ -658,11 +669,19 @@ impl Session {
             max_send,
             rpc: Arc::new(SessionRpc::new(p.rpc, peer.clone(), outbox_messages)),
             rpc_taking: Mutex::new(()),
+            durable: p.durable.as_ref().map(Arc::downgrade),
+            durable_rx: OnceLock::new(),
+            peer_names: peer.names_digest,
         });
         // The first connection: its keys are already in the core.
         shared.run_link(shared.link(), control);
         let supervisor = tokio::spawn(supervise(shared.clone(), p.resume, p.redial));
         Session { inner: Arc::new(SessionInner { shared, peer, manual_ack, supervisor }) }
+    }
+
+    /// The session's handle for the node's layers (durable channels).
+    pub(crate) fn outlet(&self) -> Outlet {
+        Outlet(self.inner.shared.clone())
     }
 
     pub(crate) fn resumable(&self) -> Resumable {
@@ -738,6 +757,39 @@ impl Session {
     pub async fn send_bytes(&self, channel: u16, payload: impl Into<Bytes>) -> Result<u64> {
         reserved(channel)?;
         self.inner.shared.send(channel, payload.into(), true).await
+    }
+
+    /// Sends a typed message on `channel` durably (postcard encoding); see
+    /// [`Session::send_durable_bytes`].
+    pub async fn send_durable<T: Serialize + ?Sized>(&self, channel: u16, message: &T) -> Result<Stored> {
+        let bytes = postcard::to_allocvec(message)?;
+        self.send_durable_bytes(channel, bytes).await
+    }
+
+    /// Sends raw bytes on `channel` **durably** (PROTOCOL.md section 10): returns once the
+    /// message is in this node's store, on disk, with its place in this node's stream to the
+    /// peer (the returned [`Stored`] names it). From then on it reaches the peer's application
+    /// exactly once ([`Node::recv_durable`](crate::Node::recv_durable)), in order, even if
+    /// either process is killed and restarted: it is sent on the newest session with the same
+    /// peer (this one, or the next if this one ends first) until the peer's store holds it.
+    ///
+    /// Needs a store ([`NodeConfig::store`](crate::NodeConfig::store)) on both nodes.
+    /// Errors: [`Error::Config`] without one, [`Error::MessageTooLarge`] beyond
+    /// [`Session::max_message_size`] less 27 bytes, [`Error::Store`] if the store fails;
+    /// waits while the store's outbox is full.
+    pub async fn send_durable_bytes(&self, channel: u16, payload: impl Into<Bytes>) -> Result<Stored> {
+        reserved(channel)?;
+        let shared = &self.inner.shared;
+        let Some(durable) = &shared.durable else {
+            return Err(Error::Config("durable sends need a store (NodeConfig::store)".into()));
+        };
+        let durable = durable.upgrade().ok_or(Error::Closed)?;
+        let payload = payload.into();
+        let limit = shared.max_send.saturating_sub(crate::proto::durable::DATA_OVERHEAD);
+        if payload.len() > limit {
+            return Err(Error::MessageTooLarge { size: payload.len(), limit });
+        }
+        durable.send(shared.peer_names, &Outlet(shared.clone()), channel, payload).await
     }
 
     /// Like [`Session::send_bytes`], but fails with [`Error::Full`] instead of waiting when the
@@ -994,6 +1046,34 @@ impl rpc::Outlet for Outlet {
     }
     fn take_waiting_requests(&self) {
         take_rpc(self);
+    }
+}
+
+impl durable::Link for Outlet {
+    async fn send_frame(&self, frame: Bytes) -> Result<()> {
+        self.0.send(DURABLE_CHANNEL, frame, false).await.map(drop)
+    }
+    fn take_frame(&self) -> Option<Bytes> {
+        let now = self.0.now();
+        self.0.core().poll_deliver_channel(DURABLE_CHANNEL, now).map(|(_, payload)| payload)
+    }
+    async fn ended(&self) {
+        self.0.ended().await
+    }
+    fn is_ended(&self) -> bool {
+        self.0.is_ended()
+    }
+    fn same(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+    fn violation(&self, reason: String) {
+        self.0.violation(&self.0.link(), Violation::Durable(reason));
+    }
+    fn end_for_store(&self, error: Error) {
+        self.0.end(error, close_code::NO_ERROR);
+    }
+    fn rx(&self) -> Arc<durable::Rx> {
+        self.0.durable_rx.get_or_init(Arc::default).clone()
     }
 }
 
@@ -1721,6 +1801,17 @@ async fn read_messages(shared: &Arc<SessionShared>, link: &Arc<Carrier>, reader:
         };
         shared.room.notify_waiters();
         match arrival {
+            Ok(Arrival::Accepted) if channel == DURABLE_CHANNEL => match &shared.durable {
+                Some(durable) => {
+                    if let Some(durable) = durable.upgrade() {
+                        durable.take(shared.peer_names, &Outlet(shared.clone()));
+                    }
+                }
+                None => {
+                    return shared
+                        .violation(link, Violation::Durable("a DURABLE frame, and this node keeps no store".into()));
+                }
+            },
             Ok(Arrival::Accepted) if channel >= rpc::FIRST_RESERVED_CHANNEL => {
                 take_rpc(&Outlet(shared.clone()));
             }
@@ -1774,7 +1865,7 @@ pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Refuses the channels reserved for RPC.
+/// Refuses the library's reserved channels (durable channels, RPC).
 fn reserved(channel: u16) -> Result<()> {
     if channel >= rpc::FIRST_RESERVED_CHANNEL {
         return Err(Error::ReservedChannel(channel));

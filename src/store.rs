@@ -14,6 +14,7 @@
 //! receipts; an inbox at its limit makes the receiver stop taking durable messages, so the
 //! sender is held back by flow control.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
@@ -306,6 +307,11 @@ impl Store {
         })
     }
 
+    /// The store's limits.
+    pub fn limits(&self) -> StoreLimits {
+        self.inner.limits
+    }
+
     /// The store's file.
     pub fn path(&self) -> &Path {
         &self.inner.path
@@ -340,6 +346,16 @@ impl Store {
         alone: bool,
         write: impl FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
+        self.submit(alone, write).await
+    }
+
+    /// Queues `write` for the committer now (writes run in the order they are queued) and
+    /// returns a future of its result once its transaction is durable.
+    fn submit<R: Send + 'static>(
+        &self,
+        alone: bool,
+        write: impl FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+    ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         let run = Box::new(move |txn: Result<&WriteTransaction, StoreError>| -> Option<Reply> {
             match txn.and_then(write) {
@@ -356,10 +372,12 @@ impl Store {
             let jobs = self.inner.jobs.lock().unwrap_or_else(|e| e.into_inner());
             jobs.as_ref().is_some_and(|j| j.send(Job { alone, run }).is_ok())
         };
-        if !sent {
-            return Err(StoreError::Closed);
+        async move {
+            if !sent {
+                return Err(StoreError::Closed);
+            }
+            rx.await.unwrap_or(Err(StoreError::Closed))
         }
-        rx.await.unwrap_or(Err(StoreError::Closed))
     }
 
     fn engine(&self, e: impl Into<redb::Error>) -> StoreError {
@@ -478,47 +496,77 @@ impl Store {
             return Ok(Accepted { arrival: judge(known, dseq), high: known.unwrap_or(0) });
         }
         self.wait_for_room(false, payload.len()).await;
+        self.accept_in_order(peer, stream, dseq, channel, payload).await
+    }
+
+    /// Like [`Store::accept`], but queued for the committer at once, without waiting for room:
+    /// DATA frames of one session queued one after the other are decided in that order, and
+    /// share commits. The caller checks for room first ([`Store::inbox_has_room`]).
+    pub(crate) fn accept_in_order(
+        &self,
+        peer: Fingerprint,
+        stream: StreamId,
+        dseq: u64,
+        channel: u16,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<Accepted, StoreError>> + Send + 'static {
         let path = self.inner.path.clone();
         let len = payload.len() as u64;
-        let accepted = self
-            .write(false, move |txn| {
-                let engine = |e: redb::Error| engine_error(&path, e);
-                let mut streams = txn.open_table(IN_STREAMS).map_err(|e| engine(e.into()))?;
-                let high = streams.get((peer.0, stream.0)).map_err(|e| engine(e.into()))?.map(|v| v.value().0);
-                let arrival = judge(high, dseq);
-                if arrival != Arrival::Next {
-                    return Ok(Accepted { arrival, high: high.unwrap_or(0) });
+        let counts = self.inner.counts.clone();
+        let accepted = self.submit(false, move |txn| {
+            let engine = |e: redb::Error| engine_error(&path, e);
+            let mut streams = txn.open_table(IN_STREAMS).map_err(|e| engine(e.into()))?;
+            let high = streams.get((peer.0, stream.0)).map_err(|e| engine(e.into()))?.map(|v| v.value().0);
+            let arrival = judge(high, dseq);
+            if arrival != Arrival::Next {
+                return Ok(Accepted { arrival, high: high.unwrap_or(0) });
+            }
+            // Order of use: one more than the peer's most recent stream.
+            let mut latest = 0;
+            let mut count = 0;
+            let mut oldest: Option<([u8; 16], u64)> = None;
+            for e in streams.range((peer.0, [0; 16])..=(peer.0, [0xff; 16])).map_err(|e| engine(e.into()))? {
+                let (k, v) = e.map_err(|e| engine(e.into()))?;
+                let used = v.value().1;
+                latest = latest.max(used);
+                count += 1;
+                if k.value().1 != stream.0 && oldest.is_none_or(|(_, u)| used < u) {
+                    oldest = Some((k.value().1, used));
                 }
-                // Order of use: one more than the peer's most recent stream.
-                let mut latest = 0;
-                let mut count = 0;
-                let mut oldest: Option<([u8; 16], u64)> = None;
-                for e in streams.range((peer.0, [0; 16])..=(peer.0, [0xff; 16])).map_err(|e| engine(e.into()))? {
-                    let (k, v) = e.map_err(|e| engine(e.into()))?;
-                    let used = v.value().1;
-                    latest = latest.max(used);
-                    count += 1;
-                    if k.value().1 != stream.0 && oldest.is_none_or(|(_, u)| used < u) {
-                        oldest = Some((k.value().1, used));
-                    }
-                }
-                if high.is_none()
-                    && count >= STREAMS_PER_PEER
-                    && let Some((old, _)) = oldest
-                {
-                    streams.remove((peer.0, old)).map_err(|e| engine(e.into()))?;
-                }
-                streams.insert((peer.0, stream.0), (dseq, latest + 1)).map_err(|e| engine(e.into()))?;
-                let mut inbox = txn.open_table(INBOX).map_err(|e| engine(e.into()))?;
-                inbox.insert((peer.0, stream.0, dseq), (channel, payload.as_ref())).map_err(|e| engine(e.into()))?;
-                Ok(Accepted { arrival, high: dseq })
-            })
-            .await?;
-        if accepted.arrival == Arrival::Next {
-            self.inner.counts.inbox_messages.fetch_add(1, Ordering::Relaxed);
-            self.inner.counts.inbox_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            if high.is_none()
+                && count >= STREAMS_PER_PEER
+                && let Some((old, _)) = oldest
+            {
+                streams.remove((peer.0, old)).map_err(|e| engine(e.into()))?;
+            }
+            streams.insert((peer.0, stream.0), (dseq, latest + 1)).map_err(|e| engine(e.into()))?;
+            let mut inbox = txn.open_table(INBOX).map_err(|e| engine(e.into()))?;
+            inbox.insert((peer.0, stream.0, dseq), (channel, payload.as_ref())).map_err(|e| engine(e.into()))?;
+            Ok(Accepted { arrival, high: dseq })
+        });
+        async move {
+            let accepted = accepted.await?;
+            if accepted.arrival == Arrival::Next {
+                counts.inbox_messages.fetch_add(1, Ordering::Relaxed);
+                counts.inbox_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            Ok(accepted)
         }
-        Ok(accepted)
+    }
+
+    /// Whether the inbox has room for a message of `len` bytes now (an empty inbox takes any).
+    pub(crate) fn inbox_has_room(&self, len: usize) -> bool {
+        let c = &self.inner.counts;
+        let l = &self.inner.limits;
+        let (n, b) = (c.inbox_messages.load(Ordering::Relaxed), c.inbox_bytes.load(Ordering::Relaxed));
+        n == 0 || ((n as usize) < l.inbox_messages && b as usize + len <= l.inbox_bytes)
+    }
+
+    /// Resolves once the inbox may have room again (something was consumed) or the outbox (a
+    /// receipt). Register before checking, as with [`Notify`].
+    pub(crate) fn room_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.room.notified()
     }
 
     /// Receiver: the high mark of `peer`'s `stream`, if the store knows the stream.

@@ -51,9 +51,10 @@ use super::wire::{
 };
 use crate::stats::{Counter, Tally};
 
-/// Channels from this one up are the library's own (RPC requests and responses): they do not
-/// count against the channel limit, and the application cannot send on them.
-pub const FIRST_RESERVED_CHANNEL: u16 = 0xFFFE;
+/// Channels from this one up are the library's own (durable channels, RPC requests and
+/// responses): they do not count against the channel limit, and the application cannot send on
+/// them.
+pub const FIRST_RESERVED_CHANNEL: u16 = super::durable::DURABLE_CHANNEL;
 
 /// Most transmissions [`SessionCore::poll_transmit`] takes from the outbox in one call.
 pub const TRANSMIT_BATCH: usize = 64;
@@ -382,7 +383,7 @@ impl SessionCore {
 
     /// Records a violation on the current connection (the caller closes it with its code).
     pub fn violation(&mut self, v: Violation) -> Violation {
-        if matches!(v, Violation::Malformed(_) | Violation::Rpc(_)) {
+        if matches!(v, Violation::Malformed(_) | Violation::Rpc(_) | Violation::Durable(_)) {
             self.tally.add(Counter::malformed_frames, 1);
         }
         if self.conn.failure.is_none() {

@@ -41,6 +41,9 @@ pub enum Violation {
     /// An RPC frame that does not decode.
     #[error("RPC: {0}")]
     Rpc(String),
+    /// A DURABLE frame that does not decode, or one sent to a node that keeps no store.
+    #[error("durable: {0}")]
+    Durable(String),
     /// The peer's first stream is not the control stream.
     #[error("the first stream is not the control stream")]
     NotControlStream,

@@ -52,12 +52,14 @@ mod server;
 pub use router::{Call, CancelReason, Router, RouterConfig};
 pub(crate) use server::{RpcServer, SessionRpc};
 
-/// Channels from this number up are reserved for RPC.
+/// Channels from this number up are reserved for the library: durable channels
+/// ([`DURABLE_CHANNEL`](crate::proto::durable::DURABLE_CHANNEL), `0xFFFD`) and RPC (`0xFFFE`,
+/// `0xFFFF`). Applications cannot send on them.
 pub const FIRST_RESERVED_CHANNEL: u16 = crate::proto::session::FIRST_RESERVED_CHANNEL;
 /// The reserved channel that carries RPC requests and cancels (applications cannot send on it).
-pub const REQUEST_CHANNEL: u16 = FIRST_RESERVED_CHANNEL;
+pub const REQUEST_CHANNEL: u16 = 0xFFFE;
 /// The reserved channel that carries RPC responses (applications cannot send on it).
-pub const RESPONSE_CHANNEL: u16 = FIRST_RESERVED_CHANNEL + 1;
+pub const RESPONSE_CHANNEL: u16 = 0xFFFF;
 
 /// Bytes a request frame adds to its body besides the method name (kind, call id, flags,
 /// budget, method length).

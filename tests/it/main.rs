@@ -8,6 +8,7 @@ mod common;
 
 mod cert_cli;
 mod cli;
+mod durable;
 mod examples;
 mod identity;
 mod limits;

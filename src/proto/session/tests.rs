@@ -23,8 +23,8 @@ use crate::proto::test_rng::Rng;
 use crate::stats::{Counters, Stats};
 
 /// Requests and responses travel on the reserved channels, as the RPC layer's do.
-const REQUEST: u16 = FIRST_RESERVED_CHANNEL;
-const RESPONSE: u16 = FIRST_RESERVED_CHANNEL + 1;
+const REQUEST: u16 = 0xFFFE;
+const RESPONSE: u16 = 0xFFFF;
 /// Wall clock at simulated time zero (ms since the Unix epoch).
 const WALL_ZERO: u64 = 1_800_000_000_000;
 
