@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("reliable_ops", reliable_ops),
     ("session_core", session_core),
     ("rpc_decode", rpc_decode),
+    ("durable_decode", durable_decode),
     ("rpc_cache", rpc_cache),
     ("pem_load", pem_load),
 ];
@@ -397,6 +398,14 @@ pub fn rpc_decode(data: &[u8]) {
         let mut again = Vec::new();
         frame.encode(&mut again).expect("a decoded frame encodes");
         assert_eq!(&again[..], data);
+    }
+}
+
+/// DURABLE frame decoding: never panics, and what decodes re-encodes to the same bytes.
+pub fn durable_decode(data: &[u8]) {
+    let bytes = Bytes::copy_from_slice(data);
+    if let Ok(frame) = crate::proto::durable::DurableFrame::decode(&bytes) {
+        assert_eq!(&frame.to_bytes()[..], data);
     }
 }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::fuzzing::{self, TARGETS, TEST_EPOCH, TEST_KEY_MATERIAL, TEST_NOW_MS, open_message, test_open_config};
 use crate::pki::{Ca, KeyType, NodeCert};
+use crate::proto::durable::{DurableFrame, StreamId};
 use crate::proto::reliable::AckRanges;
 use crate::proto::rpc::{CallId, RpcFrame, Status};
 use crate::proto::seal::{self, ChannelSealer, Opener, Role};
@@ -112,8 +113,23 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         ("rpc_decode", "seed-response-error", response),
         ("rpc_decode", "seed-response-ok", ok),
         ("rpc_decode", "seed-cancel", cancel),
+        (
+            "durable_decode",
+            "seed-data",
+            durable(DurableFrame::Data {
+                stream: StreamId([7; 16]),
+                dseq: 3,
+                channel: 1,
+                payload: Bytes::from_static(b"hi"),
+            }),
+        ),
+        ("durable_decode", "seed-receipt", durable(DurableFrame::Receipt { stream: StreamId([7; 16]), dseq: 3 })),
         ("rpc_cache", "seed-ops", vec![0x23, 0, 1, 1, 0, 2, 1, 2, 1, 5, 0, 1, 9, 3, 2, 0, 0, 1, 100, 1, 2, 0]),
     ]
+}
+
+fn durable(frame: DurableFrame) -> Vec<u8> {
+    frame.to_bytes().to_vec()
 }
 
 /// PEM seeds (fresh keys each time, so only their presence is checked).
