@@ -26,6 +26,10 @@ use tokio::sync::{Notify, oneshot};
 use crate::identity::Fingerprint;
 use crate::proto::durable::{Arrival, StreamId, judge};
 
+/// The storage engine, re-exported: [`Store::consume_with`] and [`Store::write_with`] hand the
+/// application a [`redb::WriteTransaction`] for tables of its own.
+pub use redb;
+
 /// The file a store keeps in its directory.
 pub const FILE_NAME: &str = "quicseal.redb";
 
@@ -625,6 +629,15 @@ impl Store {
         effects: impl FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
     ) -> Result<R, StoreError> {
         self.remove_from_inbox(message, true, effects).await
+    }
+
+    /// Runs the application's own writes (`effects`, on tables of its own in this file) in a
+    /// durable transaction of their own; an `Err` aborts it.
+    pub async fn write_with<R: Send + 'static>(
+        &self,
+        effects: impl FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        self.write(true, effects).await
     }
 
     async fn remove_from_inbox<R: Send + 'static>(

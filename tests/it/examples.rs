@@ -11,7 +11,7 @@ use std::time::UNIX_EPOCH;
 /// builds the examples before it runs the tests; a run of `cargo test --test it` does not, and
 /// a binary older than any source file cargo built it from (its `.d` file lists them) would
 /// test old code, so it is refused.
-fn example(name: &str) -> PathBuf {
+pub(crate) fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let path = exe.parent().and_then(|deps| deps.parent()).unwrap().join("examples").join(name);
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH);

@@ -9,6 +9,7 @@ mod common;
 mod cert_cli;
 mod cli;
 mod durable;
+mod durable_crash;
 mod examples;
 mod identity;
 mod limits;
