@@ -665,6 +665,28 @@ impl Store {
         Ok(r)
     }
 
+    /// Sender: the first `max` messages waiting for a receipt, all peers, in (peer, dseq) order.
+    pub fn outbox(&self, max: usize) -> Result<Vec<Stored>, StoreError> {
+        let r = self.inner.db.begin_read().map_err(|e| self.engine(e))?;
+        let streams = r.open_table(OUT_STREAMS).map_err(|e| self.engine(e))?;
+        let outbox = r.open_table(OUTBOX).map_err(|e| self.engine(e))?;
+        let mut out = Vec::new();
+        for e in outbox.iter().map_err(|e| self.engine(e))?.take(max) {
+            let (k, v) = e.map_err(|e| self.engine(e))?;
+            let (peer, dseq) = k.value();
+            let stream = streams.get(peer).map_err(|e| self.engine(e))?.map(|s| s.value().0).unwrap_or([0; 16]);
+            let (channel, payload) = v.value();
+            out.push(Stored {
+                peer: Fingerprint(peer),
+                stream: StreamId(stream),
+                dseq,
+                channel,
+                payload: Bytes::copy_from_slice(payload),
+            });
+        }
+        Ok(out)
+    }
+
     /// Reads the store: every stream and message, for `quicseal store inspect`.
     pub fn inspect(&self) -> Result<Inspection, StoreError> {
         let r = self.inner.db.begin_read().map_err(|e| self.engine(e))?;

@@ -32,6 +32,13 @@ pub const RECEIPT_LEN: usize = 1 + 16 + 8;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StreamId(pub [u8; 16]);
 
+impl std::fmt::Display for StreamId {
+    /// Lower-case hex.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
 /// One DURABLE frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DurableFrame {

@@ -189,3 +189,54 @@ async fn a_restart_on_the_same_store_is_seen_by_the_peer_at_once() {
     assert!(started.elapsed() < Duration::from_secs(10));
     drop(b);
 }
+
+/// `quicseal store inspect` lists what a store holds, refuses a store a node has open, and
+/// says so when a directory holds no store.
+#[tokio::test]
+async fn the_cli_inspects_a_store() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = quicseal::store::Store::open(dir.path()).unwrap();
+        let peer = quicseal::Fingerprint([0xab; 32]);
+        for i in 0..3u8 {
+            store.append(peer, 4, bytes::Bytes::from(vec![i; 10])).await.unwrap();
+        }
+        let stream = quicseal::proto::durable::StreamId([0xcd; 16]);
+        store.accept(peer, stream, 1, 5, bytes::Bytes::from_static(b"hello")).await.unwrap();
+        let inspect =
+            |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_quicseal")).args(args).output().unwrap();
+        // Open here: the command refuses, with a sentence.
+        let busy = inspect(&["store", "inspect", dir.path().to_str().unwrap()]);
+        assert_eq!(busy.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&busy.stderr).contains("in use by a running node"), "{busy:?}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_quicseal"))
+        .args(["store", "inspect", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("outbox   3 messages waiting for a receipt"), "{text}");
+    assert!(text.contains("inbox    1 messages received, not consumed"), "{text}");
+    assert!(
+        text.contains(&format!("receiving from peer {}  stream {}  high mark 1", "ab".repeat(32), "cd".repeat(16))),
+        "{text}"
+    );
+    assert!(text.contains("dseq 3  channel 4  10 bytes"), "{text}");
+    let json = std::process::Command::new(env!("CARGO_BIN_EXE_quicseal"))
+        .args(["store", "inspect", "--json", "--messages", "1", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["outbox_messages"], 3);
+    assert_eq!(v["outbox"].as_array().unwrap().len(), 1);
+    assert_eq!(v["inbox"][0]["bytes"], 5);
+    assert_eq!(v["sending_streams"][0]["next_dseq"], 4);
+    let empty = tempfile::tempdir().unwrap();
+    let none = std::process::Command::new(env!("CARGO_BIN_EXE_quicseal"))
+        .args(["store", "inspect", empty.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(none.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&none.stderr).contains("no quicseal store here"), "{none:?}");
+}

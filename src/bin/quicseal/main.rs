@@ -1,4 +1,4 @@
-//! The `quicseal` command: the PKI (`cert`), smoke tools (`listen`, `send`, `proxy`), the
+//! The `quicseal` command: the PKI (`cert`), durable stores (`store inspect`), smoke tools (`listen`, `send`, `proxy`), the
 //! `demo`, and shell completions and a man page generated from the same definition.
 //!
 //! Exit codes: 0 success; 1 bad input (arguments, files) or another failure; `cert verify` and
@@ -12,6 +12,7 @@ mod demo;
 mod proxy;
 mod scrape;
 mod smoke;
+mod store;
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -33,6 +34,8 @@ struct Cli {
 enum Command {
     /// Create and manage certificates: CA, node certificates, revocation, CRLs, inspection.
     Cert(cert::CertArgs),
+    /// Inspect a node's durable store (streams, outbox, inbox).
+    Store(store::StoreArgs),
     /// Run a self-contained demonstration on loopback (throwaway CA, two nodes, refusals).
     Demo,
     /// Accept sessions and print every message with the sender's identity.
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
     let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
     let command = match cli.command {
         Command::Cert(args) => return finish(cert::run(args, &mut out, &mut err), &mut out),
+        Command::Store(args) => return finish(store::run(args, &mut out), &mut out),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "quicseal", &mut out);
             return ExitCode::SUCCESS;
@@ -139,7 +143,9 @@ fn main() -> ExitCode {
             Command::Listen(args) => smoke::listen(args, &mut out).await.map(|()| 0),
             Command::Send(args) => smoke::send(args, &mut out).await,
             Command::Proxy(args) => proxy::run(args, &mut out).await.map(|()| 0),
-            Command::Cert(_) | Command::Completions { .. } | Command::Man => unreachable!("handled above"),
+            Command::Cert(_) | Command::Store(_) | Command::Completions { .. } | Command::Man => {
+                unreachable!("handled above")
+            }
         }
     });
     finish(result, &mut out)
