@@ -254,8 +254,10 @@ struct Counters {
 
 /// Most datagrams waiting in delays at once; beyond it they are dropped and counted.
 const MAX_DELAYED: u64 = 65_536;
-/// Most distinct clients.
-const MAX_CLIENTS: usize = 64;
+/// Most clients with an upstream socket at once; a new client beyond it takes the place of the
+/// one heard from least recently (a restarted process comes back from a new port: the old one
+/// is gone).
+pub const MAX_CLIENTS: usize = 64;
 
 /// A running fault-injecting UDP proxy. Stops when dropped.
 #[derive(Debug)]
@@ -345,22 +347,34 @@ impl Proxy {
 /// Client-side loop: datagrams from clients go to the target through one upstream socket per
 /// client; each upstream socket's replies go back to its client.
 async fn run(shared: Arc<ProxyShared>) {
-    let mut upstream: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+    // Per client: its upstream socket, its reply loop, and when it last sent (a count of
+    // datagrams, which orders clients by recency).
+    let mut upstream: HashMap<SocketAddr, (Arc<UdpSocket>, tokio::task::AbortHandle, u64)> = HashMap::new();
     // Reply loops live in this set, so they end when this task is aborted (Proxy dropped).
     let mut replies = tokio::task::JoinSet::new();
     let mut buf = vec![0u8; 65_536];
+    let mut clock = 0u64;
     loop {
         let Ok((n, client)) = shared.listen.recv_from(&mut buf).await else { return };
-        let up = match upstream.get(&client) {
-            Some(u) => u.clone(),
+        clock += 1;
+        // Finished reply loops are collected, so the set stays bounded too.
+        while replies.try_join_next().is_some() {}
+        let up = match upstream.get_mut(&client) {
+            Some((u, _, last)) => {
+                *last = clock;
+                u.clone()
+            }
             None => {
-                if upstream.len() >= MAX_CLIENTS {
-                    continue;
+                if upstream.len() >= MAX_CLIENTS
+                    && let Some(&oldest) = upstream.iter().min_by_key(|(_, (_, _, last))| *last).map(|(a, _)| a)
+                    && let Some((_, reply, _)) = upstream.remove(&oldest)
+                {
+                    reply.abort();
                 }
                 let Ok(sock) = UdpSocket::bind("127.0.0.1:0").await else { continue };
                 let sock = Arc::new(sock);
-                upstream.insert(client, sock.clone());
-                replies.spawn(reply_loop(shared.clone(), sock.clone(), client));
+                let reply = replies.spawn(reply_loop(shared.clone(), sock.clone(), client));
+                upstream.insert(client, (sock.clone(), reply, clock));
                 sock
             }
         };
@@ -407,7 +421,14 @@ fn forward(shared: &Arc<ProxyShared>, datagram: &[u8], via: Arc<UdpSocket>, to: 
     c.reordered.fetch_add(decision.reordered as u64, Ordering::Relaxed);
     for delay in decision.copies {
         if delay.is_zero() {
-            let _ = via.try_send_to(&bytes, to);
+            // A socket the reactor has not seen writable yet (a new client's upstream socket)
+            // refuses a try; that datagram goes out as soon as it can instead of being lost.
+            if let Err(e) = via.try_send_to(&bytes, to)
+                && e.kind() == io::ErrorKind::WouldBlock
+            {
+                let (via, bytes) = (via.clone(), bytes.clone());
+                tokio::spawn(async move { via.send_to(&bytes, to).await });
+            }
             c.forwarded.fetch_add(1, Ordering::Relaxed);
             continue;
         }

@@ -102,12 +102,38 @@ fn kill((child, _): &mut (Child, Out)) {
     child.wait().unwrap();
 }
 
-/// Waits for a child's line starting with `what`, then for its exit.
-fn expect_line((child, out): (Child, Out), what: &str) {
-    let mut child = child;
-    let found = out.lines().any(|l| l.is_ok_and(|l| l.starts_with(what)));
-    assert!(found, "no {what:?} line");
-    child.wait().unwrap();
+/// Waits up to 60 s for a child's line starting with `what`, then for its exit; false if it
+/// did not come (the child is killed then).
+async fn expect_line((child, out): (Child, Out), what: &'static str) -> bool {
+    let pid = child.id();
+    let reading = tokio::task::spawn_blocking(move || {
+        let mut child = child;
+        let found = out.lines().any(|l| l.is_ok_and(|l| l.starts_with(what)));
+        child.wait().unwrap();
+        found
+    });
+    match tokio::time::timeout(Duration::from_secs(60), reading).await {
+        Ok(found) => found.unwrap(),
+        Err(_) => {
+            // SIGKILL, by pid: the child is with the blocked reader.
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            false
+        }
+    }
+}
+
+/// What both stores hold, for a failure message (both processes must be gone).
+fn stores(run: &Run) -> String {
+    let inspect = |dir: &str| match quicseal::store::Store::open(run.path(dir)) {
+        Ok(s) => format!(
+            "{:?} outbox {:?} inbox {:?}",
+            s.inspect(),
+            s.outbox(3).map(|v| v.iter().map(|m| m.dseq).collect::<Vec<_>>()),
+            s.inbox(None, 3).map(|v| v.iter().map(|m| m.dseq).collect::<Vec<_>>())
+        ),
+        Err(e) => format!("{e}"),
+    };
+    format!("sender's store: {}\nreceiver's store: {}", inspect("a"), inspect("b"))
 }
 
 /// What the checker found.
@@ -209,10 +235,15 @@ async fn crash_run(kills: usize, control: bool, seed: u64) -> (Verdict, usize, u
     // receiver's store; then the receiver hands what its store holds to the application.
     kill(&mut sender);
     let drain = run.sender(to, "drain");
-    tokio::task::spawn_blocking(move || expect_line(drain, "drained")).await.unwrap();
+    if !expect_line(drain, "drained").await {
+        kill(&mut receiver);
+        let report = stores(&run);
+        let dir = run.dir.keep();
+        panic!("the sender did not drain its store in 60 s (kept in {}):\n{report}", dir.display());
+    }
     kill(&mut receiver);
     let last = run.receiver(true);
-    tokio::task::spawn_blocking(move || expect_line(last, "empty")).await.unwrap();
+    assert!(expect_line(last, "empty").await, "the receiver did not empty its inbox in 60 s:\n{}", stores(&run));
     drop(proxy);
     (check(&run), sender_kills, receiver_kills)
 }

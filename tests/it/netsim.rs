@@ -73,3 +73,30 @@ async fn only_loopback_targets() {
         .unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
 }
+
+/// A restarted process comes back from a new port: the link keeps serving new clients beyond
+/// its client limit by letting go of the ones heard from least recently (it once ignored every
+/// client after the 64th, which stalled a long crash test).
+#[tokio::test]
+async fn the_link_serves_new_clients_beyond_its_client_limit() {
+    let target = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let target_addr = target.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = target.recv_from(&mut buf).await {
+            let _ = target.send_to(&buf[..n], from).await;
+        }
+    });
+    let proxy = Proxy::start("127.0.0.1:0".parse().unwrap(), target_addr, LinkConfig::default()).await.unwrap();
+    for i in 0..quicseal::netsim::MAX_CLIENTS + 10 {
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let ping = format!("ping {i}");
+        client.send_to(ping.as_bytes(), proxy.local_addr()).await.unwrap();
+        let mut buf = [0u8; 64];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("client {i} got no echo: {:?}", proxy.stats()))
+            .unwrap();
+        assert_eq!(&buf[..n], ping.as_bytes());
+    }
+}
