@@ -21,11 +21,14 @@
 //! (quicseal vs raw quinn); W6 resident memory per idle session (quicseal vs raw quinn, each in a
 //! fresh process); W7 sessions per node: 1,000, 5,000 and 10,000 sessions dialled at one acceptor
 //! by other processes (200 in the quick mode), with the dials that failed, the time it took, the
-//! acceptor's memory per session and idle CPU, and one busy session's throughput (scale.rs).
+//! acceptor's memory per session and idle CPU, and one busy session's throughput (scale.rs);
+//! W8 durable channels (quicseal only): 64 B and 1 KiB with 1 and 64 in flight, fsyncs per
+//! message, and the recovery of a store holding 1,000,000 unacknowledged messages (durable.rs).
 #![allow(missing_docs)]
 
 use std::time::Duration;
 
+mod durable;
 mod report;
 mod scale;
 mod stacks;
@@ -142,6 +145,18 @@ async fn run(quick: bool, select: &Select) {
             (n, rows)
         })
         .collect();
+    // W8: durable channels, quicseal only.
+    let durable_count = if quick { 500 } else { 5_000 };
+    let w8: Vec<(usize, usize, usize)> = [(64, 1), (64, 64), (1024, 1), (1024, 64)]
+        .iter()
+        .map(|&(size, window)| {
+            (row(format!("W8 durable {size} B messages, {window} in flight"), "msg/s", true), size, window)
+        })
+        .collect();
+    let w8_fsyncs =
+        row("W8 durable 64 B, 64 in flight: fsyncs per 1,000 messages (both nodes)".into(), "fsyncs", false);
+    let recovered = if quick { 100_000 } else { 1_000_000 };
+    let w8_recovery = row(format!("W8 recovery of a store holding {recovered} unacknowledged messages"), "ms", false);
     for round in 0..rounds {
         // Alternate the order of the stacks from round to round.
         let order: Vec<Stack> = (0..3).map(|i| Stack::ALL[(round + i) % 3]).collect();
@@ -187,6 +202,17 @@ async fn run(quick: bool, select: &Select) {
             }
             if round == 0 && stack != Stack::Tcp && select.workload("W6") {
                 rows[w6].values[stack].push(memory_of(stack.name(), sessions));
+            }
+            for &(i, size, window) in w8.iter().filter(|_| stack == Stack::Quicseal && select.workload("W8")) {
+                let d =
+                    durable::durable_stream(&pki, durable_count / if window == 1 { 5 } else { 1 }, size, window).await;
+                rows[i].values[stack].push(d.per_second);
+                if size == 64 && window == 64 {
+                    rows[w8_fsyncs].values[stack].push(d.fsyncs_per_message * 1000.0);
+                }
+            }
+            if round == 0 && stack == Stack::Quicseal && select.workload("W8") {
+                rows[w8_recovery].values[stack].push(durable::recovery(recovered).await.as_secs_f64() * 1000.0);
             }
             for &(n, r) in w7.iter().filter(|_| round == 0 && stack != Stack::Tcp && select.workload("W7")) {
                 let m = scale::scale_of(&pki, stack, n);
