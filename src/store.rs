@@ -269,22 +269,10 @@ impl Store {
         w.open_table(IN_STREAMS).map_err(|e| engine(e.into()))?;
         let counts = Arc::new(Counts::default());
         {
-            let outbox = w.open_table(OUTBOX).map_err(|e| engine(e.into()))?;
-            let inbox = w.open_table(INBOX).map_err(|e| engine(e.into()))?;
-            let (mut n, mut b) = (0u64, 0u64);
-            for e in outbox.iter().map_err(|e| engine(e.into()))? {
-                let (_, v) = e.map_err(|e| engine(e.into()))?;
-                n += 1;
-                b += v.value().1.len() as u64;
-            }
+            let (n, b) = count(&w.open_table(OUTBOX).map_err(|e| engine(e.into()))?).map_err(engine)?;
             counts.outbox_messages.store(n, Ordering::Relaxed);
             counts.outbox_bytes.store(b, Ordering::Relaxed);
-            let (mut m, mut c) = (0u64, 0u64);
-            for e in inbox.iter().map_err(|e| engine(e.into()))? {
-                let (_, v) = e.map_err(|e| engine(e.into()))?;
-                m += 1;
-                c += v.value().1.len() as u64;
-            }
+            let (m, c) = count(&w.open_table(INBOX).map_err(|e| engine(e.into()))?).map_err(engine)?;
             counts.inbox_messages.store(m, Ordering::Relaxed);
             counts.inbox_bytes.store(c, Ordering::Relaxed);
             counts.recovered.store(n + m, Ordering::Relaxed);
@@ -750,6 +738,17 @@ pub struct Inspection {
     pub outbox_len: u64,
     /// Messages received and not consumed.
     pub inbox_len: u64,
+}
+
+/// Messages in an outbox or inbox table, and their payload bytes.
+fn count<K: redb::Key + 'static>(table: &impl ReadableTable<K, Entry>) -> Result<(u64, u64), redb::Error> {
+    let (mut n, mut bytes) = (0u64, 0u64);
+    for e in table.iter()? {
+        let (_, v) = e?;
+        n += 1;
+        bytes += v.value().1.len() as u64;
+    }
+    Ok((n, bytes))
 }
 
 fn open_db(path: &Path) -> Result<Database, StoreError> {
