@@ -128,6 +128,9 @@ pub struct StoreStats {
     pub largest_group: u64,
     /// Messages found in the outbox and inbox when the store was opened.
     pub recovered: u64,
+    /// DATA frames dropped as gaps: not the next of their stream (PROTOCOL.md section 10; the
+    /// sign of a receiver store that lost a stream's state).
+    pub gaps: u64,
     /// Messages waiting for a receipt now.
     pub outbox_messages: u64,
     /// Their payload bytes.
@@ -205,6 +208,7 @@ struct Counts {
     writes: AtomicU64,
     largest_group: AtomicU64,
     recovered: AtomicU64,
+    gaps: AtomicU64,
     outbox_messages: AtomicU64,
     outbox_bytes: AtomicU64,
     inbox_messages: AtomicU64,
@@ -324,6 +328,7 @@ impl Store {
             writes: get(&c.writes),
             largest_group: get(&c.largest_group),
             recovered: get(&c.recovered),
+            gaps: get(&c.gaps),
             outbox_messages: get(&c.outbox_messages),
             outbox_bytes: get(&c.outbox_bytes),
             inbox_messages: get(&c.inbox_messages),
@@ -484,8 +489,12 @@ impl Store {
     ) -> Result<Accepted, StoreError> {
         // Copies and gaps are decided without a commit (most of a resend burst is copies).
         let known = self.high_mark(peer, stream)?;
-        if judge(known, dseq) != Arrival::Next {
-            return Ok(Accepted { arrival: judge(known, dseq), high: known.unwrap_or(0) });
+        let arrival = judge(known, dseq);
+        if arrival != Arrival::Next {
+            if matches!(arrival, Arrival::Gap { .. }) {
+                self.inner.counts.gaps.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(Accepted { arrival, high: known.unwrap_or(0) });
         }
         self.wait_for_room(false, payload.len()).await;
         self.accept_in_order(peer, stream, dseq, channel, payload).await
@@ -539,9 +548,15 @@ impl Store {
         });
         async move {
             let accepted = accepted.await?;
-            if accepted.arrival == Arrival::Next {
-                counts.inbox_messages.fetch_add(1, Ordering::Relaxed);
-                counts.inbox_bytes.fetch_add(len, Ordering::Relaxed);
+            match accepted.arrival {
+                Arrival::Next => {
+                    counts.inbox_messages.fetch_add(1, Ordering::Relaxed);
+                    counts.inbox_bytes.fetch_add(len, Ordering::Relaxed);
+                }
+                Arrival::Gap { .. } => {
+                    counts.gaps.fetch_add(1, Ordering::Relaxed);
+                }
+                Arrival::Duplicate => {}
             }
             Ok(accepted)
         }

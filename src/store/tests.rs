@@ -81,6 +81,7 @@ async fn the_receiver_takes_each_message_once_in_order_across_reopening() {
     assert_eq!(a(3).await.unwrap(), Accepted { arrival: Arrival::Gap { expected: 2 }, high: 1 });
     assert_eq!(a(2).await.unwrap(), Accepted { arrival: Arrival::Next, high: 2 });
     assert_eq!(store.stats().inbox_messages, 2);
+    assert_eq!(store.stats().gaps, 2);
     drop(store);
 
     let store = Store::open(dir.path()).unwrap();
