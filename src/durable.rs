@@ -82,10 +82,26 @@ pub(crate) struct Durable<L> {
 }
 
 struct Peer<L> {
-    /// Live sessions with the peer, oldest first: the first one carries the stream.
+    /// Live sessions with the peer, oldest first: the newest one carries the stream.
     links: Vec<L>,
     wake: Arc<Notify>,
+    /// How to dial the peer, learnt from the last session this node dialled to it.
+    dial: Option<Dial>,
+    /// The session the layer dialled itself, kept open while it is the one in use.
+    owned: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
+
+/// Dials a new session to a peer (the node's `connect` with the address and name of an earlier
+/// session); what it returns keeps the session open. The session joins the layer through
+/// [`Durable::attach`] as every session does.
+pub(crate) type Dial = Arc<
+    dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = Result<Box<dyn std::any::Any + Send + Sync>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// First and longest wait between the layer's own dials to a peer with messages waiting.
+const REDIAL_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
 
 impl<L: Link> Durable<L> {
     /// The durable layer over `store`: what its inbox holds is ready for the application.
@@ -114,18 +130,30 @@ impl<L: Link> Durable<L> {
         self.arrived.notify_waiters();
     }
 
-    /// A session with `peer` started: it may carry the peer's stream (now, or once the ones
-    /// before it end).
-    pub(crate) fn attach(self: &Arc<Self>, peer: Fingerprint, link: L) {
+    /// A session with `peer` started: it carries the peer's stream from now on (the newest
+    /// does). `dial`, for a session this node dialled, is how to reach the peer again: when the
+    /// peer's sessions are gone (it restarted, and answers a resumption with "unknown session")
+    /// while messages wait, the layer dials a new session itself.
+    pub(crate) fn attach(self: &Arc<Self>, peer: Fingerprint, link: L, dial: Option<Dial>) {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let p = peers.entry(peer).or_insert_with(|| {
             let wake = Arc::new(Notify::new());
             tokio::spawn(pump(Arc::downgrade(self), peer, wake.clone()));
-            Peer { links: Vec::new(), wake }
+            Peer { links: Vec::new(), wake, dial: None, owned: None }
         });
         p.links.retain(|l| !l.is_ended());
         p.links.push(link);
+        if dial.is_some() {
+            p.dial = dial;
+        }
         p.wake.notify_one();
+    }
+
+    /// With no session to `peer` and messages waiting for it: how to dial it, if known.
+    fn dial_for(&self, peer: Fingerprint) -> Option<Dial> {
+        let dial = self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(&peer)?.dial.clone()?;
+        let waiting = self.store.pending(peer, 0, 1).map(|p| !p.is_empty()).unwrap_or(false);
+        waiting.then_some(dial)
     }
 
     /// Puts a message for `peer` in the store (durable when this returns) and has its pump send
@@ -147,7 +175,7 @@ impl<L: Link> Durable<L> {
             })
         };
         if known != Some(true) {
-            self.attach(peer, link.clone());
+            self.attach(peer, link.clone(), None);
         }
         Ok(stored)
     }
@@ -314,6 +342,7 @@ async fn pump<L: Link>(durable: Weak<Durable<L>>, peer: Fingerprint, wake: Arc<N
     loop {
         // Only one waiter registered at a time: `notify_one` wakes the oldest waiter, which must
         // be the one being polled.
+        let mut backoff = REDIAL_BACKOFF.0;
         let link = loop {
             let notified = wake.notified();
             tokio::pin!(notified);
@@ -321,7 +350,32 @@ async fn pump<L: Link>(durable: Weak<Durable<L>>, peer: Fingerprint, wake: Arc<N
             match newest(&durable, peer) {
                 None => return,
                 Some(Some(link)) => break link,
-                Some(None) => notified.await,
+                Some(None) => {
+                    let dial = durable.upgrade().and_then(|d| d.dial_for(peer));
+                    let Some(dial) = dial else {
+                        notified.await;
+                        continue;
+                    };
+                    // Messages wait and the peer's sessions are gone: dial it (the new session
+                    // attaches itself), again and again with backoff, until a session is up.
+                    match dial().await {
+                        Ok(session) => {
+                            backoff = REDIAL_BACKOFF.0;
+                            let Some(d) = durable.upgrade() else { return };
+                            if let Some(p) = d.peers.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&peer) {
+                                p.owned = Some(session);
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "durable messages wait: dialling their peer again");
+                            tokio::select! {
+                                _ = tokio::time::sleep(backoff) => {}
+                                _ = &mut notified => {}
+                            }
+                            backoff = (backoff * 2).min(REDIAL_BACKOFF.1);
+                        }
+                    }
+                }
             }
         };
         // From the oldest message still in the store: what the last session did not get

@@ -238,29 +238,7 @@ impl Node {
     /// Dials `addr`, expecting the peer's certificate to carry `server_name` (a DNS name or an
     /// IP address SAN). Returns once the peer has accepted us (see the module docs).
     pub async fn connect(&self, addr: SocketAddr, server_name: &str) -> Result<Session> {
-        let shared = &self.inner.shared;
-        let epoch = random_epoch()?;
-        let result = dial(shared, addr, server_name, epoch, None).await;
-        let result = result.map(|h| {
-            let (peer_fp, peer_epoch) = (h.peer.names_digest, h.peer_hello.epoch);
-            let redial: Redial = {
-                let (node, name) = (Arc::downgrade(shared), server_name.to_owned());
-                Arc::new(move || {
-                    let (node, name) = (node.clone(), name.clone());
-                    Box::pin(async move {
-                        let node = node.upgrade().ok_or(Error::Closed)?;
-                        let h = dial(&node, addr, &name, epoch, Some((peer_fp, peer_epoch))).await?;
-                        Ok(h.parts)
-                    })
-                })
-            };
-            start_session(shared, h, epoch, Some(redial))
-        });
-        match &result {
-            Ok(s) => info!(peer = %s.peer(), remote = %addr, "session established (dialled)"),
-            Err(e) => warn!(remote = %addr, error = %e, "dial failed"),
-        }
-        result
+        connect(&self.inner.shared, addr, server_name).await
     }
 
     /// The next session a peer opened with us.
@@ -545,7 +523,7 @@ async fn accept_one(shared: &Arc<NodeShared>, incoming: quinn::Incoming) -> Resu
         Outcome::Resumed => Ok(None),
         Outcome::New(h) => {
             let epoch = h.epoch;
-            Ok(Some(start_session(shared, *h, epoch, None)))
+            Ok(Some(start_session(shared, *h, epoch, None, None)))
         }
     }
 }
@@ -815,8 +793,55 @@ fn refuse_hello(conn: &Connection, refusal: HelloRefusal) -> Error {
     }
 }
 
+/// Dials `addr` and starts a session ([`Node::connect`]).
+async fn connect(shared: &Arc<NodeShared>, addr: SocketAddr, server_name: &str) -> Result<Session> {
+    let epoch = random_epoch()?;
+    let result = dial(shared, addr, server_name, epoch, None).await;
+    let result = result.map(|h| {
+        let (peer_fp, peer_epoch) = (h.peer.names_digest, h.peer_hello.epoch);
+        let redial: Redial = {
+            let (node, name) = (Arc::downgrade(shared), server_name.to_owned());
+            Arc::new(move || {
+                let (node, name) = (node.clone(), name.clone());
+                Box::pin(async move {
+                    let node = node.upgrade().ok_or(Error::Closed)?;
+                    let h = dial(&node, addr, &name, epoch, Some((peer_fp, peer_epoch))).await?;
+                    Ok(h.parts)
+                })
+            })
+        };
+        let durable_dial = shared.durable.is_some().then(|| durable_dial(shared, addr, server_name));
+        start_session(shared, h, epoch, Some(redial), durable_dial)
+    });
+    match &result {
+        Ok(s) => info!(peer = %s.peer(), remote = %addr, "session established (dialled)"),
+        Err(e) => warn!(remote = %addr, error = %e, "dial failed"),
+    }
+    result
+}
+
+/// How the durable layer dials `addr` again (a new session, as [`Node::connect`] does) when
+/// durable messages wait for a peer whose sessions are gone.
+fn durable_dial(shared: &Arc<NodeShared>, addr: SocketAddr, server_name: &str) -> crate::durable::Dial {
+    let (node, name) = (Arc::downgrade(shared), server_name.to_owned());
+    Arc::new(move || {
+        let (node, name) = (node.clone(), name.clone());
+        Box::pin(async move {
+            let shared = node.upgrade().ok_or(Error::Closed)?;
+            let session = connect(&shared, addr, &name).await?;
+            Ok(Box::new(session) as Box<dyn std::any::Any + Send + Sync>)
+        })
+    })
+}
+
 /// Starts a new session over a handshaken connection.
-fn start_session(shared: &Arc<NodeShared>, h: Handshaken, epoch: u64, redial: Option<Redial>) -> Session {
+fn start_session(
+    shared: &Arc<NodeShared>,
+    h: Handshaken,
+    epoch: u64,
+    redial: Option<Redial>,
+    dial: Option<crate::durable::Dial>,
+) -> Session {
     let limits = &shared.limits;
     let local_max = limits.max_message_size;
     let tally = Tally { session: Arc::default(), node: shared.counters.clone() };
@@ -891,7 +916,7 @@ fn start_session(shared: &Arc<NodeShared>, h: Handshaken, epoch: u64, redial: Op
         },
     );
     if let Some(durable) = &shared.durable {
-        durable.attach(fingerprint, session.outlet());
+        durable.attach(fingerprint, session.outlet(), dial);
     }
     if accepted {
         shared

@@ -771,7 +771,10 @@ impl Session {
     /// peer (the returned [`Stored`] names it). From then on it reaches the peer's application
     /// exactly once ([`Node::recv_durable`](crate::Node::recv_durable)), in order, even if
     /// either process is killed and restarted: it is sent on the newest session with the same
-    /// peer (this one, or the next if this one ends first) until the peer's store holds it.
+    /// peer (this one, or the next if this one ends first) until the peer's store holds it. If
+    /// this node dialled the peer and every session with it has ended (the peer restarted and
+    /// no longer knows this one), the node dials it again by itself while messages wait; this
+    /// handle can go on being used for durable sends.
     ///
     /// Needs a store ([`NodeConfig::store`](crate::NodeConfig::store)) on both nodes.
     /// Errors: [`Error::Config`] without one, [`Error::MessageTooLarge`] beyond

@@ -240,3 +240,38 @@ async fn the_cli_inspects_a_store() {
     assert_eq!(none.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&none.stderr).contains("no quicseal store here"), "{none:?}");
 }
+
+/// After the peer restarted, the old session ends ("unknown session"); the node dials a new one
+/// by itself for the messages that wait, and the application keeps sending on its old handle.
+#[tokio::test]
+async fn the_node_dials_a_restarted_peer_again_for_the_messages_that_wait() {
+    let pki = Pki::new("durable");
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = bind_with_store(&pki, "a", da.path(), any_port()).await;
+    let b = bind_with_store(&pki, "b", db.path(), any_port()).await;
+    let (proxy, ab, ba) = connect_via_proxy(&a, &b, "b").await;
+    for i in 0..5u32 {
+        ab.send_durable(3, &i).await.unwrap();
+    }
+    receive_numbers(&b, 0, 5, true).await;
+    let b_addr = b.local_addr().unwrap();
+    // A crash: no goodbye gets through; a new process takes the port.
+    proxy.set_blackout(true);
+    drop((b, ba));
+    let b = bind_with_store(&pki, "b", db.path(), b_addr).await;
+    proxy.set_blackout(false);
+    // The old session's resumption reaches a process that does not know it: it ends.
+    let e = tokio::time::timeout(WAIT, ab.closed()).await.expect("the old session ends");
+    assert!(
+        matches!(
+            &e,
+            Error::ProtocolViolation { violation: quicseal::proto::violation::Violation::UnknownSession(_), .. }
+        ),
+        "{e:?}"
+    );
+    // Sent on the ended session's handle: stored, and carried by a session the node dials.
+    for i in 5..10u32 {
+        ab.send_durable(3, &i).await.unwrap();
+    }
+    receive_numbers(&b, 5, 5, true).await;
+}
