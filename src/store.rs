@@ -156,6 +156,19 @@ pub struct Stored {
     pub payload: Bytes,
 }
 
+impl Stored {
+    /// A message as a table holds it: (channel, payload) under (peer, stream, dseq).
+    fn read(peer: [u8; 32], stream: [u8; 16], dseq: u64, (channel, payload): (u16, &[u8])) -> Stored {
+        Stored {
+            peer: Fingerprint(peer),
+            stream: StreamId(stream),
+            dseq,
+            channel,
+            payload: Bytes::copy_from_slice(payload),
+        }
+    }
+}
+
 /// What a receiver did with a DATA frame ([`Store::accept`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Accepted {
@@ -430,14 +443,7 @@ impl Store {
         let mut out = Vec::new();
         for e in outbox.range((peer.0, from)..=(peer.0, u64::MAX)).map_err(|e| self.engine(e))?.take(max) {
             let (k, v) = e.map_err(|e| self.engine(e))?;
-            let (channel, payload) = v.value();
-            out.push(Stored {
-                peer,
-                stream: StreamId(stream),
-                dseq: k.value().1,
-                channel,
-                payload: Bytes::copy_from_slice(payload),
-            });
+            out.push(Stored::read(peer.0, stream, k.value().1, v.value()));
         }
         Ok(out)
     }
@@ -599,14 +605,7 @@ impl Store {
             if after == Some((Fingerprint(peer), StreamId(stream), dseq)) {
                 continue;
             }
-            let (channel, payload) = v.value();
-            out.push(Stored {
-                peer: Fingerprint(peer),
-                stream: StreamId(stream),
-                dseq,
-                channel,
-                payload: Bytes::copy_from_slice(payload),
-            });
+            out.push(Stored::read(peer, stream, dseq, v.value()));
             if out.len() == max {
                 break;
             }
@@ -678,14 +677,7 @@ impl Store {
             let (k, v) = e.map_err(|e| self.engine(e))?;
             let (peer, dseq) = k.value();
             let stream = streams.get(peer).map_err(|e| self.engine(e))?.map(|s| s.value().0).unwrap_or([0; 16]);
-            let (channel, payload) = v.value();
-            out.push(Stored {
-                peer: Fingerprint(peer),
-                stream: StreamId(stream),
-                dseq,
-                channel,
-                payload: Bytes::copy_from_slice(payload),
-            });
+            out.push(Stored::read(peer, stream, dseq, v.value()));
         }
         Ok(out)
     }
