@@ -68,8 +68,9 @@ pub(crate) struct Rx {
     waiting_for_room: AtomicBool,
 }
 
-/// A DATA frame queued for the committer: the message, and the future of the store's decision.
-type Queued = std::pin::Pin<Box<dyn Future<Output = (Stored, Result<Accepted>)> + Send>>;
+/// A DATA frame queued for the committer: its stream, and the future of the store's decision
+/// (the message itself is handed over by the committer, see [`Durable::take`]).
+type Queued = std::pin::Pin<Box<dyn Future<Output = (StreamId, Result<Accepted>)> + Send>>;
 
 /// The node's durable layer.
 pub(crate) struct Durable<L> {
@@ -221,9 +222,15 @@ impl<L: Link> Durable<L> {
                         });
                     }
                     Ok(DurableFrame::Data { stream, dseq, channel, payload }) => {
-                        let accepted = self.store.accept_in_order(peer, stream, dseq, channel, payload.clone());
-                        let message = Stored { peer, stream, dseq, channel, payload };
-                        let queued: Queued = Box::pin(async move { (message, accepted.await.map_err(Error::Store)) });
+                        // Handed to the application by the committer, in commit order.
+                        let message = Stored { peer, stream, dseq, channel, payload: payload.clone() };
+                        let this = Arc::downgrade(self);
+                        let accepted = self.store.accept_in_order(peer, stream, dseq, channel, payload, move |a| {
+                            if let (Arrival::Next, Some(durable)) = (a.arrival, this.upgrade()) {
+                                durable.deliver(message);
+                            }
+                        });
+                        let queued: Queued = Box::pin(async move { (stream, accepted.await.map_err(Error::Store)) });
                         rx.queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(queued);
                         queued_any = true;
                     }
@@ -231,7 +238,7 @@ impl<L: Link> Durable<L> {
             }
         }
         if queued_any && !rx.running.swap(true, Ordering::SeqCst) {
-            tokio::spawn(settle(self.clone(), link.clone(), rx.clone()));
+            tokio::spawn(settle(link.clone(), rx.clone()));
         }
         if stopped_for_room && !rx.waiting_for_room.swap(true, Ordering::SeqCst) {
             // Taken again once the application consumes something.
@@ -260,7 +267,7 @@ impl<L: Link> Durable<L> {
 
 /// Waits for a session's queued DATA frames to be committed, in order: new messages go to the
 /// application, and RECEIPTs go back (after each run of frames, or every [`RECEIPT_EVERY`]).
-async fn settle<L: Link>(durable: Arc<Durable<L>>, link: L, rx: Arc<Rx>) {
+async fn settle<L: Link>(link: L, rx: Arc<Rx>) {
     let mut since_receipt = 0;
     let mut owed: Option<(StreamId, u64)> = None;
     loop {
@@ -278,8 +285,7 @@ async fn settle<L: Link>(durable: Arc<Durable<L>>, link: L, rx: Arc<Rx>) {
             }
             continue;
         };
-        let (message, accepted) = next.await;
-        let stream = message.stream;
+        let (stream, accepted) = next.await;
         let accepted = match accepted {
             Ok(a) => a,
             Err(e) => {
@@ -293,8 +299,7 @@ async fn settle<L: Link>(durable: Arc<Durable<L>>, link: L, rx: Arc<Rx>) {
             }
         };
         match accepted.arrival {
-            Arrival::Next => durable.deliver(message),
-            Arrival::Duplicate => {}
+            Arrival::Next | Arrival::Duplicate => {}
             Arrival::Gap { expected } => {
                 warn!(
                     ?stream,
@@ -315,21 +320,13 @@ async fn settle<L: Link>(durable: Arc<Durable<L>>, link: L, rx: Arc<Rx>) {
 }
 
 impl<L: Link> Durable<L> {
-    /// A message was committed to the inbox: hand it to the application, after any earlier
-    /// message of its stream (two sessions with one peer may settle out of step).
+    /// A message was committed to the inbox: hand it to the application. Called by the store's
+    /// committer in commit order, which is each stream's `dseq` order, whichever session
+    /// delivered it (two sessions with one peer may deliver the same stream at once, after a
+    /// restart; waiting for each session's commits in its own task once handed a message over
+    /// before the one committed just before it, on the other session).
     fn deliver(&self, message: Stored) {
-        let mut ready = self.ready.lock().unwrap_or_else(|e| e.into_inner());
-        let mut at = ready.len();
-        while at > 0 {
-            let before = &ready[at - 1];
-            if before.peer == message.peer && before.stream == message.stream && before.dseq > message.dseq {
-                at -= 1;
-            } else {
-                break;
-            }
-        }
-        ready.insert(at, message);
-        drop(ready);
+        self.ready.lock().unwrap_or_else(|e| e.into_inner()).push_back(message);
         self.arrived.notify_waiters();
     }
 }

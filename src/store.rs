@@ -366,11 +366,26 @@ impl Store {
         alone: bool,
         write: impl FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
     ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static {
+        self.submit_then(alone, write, |_| {})
+    }
+
+    /// Like [`Store::submit`], and once the write is durable, runs `committed` with its result
+    /// on the committer thread: in commit order, before any later write's waiter hears of its
+    /// own commit.
+    fn submit_then<R: Send + 'static>(
+        &self,
+        alone: bool,
+        write: impl FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+        committed: impl FnOnce(&R) + Send + 'static,
+    ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
         let run = Box::new(move |txn: Result<&WriteTransaction, StoreError>| -> Option<Reply> {
             match txn.and_then(write) {
-                Ok(r) => Some(Box::new(move |committed: Result<(), StoreError>| {
-                    let _ = tx.send(committed.map(|()| r));
+                Ok(r) => Some(Box::new(move |result: Result<(), StoreError>| {
+                    if result.is_ok() {
+                        committed(&r);
+                    }
+                    let _ = tx.send(result.map(|()| r));
                 })),
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -503,12 +518,16 @@ impl Store {
             return Ok(Accepted { arrival, high: known.unwrap_or(0) });
         }
         self.wait_for_room(false, payload.len()).await;
-        self.accept_in_order(peer, stream, dseq, channel, payload).await
+        self.accept_in_order(peer, stream, dseq, channel, payload, |_| {}).await
     }
 
     /// Like [`Store::accept`], but queued for the committer at once, without waiting for room:
     /// DATA frames of one session queued one after the other are decided in that order, and
     /// share commits. The caller checks for room first ([`Store::inbox_has_room`]).
+    ///
+    /// `committed` runs once the decision is durable, on the committer thread, in commit order
+    /// across all sessions: handing messages over there keeps them in `dseq` order even when two
+    /// sessions with one peer deliver the same stream at once.
     pub(crate) fn accept_in_order(
         &self,
         peer: Fingerprint,
@@ -516,56 +535,60 @@ impl Store {
         dseq: u64,
         channel: u16,
         payload: Bytes,
+        committed: impl FnOnce(&Accepted) + Send + 'static,
     ) -> impl Future<Output = Result<Accepted, StoreError>> + Send + 'static {
         let path = self.inner.path.clone();
         let len = payload.len() as u64;
         let counts = self.inner.counts.clone();
-        let accepted = self.submit(false, move |txn| {
-            let engine = |e: redb::Error| engine_error(&path, e);
-            let mut streams = txn.open_table(IN_STREAMS).map_err(|e| engine(e.into()))?;
-            let high = streams.get((peer.0, stream.0)).map_err(|e| engine(e.into()))?.map(|v| v.value().0);
-            let arrival = judge(high, dseq);
-            if arrival != Arrival::Next {
-                return Ok(Accepted { arrival, high: high.unwrap_or(0) });
-            }
-            // Order of use: one more than the peer's most recent stream.
-            let mut latest = 0;
-            let mut count = 0;
-            let mut oldest: Option<([u8; 16], u64)> = None;
-            for e in streams.range((peer.0, [0; 16])..=(peer.0, [0xff; 16])).map_err(|e| engine(e.into()))? {
-                let (k, v) = e.map_err(|e| engine(e.into()))?;
-                let used = v.value().1;
-                latest = latest.max(used);
-                count += 1;
-                if k.value().1 != stream.0 && oldest.is_none_or(|(_, u)| used < u) {
-                    oldest = Some((k.value().1, used));
+        self.submit_then(
+            false,
+            move |txn| {
+                let engine = |e: redb::Error| engine_error(&path, e);
+                let mut streams = txn.open_table(IN_STREAMS).map_err(|e| engine(e.into()))?;
+                let high = streams.get((peer.0, stream.0)).map_err(|e| engine(e.into()))?.map(|v| v.value().0);
+                let arrival = judge(high, dseq);
+                if arrival != Arrival::Next {
+                    return Ok(Accepted { arrival, high: high.unwrap_or(0) });
                 }
-            }
-            if high.is_none()
-                && count >= STREAMS_PER_PEER
-                && let Some((old, _)) = oldest
-            {
-                streams.remove((peer.0, old)).map_err(|e| engine(e.into()))?;
-            }
-            streams.insert((peer.0, stream.0), (dseq, latest + 1)).map_err(|e| engine(e.into()))?;
-            let mut inbox = txn.open_table(INBOX).map_err(|e| engine(e.into()))?;
-            inbox.insert((peer.0, stream.0, dseq), (channel, payload.as_ref())).map_err(|e| engine(e.into()))?;
-            Ok(Accepted { arrival, high: dseq })
-        });
-        async move {
-            let accepted = accepted.await?;
-            match accepted.arrival {
-                Arrival::Next => {
-                    counts.inbox_messages.fetch_add(1, Ordering::Relaxed);
-                    counts.inbox_bytes.fetch_add(len, Ordering::Relaxed);
+                // Order of use: one more than the peer's most recent stream.
+                let mut latest = 0;
+                let mut count = 0;
+                let mut oldest: Option<([u8; 16], u64)> = None;
+                for e in streams.range((peer.0, [0; 16])..=(peer.0, [0xff; 16])).map_err(|e| engine(e.into()))? {
+                    let (k, v) = e.map_err(|e| engine(e.into()))?;
+                    let used = v.value().1;
+                    latest = latest.max(used);
+                    count += 1;
+                    if k.value().1 != stream.0 && oldest.is_none_or(|(_, u)| used < u) {
+                        oldest = Some((k.value().1, used));
+                    }
                 }
-                Arrival::Gap { .. } => {
-                    counts.gaps.fetch_add(1, Ordering::Relaxed);
+                if high.is_none()
+                    && count >= STREAMS_PER_PEER
+                    && let Some((old, _)) = oldest
+                {
+                    streams.remove((peer.0, old)).map_err(|e| engine(e.into()))?;
                 }
-                Arrival::Duplicate => {}
-            }
-            Ok(accepted)
-        }
+                streams.insert((peer.0, stream.0), (dseq, latest + 1)).map_err(|e| engine(e.into()))?;
+                let mut inbox = txn.open_table(INBOX).map_err(|e| engine(e.into()))?;
+                inbox.insert((peer.0, stream.0, dseq), (channel, payload.as_ref())).map_err(|e| engine(e.into()))?;
+                Ok(Accepted { arrival, high: dseq })
+            },
+            move |accepted: &Accepted| {
+                // Counted before the message is handed over (and can be consumed).
+                match accepted.arrival {
+                    Arrival::Next => {
+                        counts.inbox_messages.fetch_add(1, Ordering::Relaxed);
+                        counts.inbox_bytes.fetch_add(len, Ordering::Relaxed);
+                    }
+                    Arrival::Gap { .. } => {
+                        counts.gaps.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Arrival::Duplicate => {}
+                }
+                committed(accepted);
+            },
+        )
     }
 
     /// Whether the inbox has room for a message of `len` bytes now (an empty inbox takes any).

@@ -272,3 +272,25 @@ fn a_torn_or_damaged_file_is_recovered_or_refused_never_a_panic() {
     eprintln!("{opened} damaged files opened as an earlier state, {refused} refused");
     assert_eq!(opened + refused, 60);
 }
+
+/// The receiver hands messages over from the commit hook: hooks run in commit order, so a
+/// stream's messages come out in `dseq` order even when two sessions (two tasks) queue them.
+#[tokio::test]
+async fn commit_hooks_run_in_commit_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut waits = Vec::new();
+    for d in 1..=200u64 {
+        let order = order.clone();
+        let hook = move |a: &Accepted| order.lock().unwrap().push((d, a.arrival));
+        waits.push(store.accept_in_order(peer(1), stream(1), d, 0, bytes("x"), hook));
+    }
+    // The waiters are polled in reverse: their tasks may run in any order, the hooks do not.
+    for w in waits.into_iter().rev() {
+        w.await.unwrap();
+    }
+    let order = order.lock().unwrap();
+    assert_eq!(order.iter().map(|(d, _)| *d).collect::<Vec<_>>(), (1..=200).collect::<Vec<_>>());
+    assert!(order.iter().all(|(_, a)| *a == Arrival::Next));
+}
