@@ -35,6 +35,11 @@ const PUMP_BATCH: usize = 256;
 /// RECEIPTs are sent at least once per this many messages taken in a row.
 const RECEIPT_EVERY: usize = 64;
 
+/// The error of a durable call on a node that keeps no store.
+pub(crate) fn no_store() -> Error {
+    Error::Config("durable messages need a store (NodeConfig::store)".into())
+}
+
 /// What the durable layer needs of a session (implemented by the session's outlet).
 pub(crate) trait Link: Clone + Send + Sync + 'static {
     /// Sends a DURABLE frame on the reserved channel, waiting while the outbox is full.
@@ -244,17 +249,10 @@ impl<L: Link> Durable<L> {
             // Taken again once the application consumes something.
             let (this, link) = (self.clone(), link.clone());
             tokio::spawn(async move {
-                loop {
-                    let changed = this.store.room_changed();
-                    tokio::pin!(changed);
-                    changed.as_mut().enable();
-                    if this.store.inbox_has_room(0) || link.is_ended() || this.closed.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    tokio::select! {
-                        _ = changed => {}
-                        _ = link.ended() => break,
-                    }
+                // (The node's close ends its sessions, so `ended` covers it.)
+                tokio::select! {
+                    _ = this.store.wait_for_room(false, 0) => {}
+                    _ = link.ended() => {}
                 }
                 link.rx().waiting_for_room.store(false, Ordering::SeqCst);
                 if !link.is_ended() {
@@ -273,9 +271,7 @@ async fn settle<L: Link>(link: L, rx: Arc<Rx>) {
     loop {
         let next = rx.queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
         let Some(next) = next else {
-            if let Some((stream, dseq)) = owed.take() {
-                let _ = link.send_frame(DurableFrame::Receipt { stream, dseq }.to_bytes()).await;
-            }
+            send_receipt(&link, owed.take()).await;
             rx.running.store(false, Ordering::SeqCst);
             // A frame queued after the check above and before `running` was cleared is picked up
             // here (its taker saw `running` set and started nothing).
@@ -298,24 +294,24 @@ async fn settle<L: Link>(link: L, rx: Arc<Rx>) {
                 return;
             }
         };
-        match accepted.arrival {
-            Arrival::Next | Arrival::Duplicate => {}
-            Arrival::Gap { expected } => {
-                warn!(
-                    ?stream,
-                    expected, "durable message out of sequence dropped (the receiver's store lost the stream?)"
-                );
-                continue;
-            }
+        if let Arrival::Gap { expected } = accepted.arrival {
+            warn!(?stream, expected, "durable message out of sequence dropped (the receiver's store lost the stream?)");
+            continue;
         }
         owed = Some((stream, accepted.high));
         since_receipt += 1;
         if since_receipt >= RECEIPT_EVERY {
             since_receipt = 0;
-            if let Some((stream, dseq)) = owed.take() {
-                let _ = link.send_frame(DurableFrame::Receipt { stream, dseq }.to_bytes()).await;
-            }
+            send_receipt(&link, owed.take()).await;
         }
+    }
+}
+
+/// Sends the RECEIPT owed for a stream, if any (a session that ended takes nothing: the peer
+/// sends those messages again on the next one, and gets its RECEIPT there).
+async fn send_receipt<L: Link>(link: &L, owed: Option<(StreamId, u64)>) {
+    if let Some((stream, dseq)) = owed {
+        let _ = link.send_frame(DurableFrame::Receipt { stream, dseq }.to_bytes()).await;
     }
 }
 

@@ -385,7 +385,7 @@ impl Node {
     pub async fn recv_durable(&self) -> Result<Stored> {
         match &self.inner.shared.durable {
             Some(d) => d.recv().await,
-            None => Err(Error::Config("durable messages need a store (NodeConfig::store)".into())),
+            None => Err(crate::durable::no_store()),
         }
     }
 
@@ -393,7 +393,7 @@ impl Node {
     pub async fn consume(&self, message: &Stored) -> Result<()> {
         match self.store() {
             Some(store) => store.consume(message).await.map_err(Error::Store),
-            None => Err(Error::Config("durable messages need a store (NodeConfig::store)".into())),
+            None => Err(crate::durable::no_store()),
         }
     }
 
@@ -528,7 +528,6 @@ async fn accept_one(shared: &Arc<NodeShared>, incoming: quinn::Incoming) -> Resu
     }
 }
 
-/// The endpoint's configuration: quinn's defaults, except for connection IDs (see [`RandomCids`]).
 /// The endpoint's configuration: our connection IDs, and with a store, stateless resets keyed
 /// by the store's secret, so that a restarted process's resets are recognised by peers of the
 /// process before (PROTOCOL.md section 10): they learn of the restart in one round trip

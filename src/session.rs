@@ -784,7 +784,7 @@ impl Session {
         reserved(channel)?;
         let shared = &self.inner.shared;
         let Some(durable) = &shared.durable else {
-            return Err(Error::Config("durable sends need a store (NodeConfig::store)".into()));
+            return Err(durable::no_store());
         };
         let durable = durable.upgrade().ok_or(Error::Closed)?;
         let payload = payload.into();

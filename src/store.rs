@@ -593,16 +593,7 @@ impl Store {
 
     /// Whether the inbox has room for a message of `len` bytes now (an empty inbox takes any).
     pub(crate) fn inbox_has_room(&self, len: usize) -> bool {
-        let c = &self.inner.counts;
-        let l = &self.inner.limits;
-        let (n, b) = (c.inbox_messages.load(Ordering::Relaxed), c.inbox_bytes.load(Ordering::Relaxed));
-        n == 0 || ((n as usize) < l.inbox_messages && b as usize + len <= l.inbox_bytes)
-    }
-
-    /// Resolves once the inbox may have room again (something was consumed) or the outbox (a
-    /// receipt). Register before checking, as with [`Notify`].
-    pub(crate) fn room_changed(&self) -> tokio::sync::futures::Notified<'_> {
-        self.inner.room.notified()
+        self.has_room(false, len)
     }
 
     /// Receiver: the high mark of `peer`'s `stream`, if the store knows the stream.
@@ -728,31 +719,27 @@ impl Store {
 
     /// Waits until the outbox (or inbox) has room for one more message of `len` bytes. One
     /// message is always let through into an empty box, whatever its size.
-    async fn wait_for_room(&self, outbox: bool, len: usize) {
-        let c = &self.inner.counts;
-        let l = &self.inner.limits;
+    pub(crate) async fn wait_for_room(&self, outbox: bool, len: usize) {
         loop {
+            // Created before the check: a change in between still wakes it.
             let notified = self.inner.room.notified();
-            let (n, b, max_n, max_b) = if outbox {
-                (
-                    c.outbox_messages.load(Ordering::Relaxed),
-                    c.outbox_bytes.load(Ordering::Relaxed),
-                    l.outbox_messages,
-                    l.outbox_bytes,
-                )
-            } else {
-                (
-                    c.inbox_messages.load(Ordering::Relaxed),
-                    c.inbox_bytes.load(Ordering::Relaxed),
-                    l.inbox_messages,
-                    l.inbox_bytes,
-                )
-            };
-            if n == 0 || ((n as usize) < max_n && b as usize + len <= max_b) {
+            if self.has_room(outbox, len) {
                 return;
             }
             notified.await;
         }
+    }
+
+    /// Whether the outbox (or inbox) has room for one more message of `len` bytes now.
+    fn has_room(&self, outbox: bool, len: usize) -> bool {
+        let (c, l) = (&self.inner.counts, &self.inner.limits);
+        let (n, b, max_n, max_b) = if outbox {
+            (&c.outbox_messages, &c.outbox_bytes, l.outbox_messages, l.outbox_bytes)
+        } else {
+            (&c.inbox_messages, &c.inbox_bytes, l.inbox_messages, l.inbox_bytes)
+        };
+        let (n, b) = (n.load(Ordering::Relaxed) as usize, b.load(Ordering::Relaxed) as usize);
+        n == 0 || (n < max_n && b + len <= max_b)
     }
 }
 

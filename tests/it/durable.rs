@@ -29,6 +29,14 @@ async fn bind_with_store(pki: &Pki, name: &str, dir: &Path, addr: SocketAddr) ->
     }
 }
 
+/// Nodes "a" and "b", each with a store in a temp dir of its own: (a's dir, b's dir, a, b).
+async fn stored_pair(pki: &Pki) -> (tempfile::TempDir, tempfile::TempDir, Node, Node) {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = bind_with_store(pki, "a", da.path(), any_port()).await;
+    let b = bind_with_store(pki, "b", db.path(), any_port()).await;
+    (da, db, a, b)
+}
+
 fn quick_limits() -> Limits {
     let mut l = Limits::default();
     l.reconnect_backoff = (Duration::from_millis(20), Duration::from_millis(200));
@@ -68,9 +76,7 @@ async fn receive_numbers(node: &Node, from: u32, n: u32, consume: bool) -> Vec<S
 #[tokio::test]
 async fn durable_messages_arrive_once_in_order_and_what_was_not_consumed_survives_a_restart() {
     let pki = Pki::new("durable");
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = bind_with_store(&pki, "a", da.path(), any_port()).await;
-    let b = bind_with_store(&pki, "b", db.path(), any_port()).await;
+    let (_da, db, a, b) = stored_pair(&pki).await;
     let (ab, _ba) = dial(&a, &b).await;
     for i in 0..100u32 {
         let sent = ab.send_durable(3, &i).await.unwrap();
@@ -99,9 +105,7 @@ async fn durable_messages_arrive_once_in_order_and_what_was_not_consumed_survive
 #[tokio::test]
 async fn a_restarted_sender_sends_again_what_its_peer_never_stored_and_nothing_twice() {
     let pki = Pki::new("durable");
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = bind_with_store(&pki, "a", da.path(), any_port()).await;
-    let b = bind_with_store(&pki, "b", db.path(), any_port()).await;
+    let (da, db, a, b) = stored_pair(&pki).await;
     let (ab, ba) = dial(&a, &b).await;
     for i in 0..10u32 {
         ab.send_durable(3, &i).await.unwrap();
@@ -163,9 +167,7 @@ async fn a_second_node_on_the_same_store_is_refused() {
 #[tokio::test]
 async fn a_restart_on_the_same_store_is_seen_by_the_peer_at_once() {
     let pki = Pki::new("durable");
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = bind_with_store(&pki, "a", da.path(), any_port()).await;
-    let b = bind_with_store(&pki, "b", db.path(), any_port()).await;
+    let (_da, db, a, b) = stored_pair(&pki).await;
     let (proxy, ab, ba) = connect_via_proxy(&a, &b, "b").await;
     let mut events = ab.events();
     let b_addr = b.local_addr().unwrap();
@@ -246,9 +248,7 @@ async fn the_cli_inspects_a_store() {
 #[tokio::test]
 async fn the_node_dials_a_restarted_peer_again_for_the_messages_that_wait() {
     let pki = Pki::new("durable");
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = bind_with_store(&pki, "a", da.path(), any_port()).await;
-    let b = bind_with_store(&pki, "b", db.path(), any_port()).await;
+    let (_da, db, a, b) = stored_pair(&pki).await;
     let (proxy, ab, ba) = connect_via_proxy(&a, &b, "b").await;
     for i in 0..5u32 {
         ab.send_durable(3, &i).await.unwrap();
