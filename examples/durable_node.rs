@@ -11,8 +11,8 @@
 //! - `receive STORE ADDR`: listens on ADDR (as `server`), and for each durable message writes
 //!   `(stream dseq, channel, payload)` to the table `app_log` **in the same transaction** that
 //!   consumes it (`Store::consume_with`), so the log holds each delivered message exactly once
-//!   even if the process dies at any instant. With `QUICSEAL_CRASH_CONTROL=1` it consumes
-//!   first and logs in a second transaction instead: the control run, where a kill in between
+//!   even if the process dies at any instant. With `QUICSEAL_CRASH_CONTROL=log` it consumes
+//!   first and logs in a second transaction instead: a control run, where a kill in between
 //!   loses messages (the application is made slow there, 50 ms, so that kills land in between).
 //!   With `drain` after ADDR it exits (printing `empty`) once the store's inbox is empty.
 //! - `send STORE ADDR SENT_LOG CHANNELS`: dials ADDR (as `client`, again whenever the session
@@ -20,7 +20,9 @@
 //!   `send_durable` that returned `Ok` it appends the message's `(generation, number)` to
 //!   SENT_LOG. The generation is counted in `STORE/generation` at each start, so messages of
 //!   different runs differ. With `drain` as CHANNELS it sends nothing new and exits once its
-//!   store has no message left without a receipt.
+//!   store has no message left without a receipt. With `QUICSEAL_CRASH_CONTROL=fsync` its store
+//!   does not fsync (`Store::set_fsync`): the other control run, where a kill loses messages
+//!   that `send_durable` returned `Ok` for.
 //!
 //! Certificates come from `certs/examples/` or `QUICSEAL_EXAMPLE_CERTS`.
 
@@ -86,7 +88,7 @@ async fn receive(store: &Path, addr: &str, drain: bool) -> quicseal::Result<()> 
             tokio::spawn(async move { session.closed().await });
         }
     });
-    let control = std::env::var_os("QUICSEAL_CRASH_CONTROL").is_some();
+    let control = control() == "log";
     let store = node.store().expect("configured").clone();
     loop {
         if drain && store.stats().inbox_messages == 0 {
@@ -119,6 +121,9 @@ async fn receive(store: &Path, addr: &str, drain: bool) -> quicseal::Result<()> 
 async fn send(store: &Path, addr: &str, log: &Path, channels: &str) -> quicseal::Result<()> {
     let generation = next_generation(store)?;
     let node = Node::bind(parse("127.0.0.1:0")?, config("client", store)?)?;
+    if control() == "fsync" {
+        node.store().expect("configured").set_fsync(false);
+    }
     let to = parse(addr)?;
     let session = Arc::new(Mutex::new(dial(&node, to).await));
     // Dial again whenever the session ends (the receiver was killed, or the link dropped it).
@@ -149,6 +154,11 @@ async fn send(store: &Path, addr: &str, log: &Path, channels: &str) -> quicseal:
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     Ok(())
+}
+
+/// The control run asked for (`QUICSEAL_CRASH_CONTROL`): `log`, `fsync`, or none.
+fn control() -> String {
+    std::env::var("QUICSEAL_CRASH_CONTROL").unwrap_or_default()
 }
 
 /// Dials until a session is up.

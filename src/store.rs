@@ -16,7 +16,7 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use bytes::Bytes;
@@ -120,7 +120,7 @@ pub enum StoreError {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct StoreStats {
-    /// Durable commits, one fsync each.
+    /// Commits, one fsync each (none while [`Store::set_fsync`] has it off).
     pub commits: u64,
     /// Writes made durable, over all commits: `writes / commits` is the mean group size.
     pub writes: u64,
@@ -213,6 +213,8 @@ struct Inner {
     counts: Arc<Counts>,
     /// Woken when the outbox shrinks (a receipt) or the inbox does (a consume).
     room: Notify,
+    /// Whether commits wait for the disk ([`Store::set_fsync`]); read by the committer.
+    fsync: Arc<AtomicBool>,
 }
 
 #[derive(Default)]
@@ -297,7 +299,8 @@ impl Store {
         w.commit().map_err(|e| engine(e.into()))?;
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel::<Job>();
-        let committer = Committer { db: db.clone(), path: path.clone(), counts: counts.clone() };
+        let fsync = Arc::new(AtomicBool::new(true));
+        let committer = Committer { db: db.clone(), path: path.clone(), counts: counts.clone(), fsync: fsync.clone() };
         let committer = std::thread::Builder::new()
             .name("quicseal-store".into())
             .spawn(move || committer.run(rx))
@@ -312,6 +315,7 @@ impl Store {
                 secret,
                 counts,
                 room: Notify::new(),
+                fsync,
             }),
         })
     }
@@ -330,6 +334,16 @@ impl Store {
     /// the node's stateless resets, so a restarted process's resets are recognised.
     pub fn secret(&self) -> [u8; 32] {
         self.inner.secret
+    }
+
+    /// Whether commits wait until the disk has them (fsync); on by default. **Off, a message
+    /// that `send_durable` returned `Ok` for is lost if the process dies** (redb goes back to
+    /// the last commit that was synced when it opens the file again): this is for data that
+    /// may be lost, and for tests that show what the fsync buys (the crash test's control
+    /// run, where a sender without it loses messages on every `kill -9`). Takes effect from
+    /// the next commit.
+    pub fn set_fsync(&self, on: bool) {
+        self.inner.fsync.store(on, Ordering::SeqCst);
     }
 
     /// The store's counters and current sizes.
@@ -794,6 +808,7 @@ struct Committer {
     db: Arc<Database>,
     path: PathBuf,
     counts: Arc<Counts>,
+    fsync: Arc<AtomicBool>,
 }
 
 impl Committer {
@@ -818,8 +833,16 @@ impl Committer {
     }
 
     fn commit(&self, group: Vec<Job>) {
+        let synced = self.fsync.load(Ordering::SeqCst);
         let txn = match self.db.begin_write() {
-            Ok(t) => t,
+            Ok(mut t) => {
+                if !synced {
+                    // Fails only with persistent savepoints or a file shared between processes;
+                    // the store uses neither (and the commit is then simply synced).
+                    let _ = t.set_durability(redb::Durability::None);
+                }
+                t
+            }
             Err(e) => {
                 let e = engine_error(&self.path, e.into());
                 for job in group {
@@ -855,7 +878,7 @@ impl Committer {
         };
         if result.is_ok() {
             let n = replies.len() as u64;
-            self.counts.commits.fetch_add(1, Ordering::Relaxed);
+            self.counts.commits.fetch_add(u64::from(synced), Ordering::Relaxed);
             self.counts.writes.fetch_add(n, Ordering::Relaxed);
             self.counts.largest_group.fetch_max(n, Ordering::Relaxed);
         }

@@ -4,9 +4,9 @@
 //! the receiver's application log, which the receiver writes in the same store transaction that
 //! consumes each message, and the sender's log of every `send_durable` that returned `Ok`.
 //!
-//! 50 kills per run; `QUICSEAL_CRASH_KILLS=500` for the long mode. The control run (the
-//! receiver logging in a transaction of its own, after consuming) must lose messages: proof that
-//! the kills land where they matter.
+//! 50 kills per run; `QUICSEAL_CRASH_KILLS=500` for the long mode. Two control runs must lose
+//! messages, proof that the kills land where they matter: one where the receiver logs in a
+//! transaction of its own after consuming, one where the sender's store does not fsync.
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -26,11 +26,12 @@ const APP_LOG: redb::TableDefinition<u64, (u64, u16, &[u8])> = redb::TableDefini
 struct Run {
     dir: tempfile::TempDir,
     receiver_addr: SocketAddr,
-    control: bool,
+    /// The control the processes run (`QUICSEAL_CRASH_CONTROL`), if any.
+    control: Option<&'static str>,
 }
 
 impl Run {
-    fn new(control: bool) -> Run {
+    fn new(control: Option<&'static str>) -> Run {
         let dir = tempfile::tempdir().unwrap();
         let out = Command::new(example("gen_certs"))
             .env("QUICSEAL_EXAMPLE_CERTS", dir.path().join("certs"))
@@ -49,6 +50,9 @@ impl Run {
     fn command(&self) -> Command {
         let mut c = Command::new(example("durable_node"));
         c.env("QUICSEAL_EXAMPLE_CERTS", self.path("certs")).stderr(Stdio::null());
+        if let Some(control) = self.control {
+            c.env("QUICSEAL_CRASH_CONTROL", control);
+        }
         c
     }
 
@@ -61,9 +65,6 @@ impl Run {
             c.args(["receive", self.path("b").to_str().unwrap(), &self.receiver_addr.to_string()]);
             if drain {
                 c.arg("drain");
-            }
-            if self.control {
-                c.env("QUICSEAL_CRASH_CONTROL", "1");
             }
             let mut child = c.stdout(Stdio::piped()).spawn().unwrap();
             let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -200,7 +201,9 @@ fn check(run: &Run) -> Verdict {
 
 /// Runs senders and receivers with `kills` kills at random moments (seeded), then lets both
 /// finish what they hold and checks.
-async fn crash_run(kills: usize, control: bool, seed: u64) -> (Verdict, usize, usize) {
+///
+/// With `pairs`, each round kills the receiver and then, while it is down, the sender.
+async fn crash_run(kills: usize, control: Option<&'static str>, pairs: bool, seed: u64) -> (Verdict, usize, usize) {
     let run = Run::new(control);
     let mut receiver = run.receiver(false);
     let mut link = LinkConfig::default();
@@ -221,7 +224,17 @@ async fn crash_run(kills: usize, control: bool, seed: u64) -> (Verdict, usize, u
     for _ in 0..kills {
         // Pacing of the kills (not a wait for a result): 50 to 400 ms of traffic between them.
         tokio::time::sleep(Duration::from_millis(50 + next() % 350)).await;
-        if next() % 2 == 0 {
+        if pairs {
+            // The case a sender's fsync is for: its peer is down, so what it sends waits in its
+            // store, and then it dies too.
+            kill(&mut receiver);
+            receiver_kills += 1;
+            tokio::time::sleep(Duration::from_millis(50 + next() % 150)).await; // pacing
+            kill(&mut sender);
+            sender_kills += 1;
+            sender = run.sender(to, "3");
+            receiver = run.receiver(false);
+        } else if next() % 2 == 0 {
             kill(&mut sender);
             sender_kills += 1;
             sender = run.sender(to, "3");
@@ -254,7 +267,7 @@ fn kills() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_message_sent_is_logged_exactly_once_in_order_through_kill_9_of_either_side() {
-    let (v, sender_kills, receiver_kills) = crash_run(kills(), false, 0xc0ffee).await;
+    let (v, sender_kills, receiver_kills) = crash_run(kills(), None, false, 0xc0ffee).await;
     println!("{sender_kills} sender kills, {receiver_kills} receiver kills: {v:?}");
     assert!(v.sent_ok > 0 && v.logged >= v.sent_ok, "{v:?}");
     assert!(v.gaps.is_empty(), "stream messages never logged: {v:?}");
@@ -263,7 +276,28 @@ async fn every_message_sent_is_logged_exactly_once_in_order_through_kill_9_of_ei
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_logging_outside_the_consuming_transaction_loses_messages() {
-    let (v, _, receiver_kills) = crash_run(30, true, 0xbad).await;
+    let (v, _, receiver_kills) = crash_run(30, Some("log"), false, 0xbad).await;
     println!("control, {receiver_kills} receiver kills: {v:?}");
     assert!(!v.gaps.is_empty() || v.lost > 0, "the kills never landed between consume and log: {v:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_a_sender_store_without_fsync_loses_messages_it_said_were_sent() {
+    // Each sender kill takes back every commit since the store was opened: the messages whose
+    // `send_durable` returned `Ok` and that had no receipt yet are gone (and the stream starts
+    // again under a new id, which the receiver takes as a new stream). Each sender is killed
+    // while the receiver is down, so such messages wait in its store.
+    let (v, sender_kills, _) = crash_run(15, Some("fsync"), true, 0xf5c).await;
+    println!("control without fsync, {sender_kills} sender kills: {v:?}");
+    assert!(sender_kills > 0 && v.lost > 0, "no message was lost without fsync: {v:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_killed_while_its_peer_is_down_loses_nothing() {
+    // The fsync control's schedule, with fsync.
+    let (v, sender_kills, receiver_kills) = crash_run(15, None, true, 0xf5c).await;
+    println!("{sender_kills} sender kills while the receiver was down: {v:?}");
+    assert!(sender_kills > 0 && v.sent_ok > 0, "{v:?}");
+    assert!(v.gaps.is_empty(), "stream messages never logged: {v:?}");
+    assert_eq!((v.duplicates, v.lost, v.out_of_order, receiver_kills), (0, 0, 0, sender_kills), "{v:?}");
 }
