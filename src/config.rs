@@ -253,7 +253,16 @@ pub struct NodeConfig {
     pub(crate) limits: Limits,
     pub(crate) manual_ack: bool,
     pub(crate) rpc: Option<crate::rpc::Router>,
-    pub(crate) store: Option<(std::path::PathBuf, crate::store::StoreLimits)>,
+    pub(crate) store: Option<StoreChoice>,
+}
+
+/// Where a node keeps its durable store.
+#[derive(Debug, Clone)]
+pub(crate) enum StoreChoice {
+    /// The redb store in this directory, opened by `Node::bind`.
+    Dir(std::path::PathBuf, crate::store::StoreLimits),
+    /// A store the application made.
+    Backend(std::sync::Arc<dyn crate::store::DurableStore>),
 }
 
 impl NodeConfig {
@@ -286,7 +295,17 @@ impl NodeConfig {
         dir: impl Into<std::path::PathBuf>,
         limits: crate::store::StoreLimits,
     ) -> NodeConfig {
-        self.store = Some((dir.into(), limits));
+        self.store = Some(StoreChoice::Dir(dir.into(), limits));
+        self
+    }
+
+    /// Keeps durable messages in `backend` rather than in a store directory: a
+    /// [`MemoryStore`](crate::store::MemoryStore), a [`Store`](crate::store::Store) opened by
+    /// the application, or a backend of its own (see
+    /// [`DurableStore`](crate::store::DurableStore) for the contract it must keep). The node
+    /// keys its stateless resets by the backend's secret.
+    pub fn store_backend(mut self, backend: std::sync::Arc<dyn crate::store::DurableStore>) -> NodeConfig {
+        self.store = Some(StoreChoice::Backend(backend));
         self
     }
 

@@ -1,5 +1,5 @@
 //! Durable channels in the shell (PROTOCOL.md section 10): between the node's sessions and its
-//! [`Store`].
+//! store (a [`DurableStore`]).
 //!
 //! - **Sending**: [`Durable::send`] puts the message in the store (durable before it returns),
 //!   then wakes the peer's **pump**: one task per peer that sends the stream's messages in
@@ -27,7 +27,7 @@ use crate::error::{Error, Result};
 use crate::identity::Fingerprint;
 use crate::proto::durable::StreamId;
 use crate::proto::durable::{Arrival, DurableFrame};
-use crate::store::{Accepted, Store, Stored};
+use crate::store::{Accepted, DurableStore, Stored};
 
 /// Messages read from the store per batch when (re)sending.
 const PUMP_BATCH: usize = 256;
@@ -79,7 +79,7 @@ type Queued = std::pin::Pin<Box<dyn Future<Output = (StreamId, Result<Accepted>)
 
 /// The node's durable layer.
 pub(crate) struct Durable<L> {
-    store: Store,
+    store: Arc<dyn DurableStore>,
     peers: Mutex<HashMap<Fingerprint, Peer<L>>>,
     /// Messages in the store's inbox not yet handed to the application, oldest first.
     ready: Mutex<VecDeque<Stored>>,
@@ -111,7 +111,7 @@ const REDIAL_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duratio
 
 impl<L: Link> Durable<L> {
     /// The durable layer over `store`: what its inbox holds is ready for the application.
-    pub(crate) fn new(store: Store) -> Result<Arc<Durable<L>>> {
+    pub(crate) fn new(store: Arc<dyn DurableStore>) -> Result<Arc<Durable<L>>> {
         let limit = store.limits().inbox_messages;
         let ready: VecDeque<Stored> = store.inbox(None, limit).map_err(Error::Store)?.into();
         Ok(Arc::new(Durable {
@@ -123,7 +123,7 @@ impl<L: Link> Durable<L> {
         }))
     }
 
-    pub(crate) fn store(&self) -> &Store {
+    pub(crate) fn store(&self) -> &Arc<dyn DurableStore> {
         &self.store
     }
 
@@ -211,7 +211,7 @@ impl<L: Link> Durable<L> {
         {
             let _in_order = rx.taking.lock().unwrap_or_else(|e| e.into_inner());
             loop {
-                if !self.store.inbox_has_room(0) {
+                if !self.store.has_room(false, 0) {
                     stopped_for_room = true;
                     break;
                 }
@@ -228,13 +228,14 @@ impl<L: Link> Durable<L> {
                     }
                     Ok(DurableFrame::Data { stream, dseq, channel, payload }) => {
                         // Handed to the application by the committer, in commit order.
-                        let message = Stored { peer, stream, dseq, channel, payload: payload.clone() };
-                        let this = Arc::downgrade(self);
-                        let accepted = self.store.accept_in_order(peer, stream, dseq, channel, payload, move |a| {
+                        let message = Stored { peer, stream, dseq, channel, payload };
+                        let (this, handed) = (Arc::downgrade(self), message.clone());
+                        let hand_over = Box::new(move |a: &Accepted| {
                             if let (Arrival::Next, Some(durable)) = (a.arrival, this.upgrade()) {
-                                durable.deliver(message);
+                                durable.deliver(handed);
                             }
                         });
+                        let accepted = self.store.accept_in_order(message, hand_over);
                         let queued: Queued = Box::pin(async move { (stream, accepted.await.map_err(Error::Store)) });
                         rx.queue.lock().unwrap_or_else(|e| e.into_inner()).push_back(queued);
                         queued_any = true;

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::config::{Limits, NodeConfig};
+use crate::config::{Limits, NodeConfig, StoreChoice};
 use crate::durable::Durable;
 use crate::error::{Error, Limited, Result, Side, Timed, Violation, close_code, from_connection_error};
 use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
@@ -37,7 +37,7 @@ use crate::proto::wire::{self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEAD
 use crate::rpc::RpcServer;
 use crate::session::{EndHook, LinkParts, Outlet, Redial, Resumable, ResumePolicy, Session, SessionParams};
 use crate::stats::{Counter, Counters, Stats, Tally};
-use crate::store::{Store, Stored};
+use crate::store::{DurableStore, Store, Stored};
 use crate::tls::{ALPN, Captured, TlsContext, take_captured};
 
 /// A quicseal node bound to one UDP address: it accepts sessions and dials them.
@@ -173,7 +173,10 @@ impl Node {
         // Peers are nodes with fixed addresses; a migrating peer is a reconnecting peer.
         base_server.migration(false);
         let durable = match &config.store {
-            Some((dir, limits)) => Some(Durable::new(Store::open_with(dir, *limits).map_err(Error::Store)?)?),
+            Some(StoreChoice::Dir(dir, limits)) => {
+                Some(Durable::new(Arc::new(Store::open_with(dir, *limits).map_err(Error::Store)?))?)
+            }
+            Some(StoreChoice::Backend(backend)) => Some(Durable::new(backend.clone())?),
             None => None,
         };
         let reset_secret = durable.as_ref().map(|d| d.store().secret());
@@ -368,9 +371,15 @@ impl Node {
         self.inner.shared.endpoint.close(VarInt::from_u32(close_code::NO_ERROR), b"node closed");
     }
 
-    /// The node's store ([`NodeConfig::store`]), if it keeps one: for
-    /// [`Store::consume_with`], [`Store::stats`] and [`Store::inspect`].
+    /// The node's store when it is a [`Store`] on disk ([`NodeConfig::store`], or a `Store`
+    /// given to [`NodeConfig::store_backend`]): for [`Store::consume_with`], [`Store::stats`]
+    /// and [`Store::inspect`]. `None` with another backend, or none.
     pub fn store(&self) -> Option<&Store> {
+        self.durable_store()?.as_any().downcast_ref()
+    }
+
+    /// The node's durable store, whatever its backend, if it keeps one.
+    pub fn durable_store(&self) -> Option<&Arc<dyn DurableStore>> {
         self.inner.shared.durable.as_ref().map(|d| d.store())
     }
 
@@ -391,7 +400,7 @@ impl Node {
 
     /// The application is done with a durable message: it is removed from the store (durably).
     pub async fn consume(&self, message: &Stored) -> Result<()> {
-        match self.store() {
+        match self.durable_store() {
             Some(store) => store.consume(message).await.map_err(Error::Store),
             None => Err(crate::durable::no_store()),
         }

@@ -13,9 +13,22 @@
 //! Sizes are bounded ([`StoreLimits`]): an outbox at its limit makes a durable send wait for
 //! receipts; an inbox at its limit makes the receiver stop taking durable messages, so the
 //! sender is held back by flow control.
+//!
+//! **Retention.** Nothing acknowledged is kept: a RECEIPT removes the messages it covers from
+//! the sender's outbox, and consuming a message removes it from the receiver's inbox, each in
+//! the same transaction that records it. What stays is one stream record per peer on the
+//! sending side and [`STREAMS_PER_PEER`] high marks per peer on the receiving side. redb
+//! reuses the pages freed, so a store's file stays the size of its largest backlog.
+//!
+//! **Other backends.** Durable channels reach their store through the [`DurableStore`] trait:
+//! [`Store`] (this module's redb store) and [`MemoryStore`] (nothing on disk: for tests, and
+//! for delivery that needs receipts but not restarts) implement it, and
+//! [`NodeConfig::store_backend`](crate::NodeConfig::store_backend) takes any other.
 
+use std::any::Any;
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
@@ -178,6 +191,107 @@ pub struct Accepted {
     pub high: u64,
 }
 
+/// A store operation in progress: `'static`, so any task may await it.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// Runs once a receiver's decision is durable ([`DurableStore::accept_in_order`]).
+pub type OnCommit = Box<dyn FnOnce(&Accepted) + Send + 'static>;
+
+/// What durable channels need of a store (PROTOCOL.md section 10). [`Store`] is the one on
+/// disk; [`MemoryStore`] keeps everything in memory. A backend of one's own must keep the
+/// contract below, on which exactly-once delivery rests; `src/store/tests.rs` has the tests
+/// both built-in backends pass, which a new one should pass too.
+///
+/// - **Durable before done**: a future completes only once what it wrote survives the
+///   process (for a backend on disk: after fsync).
+/// - **Sender**: each peer has one stream (a random, non-zero [`StreamId`], made on the first
+///   append) whose messages are numbered from 1 without gaps or reuse; the outbox keeps each
+///   message until a RECEIPT of that stream covers it.
+/// - **Receiver**: per (peer, stream) a high mark; a message is taken only if it is the next
+///   ([`judge`]), and then the message and the new high mark are written together. A peer
+///   holds at most [`STREAMS_PER_PEER`] high marks: a new stream beyond that forgets the
+///   peer's least recently used one (never another peer's).
+/// - **Order**: [`DurableStore::accept_in_order`] decides in call order, and runs the hooks in
+///   commit order, before the next decision is made.
+/// - **Bounds**: [`StoreLimits`]; appends wait for room in the outbox; the receiver asks
+///   [`DurableStore::has_room`] before it takes a message.
+pub trait DurableStore: std::fmt::Debug + Send + Sync + 'static {
+    /// The store's bounds.
+    fn limits(&self) -> StoreLimits;
+
+    /// 32 bytes that stay the same as long as the store's contents do: the node keys its
+    /// stateless resets with them, so a restarted process's resets are recognised.
+    fn secret(&self) -> [u8; 32];
+
+    /// Counters and current sizes.
+    fn stats(&self) -> StoreStats;
+
+    /// Sender: gives `payload` (for application channel `channel`) the next sequence number of
+    /// the stream to `peer` and puts it in the outbox; completes once durable. Waits while the
+    /// outbox is full.
+    fn append(&self, peer: Fingerprint, channel: u16, payload: Bytes) -> StoreFuture<Stored>;
+
+    /// Sender: the outbox's messages to `peer`, oldest first, at most `max` of them from
+    /// sequence number `from` on.
+    fn pending(&self, peer: Fingerprint, from: u64, max: usize) -> Result<Vec<Stored>, StoreError>;
+
+    /// Sender: a RECEIPT from `peer` for `stream` up to `dseq`: removes what it covers (nothing
+    /// if `stream` is not the peer's current one). Completes with how many were removed.
+    fn receipt(&self, peer: Fingerprint, stream: StreamId, dseq: u64) -> StoreFuture<u64>;
+
+    /// Receiver: a DATA frame, decided at once in call order (see the trait docs); `committed`
+    /// runs with the decision once it is durable, in commit order. Does not wait for room.
+    fn accept_in_order(&self, message: Stored, committed: OnCommit) -> StoreFuture<Accepted>;
+
+    /// Receiver: messages taken and not yet consumed, in (peer, stream, dseq) order, at most
+    /// `max`, after `after` if given.
+    fn inbox(&self, after: Option<(Fingerprint, StreamId, u64)>, max: usize) -> Result<Vec<Stored>, StoreError>;
+
+    /// Receiver: the application is done with `message`: removes it from the inbox, durably.
+    fn consume(&self, message: &Stored) -> StoreFuture<()>;
+
+    /// Whether the outbox (or the inbox) has room for one more message of `len` bytes now.
+    fn has_room(&self, outbox: bool, len: usize) -> bool;
+
+    /// Completes once [`DurableStore::has_room`] would say yes.
+    fn wait_for_room(&self, outbox: bool, len: usize) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+    /// The backend itself, to reach what only it offers (e.g. [`Store::consume_with`]).
+    fn as_any(&self) -> &dyn Any;
+}
+
+/// Whether a box holding `n` messages of `bytes` bytes has room for one more of `len` bytes
+/// under `limits`: one message always fits into an empty box, whatever its size.
+fn room_in(limits: &StoreLimits, outbox: bool, n: u64, bytes: u64, len: usize) -> bool {
+    let (max_n, max_b) = if outbox {
+        (limits.outbox_messages, limits.outbox_bytes)
+    } else {
+        (limits.inbox_messages, limits.inbox_bytes)
+    };
+    let (n, bytes) = (n as usize, bytes as usize);
+    n == 0 || (n < max_n && bytes + len <= max_b)
+}
+
+/// The receiver's bookkeeping of one peer's streams when `stream` is taken: which stream the
+/// peer must forget for it (its least recently used, once it holds [`STREAMS_PER_PEER`] and
+/// `stream` is new), and `stream`'s new order of use (one more than the peer's latest).
+/// `streams`: the peer's streams with their order of use.
+fn streams_after_use(streams: impl IntoIterator<Item = ([u8; 16], u64)>, stream: StreamId) -> (Option<[u8; 16]>, u64) {
+    let (mut latest, mut count, mut known) = (0, 0, false);
+    let mut oldest: Option<([u8; 16], u64)> = None;
+    for (s, used) in streams {
+        latest = latest.max(used);
+        count += 1;
+        if s == stream.0 {
+            known = true;
+        } else if oldest.is_none_or(|(_, u)| used < u) {
+            oldest = Some((s, used));
+        }
+    }
+    let forget = if !known && count >= STREAMS_PER_PEER { oldest.map(|(s, _)| s) } else { None };
+    (forget, latest + 1)
+}
+
 /// One write for the committer.
 struct Job {
     /// Committed in a transaction of its own: its failure must not take other writes with it
@@ -228,6 +342,32 @@ struct Counts {
     outbox_bytes: AtomicU64,
     inbox_messages: AtomicU64,
     inbox_bytes: AtomicU64,
+}
+
+impl Counts {
+    fn stats(&self) -> StoreStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StoreStats {
+            commits: get(&self.commits),
+            writes: get(&self.writes),
+            largest_group: get(&self.largest_group),
+            recovered: get(&self.recovered),
+            gaps: get(&self.gaps),
+            outbox_messages: get(&self.outbox_messages),
+            outbox_bytes: get(&self.outbox_bytes),
+            inbox_messages: get(&self.inbox_messages),
+            inbox_bytes: get(&self.inbox_bytes),
+        }
+    }
+
+    fn has_room(&self, limits: &StoreLimits, outbox: bool, len: usize) -> bool {
+        let (n, b) = if outbox {
+            (&self.outbox_messages, &self.outbox_bytes)
+        } else {
+            (&self.inbox_messages, &self.inbox_bytes)
+        };
+        room_in(limits, outbox, n.load(Ordering::Relaxed), b.load(Ordering::Relaxed), len)
+    }
 }
 
 impl Drop for Inner {
@@ -348,19 +488,7 @@ impl Store {
 
     /// The store's counters and current sizes.
     pub fn stats(&self) -> StoreStats {
-        let c = &self.inner.counts;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        StoreStats {
-            commits: get(&c.commits),
-            writes: get(&c.writes),
-            largest_group: get(&c.largest_group),
-            recovered: get(&c.recovered),
-            gaps: get(&c.gaps),
-            outbox_messages: get(&c.outbox_messages),
-            outbox_bytes: get(&c.outbox_bytes),
-            inbox_messages: get(&c.inbox_messages),
-            inbox_bytes: get(&c.inbox_bytes),
-        }
+        self.inner.counts.stats()
     }
 
     /// Runs `write` in the next group's transaction (or one of its own if `alone`) and returns
@@ -532,17 +660,17 @@ impl Store {
             return Ok(Accepted { arrival, high: known.unwrap_or(0) });
         }
         self.wait_for_room(false, payload.len()).await;
-        self.accept_in_order(peer, stream, dseq, channel, payload, |_| {}).await
+        self.queue_accept(peer, stream, dseq, channel, payload, |_| {}).await
     }
 
     /// Like [`Store::accept`], but queued for the committer at once, without waiting for room:
     /// DATA frames of one session queued one after the other are decided in that order, and
-    /// share commits. The caller checks for room first ([`Store::inbox_has_room`]).
+    /// share commits. The caller checks for room first.
     ///
     /// `committed` runs once the decision is durable, on the committer thread, in commit order
     /// across all sessions: handing messages over there keeps them in `dseq` order even when two
     /// sessions with one peer deliver the same stream at once.
-    pub(crate) fn accept_in_order(
+    fn queue_accept(
         &self,
         peer: Fingerprint,
         stream: StreamId,
@@ -564,26 +692,16 @@ impl Store {
                 if arrival != Arrival::Next {
                     return Ok(Accepted { arrival, high: high.unwrap_or(0) });
                 }
-                // Order of use: one more than the peer's most recent stream.
-                let mut latest = 0;
-                let mut count = 0;
-                let mut oldest: Option<([u8; 16], u64)> = None;
+                let mut used = Vec::new();
                 for e in streams.range((peer.0, [0; 16])..=(peer.0, [0xff; 16])).map_err(|e| engine(e.into()))? {
                     let (k, v) = e.map_err(|e| engine(e.into()))?;
-                    let used = v.value().1;
-                    latest = latest.max(used);
-                    count += 1;
-                    if k.value().1 != stream.0 && oldest.is_none_or(|(_, u)| used < u) {
-                        oldest = Some((k.value().1, used));
-                    }
+                    used.push((k.value().1, v.value().1));
                 }
-                if high.is_none()
-                    && count >= STREAMS_PER_PEER
-                    && let Some((old, _)) = oldest
-                {
+                let (forget, order) = streams_after_use(used, stream);
+                if let Some(old) = forget {
                     streams.remove((peer.0, old)).map_err(|e| engine(e.into()))?;
                 }
-                streams.insert((peer.0, stream.0), (dseq, latest + 1)).map_err(|e| engine(e.into()))?;
+                streams.insert((peer.0, stream.0), (dseq, order)).map_err(|e| engine(e.into()))?;
                 let mut inbox = txn.open_table(INBOX).map_err(|e| engine(e.into()))?;
                 inbox.insert((peer.0, stream.0, dseq), (channel, payload.as_ref())).map_err(|e| engine(e.into()))?;
                 Ok(Accepted { arrival, high: dseq })
@@ -603,11 +721,6 @@ impl Store {
                 committed(accepted);
             },
         )
-    }
-
-    /// Whether the inbox has room for a message of `len` bytes now (an empty inbox takes any).
-    pub(crate) fn inbox_has_room(&self, len: usize) -> bool {
-        self.has_room(false, len)
     }
 
     /// Receiver: the high mark of `peer`'s `stream`, if the store knows the stream.
@@ -733,7 +846,7 @@ impl Store {
 
     /// Waits until the outbox (or inbox) has room for one more message of `len` bytes. One
     /// message is always let through into an empty box, whatever its size.
-    pub(crate) async fn wait_for_room(&self, outbox: bool, len: usize) {
+    async fn wait_for_room(&self, outbox: bool, len: usize) {
         loop {
             // Created before the check: a change in between still wakes it.
             let notified = self.inner.room.notified();
@@ -746,14 +859,67 @@ impl Store {
 
     /// Whether the outbox (or inbox) has room for one more message of `len` bytes now.
     fn has_room(&self, outbox: bool, len: usize) -> bool {
-        let (c, l) = (&self.inner.counts, &self.inner.limits);
-        let (n, b, max_n, max_b) = if outbox {
-            (&c.outbox_messages, &c.outbox_bytes, l.outbox_messages, l.outbox_bytes)
-        } else {
-            (&c.inbox_messages, &c.inbox_bytes, l.inbox_messages, l.inbox_bytes)
-        };
-        let (n, b) = (n.load(Ordering::Relaxed) as usize, b.load(Ordering::Relaxed) as usize);
-        n == 0 || (n < max_n && b + len <= max_b)
+        self.inner.counts.has_room(&self.inner.limits, outbox, len)
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.inner.path).field("limits", &self.inner.limits).finish()
+    }
+}
+
+impl DurableStore for Store {
+    fn limits(&self) -> StoreLimits {
+        Store::limits(self)
+    }
+
+    fn secret(&self) -> [u8; 32] {
+        Store::secret(self)
+    }
+
+    fn stats(&self) -> StoreStats {
+        Store::stats(self)
+    }
+
+    fn append(&self, peer: Fingerprint, channel: u16, payload: Bytes) -> StoreFuture<Stored> {
+        let store = self.clone();
+        Box::pin(async move { Store::append(&store, peer, channel, payload).await })
+    }
+
+    fn pending(&self, peer: Fingerprint, from: u64, max: usize) -> Result<Vec<Stored>, StoreError> {
+        Store::pending(self, peer, from, max)
+    }
+
+    fn receipt(&self, peer: Fingerprint, stream: StreamId, dseq: u64) -> StoreFuture<u64> {
+        let store = self.clone();
+        Box::pin(async move { Store::receipt(&store, peer, stream, dseq).await })
+    }
+
+    fn accept_in_order(&self, m: Stored, committed: OnCommit) -> StoreFuture<Accepted> {
+        Box::pin(self.queue_accept(m.peer, m.stream, m.dseq, m.channel, m.payload, committed))
+    }
+
+    fn inbox(&self, after: Option<(Fingerprint, StreamId, u64)>, max: usize) -> Result<Vec<Stored>, StoreError> {
+        Store::inbox(self, after, max)
+    }
+
+    fn consume(&self, message: &Stored) -> StoreFuture<()> {
+        let (store, message) = (self.clone(), message.clone());
+        Box::pin(async move { Store::consume(&store, &message).await })
+    }
+
+    fn has_room(&self, outbox: bool, len: usize) -> bool {
+        Store::has_room(self, outbox, len)
+    }
+
+    fn wait_for_room(&self, outbox: bool, len: usize) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        let store = self.clone();
+        Box::pin(async move { Store::wait_for_room(&store, outbox, len).await })
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
     }
 }
 
@@ -887,6 +1053,9 @@ impl Committer {
         }
     }
 }
+
+mod memory;
+pub use memory::MemoryStore;
 
 #[cfg(test)]
 mod tests;

@@ -60,7 +60,9 @@ async fn receive_numbers(node: &Node, from: u32, n: u32, consume: bool) -> Vec<S
     for expected in from..from + n {
         let m = tokio::time::timeout(WAIT, node.recv_durable())
             .await
-            .unwrap_or_else(|_| panic!("durable message {expected} in time: {:?}", node.store().unwrap().stats()))
+            .unwrap_or_else(|_| {
+                panic!("durable message {expected} in time: {:?}", node.durable_store().unwrap().stats())
+            })
             .unwrap();
         let v: u32 = postcard::from_bytes(&m.payload).unwrap();
         assert_eq!(v, expected, "out of order or duplicated");
@@ -100,6 +102,39 @@ async fn durable_messages_arrive_once_in_order_and_what_was_not_consumed_survive
     let (ab, _ba) = dial(&a, &b).await;
     ab.send_durable(3, &100u32).await.unwrap();
     receive_numbers(&b, 100, 1, true).await;
+}
+
+/// Any [`DurableStore`](quicseal::store::DurableStore) backend: here a sender that keeps its
+/// messages in memory and a receiver with a redb store the application opened itself.
+#[tokio::test]
+async fn durable_channels_run_on_any_store_backend() {
+    use quicseal::store::{DurableStore, MemoryStore, Store};
+    use std::sync::Arc;
+    let pki = Pki::new("durable");
+    let dir = tempfile::tempdir().unwrap();
+    let memory: Arc<dyn DurableStore> = Arc::new(MemoryStore::new().unwrap());
+    let on_disk = Store::open(dir.path()).unwrap();
+    let bind = |name: &str, backend: Arc<dyn DurableStore>| {
+        let config = NodeConfig::new(pki.identity(name), pki.trust()).store_backend(backend).limits(quick_limits());
+        Node::bind(any_port(), config).unwrap()
+    };
+    let a = bind("a", memory.clone());
+    let b = bind("b", Arc::new(on_disk.clone()));
+    assert!(a.store().is_none(), "a memory store is not a Store on disk");
+    assert_eq!(b.store().map(|s| s.path()), Some(on_disk.path()));
+    let (ab, _ba) = dial(&a, &b).await;
+    for i in 0..200u32 {
+        ab.send_durable(3, &i).await.unwrap();
+    }
+    receive_numbers(&b, 0, 200, true).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while memory.stats().outbox_messages > 0 {
+        assert!(tokio::time::Instant::now() < deadline, "receipts: {:?}", memory.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(on_disk.stats().inbox_messages, 0);
+    assert_eq!(memory.stats().commits, 0, "nothing is synced in memory");
+    assert_eq!(on_disk.inspect().unwrap().in_streams.len(), 1);
 }
 
 #[tokio::test]
