@@ -79,6 +79,7 @@ mod error;
 mod export;
 mod identity;
 mod node;
+mod peer_name;
 mod policy;
 mod reload;
 mod rpc;
@@ -103,6 +104,7 @@ pub use error::{
 pub use export::MetricsExporter;
 pub use identity::{Fingerprint, Identity, PeerIdentity, TrustStore, load_certificates};
 pub use node::Node;
+pub use peer_name::{MAX_SPIFFE_ID_LEN, PeerName, SpiffeId};
 pub use policy::Policy;
 pub use proto::rpc::{CacheConfig, CallId};
 pub use reload::{CertExpiry, CertFiles, CertWatcher, EXPIRY_WARNING, Expiry, WatchStatus};
@@ -111,7 +113,7 @@ pub use rpc::{
 };
 pub use session::{Message, Session, SessionEvent};
 pub use stats::Stats;
-pub use tls::{ALPN, DeniedKey, MissingExtendedKeyUsage};
+pub use tls::{ALPN, DeniedKey, MissingExtendedKeyUsage, NotTheSvid};
 
 /// Re-exported so callers can match [`TlsError`] reasons without depending on rustls directly.
 pub use rustls;

@@ -27,6 +27,7 @@ use crate::config::{Limits, NodeConfig, StoreChoice};
 use crate::durable::Durable;
 use crate::error::{Error, Limited, Result, Side, Timed, Violation, close_code, from_connection_error};
 use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
+use crate::peer_name::PeerName;
 use crate::policy::Policy;
 use crate::proto::epochs::EpochBook;
 use crate::proto::hello::{self, Admission, HelloRefusal};
@@ -238,8 +239,12 @@ impl Node {
         &self.inner.shared.limits
     }
 
-    /// Dials `addr`, expecting the peer's certificate to carry `server_name` (a DNS name or an
-    /// IP address SAN). Returns once the peer has accepted us (see the module docs).
+    /// Dials `addr`, expecting the peer's certificate to prove `server_name`: a DNS name or an
+    /// IP address (a SAN of the certificate), or a SPIFFE ID (`spiffe://...`: the certificate
+    /// must be an X.509-SVID for exactly that ID; see [`PeerName`](crate::PeerName)). Returns
+    /// once the peer has accepted us (see the module docs).
+    ///
+    /// Errors: [`Error::InvalidInput`] for a name that is none of these.
     pub async fn connect(&self, addr: SocketAddr, server_name: &str) -> Result<Session> {
         connect(&self.inner.shared, addr, server_name).await
     }
@@ -634,10 +639,11 @@ async fn dial(
     if dialled >= shared.limits.max_connections {
         return Err(Error::Limit { what: Limited::ConnectionsPerNode, limit: shared.limits.max_connections as u64 });
     }
-    let (crypto, captured) = shared.tls().client_config()?;
+    let name = PeerName::parse(server_name)?;
+    let (crypto, captured) = shared.tls().client_config(name.spiffe_id().cloned())?;
     let mut cfg = quinn::ClientConfig::new(crypto);
     cfg.transport_config(shared.transport.clone());
-    let connecting = shared.endpoint.connect_with(cfg, addr, server_name).map_err(|e| match e {
+    let connecting = shared.endpoint.connect_with(cfg, addr, &name.tls_name()).map_err(|e| match e {
         quinn::ConnectError::EndpointStopping => Error::Closed,
         e => Error::InvalidInput(format!("cannot dial {addr} as {server_name:?}: {e}")),
     })?;

@@ -24,6 +24,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::error::{Error, Result};
 use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
+use crate::peer_name::SpiffeId;
 
 /// The ALPN protocol every quicseal connection negotiates.
 pub const ALPN: &[u8] = b"quicseal/1";
@@ -236,12 +237,15 @@ impl TlsContext {
     }
 
     /// A client config for one outgoing connection, and where its verifier records refusals.
-    pub(crate) fn client_config(&self) -> Result<(Arc<QuicClientConfig>, Captured)> {
+    /// With `spiffe`, the server's certificate must be an X.509-SVID for that ID (and its DNS
+    /// names are not checked).
+    pub(crate) fn client_config(&self, spiffe: Option<SpiffeId>) -> Result<(Arc<QuicClientConfig>, Captured)> {
         let captured = Captured::default();
         let verifier = Arc::new(ServerVerifier {
             inner: self.server_verifier.clone(),
             rules: self.rules.clone(),
             captured: captured.clone(),
+            spiffe,
         });
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -333,6 +337,87 @@ struct ServerVerifier {
     inner: Arc<WebPkiServerVerifier>,
     rules: Arc<LeafRules>,
     captured: Captured,
+    /// The SPIFFE ID dialled, if that is what was dialled.
+    spiffe: Option<SpiffeId>,
+}
+
+impl ServerVerifier {
+    /// The chain check (trust anchors, validity, revocation, serverAuth) and then the
+    /// X.509-SVID check against `expected`. webpki checks the server name only after the
+    /// chain, so a refusal for the name alone means the chain passed; the name (the trust
+    /// domain, sent as SNI) is not what a SPIFFE ID is checked by.
+    fn verify_svid(
+        &self,
+        expected: &SpiffeId,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+            Ok(_)
+            | Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) => {}
+            Err(e) => return Err(e),
+        }
+        check_svid(expected, end_entity)?;
+        Ok(ServerCertVerified::assertion())
+    }
+}
+
+/// The X.509-SVID rules for a leaf (SPIFFE X509-SVID, sections 4 and 5) that webpki does not
+/// check: exactly one URI SAN, equal to `expected`; a key usage that has digitalSignature and
+/// neither keyCertSign nor cRLSign. (Not a CA: [`LeafRules`] refuses CA certificates.)
+pub(crate) fn check_svid(expected: &SpiffeId, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    let refused = |e: CertificateError| rustls::Error::InvalidCertificate(e);
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(end_entity).map_err(|_| refused(CertificateError::BadEncoding))?;
+    let uris: Vec<String> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(_) => return Err(refused(CertificateError::BadEncoding)),
+    };
+    let usage = match cert.key_usage() {
+        Ok(Some(k)) => Some((k.value.digital_signature(), k.value.key_cert_sign() || k.value.crl_sign())),
+        Ok(None) => None,
+        Err(_) => return Err(refused(CertificateError::BadEncoding)),
+    };
+    let problem = if uris.len() != 1 || uris[0] != expected.as_str() {
+        Some(format!("its URI SANs are {uris:?}"))
+    } else {
+        match usage {
+            Some((true, false)) => None,
+            Some((false, _)) | None => Some("its key usage lacks digitalSignature".to_owned()),
+            Some((true, true)) => Some("its key usage allows signing certificates or CRLs".to_owned()),
+        }
+    };
+    match problem {
+        None => Ok(()),
+        Some(why) => {
+            let e = NotTheSvid { expected: expected.to_string(), why };
+            Err(refused(CertificateError::Other(OtherError(Arc::new(e)))))
+        }
+    }
+}
+
+/// A dialled peer's certificate is not an X.509-SVID for the SPIFFE ID that was dialled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the certificate is not an X.509-SVID for {expected}: {why}")]
+pub struct NotTheSvid {
+    /// The SPIFFE ID dialled.
+    pub expected: String,
+    /// What is wrong with the certificate.
+    pub why: String,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -344,10 +429,10 @@ impl ServerCertVerifier for ServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let r = self
-            .rules
-            .check(end_entity, "serverAuth")
-            .and_then(|()| self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now));
+        let r = self.rules.check(end_entity, "serverAuth").and_then(|()| match &self.spiffe {
+            Some(id) => self.verify_svid(id, end_entity, intermediates, server_name, ocsp_response, now),
+            None => self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now),
+        });
         record(&self.captured, r)
     }
     signature_checks!();

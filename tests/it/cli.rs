@@ -533,3 +533,32 @@ fn an_unreadable_rust_log_is_a_warning() {
     let out = Command::new(BIN).args(["man"]).env("RUST_LOG", "quicseal=debug").output().unwrap();
     assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// `send --name spiffe://...` dials a listener whose certificate is an X.509-SVID (a URI SAN,
+/// no DNS name), and refuses one that is not the SVID named.
+#[test]
+fn send_dials_a_listener_by_its_spiffe_id() {
+    let pki = Pki::new("ca");
+    let dir = pki_dir(&pki, &["client"]);
+    let id = "spiffe://example.org/ns/default/sa/server";
+    let issued = pki.issue(&quicseal::pki::NodeCert::new("server").uri(id));
+    std::fs::write(dir.path().join("server.crt"), issued.chain_pem).unwrap();
+    std::fs::write(dir.path().join("server.key"), issued.key_pem).unwrap();
+    let (listener, addr) = start_listener(dir.path(), &["--count", "1"]);
+    let send_to = |name: &str| {
+        Command::new(BIN)
+            .arg("send")
+            .args(tls_args(dir.path(), "client", "ca.crt"))
+            .args(["--to", &addr, "--name", name, "--timeout", "5", "by SPIFFE ID"])
+            .output()
+            .unwrap()
+    };
+    let out = send_to("spiffe://example.org/ns/default/sa/other");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not an X.509-SVID for spiffe://example.org/ns/default/sa/other"), "{stderr}");
+    let out = send_to(id);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listened = wait_with_deadline(listener);
+    assert!(String::from_utf8_lossy(&listened.stdout).contains("by SPIFFE ID"));
+}

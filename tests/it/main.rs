@@ -20,3 +20,4 @@ mod reconnect;
 mod rpc;
 mod sealing;
 mod soak;
+mod spiffe;

@@ -159,7 +159,8 @@ pub(crate) struct SendArgs {
     /// The listener's UDP address (IP:PORT or HOST:PORT).
     #[arg(long, value_parser = args::address)]
     to: SocketAddr,
-    /// The name the listener's certificate must carry (DNS or IP SAN).
+    /// The name the listener's certificate must prove: a DNS name or IP address (a SAN), or a
+    /// SPIFFE ID (spiffe://trust-domain/path: the certificate must be an X.509-SVID for it).
     #[arg(long)]
     name: String,
     /// Channel to send on.
@@ -304,8 +305,12 @@ fn message(arg: String) -> crate::Result<Vec<u8>> {
 
 pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> crate::Result<u8> {
     let tls = &args.tls;
-    if rustls_pki_types::ServerName::try_from(args.name.as_str()).is_err() {
-        return Err(crate::CliError::Input(format!("--name {:?}: not a DNS name or IP address", args.name)));
+    if let Err(e) = quicseal::PeerName::parse(&args.name) {
+        let why = match e {
+            quicseal::Error::InvalidInput(why) => why,
+            other => other.to_string(),
+        };
+        return Err(crate::CliError::Input(format!("--name: {why}")));
     }
     let payload = message(args.message)?;
     let mut limits = Limits::default();
