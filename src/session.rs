@@ -1658,9 +1658,10 @@ enum ReadFailure {
 }
 
 /// The connection's one task: the driver, the datagram and control-stream readers, and a
-/// reader for each channel the peer opens, all polled here. The channel readers sit in a
-/// `FuturesUnordered`, which polls only those that were woken; the four parts are joined, so a
-/// wake-up also checks the other three (a look at quinn's state each). A frame read here and
+/// reader for each channel the peer opens, all polled here. Every part, and every channel
+/// reader, sits in a `FuturesUnordered`, which polls only those that were woken: a part polled
+/// without cause would take quinn's connection lock for nothing (each of its futures looks at
+/// the connection's state), and contend for it with quinn's own driver. A frame read here and
 /// the acknowledgement it makes due are handled by the same task, without a hop to another.
 /// Ends when the connection does.
 async fn serve(shared: Arc<SessionShared>, link: Arc<Carrier>, control: RecvStream) {
@@ -1681,12 +1682,12 @@ async fn serve(shared: Arc<SessionShared>, link: Arc<Carrier>, control: RecvStre
         // The connection is gone: the readers see it and end.
         while readers.next().await.is_some() {}
     };
-    tokio::join!(
-        drive(shared.clone(), link.clone()),
-        read_datagrams(shared.clone(), link.clone()),
-        read_control(shared.clone(), link.clone(), control),
-        channels,
-    );
+    let mut parts: FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>> = FuturesUnordered::new();
+    parts.push(Box::pin(drive(shared.clone(), link.clone())));
+    parts.push(Box::pin(read_datagrams(shared.clone(), link.clone())));
+    parts.push(Box::pin(read_control(shared.clone(), link.clone(), control)));
+    parts.push(Box::pin(channels));
+    while parts.next().await.is_some() {}
 }
 
 async fn read_channel(shared: Arc<SessionShared>, link: Arc<Carrier>, send: SendStream, recv: RecvStream) {

@@ -380,14 +380,16 @@ mod contract {
 }
 
 /// Retention: nothing acknowledged stays, and the file does not grow with traffic that is
-/// acknowledged (redb reuses the pages freed), only with the largest backlog.
+/// acknowledged (redb reuses the pages freed): ten rounds move 10 MiB of payload through the
+/// store, whose backlog is at most 0.5 MiB at a time. (The file's size moves with how writes
+/// happen to group into commits, so it is bounded, not compared round by round.)
 #[tokio::test]
 async fn acknowledged_messages_are_not_kept_and_their_space_is_reused() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let size = || std::fs::metadata(store.path()).unwrap().len();
     let mut sizes = Vec::new();
-    for round in 0..6u64 {
+    for round in 0..10u64 {
         let appends = (0..500).map(|_| store.append(peer(1), 1, Bytes::from(vec![7; 1024])));
         let sent: Vec<Stored> = futures_util::future::join_all(appends).await.into_iter().map(|m| m.unwrap()).collect();
         let last = sent.iter().map(|m| m.dseq).max().unwrap();
@@ -412,5 +414,6 @@ async fn acknowledged_messages_are_not_kept_and_their_space_is_reused() {
     assert_eq!((i.outbox_len, i.inbox_len), (0, 0));
     assert_eq!((i.out_streams.len(), i.in_streams.len()), (1, 1));
     println!("file size after each round of 500 + 500 acknowledged 1 KiB messages: {sizes:?}");
-    assert!(sizes[5] <= sizes[1], "the file grows with acknowledged traffic: {sizes:?}");
+    let largest = sizes.iter().copied().max().unwrap();
+    assert!(largest <= 3 << 20, "the file grows with acknowledged traffic: {sizes:?}");
 }
