@@ -150,7 +150,9 @@ async fn send(store: &Path, addr: &str, log: &Path, channels: &str) -> quicseal:
         let channel = (number % u32::from(channels)) as u16;
         let s = session.lock().await.clone();
         s.send_durable(channel, &(generation, number)).await?;
-        writeln!(sent, "{generation} {number} {channel}")?;
+        // One write(2) per line: `writeln!` on a `File` makes one per piece, and a kill between
+        // them leaves a torn line that the next process's line would run into.
+        sent.write_all(format!("{generation} {number} {channel}\n").as_bytes())?;
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     Ok(())

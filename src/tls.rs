@@ -24,7 +24,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::error::{Error, Result};
 use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
-use crate::peer_name::SpiffeId;
+use crate::peer_name::{PeerName, SpiffeId};
 
 /// The ALPN protocol every quicseal connection negotiates.
 pub const ALPN: &[u8] = b"quicseal/1";
@@ -129,12 +129,14 @@ pub(crate) struct TlsContext {
 impl TrustStore {
     /// Checks a certificate chain (leaf first) exactly as a node's handshake does, now: the
     /// deny-list, then the CAs and CRLs of this store (webpki). With `server_name`, as a node
-    /// dialling `server_name` checks the node it reached (the name must be a SAN, `serverAuth`
-    /// required); without, as a node checks a peer that dialled it (`clientAuth` required).
+    /// dialling `server_name` checks the node it reached (`serverAuth` required; a DNS name or
+    /// IP address must be a SAN, a SPIFFE ID must be the certificate's one URI SAN, see
+    /// [`PeerName`]); without, as a node checks a peer that dialled it (`clientAuth` required).
     ///
     /// Errors are [`Error::Tls`] with [`TlsError::Local`](crate::TlsError::Local) and rustls'
     /// reason (for example `CertificateError::Expired`, `Revoked`, `UnknownIssuer`,
-    /// `NotValidForName`).
+    /// `NotValidForName`, or [`NotTheSvid`] inside `CertificateError::Other`), and
+    /// [`Error::InvalidInput`] for a `server_name` that is no [`PeerName`].
     pub fn verify(&self, chain: &[CertificateDer<'static>], server_name: Option<&str>) -> Result<PeerIdentity> {
         self.verify_at(chain, server_name, SystemTime::now())
     }
@@ -166,9 +168,15 @@ fn verify_chain(
     LeafRules::of(trust).check(end_entity, needed).map_err(refused)?;
     match server_name {
         Some(name) => {
-            let name = ServerName::try_from(name.to_owned())
-                .map_err(|_| refused(rustls::Error::General(format!("not a DNS name or IP address: {name:?}"))))?;
-            server_verifier.verify_server_cert(end_entity, intermediates, &name, &[], now).map(drop).map_err(refused)
+            let name = PeerName::parse(name)?;
+            let sni = ServerName::try_from(name.tls_name())
+                .map_err(|_| refused(rustls::Error::General(format!("not a DNS name or IP address: {name}"))))?;
+            match name.spiffe_id() {
+                Some(id) => verify_svid(&server_verifier, id, end_entity, intermediates, &sni, &[], now),
+                None => server_verifier.verify_server_cert(end_entity, intermediates, &sni, &[], now),
+            }
+            .map(drop)
+            .map_err(refused)
         }
         None => client_verifier.verify_client_cert(end_entity, intermediates, now).map(drop).map_err(refused),
     }
@@ -341,36 +349,34 @@ struct ServerVerifier {
     spiffe: Option<SpiffeId>,
 }
 
-impl ServerVerifier {
-    /// The chain check (trust anchors, validity, revocation, serverAuth) and then the
-    /// X.509-SVID check against `expected`. webpki checks the server name only after the
-    /// chain, so a refusal for the name alone means the chain passed; the name (the trust
-    /// domain, sent as SNI) is not what a SPIFFE ID is checked by.
-    fn verify_svid(
-        &self,
-        expected: &SpiffeId,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
-            Ok(_)
-            | Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => {}
-            Err(e) => return Err(e),
-        }
-        check_svid(expected, end_entity)?;
-        Ok(ServerCertVerified::assertion())
+/// The chain check (trust anchors, validity, revocation, serverAuth) and then the X.509-SVID
+/// check against `expected`. webpki checks the server name only after the chain, so a refusal
+/// for the name alone means the chain passed; the name (the trust domain, sent as SNI) is not
+/// what a SPIFFE ID is checked by.
+fn verify_svid(
+    inner: &WebPkiServerVerifier,
+    expected: &SpiffeId,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    server_name: &ServerName<'_>,
+    ocsp_response: &[u8],
+    now: UnixTime,
+) -> Result<ServerCertVerified, rustls::Error> {
+    match inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
+        Ok(_)
+        | Err(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )) => {}
+        Err(e) => return Err(e),
     }
+    check_svid(expected, end_entity)?;
+    Ok(ServerCertVerified::assertion())
 }
 
 /// The X.509-SVID rules for a leaf (SPIFFE X509-SVID, sections 4 and 5) that webpki does not
 /// check: exactly one URI SAN, equal to `expected`; a key usage that has digitalSignature and
 /// neither keyCertSign nor cRLSign. (Not a CA: [`LeafRules`] refuses CA certificates.)
-pub(crate) fn check_svid(expected: &SpiffeId, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+fn check_svid(expected: &SpiffeId, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
     let refused = |e: CertificateError| rustls::Error::InvalidCertificate(e);
     let (_, cert) =
         x509_parser::parse_x509_certificate(end_entity).map_err(|_| refused(CertificateError::BadEncoding))?;
@@ -430,7 +436,7 @@ impl ServerCertVerifier for ServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let r = self.rules.check(end_entity, "serverAuth").and_then(|()| match &self.spiffe {
-            Some(id) => self.verify_svid(id, end_entity, intermediates, server_name, ocsp_response, now),
+            Some(id) => verify_svid(&self.inner, id, end_entity, intermediates, server_name, ocsp_response, now),
             None => self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now),
         });
         record(&self.captured, r)

@@ -304,7 +304,7 @@ fn errors_name_the_file_the_cause_and_the_fix() {
     refused(&quicseal(d, &["verify", "noise.pem"]), &["noise.pem"]);
     refused(
         &quicseal(d, &["verify", "certs/a.crt", "--name", "not a name!"]),
-        &["--name \"not a name!\": not a DNS name"],
+        &["--name: not a DNS name, an IP address or a SPIFFE ID", "\"not a name!\""],
     );
     // A CA certificate given as a node's: a sentence, not `Other(OtherError(CaUsedAsEndEntity))`.
     let out = quicseal(d, &["verify", "certs/ca.crt"]);
@@ -354,4 +354,43 @@ fn dangerous_issuance_is_refused() {
     let out = openssl(d, &["crl", "-in", "short/ca.crl", "-noout", "-text"]);
     let bare = serial.strip_prefix("00").unwrap_or(serial).to_uppercase();
     assert!(String::from_utf8_lossy(&out.stdout).to_uppercase().contains(&bare));
+}
+
+/// `cert issue --spiffe-id` makes an X.509-SVID (the ID as the one URI SAN, no DNS SAN), openssl
+/// reads it as such, and `cert verify --name spiffe://...` checks it as a dialler would.
+#[test]
+fn the_cli_issues_and_verifies_x509_svids() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["init", "--name", "SPIFFE test CA"]);
+    let id = "spiffe://example.org/ns/default/sa/node-b";
+    ok(d, &["issue", "node-b", "--spiffe-id", id]);
+    let text = openssl(d, &["x509", "-in", "certs/node-b.crt", "-noout", "-ext", "subjectAltName,keyUsage"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&format!("URI:{id}")) && !text.contains("DNS:"), "{text}");
+    assert!(text.contains("Digital Signature") && !text.contains("Certificate Sign"), "{text}");
+    let verify = |name: &str| quicseal(d, &["verify", "certs/node-b.crt", "--name", name]);
+    let out = verify(id);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    for (name, why) in [
+        ("spiffe://example.org/ns/default/sa/other", "not an X.509-SVID for spiffe://example.org/ns/default/sa/other"),
+        ("node-b", "not valid for"),
+    ] {
+        let out = verify(name);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(5), "{name}: wrong name is exit 5: {stdout}");
+        assert!(stdout.contains(why), "{name}: {stdout}");
+    }
+    // Bad input is exit 1 and names the problem.
+    let out = verify("spiffe://Example.org/x");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a SPIFFE ID"));
+    for args in [
+        &["issue", "node-c", "--spiffe-id", "spiffe://example.org/a/"][..],
+        &["issue", "node-c", "--spiffe-id", "spiffe://example.org/a", "--uri", "spiffe://example.org/b"],
+    ] {
+        let out = quicseal(d, args);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(!d.join("certs/node-c.crt").exists(), "{args:?}: nothing written");
+    }
 }

@@ -306,11 +306,7 @@ fn message(arg: String) -> crate::Result<Vec<u8>> {
 pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> crate::Result<u8> {
     let tls = &args.tls;
     if let Err(e) = quicseal::PeerName::parse(&args.name) {
-        let why = match e {
-            quicseal::Error::InvalidInput(why) => why,
-            other => other.to_string(),
-        };
-        return Err(crate::CliError::Input(format!("--name: {why}")));
+        return Err(crate::CliError::Input(format!("--name: {}", crate::cert::input_reason(e))));
     }
     let payload = message(args.message)?;
     let mut limits = Limits::default();

@@ -24,6 +24,10 @@ pub(super) struct IssueArgs {
     /// URI SAN, e.g. spiffe://example.org/node/a (repeatable).
     #[arg(long)]
     uri: Vec<String>,
+    /// Make an X.509-SVID for this SPIFFE ID: the ID is the certificate's one URI SAN, and NODE
+    /// is not added as a DNS SAN (--dns and --ip may still add names).
+    #[arg(long, value_name = "SPIFFE_ID", conflicts_with = "uri")]
+    spiffe_id: Option<String>,
     /// Validity in days (1 to 36500, and not beyond the CA's own expiry).
     #[arg(long, default_value = "90", value_parser = args::days)]
     days: u32,
@@ -67,8 +71,13 @@ pub(super) fn issue(a: IssueArgs, out: &mut impl Write) -> crate::Result<u8> {
     let now = SystemTime::now();
     let mut node =
         NodeCert::new(&a.node).validity(now - Duration::from_secs(60), not_after).key_type(a.key_type.into());
-    if !a.no_default_san {
+    if !a.no_default_san && a.spiffe_id.is_none() {
         node = node.dns(&a.node);
+    }
+    if let Some(id) = &a.spiffe_id {
+        let id = quicseal::SpiffeId::parse(id)
+            .map_err(|e| crate::CliError::Input(format!("--spiffe-id: {}", super::input_reason(e))))?;
+        node = node.uri(id.as_str());
     }
     for d in &a.dns {
         node = node.dns(d);

@@ -25,6 +25,8 @@ mod renew;
 mod revoke;
 mod verify;
 
+pub(crate) use verify::input_reason;
+
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// `quicseal cert` arguments.

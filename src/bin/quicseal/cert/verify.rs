@@ -19,8 +19,9 @@ pub(super) struct VerifyArgs {
     /// A CRL to check against (repeatable).
     #[arg(long)]
     crl: Vec<PathBuf>,
-    /// Check as a node dialling NAME does (NAME must be a SAN; serverAuth). Without it, check
-    /// as a node accepting the certificate's owner does (clientAuth).
+    /// Check as a node dialling NAME does (serverAuth; a DNS name or IP address must be a SAN,
+    /// a SPIFFE ID spiffe://... the certificate's one URI SAN). Without it, check as a node
+    /// accepting the certificate's owner does (clientAuth).
     #[arg(long)]
     name: Option<String>,
     /// JSON output: one object with the verdict, the exit code and the reason.
@@ -31,10 +32,10 @@ pub(super) struct VerifyArgs {
 pub(super) fn verify(a: VerifyArgs, out: &mut impl Write) -> crate::Result<u8> {
     // Bad input is exit 1, not a verdict: a file that is not a certificate, a name that is not
     // one.
-    if let Some(name) = &a.name {
-        if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
-            return Err(crate::CliError::Input(format!("--name {name:?}: not a DNS name or IP address")));
-        }
+    if let Some(name) = &a.name
+        && let Err(e) = quicseal::PeerName::parse(name)
+    {
+        return Err(crate::CliError::Input(format!("--name: {}", input_reason(e))));
     }
     let chain = quicseal::load_certificates(&a.cert)?;
     for (i, der) in chain.iter().enumerate() {
@@ -63,6 +64,7 @@ pub(super) fn verify(a: VerifyArgs, out: &mut impl Write) -> crate::Result<u8> {
                 R::InvalidCertificate(
                     CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
                 ) => 5,
+                R::InvalidCertificate(CertificateError::Other(o)) if o.0.is::<quicseal::NotTheSvid>() => 5,
                 _ => 2,
             };
             (code, format!("INVALID: {}: {}", a.cert.display(), tls.reason()))
@@ -77,4 +79,12 @@ pub(super) fn verify(a: VerifyArgs, out: &mut impl Write) -> crate::Result<u8> {
         writeln!(out, "{verdict}")?;
     }
     Ok(code)
+}
+
+/// The reason in an input error, without the variant's prefix.
+pub(crate) fn input_reason(e: Error) -> String {
+    match e {
+        Error::InvalidInput(why) => why,
+        other => other.to_string(),
+    }
 }
