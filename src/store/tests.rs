@@ -25,16 +25,12 @@ fn waits<F: Future>(f: std::pin::Pin<&mut F>) -> bool {
 async fn a_senders_stream_and_outbox_survive_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
+    // (Numbering itself is the contract's test, `each_peer_has_one_stream_numbered_from_one`.)
     let mut sent = Vec::new();
     for text in ["one", "two", "three"] {
         sent.push(store.append(peer(1), 7, bytes(text)).await.unwrap());
     }
-    assert_eq!(sent.iter().map(|m| m.dseq).collect::<Vec<_>>(), [1, 2, 3]);
-    assert!(sent.iter().all(|m| m.stream == sent[0].stream && m.stream.0 != [0; 16]));
-    // Another peer has a stream of its own.
-    let other = store.append(peer(2), 7, bytes("x")).await.unwrap();
-    assert_ne!(other.stream, sent[0].stream);
-    assert_eq!(other.dseq, 1);
+    store.append(peer(2), 7, bytes("x")).await.unwrap();
     let secret = store.secret();
     drop(store);
 

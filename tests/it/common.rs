@@ -190,3 +190,9 @@ pub fn lossy_link(jitter: Duration, seed: u64) -> quicseal::netsim::LinkConfig {
     link.seed = seed;
     link
 }
+
+/// Runs the openssl CLI in `dir`; panics with its error output if it fails.
+pub fn openssl(args: &[&str], dir: &std::path::Path) {
+    let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}

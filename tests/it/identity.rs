@@ -2,7 +2,6 @@
 //! openssl (SEC1 EC keys, PKCS#1 RSA keys), and every loading error a user can hit.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use crate::common::*;
 use quicseal::{Error, Identity, LoadProblem, NodeConfig, TrustStore};
@@ -11,11 +10,6 @@ fn write(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, contents).unwrap();
     p
-}
-
-fn openssl(args: &[&str], dir: &Path) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn problem(e: Error) -> (Option<PathBuf>, LoadProblem) {

@@ -3,18 +3,12 @@
 //! and by our own `pki` module; what a dialler refuses and why.
 
 use std::path::Path;
-use std::process::Command;
 
 use crate::common::*;
 use quicseal::pki::{NodeCert, Revoked};
 use quicseal::{Error, Identity, NodeConfig, PeerName, TlsError, TrustStore};
 
 const B: &str = "spiffe://example.org/ns/default/sa/node-b";
-
-fn openssl(args: &[&str], dir: &Path) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// SPIRE's key usage for an X.509-SVID.
 const SPIRE_KEY_USAGE: &str = "digitalSignature,keyEncipherment,keyAgreement";
