@@ -271,6 +271,8 @@ impl Identity {
 #[derive(Debug, Clone, Default)]
 pub struct TrustStore {
     pub(crate) cas: Vec<CertificateDer<'static>>,
+    /// SPIFFE trust bundles: per trust domain, the only CAs that vouch for its SPIFFE IDs.
+    pub(crate) bundles: std::collections::BTreeMap<String, Vec<CertificateDer<'static>>>,
     pub(crate) crls: Vec<Crl>,
     pub(crate) denied: HashSet<Fingerprint>,
     /// Accept peer certificates without an extended key usage extension.
@@ -329,7 +331,54 @@ impl TrustStore {
         self.add_cas(pem, None)
     }
 
+    /// Adds the trust bundle of SPIFFE trust domain `trust_domain` (such as `example.org`) from
+    /// a PEM file of CA certificates (SPIFFE federation). A peer certificate whose SPIFFE ID is
+    /// in a trust domain with a bundle must chain to that bundle, and to nothing else: the CAs
+    /// added with [`TrustStore::add_ca_file`] and the other domains' bundles do not vouch for
+    /// it. Certificates of trust domains without a bundle, and certificates without a SPIFFE
+    /// ID, chain to those CAs as before. A certificate with SPIFFE IDs in two trust domains is
+    /// refused. Loading a domain's bundle again adds to it.
+    pub fn add_bundle_file(&mut self, trust_domain: &str, path: impl AsRef<Path>) -> Result<&mut Self> {
+        let path = path.as_ref();
+        self.add_bundle(trust_domain, &read(path)?, Some(path))
+    }
+
+    /// [`TrustStore::add_bundle_file`] from PEM text.
+    pub fn add_bundle_pem(&mut self, trust_domain: &str, pem: &[u8]) -> Result<&mut Self> {
+        self.add_bundle(trust_domain, pem, None)
+    }
+
+    fn add_bundle(&mut self, trust_domain: &str, pem: &[u8], path: Option<&Path>) -> Result<&mut Self> {
+        let id = crate::peer_name::SpiffeId::parse(&format!("spiffe://{trust_domain}"))?;
+        if id.trust_domain() != trust_domain {
+            return Err(Error::InvalidInput(format!("not a SPIFFE trust domain: {trust_domain:?}")));
+        }
+        let cas = ca_certificates(pem, path)?;
+        self.bundles.entry(trust_domain.to_owned()).or_default().extend(cas);
+        Ok(self)
+    }
+
+    /// The trust domains that have a bundle.
+    pub fn bundle_domains(&self) -> Vec<&str> {
+        self.bundles.keys().map(String::as_str).collect()
+    }
+
+    /// Every CA of the store: the CAs and every bundle's.
+    fn all_cas(&self) -> impl Iterator<Item = &CertificateDer<'static>> {
+        self.cas.iter().chain(self.bundles.values().flatten())
+    }
+
     fn add_cas(&mut self, pem: &[u8], path: Option<&Path>) -> Result<&mut Self> {
+        let cas = ca_certificates(pem, path)?;
+        self.cas.extend(cas);
+        Ok(self)
+    }
+}
+
+/// The CA certificates of a PEM text; a certificate that is not a CA is an error.
+fn ca_certificates(pem: &[u8], path: Option<&Path>) -> Result<Vec<CertificateDer<'static>>> {
+    let mut out = Vec::new();
+    {
         for (_, der) in sections(pem, path, "CERTIFICATE", |k| matches!(k, SectionKind::Certificate))? {
             let (_, cert) = x509_parser::parse_x509_certificate(&der)
                 .map_err(|e| load_err(path, LoadProblem::Invalid(format!("certificate does not parse: {e}"))))?;
@@ -346,11 +395,13 @@ impl TrustStore {
                 )
                 .into());
             }
-            self.cas.push(CertificateDer::from(der));
+            out.push(CertificateDer::from(der));
         }
-        Ok(self)
     }
+    Ok(out)
+}
 
+impl TrustStore {
     /// Adds every CRL from a PEM file (`X509 CRL` sections).
     pub fn add_crl_file(&mut self, path: impl AsRef<Path>) -> Result<&mut Self> {
         let path = path.as_ref();
@@ -418,8 +469,7 @@ impl TrustStore {
 
     /// Whether the store has a CA whose subject is `issuer` (DER).
     fn has_ca_named(&self, issuer: &[u8]) -> bool {
-        self.cas
-            .iter()
+        self.all_cas()
             .any(|ca| x509_parser::parse_x509_certificate(ca).is_ok_and(|(_, c)| c.subject().as_raw() == issuer))
     }
 
@@ -427,7 +477,7 @@ impl TrustStore {
         use x509_parser::prelude::FromDer;
         let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(&crl.der)
             .map_err(|e| load_err(crl.source.as_deref(), LoadProblem::Invalid(format!("CRL does not parse: {e}"))))?;
-        let signed = self.cas.iter().any(|ca| {
+        let signed = self.all_cas().any(|ca| {
             x509_parser::parse_x509_certificate(ca).is_ok_and(|(_, ca)| {
                 ca.subject().as_raw() == crl.issuer && parsed.verify_signature(ca.public_key()).is_ok()
             })

@@ -113,7 +113,7 @@ pub use rpc::{
 };
 pub use session::{Message, Session, SessionEvent};
 pub use stats::Stats;
-pub use tls::{ALPN, DeniedKey, MissingExtendedKeyUsage, NotTheSvid};
+pub use tls::{ALPN, DeniedKey, MissingExtendedKeyUsage, MixedTrustDomains, NotTheSvid};
 
 /// Re-exported so callers can match [`TlsError`] reasons without depending on rustls directly.
 pub use rustls;

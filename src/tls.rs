@@ -8,7 +8,7 @@
 //! Each connection gets its own verifier wrapper that records the typed rustls error of a
 //! refused certificate, so the local error names the exact reason (quinn only keeps a string).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,7 +20,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, ServerName, UnixTime};
 
 use crate::error::{Error, Result};
 use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
@@ -113,8 +113,7 @@ pub(crate) fn take_captured(c: &Captured) -> Option<rustls::Error> {
 /// Verifiers built once per trust store; wrapped per connection.
 pub(crate) struct TlsContext {
     key: Arc<CertifiedKey>,
-    client_verifier: Arc<dyn ClientCertVerifier>,
-    server_verifier: Arc<WebPkiServerVerifier>,
+    verifiers: Arc<Verifiers>,
     rules: Arc<LeafRules>,
 }
 
@@ -161,18 +160,19 @@ fn verify_chain(
     server_name: Option<&str>,
     now: UnixTime,
 ) -> Result<()> {
-    let (client_verifier, server_verifier) = verifiers(trust)?;
+    let verifiers = Verifiers::of(trust)?;
     let refused = |error| Error::Tls(crate::error::TlsError::Local { error, alert: None });
     let (end_entity, intermediates) = chain.split_first().ok_or(refused(rustls::Error::NoCertificatesPresented))?;
     let needed = if server_name.is_some() { "serverAuth" } else { "clientAuth" };
     LeafRules::of(trust).check(end_entity, needed).map_err(refused)?;
+    let (client_verifier, server_verifier) = verifiers.for_leaf(end_entity).map_err(refused)?;
     match server_name {
         Some(name) => {
             let name = PeerName::parse(name)?;
             let sni = ServerName::try_from(name.tls_name())
                 .map_err(|_| refused(rustls::Error::General(format!("not a DNS name or IP address: {name}"))))?;
             match name.spiffe_id() {
-                Some(id) => verify_svid(&server_verifier, id, end_entity, intermediates, &sni, &[], now),
+                Some(id) => verify_svid(server_verifier, id, end_entity, intermediates, &sni, &[], now),
                 None => server_verifier.verify_server_cert(end_entity, intermediates, &sni, &[], now),
             }
             .map(drop)
@@ -182,19 +182,85 @@ fn verify_chain(
     }
 }
 
-/// The webpki verifiers for a trust store.
-fn verifiers(trust: &TrustStore) -> Result<(Arc<dyn ClientCertVerifier>, Arc<WebPkiServerVerifier>)> {
-    if trust.cas.is_empty() {
-        return Err(Error::Config("the trust store has no CA certificate".into()));
+/// A client and a server verifier over one set of trust anchors.
+type Pair = (Arc<dyn ClientCertVerifier>, Arc<WebPkiServerVerifier>);
+
+/// The webpki verifiers of a trust store: one pair over its CAs, and one per SPIFFE trust
+/// bundle. A peer's certificate is checked by the pair its SPIFFE ID's trust domain selects
+/// ([`Verifiers::for_leaf`]).
+#[derive(Debug)]
+pub(crate) struct Verifiers {
+    /// Over the CAs (`None` when the store has bundles only).
+    general: Option<Pair>,
+    /// Per trust domain with a bundle.
+    domains: HashMap<String, Pair>,
+}
+
+/// A certificate carries SPIFFE IDs of more than one trust domain: no bundle can vouch for it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the certificate carries SPIFFE IDs of several trust domains ({0:?})")]
+pub struct MixedTrustDomains(pub Vec<String>);
+
+impl Verifiers {
+    pub(crate) fn of(trust: &TrustStore) -> Result<Verifiers> {
+        if trust.cas.is_empty() && trust.bundles.is_empty() {
+            return Err(Error::Config("the trust store has no CA certificate".into()));
+        }
+        let crls = trust.crls_in_force()?;
+        let general = if trust.cas.is_empty() { None } else { Some(verifier_pair(&trust.cas, &crls)?) };
+        let mut domains = HashMap::new();
+        for (domain, cas) in &trust.bundles {
+            domains.insert(domain.clone(), verifier_pair(cas, &crls)?);
+        }
+        Ok(Verifiers { general, domains })
     }
+
+    /// The pair that checks `end_entity`: its trust domain's bundle if its SPIFFE ID names a
+    /// domain that has one, else the CAs'.
+    pub(crate) fn for_leaf(&self, end_entity: &CertificateDer<'_>) -> Result<&Pair, rustls::Error> {
+        if !self.domains.is_empty() {
+            let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
+                .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+            let mut domains: Vec<String> = Vec::new();
+            if let Ok(Some(san)) = cert.subject_alternative_name() {
+                for name in &san.value.general_names {
+                    if let x509_parser::extensions::GeneralName::URI(u) = name
+                        && let Some(rest) = u.strip_prefix("spiffe://")
+                    {
+                        let domain = rest.split('/').next().unwrap_or("").to_owned();
+                        if !domains.contains(&domain) {
+                            domains.push(domain);
+                        }
+                    }
+                }
+            }
+            if domains.len() > 1 {
+                let e = MixedTrustDomains(domains);
+                return Err(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e)))));
+            }
+            if let Some(pair) = domains.first().and_then(|d| self.domains.get(d)) {
+                return Ok(pair);
+            }
+        }
+        self.general.as_ref().ok_or(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer))
+    }
+
+    /// The CA names a client certificate request offers: the general CAs' (none with bundles
+    /// only).
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.general.as_ref().map_or(&[], |(client, _)| client.root_hint_subjects())
+    }
+}
+
+/// The webpki verifiers over `cas`, with the CRLs in force.
+fn verifier_pair(cas: &[CertificateDer<'static>], crls: &[CertificateRevocationListDer<'static>]) -> Result<Pair> {
     let mut roots = RootCertStore::empty();
-    for ca in &trust.cas {
+    for ca in cas {
         roots
             .add(ca.clone())
             .map_err(|e| Error::Config(format!("CA certificate not usable as a trust anchor: {e}")))?;
     }
     let roots = Arc::new(roots);
-    let crls = trust.crls_in_force()?;
     // A CA with no CRL in the store is not revocation-checked; a CRL past its next-update
     // time fails every certificate of its CA (fail closed).
     let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
@@ -214,11 +280,9 @@ fn verifiers(trust: &TrustStore) -> Result<(Arc<dyn ClientCertVerifier>, Arc<Web
 
 impl TlsContext {
     pub(crate) fn new(identity: &Identity, trust: &TrustStore) -> Result<TlsContext> {
-        let (client_verifier, server_verifier) = verifiers(trust)?;
         Ok(TlsContext {
             key: identity.key.clone(),
-            client_verifier,
-            server_verifier,
+            verifiers: Arc::new(Verifiers::of(trust)?),
             rules: Arc::new(LeafRules::of(trust)),
         })
     }
@@ -227,7 +291,7 @@ impl TlsContext {
     pub(crate) fn server_config(&self) -> Result<(Arc<QuicServerConfig>, Captured)> {
         let captured = Captured::default();
         let verifier = Arc::new(ClientVerifier {
-            inner: self.client_verifier.clone(),
+            inner: self.verifiers.clone(),
             rules: self.rules.clone(),
             captured: captured.clone(),
         });
@@ -250,7 +314,7 @@ impl TlsContext {
     pub(crate) fn client_config(&self, spiffe: Option<SpiffeId>) -> Result<(Arc<QuicClientConfig>, Captured)> {
         let captured = Captured::default();
         let verifier = Arc::new(ServerVerifier {
-            inner: self.server_verifier.clone(),
+            inner: self.verifiers.clone(),
             rules: self.rules.clone(),
             captured: captured.clone(),
             spiffe,
@@ -295,16 +359,17 @@ macro_rules! signature_checks {
             cert: &CertificateDer<'_>,
             dss: &DigitallySignedStruct,
         ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            record(&self.captured, self.inner.verify_tls13_signature(message, cert, dss))
+            let algorithms = &provider().signature_verification_algorithms;
+            record(&self.captured, rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms))
         }
         fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-            self.inner.supported_verify_schemes()
+            provider().signature_verification_algorithms.supported_schemes()
         }
     };
 }
 
 struct ClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+    inner: Arc<Verifiers>,
     rules: Arc<LeafRules>,
     captured: Captured,
 }
@@ -334,7 +399,8 @@ impl ClientCertVerifier for ClientVerifier {
         let r = self
             .rules
             .check(end_entity, "clientAuth")
-            .and_then(|()| self.inner.verify_client_cert(end_entity, intermediates, now));
+            .and_then(|()| self.inner.for_leaf(end_entity))
+            .and_then(|(client, _)| client.verify_client_cert(end_entity, intermediates, now));
         record(&self.captured, r)
     }
     signature_checks!();
@@ -342,7 +408,7 @@ impl ClientCertVerifier for ClientVerifier {
 
 #[derive(Debug)]
 struct ServerVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+    inner: Arc<Verifiers>,
     rules: Arc<LeafRules>,
     captured: Captured,
     /// The SPIFFE ID dialled, if that is what was dialled.
@@ -435,10 +501,12 @@ impl ServerCertVerifier for ServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let r = self.rules.check(end_entity, "serverAuth").and_then(|()| match &self.spiffe {
-            Some(id) => verify_svid(&self.inner, id, end_entity, intermediates, server_name, ocsp_response, now),
-            None => self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now),
-        });
+        let r = self.rules.check(end_entity, "serverAuth").and_then(|()| self.inner.for_leaf(end_entity)).and_then(
+            |(_, server)| match &self.spiffe {
+                Some(id) => verify_svid(server, id, end_entity, intermediates, server_name, ocsp_response, now),
+                None => server.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now),
+            },
+        );
         record(&self.captured, r)
     }
     signature_checks!();

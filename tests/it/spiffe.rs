@@ -178,3 +178,81 @@ async fn a_name_that_is_no_peer_name_is_refused_before_any_packet() {
         assert!(PeerName::parse(bad).is_err());
     }
 }
+
+/// SPIFFE federation: a trust store with a bundle per trust domain. A certificate whose SPIFFE
+/// ID is in a domain with a bundle must chain to that bundle; no other CA of the store vouches
+/// for it, on either side of the handshake.
+#[tokio::test]
+async fn each_trust_domain_is_vouched_for_by_its_own_bundle_only() {
+    let (a, b) = (Pki::new("a.test CA"), Pki::new("b.test CA"));
+    let bundle = |t: &mut TrustStore, domain: &str, pki: &Pki| {
+        t.add_bundle_pem(domain, pki.ca.cert_pem().as_bytes()).unwrap();
+    };
+    let mut federated = TrustStore::new();
+    bundle(&mut federated, "a.test", &a);
+    bundle(&mut federated, "b.test", &b);
+    assert_eq!(federated.bundle_domains(), ["a.test", "b.test"]);
+    let mut only_a = TrustStore::new();
+    bundle(&mut only_a, "a.test", &a);
+    let svid = |pki: &Pki, id: &str| to_identity(&pki.issue(&NodeCert::new("n").uri(id)));
+    let b_id = "spiffe://b.test/node";
+    let dialler = bind(NodeConfig::new(svid(&a, "spiffe://a.test/dialler"), federated.clone()));
+
+    // B's SVID from B's CA: accepted, and the acceptor accepted the dialler's A SVID.
+    let b_node = bind(NodeConfig::new(svid(&b, b_id), federated.clone()));
+    let (ab, ba) = connect(&dialler, &b_node, b_id).await;
+    assert_eq!(ab.unwrap().peer().spiffe_id(), Some(b_id));
+    assert_eq!(ba.unwrap().peer().spiffe_id(), Some("spiffe://a.test/dialler"));
+    // A B-domain SVID from A's CA: refused, though A's CA is trusted (for a.test only).
+    let forged = bind(NodeConfig::new(svid(&a, b_id), federated.clone()));
+    let text = refusal(connect(&dialler, &forged, b_id).await.0.unwrap_err());
+    assert!(text.contains("unknown issuer"), "{text}");
+    // Where only A's bundle is trusted, B's SVID from B's CA is refused.
+    let narrow = bind(NodeConfig::new(svid(&a, "spiffe://a.test/dialler"), only_a));
+    let text = refusal(connect(&narrow, &b_node, b_id).await.0.unwrap_err());
+    assert!(text.contains("unknown issuer"), "{text}");
+    // The acceptor applies the same rule to a dialler: an a.test SVID from B's CA.
+    let intruder = bind(NodeConfig::new(svid(&b, "spiffe://a.test/intruder"), federated.clone()));
+    let (_, at_b) = connect(&intruder, &b_node, b_id).await;
+    let text = refusal(at_b.unwrap_err());
+    assert!(text.contains("unknown issuer"), "{text}");
+    // SPIFFE IDs of two trust domains in one certificate: no bundle vouches for it.
+    let mixed = NodeCert::new("mixed").dns("mixed").uri(b_id).uri("spiffe://a.test/also");
+    let mixed = bind(NodeConfig::new(to_identity(&b.issue(&mixed)), federated));
+    let text = refusal(connect(&dialler, &mixed, "mixed").await.0.unwrap_err());
+    assert!(text.contains("several trust domains"), "{text}");
+}
+
+/// A CRL signed by a bundle's CA is accepted by the store, and revokes that domain's SVIDs.
+#[tokio::test]
+async fn a_bundle_cas_crl_revokes_its_domains_svids() {
+    let b = Pki::new("b.test CA");
+    let id = "spiffe://b.test/node";
+    let issued = b.issue(&NodeCert::new("n").uri(id));
+    let now = std::time::SystemTime::now();
+    let revoked = [Revoked { serial: issued.serial.clone(), revoked_at: now, reason: None }];
+    let crl = b.ca.crl(&revoked, 1, now, now + std::time::Duration::from_secs(3600)).unwrap();
+    let mut trust = TrustStore::new();
+    trust.add_bundle_pem("b.test", b.ca.cert_pem().as_bytes()).unwrap();
+    let dialler = bind(NodeConfig::new(to_identity(&b.issue(&NodeCert::new("d").uri("spiffe://b.test/d"))), {
+        let mut t = trust.clone();
+        t.add_crl_pem(crl.as_bytes()).unwrap();
+        t
+    }));
+    let node = bind(NodeConfig::new(to_identity(&issued), trust));
+    let text = refusal(connect(&dialler, &node, id).await.0.unwrap_err());
+    assert!(text.contains("revoked"), "{text}");
+}
+
+#[test]
+fn a_bundle_needs_a_trust_domain_and_ca_certificates() {
+    let pki = Pki::new("bundle");
+    let mut t = TrustStore::new();
+    for bad in ["", "Example.org", "example.org/path", "spiffe://example.org"] {
+        let e = t.add_bundle_pem(bad, pki.ca.cert_pem().as_bytes()).unwrap_err();
+        assert!(matches!(e, Error::InvalidInput(_)), "{bad:?}: {e:?}");
+    }
+    let leaf = pki.issue(&pki.cert("node"));
+    assert!(t.add_bundle_pem("example.org", leaf.chain_pem.as_bytes()).is_err(), "a node certificate is no CA");
+    assert!(t.bundle_domains().is_empty());
+}
