@@ -196,3 +196,43 @@ pub fn openssl(args: &[&str], dir: &std::path::Path) {
     let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
     assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// An openssl-made CA in `dir` (`ca.key`, P-256, and `ca.crt`) with subject `subject` and
+/// any `-addext` extensions beyond basicConstraints and keyUsage.
+pub fn openssl_ca(dir: &std::path::Path, subject: &str, extra: &[&str]) {
+    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"], dir);
+    let mut args = vec!["req", "-x509", "-new", "-key", "ca.key", "-subj", subject, "-days", "2"];
+    args.extend(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    for e in extra {
+        args.extend(["-addext", e]);
+    }
+    args.extend(["-out", "ca.crt"]);
+    openssl(&args, dir);
+}
+
+/// Has the openssl CA in `dir` sign `NAME.crt` for the key `NAME.key`, with subject `subject`
+/// and the extensions in the file `ext`.
+pub fn openssl_sign(dir: &std::path::Path, name: &str, subject: &str, ext: &str) {
+    let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
+    openssl(&["req", "-new", "-key", &key, "-subj", subject, "-out", &csr], dir);
+    openssl(
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            ext,
+            "-out",
+            &crt,
+        ],
+        dir,
+    );
+}

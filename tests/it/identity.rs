@@ -72,27 +72,7 @@ fn loading_errors_name_the_file_and_the_problem() {
 async fn openssl_made_sec1_and_pkcs1_identities_connect() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"], d);
-    openssl(
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "ca.key",
-            "-subj",
-            "/CN=openssl CA",
-            "-days",
-            "2",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-out",
-            "ca.crt",
-        ],
-        d,
-    );
+    openssl_ca(d, "/CN=openssl CA", &[]);
     write(
         d,
         "leaf.ext",
@@ -103,39 +83,7 @@ async fn openssl_made_sec1_and_pkcs1_identities_connect() {
     // PKCS#1 RSA key.
     openssl(&["genrsa", "-traditional", "-out", "rsa.key", "2048"], d);
     for name in ["ec", "rsa"] {
-        openssl(
-            &[
-                "req",
-                "-new",
-                "-key",
-                &format!("{name}.key"),
-                "-subj",
-                &format!("/CN={name}-node"),
-                "-out",
-                &format!("{name}.csr"),
-            ],
-            d,
-        );
-        openssl(
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "1",
-                "-extfile",
-                "leaf.ext",
-                "-out",
-                &format!("{name}.crt"),
-            ],
-            d,
-        );
+        openssl_sign(d, name, &format!("/CN={name}-node"), "leaf.ext");
     }
     assert!(std::fs::read_to_string(d.join("ec.key")).unwrap().contains("BEGIN EC PRIVATE KEY"));
     assert!(std::fs::read_to_string(d.join("rsa.key")).unwrap().contains("BEGIN RSA PRIVATE KEY"));

@@ -16,29 +16,7 @@ const SPIRE_KEY_USAGE: &str = "digitalSignature,keyEncipherment,keyAgreement";
 /// An openssl CA in `dir` and an SVID of SPIRE's shape for each `(file name, SPIFFE ID, key
 /// usage)`.
 fn openssl_svids(dir: &Path, svids: &[(&str, &str, &str)]) {
-    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"], dir);
-    openssl(
-        &[
-            "req",
-            "-x509",
-            "-new",
-            "-key",
-            "ca.key",
-            "-subj",
-            "/C=US/O=SPIFFE",
-            "-days",
-            "2",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-addext",
-            "subjectAltName=URI:spiffe://example.org",
-            "-out",
-            "ca.crt",
-        ],
-        dir,
-    );
+    openssl_ca(dir, "/C=US/O=SPIFFE", &["subjectAltName=URI:spiffe://example.org"]);
     for (name, id, key_usage) in svids {
         // SPIRE's X.509-SVID extensions.
         let ext = format!(
@@ -47,30 +25,7 @@ fn openssl_svids(dir: &Path, svids: &[(&str, &str, &str)]) {
         );
         std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
         openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &format!("{name}.key")], dir);
-        openssl(
-            &["req", "-new", "-key", &format!("{name}.key"), "-subj", "/C=US/O=SPIRE", "-out", &format!("{name}.csr")],
-            dir,
-        );
-        openssl(
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "1",
-                "-extfile",
-                &format!("{name}.ext"),
-                "-out",
-                &format!("{name}.crt"),
-            ],
-            dir,
-        );
+        openssl_sign(dir, name, "/C=US/O=SPIRE", &format!("{name}.ext"));
     }
 }
 
