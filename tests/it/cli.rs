@@ -36,8 +36,40 @@ fn tls_args(dir: &Path, name: &str, ca: &str) -> Vec<String> {
     ]
 }
 
+/// A child process that is killed when the test is done with it, or fails before it exits (a
+/// listener that waits for a message would otherwise outlive a failed test).
+struct Running(Option<Child>);
+
+impl From<Child> for Running {
+    fn from(child: Child) -> Running {
+        Running(Some(child))
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("not yet waited for")
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("not yet waited for")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Starts `quicseal listen` and returns it with the address it printed.
-fn start_listener(dir: &Path, extra: &[&str]) -> (Child, String) {
+fn start_listener(dir: &Path, extra: &[&str]) -> (Running, String) {
     let mut child = Command::new(BIN)
         .arg("listen")
         .args(tls_args(dir, "server", "ca.crt"))
@@ -57,7 +89,7 @@ fn start_listener(dir: &Path, extra: &[&str]) -> (Child, String) {
             event["address"].as_str().unwrap().to_owned()
         }
     };
-    (child, addr)
+    (child.into(), addr)
 }
 
 fn send(dir: &Path, name: &str, ca: &str, to: &str, timeout: &str, extra: &[&str]) -> Output {
@@ -70,13 +102,16 @@ fn send(dir: &Path, name: &str, ca: &str, to: &str, timeout: &str, extra: &[&str
         .unwrap()
 }
 
-fn wait_with_deadline(mut child: Child) -> Output {
+fn wait_with_deadline(child: impl Into<Running>) -> Output {
+    let mut running = child.into();
     for _ in 0..200 {
-        if child.try_wait().unwrap().is_some() {
+        if running.try_wait().unwrap().is_some() {
+            let child = running.0.take().expect("not yet waited for");
             return child.wait_with_output().unwrap();
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    let mut child = running.0.take().expect("not yet waited for");
     child.kill().unwrap();
     panic!("process did not exit: {:?}", child.wait_with_output().unwrap());
 }
