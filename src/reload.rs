@@ -117,6 +117,9 @@ pub struct CertFiles {
     pub ca: PathBuf,
     /// CRLs (PEM); each must exist once listed.
     pub crls: Vec<PathBuf>,
+    /// SPIFFE trust bundles: (trust domain, PEM file of its CAs); see
+    /// [`TrustStore::add_bundle_file`].
+    pub bundles: Vec<(String, PathBuf)>,
     /// How often the files are read. Default 5 s.
     pub interval: Duration,
 }
@@ -129,6 +132,7 @@ impl CertFiles {
             key: key.into(),
             ca: ca.into(),
             crls: Vec::new(),
+            bundles: Vec::new(),
             interval: Duration::from_secs(5),
         }
     }
@@ -136,6 +140,12 @@ impl CertFiles {
     /// Adds a CRL file.
     pub fn crl(mut self, path: impl Into<PathBuf>) -> CertFiles {
         self.crls.push(path.into());
+        self
+    }
+
+    /// Adds the trust bundle of SPIFFE trust domain `domain` (a PEM file of its CAs).
+    pub fn bundle(mut self, domain: impl Into<String>, path: impl Into<PathBuf>) -> CertFiles {
+        self.bundles.push((domain.into(), path.into()));
         self
     }
 
@@ -149,6 +159,9 @@ impl CertFiles {
     pub fn load(&self) -> Result<(Identity, TrustStore)> {
         let identity = Identity::from_pem_files(&self.cert, &self.key)?;
         let mut trust = TrustStore::from_ca_file(&self.ca)?;
+        for (domain, path) in &self.bundles {
+            trust.add_bundle_file(domain, path)?;
+        }
         for crl in &self.crls {
             trust.add_crl_file(crl)?;
         }
@@ -158,7 +171,8 @@ impl CertFiles {
     /// SHA-256 over every file's contents (unreadable files count as empty), to notice changes.
     fn digest(&self) -> [u8; 32] {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        for path in [&self.cert, &self.key, &self.ca].into_iter().chain(&self.crls) {
+        let bundles = self.bundles.iter().map(|(_, path)| path);
+        for path in [&self.cert, &self.key, &self.ca].into_iter().chain(&self.crls).chain(bundles) {
             let bytes = std::fs::read(path).unwrap_or_default();
             ctx.update(&(bytes.len() as u64).to_be_bytes());
             ctx.update(&bytes);

@@ -597,3 +597,35 @@ fn send_dials_a_listener_by_its_spiffe_id() {
     let listened = wait_with_deadline(listener);
     assert!(String::from_utf8_lossy(&listened.stdout).contains("by SPIFFE ID"));
 }
+
+/// `--bundle DOMAIN=FILE`: a listener trusts a federated trust domain's SVIDs through its
+/// bundle alone (its `--ca` is another CA), and refuses them without it.
+#[test]
+fn listen_takes_a_spiffe_trust_bundle() {
+    let (a, b) = (Pki::new("a CA"), Pki::new("b.test CA"));
+    let dir = pki_dir(&a, &["server"]);
+    std::fs::write(dir.path().join("b-ca.crt"), b.ca.cert_pem()).unwrap();
+    let client = b.issue(&quicseal::pki::NodeCert::new("client").uri("spiffe://b.test/client"));
+    std::fs::write(dir.path().join("client.crt"), client.chain_pem).unwrap();
+    std::fs::write(dir.path().join("client.key"), client.key_pem).unwrap();
+    let bundle = format!("b.test={}", dir.path().join("b-ca.crt").display());
+
+    let (listener, addr) = start_listener(dir.path(), &["--bundle", &bundle, "--count", "1"]);
+    let out = send(dir.path(), "client", "ca.crt", &addr, "5", &["from b.test"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listened = wait_with_deadline(listener);
+    assert!(String::from_utf8_lossy(&listened.stdout).contains("from b.test"));
+
+    let (_listener, addr) = start_listener(dir.path(), &[]);
+    let out = send(dir.path(), "client", "ca.crt", &addr, "5", &["refused"]);
+    assert_eq!(out.status.code(), Some(2), "without the bundle: {}", String::from_utf8_lossy(&out.stderr));
+
+    let out = Command::new(BIN)
+        .arg("listen")
+        .args(tls_args(dir.path(), "server", "ca.crt"))
+        .args(["--bundle", "b.test", "--bind", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give DOMAIN=FILE"));
+}

@@ -26,6 +26,10 @@ pub(crate) struct Tls {
     /// Certificate revocation list(s) (PEM), repeatable.
     #[arg(long)]
     crl: Vec<PathBuf>,
+    /// A SPIFFE trust bundle, repeatable: peers whose SPIFFE ID is in DOMAIN must chain to the
+    /// CAs in FILE, and to nothing else (federation).
+    #[arg(long, value_name = "DOMAIN=FILE")]
+    bundle: Vec<String>,
     /// Only allow these peers (repeatable; default: any peer with a certificate from the CA):
     /// a DNS/IP/URI SAN or CN (`db-1`, `10.0.0.1`, `spiffe://td/node/a`), a whole SPIFFE
     /// trust domain (`spiffe://td`), or a key fingerprint (`key:HEX`, as `cert inspect` shows).
@@ -44,8 +48,12 @@ enum CliRole {
 }
 
 impl Tls {
-    fn files(&self) -> CertFiles {
-        self.crl.iter().fold(CertFiles::new(&self.cert, &self.key, &self.ca), |f, crl| f.crl(crl))
+    fn files(&self) -> crate::Result<CertFiles> {
+        let files = self.crl.iter().fold(CertFiles::new(&self.cert, &self.key, &self.ca), |f, crl| f.crl(crl));
+        self.bundle.iter().try_fold(files, |f, b| match b.split_once('=') {
+            Some((domain, file)) if !domain.is_empty() && !file.is_empty() => Ok(f.bundle(domain, file)),
+            _ => Err(crate::CliError::Input(format!("--bundle {b:?}: give DOMAIN=FILE, e.g. example.org=bundle.pem"))),
+        })
     }
 
     fn policy(&self) -> crate::Result<Policy> {
@@ -78,7 +86,7 @@ impl Tls {
     /// Loads the files, refuses a certificate that cannot work in `role`, and builds the node
     /// configuration.
     fn config(&self, role: CliRole, limits: Limits) -> crate::Result<NodeConfig> {
-        let (identity, trust) = self.files().load()?;
+        let (identity, trust) = self.files()?.load()?;
         startup_checks(&self.cert, &identity.chain()[0], role)?;
         Ok(NodeConfig::new(identity, trust).policy(self.policy()?).limits(limits))
     }
@@ -176,7 +184,7 @@ pub(crate) struct SendArgs {
 pub(crate) async fn listen(args: ListenArgs, out: &mut impl Write) -> crate::Result<()> {
     let tls = &args.tls;
     let node = Node::bind(args.bind, tls.config(CliRole::Listener, Limits::default())?)?;
-    let _watcher = node.watch(tls.files());
+    let _watcher = node.watch(tls.files()?);
     let addr = node.local_addr()?;
     if tls.json {
         writeln!(out, "{}", json!({"event": "listening", "address": addr.to_string()}))?;
