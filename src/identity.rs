@@ -152,8 +152,7 @@ impl PeerIdentity {
 
     /// The trust domain of the SPIFFE ID (`example.org` in `spiffe://example.org/node/a`).
     pub fn spiffe_trust_domain(&self) -> Option<&str> {
-        let rest = self.spiffe_id()?.strip_prefix("spiffe://")?;
-        Some(rest.split('/').next().unwrap_or(rest))
+        crate::peer_name::trust_domain_of(self.spiffe_id()?)
     }
 
     /// Whether `name` is one of the DNS names, IP addresses or URIs (exact match), or the CN.

@@ -86,6 +86,7 @@ mod rpc;
 mod session;
 mod stats;
 mod tls;
+mod wait;
 
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]

@@ -98,6 +98,13 @@ impl FromStr for SpiffeId {
     }
 }
 
+/// The trust domain a `spiffe://` URI names (`example.org` in `spiffe://example.org/node/a`),
+/// read as a certificate carries it (not checked as a [`SpiffeId`]); `None` for another URI.
+pub(crate) fn trust_domain_of(uri: &str) -> Option<&str> {
+    let rest = uri.strip_prefix("spiffe://")?;
+    Some(rest.split('/').next().unwrap_or(rest))
+}
+
 /// The identity a dialler expects its peer's certificate to prove.
 ///
 /// Read from text by [`PeerName::parse`]: `spiffe://...` is a SPIFFE ID (no DNS name or IP

@@ -426,13 +426,13 @@ impl SessionShared {
 
     /// Resolves once a connection other than generation `from` carries the session.
     async fn generation_changed(&self, from: u64) {
-        until(&self.generation_signal, || self.generation.load(Ordering::SeqCst) != from).await;
+        crate::wait::until(&self.generation_signal, || self.generation.load(Ordering::SeqCst) != from).await;
     }
 
     /// Resolves once the session has ended and the node has heard of it (the end hook ran, so
     /// the peer's epoch is retired by the time [`Session::closed`] returns).
     async fn ended(&self) {
-        until(&self.ended_signal, || self.finished.load(Ordering::SeqCst)).await;
+        crate::wait::until(&self.ended_signal, || self.finished.load(Ordering::SeqCst)).await;
     }
 
     /// The session could not be carried over to a new connection: says so and ends it.
@@ -1248,20 +1248,6 @@ struct Writer {
     streams: HashMap<u16, (SendStream, RecvStream)>,
     /// Per channel, in order: frames (and a new stream's header) that quinn has not taken yet.
     backlog: Vec<(u16, VecDeque<Bytes>)>,
-}
-
-/// Resolves once `done` holds, re-checking whenever `signal` is notified (registered before each
-/// check, so a notification in between is never missed).
-async fn until(signal: &Notify, done: impl Fn() -> bool) {
-    loop {
-        let notified = signal.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if done() {
-            return;
-        }
-        notified.await;
-    }
 }
 
 /// Why a connection's writer stopped.

@@ -847,14 +847,7 @@ impl Store {
     /// Waits until the outbox (or inbox) has room for one more message of `len` bytes. One
     /// message is always let through into an empty box, whatever its size.
     async fn wait_for_room(&self, outbox: bool, len: usize) {
-        loop {
-            // Created before the check: a change in between still wakes it.
-            let notified = self.inner.room.notified();
-            if self.has_room(outbox, len) {
-                return;
-            }
-            notified.await;
-        }
+        crate::wait::until(&self.inner.room, || self.has_room(outbox, len)).await
     }
 
     /// Whether the outbox (or inbox) has room for one more message of `len` bytes now.

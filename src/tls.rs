@@ -24,7 +24,7 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, ServerName,
 
 use crate::error::{Error, Result};
 use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
-use crate::peer_name::{PeerName, SpiffeId};
+use crate::peer_name::{PeerName, SpiffeId, trust_domain_of};
 
 /// The ALPN protocol every quicseal connection negotiates.
 pub const ALPN: &[u8] = b"quicseal/1";
@@ -221,17 +221,11 @@ impl Verifiers {
         if !self.domains.is_empty() {
             let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
                 .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+            // (A SAN extension that does not parse selects no bundle; webpki judges it.)
             let mut domains: Vec<String> = Vec::new();
-            if let Ok(Some(san)) = cert.subject_alternative_name() {
-                for name in &san.value.general_names {
-                    if let x509_parser::extensions::GeneralName::URI(u) = name
-                        && let Some(rest) = u.strip_prefix("spiffe://")
-                    {
-                        let domain = rest.split('/').next().unwrap_or("").to_owned();
-                        if !domains.contains(&domain) {
-                            domains.push(domain);
-                        }
-                    }
+            for domain in uri_sans(&cert).unwrap_or_default().iter().filter_map(|u| trust_domain_of(u)) {
+                if !domains.iter().any(|d| d == domain) {
+                    domains.push(domain.to_owned());
                 }
             }
             if domains.len() > 1 {
@@ -446,19 +440,7 @@ fn check_svid(expected: &SpiffeId, end_entity: &CertificateDer<'_>) -> Result<()
     let refused = |e: CertificateError| rustls::Error::InvalidCertificate(e);
     let (_, cert) =
         x509_parser::parse_x509_certificate(end_entity).map_err(|_| refused(CertificateError::BadEncoding))?;
-    let uris: Vec<String> = match cert.subject_alternative_name() {
-        Ok(Some(san)) => san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|n| match n {
-                x509_parser::extensions::GeneralName::URI(u) => Some((*u).to_owned()),
-                _ => None,
-            })
-            .collect(),
-        Ok(None) => Vec::new(),
-        Err(_) => return Err(refused(CertificateError::BadEncoding)),
-    };
+    let uris = uri_sans(&cert)?;
     let usage = match cert.key_usage() {
         Ok(Some(k)) => Some((k.value.digital_signature(), k.value.key_cert_sign() || k.value.crl_sign())),
         Ok(None) => None,
@@ -479,6 +461,23 @@ fn check_svid(expected: &SpiffeId, end_entity: &CertificateDer<'_>) -> Result<()
             let e = NotTheSvid { expected: expected.to_string(), why };
             Err(refused(CertificateError::Other(OtherError(Arc::new(e)))))
         }
+    }
+}
+
+/// A certificate's URI SANs; a SAN extension that does not parse is `BadEncoding`.
+fn uri_sans<'a>(cert: &x509_parser::certificate::X509Certificate<'a>) -> Result<Vec<&'a str>, rustls::Error> {
+    match cert.subject_alternative_name() {
+        Ok(Some(san)) => Ok(san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect()),
+        Ok(None) => Ok(Vec::new()),
+        Err(_) => Err(rustls::Error::InvalidCertificate(CertificateError::BadEncoding)),
     }
 }
 

@@ -37,7 +37,7 @@ struct Inner {
     state: Mutex<State>,
     counts: Counts,
     /// Woken when the outbox or the inbox shrinks.
-    room: Arc<Notify>,
+    room: Notify,
 }
 
 /// The same tables as the store on disk (see `src/store.rs`).
@@ -70,7 +70,7 @@ impl MemoryStore {
                 secret,
                 state: Mutex::default(),
                 counts: Counts::default(),
-                room: Arc::new(Notify::new()),
+                room: Notify::new(),
             }),
         })
     }
@@ -235,16 +235,7 @@ impl DurableStore for MemoryStore {
 
     fn wait_for_room(&self, outbox: bool, len: usize) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
         let this = self.clone();
-        Box::pin(async move {
-            loop {
-                // Created before the check: a change in between still wakes it.
-                let notified = this.inner.room.clone().notified_owned();
-                if this.has_room(outbox, len) {
-                    return;
-                }
-                notified.await;
-            }
-        })
+        Box::pin(async move { crate::wait::until(&this.inner.room, || this.has_room(outbox, len)).await })
     }
 
     fn as_any(&self) -> &dyn Any {
