@@ -368,6 +368,10 @@ pub enum Error {
     /// The durable store failed (see [`StoreError`](crate::store::StoreError)).
     #[error("durable store: {0}")]
     Store(crate::store::StoreError),
+    /// The SPIFFE Workload API (a SPIRE agent's socket) could not be reached in time, or what
+    /// it served could not be used (feature `workload-api`, see `quicseal::workload_api`).
+    #[error("SPIFFE Workload API: {0}")]
+    WorkloadApi(String),
     /// The node or session was closed by this process.
     #[error("closed")]
     Closed,

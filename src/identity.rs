@@ -224,11 +224,30 @@ impl Identity {
         .into_iter()
         .next()
         .expect("sections() returns at least one");
-        let mut key_der = match kind {
+        let key_der = match kind {
             SectionKind::PrivateKey => PrivateKeyDer::Pkcs8(der.into()),
             SectionKind::EcPrivateKey => PrivateKeyDer::Sec1(der.into()),
             _ => PrivateKeyDer::Pkcs1(der.into()),
         };
+        Self::from_parts(chain, cert_path, key_der, key_path)
+    }
+
+    /// A certificate chain (DER, leaf first) and its private key (DER: PKCS#8, SEC1 or
+    /// PKCS#1), as a SPIFFE Workload API or another API hands them over rather than files.
+    /// The key's bytes are wiped once loaded.
+    pub fn from_der(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Identity> {
+        if chain.is_empty() {
+            return Err(Error::InvalidInput("an identity needs a certificate: the chain is empty".into()));
+        }
+        Self::from_parts(chain, None, key, None)
+    }
+
+    fn from_parts(
+        chain: Vec<CertificateDer<'static>>,
+        cert_path: Option<&Path>,
+        mut key_der: PrivateKeyDer<'static>,
+        key_path: Option<&Path>,
+    ) -> Result<Identity> {
         let fingerprint = Fingerprint::of_certificate(&chain[0])
             .map_err(|_| load_err(cert_path, invalid("the first certificate does not parse")))?;
         let provider = provider();
@@ -347,11 +366,21 @@ impl TrustStore {
         self.add_bundle(trust_domain, pem, None)
     }
 
+    /// [`TrustStore::add_bundle_file`] from DER certificates (as a SPIFFE Workload API hands
+    /// bundles over).
+    pub fn add_bundle_der(
+        &mut self,
+        trust_domain: &str,
+        cas: impl IntoIterator<Item = CertificateDer<'static>>,
+    ) -> Result<&mut Self> {
+        check_trust_domain(trust_domain)?;
+        let cas = cas.into_iter().map(|der| ca_certificate(der.to_vec(), None)).collect::<Result<Vec<_>>>()?;
+        self.bundles.entry(trust_domain.to_owned()).or_default().extend(cas);
+        Ok(self)
+    }
+
     fn add_bundle(&mut self, trust_domain: &str, pem: &[u8], path: Option<&Path>) -> Result<&mut Self> {
-        let id = crate::peer_name::SpiffeId::parse(&format!("spiffe://{trust_domain}"))?;
-        if id.trust_domain() != trust_domain {
-            return Err(Error::InvalidInput(format!("not a SPIFFE trust domain: {trust_domain:?}")));
-        }
+        check_trust_domain(trust_domain)?;
         let cas = ca_certificates(pem, path)?;
         self.bundles.entry(trust_domain.to_owned()).or_default().extend(cas);
         Ok(self)
@@ -374,30 +403,41 @@ impl TrustStore {
     }
 }
 
+/// Refuses a name that is not a SPIFFE trust domain.
+fn check_trust_domain(trust_domain: &str) -> Result<()> {
+    let id = crate::peer_name::SpiffeId::parse(&format!("spiffe://{trust_domain}"))?;
+    if id.trust_domain() != trust_domain {
+        return Err(Error::InvalidInput(format!("not a SPIFFE trust domain: {trust_domain:?}")));
+    }
+    Ok(())
+}
+
 /// The CA certificates of a PEM text; a certificate that is not a CA is an error.
 fn ca_certificates(pem: &[u8], path: Option<&Path>) -> Result<Vec<CertificateDer<'static>>> {
-    let mut out = Vec::new();
-    {
-        for (_, der) in sections(pem, path, "CERTIFICATE", |k| matches!(k, SectionKind::Certificate))? {
-            let (_, cert) = x509_parser::parse_x509_certificate(&der)
-                .map_err(|e| load_err(path, LoadProblem::Invalid(format!("certificate does not parse: {e}"))))?;
-            // A trust anchor must be a CA certificate: trusting a node's own certificate as a
-            // root would let it vouch for nothing yet silently accept only itself.
-            if !cert.is_ca() {
-                return Err(load_err(
-                    path,
-                    LoadProblem::Invalid(format!(
-                        "{} is not a CA certificate (basicConstraints CA:TRUE missing): a trust store takes CA \
-                         certificates only",
-                        cert.subject()
-                    )),
-                )
-                .into());
-            }
-            out.push(CertificateDer::from(der));
-        }
+    sections(pem, path, "CERTIFICATE", |k| matches!(k, SectionKind::Certificate))?
+        .into_iter()
+        .map(|(_, der)| ca_certificate(der, path))
+        .collect()
+}
+
+/// A trust anchor: a certificate that parses and is a CA.
+fn ca_certificate(der: Vec<u8>, path: Option<&Path>) -> Result<CertificateDer<'static>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| load_err(path, LoadProblem::Invalid(format!("certificate does not parse: {e}"))))?;
+    // A trust anchor must be a CA certificate: trusting a node's own certificate as a root
+    // would let it vouch for nothing yet silently accept only itself.
+    if !cert.is_ca() {
+        return Err(load_err(
+            path,
+            LoadProblem::Invalid(format!(
+                "{} is not a CA certificate (basicConstraints CA:TRUE missing): a trust store takes CA certificates \
+                 only",
+                cert.subject()
+            )),
+        )
+        .into());
     }
-    Ok(out)
+    Ok(CertificateDer::from(der))
 }
 
 impl TrustStore {
@@ -521,9 +561,15 @@ impl TrustStore {
         self.denied.iter().copied().collect()
     }
 
-    /// The CA certificates.
+    /// The CA certificates added with [`TrustStore::add_ca_file`] and its siblings (the trust
+    /// bundles' are in [`TrustStore::bundle`]).
     pub fn cas(&self) -> &[CertificateDer<'static>] {
         &self.cas
+    }
+
+    /// The CA certificates of trust domain `trust_domain`'s bundle, if it has one.
+    pub fn bundle(&self, trust_domain: &str) -> Option<&[CertificateDer<'static>]> {
+        self.bundles.get(trust_domain).map(Vec::as_slice)
     }
 }
 

@@ -29,6 +29,10 @@
 //! - **PKI helpers** ([`pki`]) to create a CA, node certificates and CRLs, and **hot reload**:
 //!   [`Node::reload`] and a file watcher ([`Node::watch`]) swap identity, CAs and CRLs without a
 //!   restart; [`Node::expiry`] says how many days the certificates have left.
+//! - **SPIFFE identities**: dial a peer by its SPIFFE ID ([`PeerName`]), one trust bundle per
+//!   trust domain ([`TrustStore::add_bundle_file`]), and, with the cargo feature
+//!   `workload-api`, the node's SVID and bundles from a SPIRE agent's Workload API, followed as
+//!   they rotate (`quicseal::workload_api`).
 //! - **Metrics**: [`Node::record_metrics`] and [`Node::export_metrics`] publish the node's
 //!   counters through the [`metrics`](https://docs.rs/metrics) facade, for whatever exporter the
 //!   application installs (`quicseal listen --metrics ADDR` serves them to Prometheus).
@@ -95,6 +99,8 @@ pub mod netsim;
 pub mod pki;
 pub mod proto;
 pub mod store;
+#[cfg(feature = "workload-api")]
+pub mod workload_api;
 
 pub use client::RpcClient;
 pub use config::{Limits, NodeConfig};

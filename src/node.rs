@@ -359,6 +359,21 @@ impl Node {
         crate::reload::watch(files, move || Node::upgrade(&node))
     }
 
+    /// Follows the SVID and trust bundles a SPIFFE Workload API serves (feature
+    /// `workload-api`): each time the agent rotates them, the node reloads
+    /// ([`Node::reload`]) with [`WorkloadApi::material`](crate::workload_api::WorkloadApi::material).
+    /// New handshakes use the new material, established sessions keep running, the deny-list
+    /// is kept. Material that cannot be used is reported in
+    /// [`CertWatcher::status`](crate::CertWatcher::status) and logged, and the node keeps its
+    /// last good material. The first reload happens at once (the agent may have rotated since
+    /// the node was built). Dropping the returned watcher stops following; it does not keep
+    /// the node open. Must be called inside a tokio runtime.
+    #[cfg(feature = "workload-api")]
+    pub fn follow(&self, api: &crate::workload_api::WorkloadApi) -> crate::reload::CertWatcher {
+        let node = self.downgrade();
+        crate::workload_api::follow(api, move || Node::upgrade(&node))
+    }
+
     /// A handle that does not keep the node open (for background tasks).
     pub(crate) fn downgrade(&self) -> std::sync::Weak<NodeInner> {
         Arc::downgrade(&self.inner)

@@ -204,6 +204,10 @@ pub struct CertWatcher {
 }
 
 impl CertWatcher {
+    pub(crate) fn new(task: JoinHandle<()>, status: Arc<Mutex<WatchStatus>>) -> CertWatcher {
+        CertWatcher { task, status }
+    }
+
     /// What it has done so far.
     pub fn status(&self) -> WatchStatus {
         self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()

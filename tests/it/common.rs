@@ -236,3 +236,22 @@ pub fn openssl_sign(dir: &std::path::Path, name: &str, subject: &str, ext: &str)
         dir,
     );
 }
+
+/// Waits until `done` holds, checking every 10 ms, at most 20 s (then panics naming `what`):
+/// for state that has no notification to wait on (a node's identity after a reload...).
+pub async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let checked = tokio::time::timeout(Duration::from_secs(20), async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(10)).await; // a condition wait's poll interval
+        }
+    });
+    checked.await.unwrap_or_else(|_| panic!("timed out waiting until {what}"));
+}
+
+/// The text of our own TLS refusal (panics on any other error).
+pub fn refusal(e: quicseal::Error) -> String {
+    match &e {
+        quicseal::Error::Tls(quicseal::TlsError::Local { .. }) => e.to_string(),
+        other => panic!("expected our own TLS refusal, got {other:?}"),
+    }
+}

@@ -312,3 +312,36 @@ async fn certificates_without_eku_are_refused_in_both_roles_unless_allowed() {
     assert!(dialled.is_err());
     assert!(missing_eku(&accepted.unwrap_err()));
 }
+
+/// Identities and bundles from DER, as an API (the SPIFFE Workload API) hands them over: the
+/// same checks as files, and the same refusals.
+#[test]
+fn identities_and_bundles_load_from_der_with_the_same_checks() {
+    use quicseal::rustls::pki_types::pem::PemObject;
+    use quicseal::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (pki, other) = (Pki::new("ca"), Pki::new("other"));
+    let node = pki.issue(&pki.cert("node"));
+    let chain = || CertificateDer::pem_slice_iter(node.chain_pem.as_bytes()).map(Result::unwrap).collect::<Vec<_>>();
+    let key_of = |pem: &str| PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap();
+    let identity = Identity::from_der(chain(), key_of(&node.key_pem)).unwrap();
+    assert_eq!(identity.fingerprint(), to_identity(&node).fingerprint());
+    // Another certificate's key, and no certificate at all.
+    let stranger = other.issue(&other.cert("x"));
+    assert_eq!(
+        problem(Identity::from_der(chain(), key_of(&stranger.key_pem)).unwrap_err()).1,
+        LoadProblem::KeyMismatch
+    );
+    assert!(matches!(Identity::from_der(Vec::new(), key_of(&node.key_pem)), Err(Error::InvalidInput(_))));
+
+    let ca = CertificateDer::from_pem_slice(pki.ca.cert_pem().as_bytes()).unwrap();
+    let mut trust = TrustStore::new();
+    trust.add_bundle_der("example.org", [ca.clone()]).unwrap();
+    assert_eq!(trust.bundle("example.org"), Some(&[ca.clone()][..]));
+    assert_eq!(trust.bundle("other.org"), None);
+    // A node certificate is no trust anchor, a trust domain is no SPIFFE ID: refused, and the
+    // store is left as it was.
+    assert!(matches!(trust.add_bundle_der("example.org", chain()), Err(Error::Load(_))));
+    assert!(matches!(trust.add_bundle_der("spiffe://example.org", [ca.clone()]), Err(Error::InvalidInput(_))));
+    assert_eq!(trust.bundle("example.org").map(<[_]>::len), Some(1));
+    assert_eq!(trust.bundle_domains(), ["example.org"]);
+}

@@ -21,3 +21,4 @@ mod rpc;
 mod sealing;
 mod soak;
 mod spiffe;
+mod workload_api;

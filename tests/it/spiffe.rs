@@ -6,7 +6,7 @@ use std::path::Path;
 
 use crate::common::*;
 use quicseal::pki::{NodeCert, Revoked};
-use quicseal::{Error, Identity, NodeConfig, PeerName, TlsError, TrustStore};
+use quicseal::{Error, Identity, NodeConfig, PeerName, TrustStore};
 
 const B: &str = "spiffe://example.org/ns/default/sa/node-b";
 
@@ -34,13 +34,6 @@ fn openssl_identity(dir: &Path, name: &str) -> Identity {
 }
 
 /// The dialler's own refusal of the acceptor's certificate, as text.
-fn refusal(e: Error) -> String {
-    match &e {
-        Error::Tls(TlsError::Local { .. }) => e.to_string(),
-        other => panic!("expected our own TLS refusal, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn spire_shaped_svids_made_by_openssl_are_dialled_by_spiffe_id_and_only_by_it() {
     let dir = tempfile::tempdir().unwrap();
