@@ -280,5 +280,5 @@ pub(crate) fn watch<T: Reloadable>(files: CertFiles, target: impl Fn() -> Option
             }
         }
     });
-    CertWatcher { task, status }
+    CertWatcher::new(task, status)
 }

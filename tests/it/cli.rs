@@ -68,13 +68,21 @@ impl Drop for Running {
     }
 }
 
-/// Starts `quicseal listen` and returns it with the address it printed.
+/// Starts `quicseal listen` with the certificate files of "server" in `dir`, and returns it
+/// with the address it printed.
 fn start_listener(dir: &Path, extra: &[&str]) -> (Running, String) {
+    let mut args = tls_args(dir, "server", "ca.crt");
+    args.extend(extra.iter().map(|a| a.to_string()));
+    start_listener_with(&args)
+}
+
+/// Starts `quicseal listen --bind 127.0.0.1:0` with `args`, and returns it with the address it
+/// printed.
+fn start_listener_with(args: &[String]) -> (Running, String) {
     let mut child = Command::new(BIN)
         .arg("listen")
-        .args(tls_args(dir, "server", "ca.crt"))
         .args(["--bind", "127.0.0.1:0"])
-        .args(extra)
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -628,4 +636,78 @@ fn listen_takes_a_spiffe_trust_bundle() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("give DOMAIN=FILE"));
+}
+
+/// `listen --workload-api ENDPOINT` and `send --workload-api` (the endpoint from
+/// SPIFFE_ENDPOINT_SOCKET) take their SVIDs and bundles from in-test Workload API agents; the
+/// listener follows a rotation of its SVID, and a clear error names what is missing when no
+/// endpoint is given.
+#[test]
+fn listen_and_send_take_their_svids_from_the_workload_api() {
+    use crate::workload_api::{Agent, response};
+    use quicseal::pki::NodeCert;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new("example.org CA");
+    let (server_id, client_id) = ("spiffe://example.org/server", "spiffe://example.org/client");
+    let svid = |id: &str| pki.issue(&NodeCert::new("svid").uri(id));
+    let first = svid(server_id);
+    let (server_agent, client_agent) = rt.block_on(async {
+        let server = Agent::start(dir.path(), "server", Some(response(server_id, &first, &[&pki], &[])));
+        let client = Agent::start(dir.path(), "client", Some(response(client_id, &svid(client_id), &[&pki], &[])));
+        (server, client)
+    });
+    let (listener, addr) = start_listener_with(&[
+        "--workload-api".into(),
+        server_agent.endpoint.clone(),
+        "--count".into(),
+        "2".into(),
+        "--json".into(),
+    ]);
+    let send = |message: &str, endpoint: Option<&str>| {
+        let mut command = Command::new(BIN);
+        command.args(["send", "--workload-api", "--to", &addr, "--name", server_id, "--timeout", "10", message]);
+        match endpoint {
+            Some(endpoint) => command.env("SPIFFE_ENDPOINT_SOCKET", endpoint),
+            None => command.env_remove("SPIFFE_ENDPOINT_SOCKET"),
+        };
+        command.output().unwrap()
+    };
+    let out = send("first", Some(&client_agent.endpoint));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // The agent rotates the listener's SVID: new handshakes get the new one.
+    let next = svid(server_id);
+    server_agent.serve(Some(response(server_id, &next, &[&pki], &[])));
+    let _in_runtime = rt.enter();
+    let dialler = bind(quicseal::NodeConfig::new(to_identity(&svid(client_id)), pki.trust()));
+    let addr_parsed: std::net::SocketAddr = addr.parse().unwrap();
+    let want = to_identity(&next).fingerprint();
+    rt.block_on(async {
+        let presented = async || dialler.connect(addr_parsed, server_id).await.unwrap().peer().fingerprint;
+        let checked = tokio::time::timeout(Duration::from_secs(20), async {
+            while presented().await != want {
+                tokio::time::sleep(Duration::from_millis(20)).await; // a condition wait's poll interval
+            }
+        });
+        checked.await.expect("the listener took the rotated SVID");
+    });
+    let out = send("second", Some(&client_agent.endpoint));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listened = wait_with_deadline(listener);
+    let stdout = String::from_utf8_lossy(&listened.stdout);
+    assert!(stdout.contains("first") && stdout.contains("second"), "{stdout}");
+    assert_eq!(stdout.matches(client_id).count(), 2, "{stdout}");
+
+    // No endpoint given, none in the environment: exit 1, and the error says what to set.
+    let out = send("nowhere", None);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("SPIFFE_ENDPOINT_SOCKET"));
+    // Files and the Workload API at once: refused.
+    let out = Command::new(BIN)
+        .args(["listen", "--workload-api", &server_agent.endpoint, "--cert", "x.pem"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
 }

@@ -26,10 +26,10 @@ use crate::common::{Pki, bind, connect, eventually, refusal, to_identity};
 // The messages of SPIFFE's workload.proto that FetchX509SVID carries, field for field.
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct X509SvidRequest {}
+pub(crate) struct X509SvidRequest {}
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct X509SvidResponse {
+pub(crate) struct X509SvidResponse {
     #[prost(message, repeated, tag = "1")]
     svids: Vec<X509Svid>,
     #[prost(bytes = "bytes", repeated, tag = "2")]
@@ -39,7 +39,7 @@ struct X509SvidResponse {
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
-struct X509Svid {
+pub(crate) struct X509Svid {
     #[prost(string, tag = "1")]
     spiffe_id: String,
     #[prost(bytes = "bytes", tag = "2")]
@@ -63,7 +63,7 @@ fn der_of(pem: &str) -> Bytes {
 
 /// What an agent serves a workload: `issued` as its SVID for `id`, the CAs of `bundle` as its
 /// own trust domain's bundle, and federated bundles (trust domain, CAs).
-fn response(id: &str, issued: &Issued, bundle: &[&Pki], federated: &[(&str, &[&Pki])]) -> X509SvidResponse {
+pub(crate) fn response(id: &str, issued: &Issued, bundle: &[&Pki], federated: &[(&str, &[&Pki])]) -> X509SvidResponse {
     let cas = |pkis: &[&Pki]| pkis.iter().flat_map(|p| der_of(p.ca.cert_pem()).to_vec()).collect::<Vec<u8>>().into();
     let key = PrivatePkcs8KeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap();
     X509SvidResponse {
@@ -83,15 +83,15 @@ fn response(id: &str, issued: &Issued, bundle: &[&Pki], federated: &[(&str, &[&P
 /// An in-test SPIFFE Workload API server on a Unix socket, serving one workload: each
 /// FetchX509SVID call streams the current answer, then every answer [`Agent::serve`] sets
 /// (rotation). `None` answers as SPIRE does for a workload it has no entry for.
-struct Agent {
-    endpoint: String,
+pub(crate) struct Agent {
+    pub(crate) endpoint: String,
     answer: watch::Sender<Option<X509SvidResponse>>,
     calls: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Agent {
-    fn start(dir: &Path, name: &str, first: Option<X509SvidResponse>) -> Agent {
+    pub(crate) fn start(dir: &Path, name: &str, first: Option<X509SvidResponse>) -> Agent {
         use futures_util::StreamExt;
         let socket = dir.join(format!("{name}.sock"));
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
@@ -135,7 +135,7 @@ impl Agent {
     }
 
     /// Serves `answer` from now on: streamed to every open call at once (a rotation).
-    fn serve(&self, answer: Option<X509SvidResponse>) {
+    pub(crate) fn serve(&self, answer: Option<X509SvidResponse>) {
         self.answer.send_replace(answer);
     }
 

@@ -15,14 +15,29 @@ use crate::args;
 #[derive(clap::Args, Debug)]
 pub(crate) struct Tls {
     /// This node's certificate chain (PEM, leaf first).
-    #[arg(long)]
-    cert: PathBuf,
+    #[cfg_attr(feature = "workload-api", arg(long, required_unless_present = "workload_api"))]
+    #[cfg_attr(not(feature = "workload-api"), arg(long, required = true))]
+    cert: Option<PathBuf>,
     /// This node's private key (PEM: PKCS#8, SEC1 or PKCS#1).
-    #[arg(long)]
-    key: PathBuf,
+    #[cfg_attr(feature = "workload-api", arg(long, required_unless_present = "workload_api"))]
+    #[cfg_attr(not(feature = "workload-api"), arg(long, required = true))]
+    key: Option<PathBuf>,
     /// CA certificate(s) to trust (PEM).
-    #[arg(long)]
-    ca: PathBuf,
+    #[cfg_attr(feature = "workload-api", arg(long, required_unless_present = "workload_api"))]
+    #[cfg_attr(not(feature = "workload-api"), arg(long, required = true))]
+    ca: Option<PathBuf>,
+    /// Take this node's SVID and trust bundles from the SPIFFE Workload API instead of files,
+    /// and follow their rotation: at ENDPOINT (unix:///path/to/agent.sock or tcp://IP:PORT),
+    /// or, given without a value, at the one in SPIFFE_ENDPOINT_SOCKET.
+    #[cfg(feature = "workload-api")]
+    #[arg(
+        long,
+        value_name = "ENDPOINT",
+        num_args = 0..=1,
+        default_missing_value = "",
+        conflicts_with_all = ["cert", "key", "ca", "crl", "bundle"]
+    )]
+    workload_api: Option<String>,
     /// Certificate revocation list(s) (PEM), repeatable.
     #[arg(long)]
     crl: Vec<PathBuf>,
@@ -47,9 +62,30 @@ enum CliRole {
     Sender,
 }
 
+/// Where a node's TLS material comes from, and is followed from.
+enum Source {
+    Files(CertFiles),
+    #[cfg(feature = "workload-api")]
+    WorkloadApi(quicseal::workload_api::WorkloadApi),
+}
+
+impl Source {
+    /// Keeps `node` on the latest material until the returned watcher is dropped.
+    fn follow(&self, node: &Node) -> quicseal::CertWatcher {
+        match self {
+            Source::Files(files) => node.watch(files.clone()),
+            #[cfg(feature = "workload-api")]
+            Source::WorkloadApi(api) => node.follow(api),
+        }
+    }
+}
+
 impl Tls {
     fn files(&self) -> crate::Result<CertFiles> {
-        let files = self.crl.iter().fold(CertFiles::new(&self.cert, &self.key, &self.ca), |f, crl| f.crl(crl));
+        let (Some(cert), Some(key), Some(ca)) = (&self.cert, &self.key, &self.ca) else {
+            return Err(crate::CliError::Input("give --cert, --key and --ca".into()));
+        };
+        let files = self.crl.iter().fold(CertFiles::new(cert, key, ca), |f, crl| f.crl(crl));
         self.bundle.iter().try_fold(files, |f, b| match b.split_once('=') {
             Some((domain, file)) if !domain.is_empty() && !file.is_empty() => Ok(f.bundle(domain, file)),
             _ => Err(crate::CliError::Input(format!("--bundle {b:?}: give DOMAIN=FILE, e.g. example.org=bundle.pem"))),
@@ -83,12 +119,34 @@ impl Tls {
         })
     }
 
-    /// Loads the files, refuses a certificate that cannot work in `role`, and builds the node
-    /// configuration.
-    fn config(&self, role: CliRole, limits: Limits) -> crate::Result<NodeConfig> {
-        let (identity, trust) = self.files()?.load()?;
-        startup_checks(&self.cert, &identity.chain()[0], role)?;
-        Ok(NodeConfig::new(identity, trust).policy(self.policy()?).limits(limits))
+    /// Where the material comes from: the Workload API if asked (connecting to it), else the
+    /// files.
+    async fn source(&self) -> crate::Result<Source> {
+        #[cfg(feature = "workload-api")]
+        if let Some(endpoint) = &self.workload_api {
+            let endpoint = Some(endpoint.as_str()).filter(|e| !e.is_empty());
+            return Ok(Source::WorkloadApi(quicseal::workload_api::WorkloadApi::connect(endpoint).await?));
+        }
+        Ok(Source::Files(self.files()?))
+    }
+
+    /// Loads the material, refuses a certificate that cannot work in `role`, and builds the
+    /// node configuration; returns it with where the material is followed from.
+    async fn config(&self, role: CliRole, limits: Limits) -> crate::Result<(NodeConfig, Source)> {
+        let source = self.source().await?;
+        let (identity, trust, what) = match &source {
+            Source::Files(files) => {
+                let (identity, trust) = files.load()?;
+                (identity, trust, files.cert.display().to_string())
+            }
+            #[cfg(feature = "workload-api")]
+            Source::WorkloadApi(api) => {
+                let (identity, trust) = api.material()?;
+                (identity, trust, format!("the SVID of {} from the Workload API", api.spiffe_id()?))
+            }
+        };
+        startup_checks(&what, &identity.chain()[0], role)?;
+        Ok((NodeConfig::new(identity, trust).policy(self.policy()?).limits(limits), source))
     }
 }
 
@@ -96,8 +154,7 @@ impl Tls {
 /// or not valid yet, or one whose extended key usage does not allow the role (a listener needs
 /// `serverAuth`, a sender `clientAuth`). (The node itself warns when it or a CA expires within
 /// 30 days.)
-fn startup_checks(path: &std::path::Path, leaf: &[u8], role: CliRole) -> crate::Result<()> {
-    let file = path.display();
+fn startup_checks(file: &str, leaf: &[u8], role: CliRole) -> crate::Result<()> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf)
         .map_err(|e| crate::CliError::Input(format!("{file}: the certificate does not parse: {e}")))?;
     if cert.is_ca() {
@@ -139,7 +196,9 @@ fn startup_checks(path: &std::path::Path, leaf: &[u8], role: CliRole) -> crate::
 #[derive(clap::Args, Debug)]
 #[command(after_help = "The certificate, key, CA and CRL files are watched (checked every 5 s) and reloaded when \
                         they change: a certificate revoked in a new CRL is refused from then on, without a \
-                        restart; files that cannot be used are reported and the last good ones kept.")]
+                        restart; files that cannot be used are reported and the last good ones kept. With \
+                        --workload-api (builds with the feature workload-api), each SVID and bundle the \
+                        agent rotates in is taken the same way.")]
 pub(crate) struct ListenArgs {
     #[command(flatten)]
     tls: Tls,
@@ -183,8 +242,9 @@ pub(crate) struct SendArgs {
 
 pub(crate) async fn listen(args: ListenArgs, out: &mut impl Write) -> crate::Result<()> {
     let tls = &args.tls;
-    let node = Node::bind(args.bind, tls.config(CliRole::Listener, Limits::default())?)?;
-    let _watcher = node.watch(tls.files()?);
+    let (config, source) = tls.config(CliRole::Listener, Limits::default()).await?;
+    let node = Node::bind(args.bind, config)?;
+    let _watcher = source.follow(&node);
     let addr = node.local_addr()?;
     if tls.json {
         writeln!(out, "{}", json!({"event": "listening", "address": addr.to_string()}))?;
@@ -319,7 +379,7 @@ pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> crate::Result<
     let payload = message(args.message)?;
     let mut limits = Limits::default();
     limits.handshake_timeout = args.timeout;
-    let config = tls.config(CliRole::Sender, limits)?;
+    let (config, _) = tls.config(CliRole::Sender, limits).await?;
     let bind: SocketAddr = if args.to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().expect("literal");
     let node = Node::bind(bind, config)?;
     let (to, name, channel) = (args.to, args.name.as_str(), args.channel);
