@@ -255,3 +255,30 @@ pub fn refusal(e: quicseal::Error) -> String {
         other => panic!("expected our own TLS refusal, got {other:?}"),
     }
 }
+
+/// Sends 0, 1, 2... (`u32`) on channel 0 of `session`, one every `every`, until sending fails
+/// or the task is aborted: messages flowing while something else happens.
+pub fn trickle(session: &Session, every: Duration) -> tokio::task::JoinHandle<()> {
+    let session = session.clone();
+    tokio::spawn(async move {
+        let mut n = 0u32;
+        while session.send(0, &n).await.is_ok() {
+            n += 1;
+            tokio::time::sleep(every).await; // pacing: a steady trickle
+        }
+    })
+}
+
+/// Receives what [`trickle`] sends, checking each arrives once and in order, until the session
+/// ends; returns how many arrived.
+pub fn receive_in_order(session: &Session) -> tokio::task::JoinHandle<u32> {
+    let session = session.clone();
+    tokio::spawn(async move {
+        let mut expected = 0u32;
+        while let Ok(m) = session.recv().await {
+            assert_eq!(m.decode::<u32>().unwrap(), expected, "in order, each once");
+            expected += 1;
+        }
+        expected
+    })
+}

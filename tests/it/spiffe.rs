@@ -237,27 +237,7 @@ async fn svids_rotated_on_disk_every_2_s_are_picked_up_without_dropping_the_sess
     let (to_server, at_server) = (to_server.unwrap(), at_server.unwrap());
 
     // Messages flow the whole time.
-    let sending = to_server.clone();
-    let sender = tokio::spawn(async move {
-        let mut n = 0u32;
-        while n < 100_000 {
-            if sending.send(0, &n).await.is_err() {
-                break;
-            }
-            n += 1;
-            tokio::time::sleep(Duration::from_millis(5)).await; // pacing: a steady trickle
-        }
-        n
-    });
-    let receiving = at_server.clone();
-    let receiver = tokio::spawn(async move {
-        let mut expected = 0u32;
-        while let Ok(m) = receiving.recv().await {
-            assert_eq!(m.decode::<u32>().unwrap(), expected, "in order, each once");
-            expected += 1;
-        }
-        expected
-    });
+    let (sender, receiver) = (trickle(&to_server, Duration::from_millis(5)), receive_in_order(&at_server));
 
     for round in 1..=4u64 {
         tokio::time::sleep(Duration::from_secs(2)).await; // pacing: SPIRE-like rotation cadence

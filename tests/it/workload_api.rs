@@ -21,7 +21,7 @@ use quicseal::workload_api::WorkloadApi;
 use quicseal::{Error, Node, NodeConfig};
 use tokio::sync::watch;
 
-use crate::common::{Pki, bind, connect, eventually, refusal, to_identity};
+use crate::common::{Pki, bind, connect, eventually, receive_in_order, refusal, to_identity, trickle};
 
 // The messages of SPIFFE's workload.proto that FetchX509SVID carries, field for field.
 
@@ -196,23 +196,7 @@ async fn nodes_take_svids_and_bundles_from_the_workload_api_and_follow_rotation(
     let (to_b, at_b) = (to_b.unwrap(), at_b.unwrap());
     assert_eq!(at_b.peer().spiffe_id(), Some(a_id));
     // Messages flow the whole time.
-    let sending = to_b.clone();
-    let sender = tokio::spawn(async move {
-        let mut n = 0u32;
-        while sending.send(0, &n).await.is_ok() {
-            n += 1;
-            tokio::time::sleep(Duration::from_millis(2)).await; // pacing: a steady trickle
-        }
-    });
-    let receiving = at_b.clone();
-    let receiver = tokio::spawn(async move {
-        let mut expected = 0u32;
-        while let Ok(m) = receiving.recv().await {
-            assert_eq!(m.decode::<u32>().unwrap(), expected, "in order, each once");
-            expected += 1;
-        }
-        expected
-    });
+    let (sender, receiver) = (trickle(&to_b, Duration::from_millis(2)), receive_in_order(&at_b));
 
     let mut calls_after_first = (0, 0);
     for round in 1..=3 {
