@@ -915,23 +915,69 @@ impl Session {
         }
     }
 
+    /// Like [`Session::recv`], for receivers that keep up with many messages: waits until at
+    /// least one message is ready, then appends to `into` every message ready now, at most
+    /// `limit`, in the order `recv` would return them, and returns how many it appended (0 only
+    /// when `limit` is 0). Taking a batch costs one pass over the session's state instead of one
+    /// per message, and the acknowledgements of the batch go out together.
+    ///
+    /// Acknowledged as by `recv`: when returned in the default mode, by [`Session::ack`] in
+    /// manual-ack mode. Returns an error once the session has ended and nothing is left.
+    pub async fn recv_many(&self, into: &mut Vec<Message>, limit: usize) -> Result<usize> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let shared = &self.inner.shared;
+        loop {
+            let arrived = shared.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let taken = self.take_messages(limit, |m| into.push(m));
+            if taken > 0 {
+                return Ok(taken);
+            }
+            if shared.is_ended() {
+                return Err(shared.error());
+            }
+            tokio::select! {
+                _ = &mut arrived => {}
+                _ = shared.ended() => {}
+            }
+        }
+    }
+
     fn poll_message(&self) -> Option<Message> {
+        let mut one = None;
+        self.take_messages(1, |m| one = Some(m));
+        one
+    }
+
+    /// Hands up to `limit` deliverable messages to `put`, in order, under one lock of the core;
+    /// returns how many.
+    fn take_messages(&self, limit: usize, mut put: impl FnMut(Message)) -> usize {
         let shared = &self.inner.shared;
         let now = shared.now();
         let mut core = shared.core();
-        let d = core.poll_deliver(now)?;
-        // An acknowledgement may be due.
-        shared.kick(&core);
-        drop(core);
-        // Room for readers.
-        shared.room.notify_waiters();
-        Some(Message {
-            peer: self.inner.peer.clone(),
-            kind: d.kind,
-            channel: d.channel,
-            seq: d.seq,
-            payload: d.payload,
-        })
+        let mut taken = 0;
+        while taken < limit {
+            let Some(d) = core.poll_deliver(now) else { break };
+            put(Message {
+                peer: self.inner.peer.clone(),
+                kind: d.kind,
+                channel: d.channel,
+                seq: d.seq,
+                payload: d.payload,
+            });
+            taken += 1;
+        }
+        if taken > 0 {
+            // An acknowledgement may be due.
+            shared.kick(&core);
+            drop(core);
+            // Room for readers.
+            shared.room.notify_waiters();
+        }
+        taken
     }
 
     /// Acknowledges a message received in manual-ack mode (idempotent; datagrams and auto-ack

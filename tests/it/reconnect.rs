@@ -201,6 +201,46 @@ async fn manual_ack_mode_acknowledges_only_what_the_application_acked() {
     assert_eq!(ab.stats().acked, 2);
 }
 
+/// `recv_many` waits for a first message, then takes what is ready up to its limit, in each
+/// channel's order; the batch is acknowledged as `recv` would (at once, or by `ack` in manual
+/// mode), and it ends with the session's error.
+#[tokio::test]
+async fn recv_many_takes_every_ready_message_up_to_its_limit() {
+    let pki = Pki::new("ca");
+    for manual in [false, true] {
+        let a = bind(NodeConfig::new(pki.identity("a"), pki.trust()).limits(quick_limits()));
+        let b = bind(NodeConfig::new(pki.identity("b"), pki.trust()).limits(quick_limits()).manual_ack(manual));
+        let (ab, ba) = connect(&a, &b, "b").await;
+        let (ab, ba) = (ab.unwrap(), ba.unwrap());
+        let mut got = Vec::new();
+        assert_eq!(ba.recv_many(&mut got, 0).now_or_never().unwrap().unwrap(), 0, "limit 0: nothing, no wait");
+        assert!(ba.recv_many(&mut got, 8).now_or_never().is_none(), "nothing ready: it waits");
+        // 5 messages on each of channels 0 and 1, all received before the first call.
+        for i in 0..10u32 {
+            ab.send_bytes((i % 2) as u16, i.to_be_bytes().to_vec()).await.unwrap();
+        }
+        eventually("all ten are buffered at b", || b.buffered_bytes() == 40).await;
+        assert_eq!(ba.recv_many(&mut got, 4).await.unwrap(), 4);
+        assert_eq!(ba.recv_many(&mut got, 100).await.unwrap(), 6, "every ready one, in one call");
+        assert_eq!(got.len(), 10);
+        for channel in [0, 1] {
+            let seqs: Vec<u64> = got.iter().filter(|m| m.channel() == channel).map(|m| m.seq()).collect();
+            assert_eq!(seqs, (1..=5).collect::<Vec<u64>>(), "channel {channel}: each once, in order");
+        }
+        if manual {
+            assert!(ab.delivered(0).now_or_never().is_none(), "manual mode: nothing acked before `ack`");
+            for m in &got {
+                assert!(ba.ack(m));
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(5), ab.delivered(0)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), ab.delivered(1)).await.unwrap().unwrap();
+        ab.close();
+        let end = tokio::time::timeout(Duration::from_secs(5), ba.recv_many(&mut got, 8)).await.unwrap();
+        assert!(matches!(end, Err(Error::ConnectionLost { .. } | Error::Closed)), "{end:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_full_outbox_makes_try_send_fail_and_send_wait() {
     let pki = Pki::new("ca");
