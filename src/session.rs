@@ -18,12 +18,10 @@
 //! One lock holds the protocol: `SessionShared::core` (a `std::sync::Mutex<Core>`, never held across
 //! an `.await`). Everything else is I/O or waiting.
 //!
-//! Tasks, per session:
-//! - the **supervisor** ([`supervise`]): waits for the current connection to close, then
-//!   redials with backoff (dialling side) or waits for the node to attach the peer's new
-//!   connection (accepting side), or ends the session;
-//!
-//! per connection, one task ([`serve`], ending with the connection), polling:
+//! One task per session ([`run`]): it serves the current connection ([`serve`]) until the
+//! connection is lost or replaced, then redials with backoff (dialling side) or waits for the
+//! node to attach the peer's new connection (accepting side), or ends the session. Serving a
+//! connection polls:
 //! - the **readers**: datagrams, the control stream, and a reader per inbound channel stream
 //!   (accepted as the peer opens them). They read frames, lock the core, hand them over
 //!   ([`SessionCore::on_message`](crate::proto::session::SessionCore::on_message) and the like),
@@ -293,6 +291,9 @@ struct Carrier {
     reconnecting: AtomicBool,
     /// Writes the channel frames; set when the connection's tasks start.
     writer: OnceLock<tokio::sync::Mutex<Writer>>,
+    /// The control stream's receiving half, until the session's task takes it to serve this
+    /// connection.
+    control: Mutex<Option<RecvStream>>,
 }
 
 impl Carrier {
@@ -302,6 +303,7 @@ impl Carrier {
             failure: OnceLock::new(),
             reconnecting: AtomicBool::new(false),
             writer: OnceLock::new(),
+            control: Mutex::new(None),
         })
     }
 
@@ -320,7 +322,7 @@ impl Carrier {
     fn violation(&self, v: Violation) {
         warn!(peer = %self.conn.remote_address(), reason = %v, "closing connection: protocol violation");
         let (code, reason) = (v.close_code(), v.close_reason());
-        // Recorded before the close, which the supervisor may see at once.
+        // Recorded before the close, which the session's task may see at once.
         let _ = self.failure.set(v);
         self.conn.close(VarInt::from_u32(code), reason);
     }
@@ -525,12 +527,12 @@ impl SessionShared {
         link.violation(v);
     }
 
-    /// Starts the one task that serves a connection ([`serve`]): the driver and every reader.
-    /// It ends when the connection does.
+    /// Readies a connection to be served by the session's task ([`run`]): its writer, and
+    /// its control stream for the reader.
     fn run_link(self: &Arc<Self>, link: Arc<Carrier>, control: (SendStream, RecvStream)) {
         let (control_send, control_recv) = control;
         let _ = link.writer.set(tokio::sync::Mutex::new(Writer::new(control_send)));
-        tokio::spawn(serve(self.clone(), link, control_recv));
+        *link.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(control_recv);
     }
 
     /// Puts a new connection under the session: fresh keys (the replay windows stay), per
@@ -551,13 +553,14 @@ struct SessionInner {
     shared: Arc<SessionShared>,
     peer: Arc<PeerIdentity>,
     manual_ack: bool,
-    supervisor: JoinHandle<()>,
+    /// The session's one task ([`run`]).
+    task: JoinHandle<()>,
 }
 
 impl Drop for SessionInner {
     fn drop(&mut self) {
         self.shared.end(Error::Closed, close_code::NO_ERROR);
-        self.supervisor.abort();
+        self.task.abort();
     }
 }
 
@@ -675,8 +678,8 @@ impl Session {
         });
         // The first connection: its keys are already in the core.
         shared.run_link(shared.link(), control);
-        let supervisor = tokio::spawn(supervise(shared.clone(), p.resume, p.redial));
-        Session { inner: Arc::new(SessionInner { shared, peer, manual_ack, supervisor }) }
+        let task = tokio::spawn(run(shared.clone(), p.resume, p.redial));
+        Session { inner: Arc::new(SessionInner { shared, peer, manual_ack, task }) }
     }
 
     /// The session's handle for the node's layers (durable channels).
@@ -1192,16 +1195,35 @@ fn drain(
     took
 }
 
-/// Watches the current connection; when it is lost, carries the session over to a new one
-/// (dialling side: reconnect with backoff; accepting side: wait for the peer) or ends it.
-async fn supervise(shared: Arc<SessionShared>, policy: ResumePolicy, redial: Option<Redial>) {
+/// The session's task: serves the current connection ([`serve`]); when it is lost, carries
+/// the session over to a new one (dialling side: reconnect with backoff; accepting side: wait
+/// for the peer) or ends it. One task for all of it, so an idle session costs one task.
+async fn run(shared: Arc<SessionShared>, policy: ResumePolicy, redial: Option<Redial>) {
     loop {
         let current = shared.generation.load(Ordering::SeqCst);
         let link = shared.link();
+        let control = link.control.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let serving = async {
+            if let Some(control) = control {
+                serve(shared.clone(), link.clone(), control).await;
+            }
+            link.conn.closed().await;
+        };
+        // Resumed by the node on a new connection while this one still looked alive (the node
+        // closed the old one): serve the new one. The link, not the generation, is compared: a
+        // connection attached between the two loads above is the one being served.
+        let replaced = async {
+            loop {
+                let generation = shared.generation.load(Ordering::SeqCst);
+                if !Arc::ptr_eq(&shared.link(), &link) {
+                    return;
+                }
+                shared.generation_changed(generation).await;
+            }
+        };
         tokio::select! {
-            _ = link.conn.closed() => {}
-            // Resumed by the node on a new connection while this one still looked alive.
-            _ = shared.generation_changed(current) => continue,
+            _ = serving => {}
+            _ = replaced => continue,
         }
         if shared.is_ended() {
             return;
@@ -1216,7 +1238,7 @@ async fn supervise(shared: Arc<SessionShared>, policy: ResumePolicy, redial: Opt
         let reason = link.error().to_string();
         shared.event(SessionEvent::Disconnected { reason: reason.clone() });
         // Boxed: the recovery's state exists only while recovering, not in every idle session's
-        // supervisor.
+        // task.
         let recovered = Box::pin(recover(&shared, policy, redial.as_ref(), current)).await;
         if !recovered {
             return;
