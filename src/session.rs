@@ -1722,12 +1722,15 @@ async fn serve(shared: Arc<SessionShared>, link: Arc<Carrier>, control: RecvStre
     use futures_util::StreamExt;
     use futures_util::stream::FuturesUnordered;
 
+    /// A part of the connection's service, boxed: a `FuturesUnordered` keeps a spare node the
+    /// size of its futures, which for an idle session is all it holds.
+    type Part<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
     let channels = async {
-        let mut readers = FuturesUnordered::new();
+        let mut readers: FuturesUnordered<Part<'static>> = FuturesUnordered::new();
         loop {
             tokio::select! {
                 accepted = link.conn.accept_bi() => match accepted {
-                    Ok((send, recv)) => readers.push(read_channel(shared.clone(), link.clone(), send, recv)),
+                    Ok((send, recv)) => readers.push(Box::pin(read_channel(shared.clone(), link.clone(), send, recv))),
                     Err(_) => break,
                 },
                 Some(()) = readers.next(), if !readers.is_empty() => {}
@@ -1736,7 +1739,7 @@ async fn serve(shared: Arc<SessionShared>, link: Arc<Carrier>, control: RecvStre
         // The connection is gone: the readers see it and end.
         while readers.next().await.is_some() {}
     };
-    let mut parts: FuturesUnordered<std::pin::Pin<Box<dyn Future<Output = ()> + Send + '_>>> = FuturesUnordered::new();
+    let mut parts: FuturesUnordered<Part<'_>> = FuturesUnordered::new();
     parts.push(Box::pin(drive(shared.clone(), link.clone())));
     parts.push(Box::pin(read_datagrams(shared.clone(), link.clone())));
     parts.push(Box::pin(read_control(shared.clone(), link.clone(), control)));
