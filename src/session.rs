@@ -285,6 +285,10 @@ pub(crate) struct ResumePolicy {
 /// One QUIC connection carrying the session; a session has one at a time.
 struct Carrier {
     conn: Connection,
+    /// Its number in the session ([`SessionCore::connections`] when it was attached): once a
+    /// newer one carries the session, what this one's readers and writer do is ignored
+    /// ([`SessionCore::is_current`]).
+    number: u64,
     /// Why we closed it, when we did because the peer misbehaved.
     failure: OnceLock<Violation>,
     /// Closed by us to move to a new connection ([`Session::force_reconnect`]).
@@ -297,9 +301,10 @@ struct Carrier {
 }
 
 impl Carrier {
-    fn new(conn: Connection) -> Arc<Carrier> {
+    fn new(conn: Connection, number: u64) -> Arc<Carrier> {
         Arc::new(Carrier {
             conn,
+            number,
             failure: OnceLock::new(),
             reconnecting: AtomicBool::new(false),
             writer: OnceLock::new(),
@@ -412,6 +417,13 @@ struct SessionShared {
 impl SessionShared {
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+    }
+
+    /// The core, for a reader or writer of `link`: `None` once a newer connection carries the
+    /// session (see [`SessionCore::is_current`]); the caller then stops.
+    fn core_for(&self, link: &Carrier) -> Option<CoreGuard<'_>> {
+        let core = self.core();
+        core.is_current(link.number).then_some(core)
     }
 
     fn core(&self) -> CoreGuard<'_> {
@@ -538,9 +550,13 @@ impl SessionShared {
     /// Puts a new connection under the session: fresh keys (the replay windows stay), per
     /// connection tasks, and every unacknowledged message due again.
     fn attach(self: &Arc<Self>, parts: LinkParts) {
-        let link = Carrier::new(parts.conn);
         let now = self.now();
-        self.core().new_connection(parts.keys, now);
+        let number = {
+            let mut core = self.core();
+            core.new_connection(parts.keys, now);
+            core.connections()
+        };
+        let link = Carrier::new(parts.conn, number);
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) = link.clone();
         self.run_link(link, parts.control);
         self.generation.fetch_add(1, Ordering::SeqCst);
@@ -647,7 +663,8 @@ impl Session {
         let outbox_messages = p.config.outbox.max_messages;
         let (epoch, max_send) = (p.config.epoch, p.config.max_send);
         let shared = Arc::new(SessionShared {
-            link: Mutex::new(Carrier::new(conn.clone())),
+            // The first connection is number 1.
+            link: Mutex::new(Carrier::new(conn.clone(), 1)),
             generation: AtomicU64::new(0),
             generation_signal: Notify::new(),
             ending: OnceLock::new(),
@@ -1334,14 +1351,16 @@ impl Writer {
 
     /// Takes what the core wants written now (acknowledgements due, and up to a batch of sealed
     /// frames) into the backlog. Returns whether the batch was full (there may be more).
-    fn take(&mut self, shared: &SessionShared) -> Result<bool, WriteFailure> {
+    /// The writer of a connection the session has left takes nothing (`Gone`).
+    fn take(&mut self, shared: &SessionShared, link: &Carrier) -> Result<bool, WriteFailure> {
         let now = shared.now();
         // Nothing is taken for a channel whose earlier frames quinn has not taken yet (flow
         // control): its messages stay due, are not sealed long before they can leave, and do
         // not hold up the other channels.
         let backlog = &self.backlog;
         let out = shared
-            .core()
+            .core_for(link)
+            .ok_or(WriteFailure::Gone)?
             .poll_transmit(now, now_ms(), |c| backlog.iter().any(|(b, _)| *b == c))
             .map_err(WriteFailure::Stop)?;
         if let Some(acks) = out.control {
@@ -1497,7 +1516,7 @@ impl SessionShared {
         let link = self.link();
         let Some(writer) = link.writer.get() else { return self.work.notify_one() };
         let Ok(mut w) = writer.try_lock() else { return self.work.notify_one() };
-        let remains = w.take(self).and_then(|_| w.flush_now(&link.conn));
+        let remains = w.take(self, &link).and_then(|_| w.flush_now(&link.conn));
         drop(w);
         match remains {
             Ok(false) => self.kick(&self.core()),
@@ -1540,7 +1559,7 @@ async fn drive(shared: Arc<SessionShared>, link: Arc<Carrier>) {
         // Awake: senders wake us for any timer (see `SessionShared::transmit_now`).
         shared.drive_sleeps_until.store(0, Ordering::SeqCst);
         let mut w = writer.lock().await;
-        let written = w.take(&shared).and_then(|full| w.flush_now(&link.conn).map(|remains| (full, remains)));
+        let written = w.take(&shared, &link).and_then(|full| w.flush_now(&link.conn).map(|remains| (full, remains)));
         let (batch_full, remains) = match written {
             Ok(r) => r,
             Err(WriteFailure::Gone) => return,
@@ -1587,7 +1606,10 @@ async fn read_control(shared: Arc<SessionShared>, link: Arc<Carrier>, recv: Recv
             Err(ReadFailure::Wire(e)) => return shared.violation(&link, Violation::Malformed(e)),
         };
         // The header bounds the body (at most 11 + 16 x 32 bytes).
-        let header = shared.core().on_control_header(head);
+        let header = {
+            let Some(mut core) = shared.core_for(&link) else { return };
+            core.on_control_header(head)
+        };
         let header = match header {
             Ok(h) => h,
             Err(v) => return link.violation(v),
@@ -1600,7 +1622,7 @@ async fn read_control(shared: Arc<SessionShared>, link: Arc<Carrier>, recv: Recv
         };
         let now = shared.now();
         let (acked, worn_out) = {
-            let mut core = shared.core();
+            let Some(mut core) = shared.core_for(&link) else { return };
             (core.on_control(header, body, now), core.worn_out())
         };
         match acked {
@@ -1758,7 +1780,10 @@ async fn read_channel(shared: Arc<SessionShared>, link: Arc<Carrier>, send: Send
         Err(ReadFailure::Gone) => return,
         Err(ReadFailure::Wire(e)) => return shared.violation(&link, Violation::Malformed(e)),
     };
-    let channel = shared.core().on_channel_stream(head);
+    let channel = {
+        let Some(mut core) = shared.core_for(&link) else { return };
+        core.on_channel_stream(head)
+    };
     match channel {
         Ok(channel) => read_messages(&shared, &link, &mut reader, channel).await,
         Err(v) => link.violation(v),
@@ -1787,7 +1812,10 @@ async fn read_messages(shared: &Arc<SessionShared>, link: &Arc<Carrier>, reader:
             Ok(None) | Err(ReadFailure::Gone) => return,
             Err(ReadFailure::Wire(e)) => return shared.violation(link, Violation::Malformed(e)),
         };
-        let header = shared.core().on_message_header(head);
+        let header = {
+            let Some(mut core) = shared.core_for(link) else { return };
+            core.on_message_header(head)
+        };
         let header = match header {
             Ok(h) => h,
             Err(v) => return link.violation(v),
@@ -1799,7 +1827,7 @@ async fn read_messages(shared: &Arc<SessionShared>, link: &Arc<Carrier>, reader:
         loop {
             // Usually there is room: no waiter is registered then.
             {
-                let mut core = shared.core();
+                let Some(mut core) = shared.core_for(link) else { return };
                 if core.reserve(channel, len) {
                     if waiting {
                         core.set_waiting(channel, false);
@@ -1818,7 +1846,13 @@ async fn read_messages(shared: &Arc<SessionShared>, link: &Arc<Carrier>, reader:
             node_room.as_mut().enable();
             node.blocked.fetch_add(1, Ordering::SeqCst);
             let reserved = {
-                let mut core = shared.core();
+                let Some(mut core) = shared.core_for(link) else {
+                    node.blocked.fetch_sub(1, Ordering::SeqCst);
+                    if waiting {
+                        shared.core().set_waiting(channel, false);
+                    }
+                    return;
+                };
                 let reserved = core.reserve(channel, len);
                 if reserved == waiting {
                     // Reserved while marked waiting, or not reserved and not yet marked.
@@ -1854,7 +1888,9 @@ async fn read_messages(shared: &Arc<SessionShared>, link: &Arc<Carrier>, reader:
         };
         let (now, wall) = (shared.now(), now_ms());
         let arrival = {
-            let mut core = shared.core();
+            // A reader of a connection the session has left stops (the reservation is released
+            // as it drops).
+            let Some(mut core) = shared.core_for(link) else { return };
             let arrival = core.on_message(channel, header, body, reservation.take(), wall, now);
             // An acknowledgement may be due (a new message, or a duplicate to acknowledge again).
             shared.kick(&core);
@@ -1912,7 +1948,10 @@ impl Drop for Reservation<'_> {
 async fn read_datagrams(shared: Arc<SessionShared>, link: Arc<Carrier>) {
     while let Ok(bytes) = link.conn.read_datagram().await {
         tokio::task::consume_budget().await;
-        let kept = shared.core().on_datagram(&bytes, now_ms());
+        let kept = {
+            let Some(mut core) = shared.core_for(&link) else { return };
+            core.on_datagram(&bytes, now_ms())
+        };
         match kept {
             Ok(true) => shared.arrived.notify_waiters(),
             Ok(false) => {}

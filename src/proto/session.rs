@@ -361,6 +361,20 @@ impl SessionCore {
         self.outbox.retransmit_all(now);
     }
 
+    /// Whether connection number `connection` (what [`SessionCore::connections`] said when it
+    /// started carrying the session) still carries it.
+    ///
+    /// The rule for a connection the session has left: nothing it still delivers is handed to
+    /// the core, and its writer takes nothing. Its readers may still hold frames the peer sealed
+    /// under the old key: opened under the new one they would count as tag failures (enough of
+    /// them close the new connection), its streams would count as channels opened twice, and
+    /// what its writer sealed under the new key would go out on a dead connection. Ignoring them
+    /// loses nothing: the peer sends again on the new connection whatever it has not seen
+    /// acknowledged, and acknowledges again what it receives twice.
+    pub fn is_current(&self, connection: u64) -> bool {
+        connection == self.connections
+    }
+
     /// Connections the session has had, the current one included.
     pub fn connections(&self) -> u64 {
         self.connections

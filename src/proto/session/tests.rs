@@ -2,7 +2,8 @@
 //!
 //! The link loses, duplicates, delays (so reorders) and corrupts frames, goes dark for a while
 //! (a blackout: everything sent is lost) and reconnects (both sides move to a new connection
-//! with new keys; what was in flight on the old one is gone). The applications on both sides
+//! with new keys). Frames in flight on a connection the sides have left may still arrive
+//! afterwards, as the old connection's readers may read them after the session moved on. The applications on both sides
 //! send numbered messages on several channels, make RPC-style requests on the reserved
 //! channels, send datagrams, and take what arrives at their own pace (in manual-ack mode too).
 //!
@@ -113,24 +114,25 @@ enum Packet {
     Datagram(Bytes),
 }
 
-/// One direction of the link: frames arrive after their delay.
+/// One direction of the link: frames arrive after their delay, each with the connection it
+/// was sent on.
 #[derive(Default)]
 struct Wire {
     queue: BinaryHeap<Reverse<(u64, u64)>>,
-    packets: HashMap<u64, Packet>,
+    packets: HashMap<u64, (u64, Packet)>,
     order: u64,
 }
 
 impl Wire {
-    fn push(&mut self, at: u64, p: Packet) {
+    fn push(&mut self, at: u64, connection: u64, p: Packet) {
         self.order += 1;
         self.queue.push(Reverse((at, self.order)));
-        self.packets.insert(self.order, p);
+        self.packets.insert(self.order, (connection, p));
     }
     fn next_time(&self) -> Option<u64> {
         self.queue.peek().map(|Reverse((t, _))| *t)
     }
-    fn pop(&mut self, now: u64) -> Option<Packet> {
+    fn pop(&mut self, now: u64) -> Option<(u64, Packet)> {
         let Reverse((t, id)) = *self.queue.peek()?;
         if t > now {
             return None;
@@ -338,11 +340,10 @@ impl Pair {
         self.now < self.plan.faults_until
     }
 
-    /// Both sides move to a new connection with new keys; what was in flight is gone.
+    /// Both sides move to a new connection with new keys. What was in flight on the old one
+    /// still arrives, tagged with it, as its readers may still read it.
     fn reconnect(&mut self) {
         let [k0, k1] = keys(&mut self.rng, self.plan.key_messages);
-        self.wires[0].clear();
-        self.wires[1].clear();
         for s in self.sides.iter_mut() {
             s.opened.clear();
             // The old connection's readers end, and stop waiting.
@@ -389,7 +390,7 @@ impl Pair {
                 };
             }
             let at = self.now + 1 + self.rng.below(f.jitter + 1);
-            self.wires[to].push(at, p);
+            self.wires[to].push(at, self.conn_id, p);
         }
     }
 
@@ -431,15 +432,20 @@ impl Pair {
         }
     }
 
-    /// Side `i` receives one packet. A message queues behind its stream's waiting reader.
-    fn receive(&mut self, i: usize, p: Packet) -> Result<(), String> {
+    /// Side `i` receives one packet sent on `connection`. A message queues behind its stream's
+    /// waiting reader. A packet of a connection the sides have left is read by that
+    /// connection's reader, which has no queue: what finds no room is dropped with it.
+    fn receive(&mut self, i: usize, connection: u64, p: Packet) -> Result<(), String> {
+        if connection != self.conn_id {
+            return self.read(i, connection, p).map(|_| ());
+        }
         if let Packet::Message { channel, .. } = &p
             && let Some(queue) = self.sides[i].stalled.get_mut(channel)
         {
             queue.push_back(p);
             return Ok(());
         }
-        match self.read(i, p)? {
+        match self.read(i, connection, p)? {
             None => Ok(()),
             Some(p) => {
                 let Packet::Message { channel, .. } = &p else { unreachable!() };
@@ -465,7 +471,7 @@ impl Pair {
                     self.sides[i].core.set_waiting(c, false);
                     break;
                 };
-                if let Some(p) = self.read(i, p)? {
+                if let Some(p) = self.read(i, self.conn_id, p)? {
                     self.sides[i].stalled.get_mut(&c).expect("still waiting").push_front(p);
                     break;
                 }
@@ -474,13 +480,19 @@ impl Pair {
         Ok(())
     }
 
-    /// Side `i` reads one packet; a message that finds no room is handed back.
-    fn read(&mut self, i: usize, p: Packet) -> Result<Option<Packet>, String> {
+    /// Side `i` reads one packet, sent on `connection`; a message that finds no room is handed
+    /// back.
+    fn read(&mut self, i: usize, connection: u64, p: Packet) -> Result<Option<Packet>, String> {
         let (now, wall) = (self.now, self.wall());
+        let current = connection == self.conn_id;
         let side = &mut self.sides[i];
+        // A connection the session has left: its readers hand nothing to the core.
+        if !side.core.is_current(connection) {
+            return Ok(None);
+        }
         match p {
             Packet::Message { channel, frame, corrupted } => {
-                if side.opened.insert(channel) {
+                if !current || side.opened.insert(channel) {
                     let head = wire::encode_stream_header(StreamKind::Channel(channel));
                     side.core.on_channel_stream(head).map_err(|v| format!("side {i}: {v}"))?;
                 }
@@ -496,7 +508,7 @@ impl Pair {
                     .core
                     .on_message(channel, header, body, len, wall, now)
                     .map_err(|v| format!("side {i}: {v}"))?;
-                if corrupted {
+                if corrupted && current {
                     self.corrupted += 1;
                     let after = stats(&side.counters);
                     let refused = (after.tag_failures - before.tag_failures)
@@ -727,9 +739,9 @@ impl Pair {
             }
             self.busy = false;
             for i in 0..2 {
-                while let Some(p) = self.wires[i].pop(self.now) {
+                while let Some((connection, p)) = self.wires[i].pop(self.now) {
                     self.busy = true;
-                    self.receive(i, p)?;
+                    self.receive(i, connection, p)?;
                 }
             }
             for i in 0..2 {
