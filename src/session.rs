@@ -917,22 +917,9 @@ impl Session {
     /// [`Session::ack`] is called. Returns an error once the session has ended and nothing is
     /// left: its kind says why (closed by the peer, protocol violation, gave up...).
     pub async fn recv(&self) -> Result<Message> {
-        let shared = &self.inner.shared;
-        loop {
-            let arrived = shared.arrived.notified();
-            tokio::pin!(arrived);
-            arrived.as_mut().enable();
-            if let Some(m) = self.poll_message() {
-                return Ok(m);
-            }
-            if shared.is_ended() {
-                return Err(shared.error());
-            }
-            tokio::select! {
-                _ = &mut arrived => {}
-                _ = shared.ended() => {}
-            }
-        }
+        let mut one = None;
+        self.take_or_wait(1, |m| one = Some(m)).await?;
+        Ok(one.expect("take_or_wait hands over at least one message"))
     }
 
     /// Like [`Session::recv`], for receivers that keep up with many messages: waits until at
@@ -947,12 +934,18 @@ impl Session {
         if limit == 0 {
             return Ok(0);
         }
+        self.take_or_wait(limit, |m| into.push(m)).await
+    }
+
+    /// Waits until at least one message is ready (or the session ended with nothing left), then
+    /// hands up to `limit` (at least 1) to `put`; returns how many.
+    async fn take_or_wait(&self, limit: usize, mut put: impl FnMut(Message)) -> Result<usize> {
         let shared = &self.inner.shared;
         loop {
             let arrived = shared.arrived.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
-            let taken = self.take_messages(limit, |m| into.push(m));
+            let taken = self.take_messages(limit, &mut put);
             if taken > 0 {
                 return Ok(taken);
             }
@@ -964,12 +957,6 @@ impl Session {
                 _ = shared.ended() => {}
             }
         }
-    }
-
-    fn poll_message(&self) -> Option<Message> {
-        let mut one = None;
-        self.take_messages(1, |m| one = Some(m));
-        one
     }
 
     /// Hands up to `limit` deliverable messages to `put`, in order, under one lock of the core;
@@ -1011,7 +998,7 @@ impl Session {
         let mut core = shared.core();
         let newly = core.ack(message.channel, message.seq, now);
         if newly {
-            // The acknowledgement goes out like the automatic ones (see `poll_message`).
+            // The acknowledgement goes out like the automatic ones (see `take_messages`).
             shared.kick(&core);
         }
         newly
