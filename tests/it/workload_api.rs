@@ -330,3 +330,29 @@ async fn unusable_rotations_leave_the_node_on_its_last_good_svid() {
     assert_eq!(presented().await, to_identity(&good).fingerprint());
     assert!(follower.status().last_error.is_none(), "{:?}", follower.status());
 }
+
+/// Closing the connection to the agent stops its followers, which say why; the source then
+/// hands out nothing, and the node keeps running on the SVID it has.
+#[tokio::test]
+async fn closing_the_workload_api_stops_following_and_the_node_keeps_its_svid() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Pki::new("example.org CA");
+    let id = "spiffe://example.org/server";
+    let first = ca.issue(&NodeCert::new("s").uri(id));
+    let agent = Agent::start(dir.path(), "s", Some(response(id, &first, &[&ca], &[])));
+    let api = agent.connect().await.unwrap();
+    let (identity, trust) = api.material().unwrap();
+    let server = bind(NodeConfig::new(identity, trust));
+    let follower = server.follow(&api);
+    api.close().await;
+    eventually("the follower says the source was closed", || {
+        follower.status().last_error.is_some_and(|e| e.contains("closed"))
+    })
+    .await;
+    assert!(matches!(api.material(), Err(Error::WorkloadApi(_))));
+    assert!(matches!(api.spiffe_id(), Err(Error::WorkloadApi(_))));
+    let client =
+        bind(NodeConfig::new(to_identity(&ca.issue(&NodeCert::new("c").uri("spiffe://example.org/c"))), ca.trust()));
+    let session = connect(&client, &server, id).await.0.unwrap();
+    assert_eq!(session.peer().fingerprint, to_identity(&first).fingerprint());
+}
