@@ -239,9 +239,19 @@ pub(crate) async fn run(out: &mut impl Write) -> crate::Result<()> {
         })
         .collect();
     let mut answered = 0;
-    for call in calls {
-        if call.await.map_err(|e| crate::CliError::Input(e.to_string()))?? {
-            answered += 1;
+    for (i, call) in calls.into_iter().enumerate() {
+        match call.await.map_err(|e| crate::CliError::Input(e.to_string()))? {
+            Ok(right) => answered += u64::from(right),
+            // Said in full, so that a rare failure here can be told from another.
+            Err(e) => {
+                let stats = lossy.stats();
+                return Err(crate::CliError::Input(format!(
+                    "rpc call {i} of {CALLS} failed: {e} (session ended: {}, reconnects {}, retransmissions {})",
+                    lossy.is_ended(),
+                    stats.reconnects,
+                    stats.retransmissions
+                )));
+            }
         }
     }
     let timed_out = lossy.request::<_, ()>("slow", &(), Duration::from_millis(200)).await;
