@@ -547,8 +547,8 @@ impl SessionShared {
         *link.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(control_recv);
     }
 
-    /// Puts a new connection under the session: fresh keys (the replay windows stay), per
-    /// connection tasks, and every unacknowledged message due again.
+    /// Puts a new connection under the session: fresh keys (the replay windows stay), the
+    /// connection readied for the session's task, and every unacknowledged message due again.
     fn attach(self: &Arc<Self>, parts: LinkParts) {
         let now = self.now();
         let number = {
@@ -1216,15 +1216,7 @@ async fn run(shared: Arc<SessionShared>, policy: ResumePolicy, redial: Option<Re
         // Resumed by the node on a new connection while this one still looked alive (the node
         // closed the old one): serve the new one. The link, not the generation, is compared: a
         // connection attached between the two loads above is the one being served.
-        let replaced = async {
-            loop {
-                let generation = shared.generation.load(Ordering::SeqCst);
-                if !Arc::ptr_eq(&shared.link(), &link) {
-                    return;
-                }
-                shared.generation_changed(generation).await;
-            }
-        };
+        let replaced = crate::wait::until(&shared.generation_signal, || !Arc::ptr_eq(&shared.link(), &link));
         tokio::select! {
             _ = serving => {}
             _ = replaced => continue,

@@ -291,6 +291,25 @@ async fn connecting_without_a_usable_agent_fails_clearly() {
     }
 }
 
+/// An agent serving `id` an SVID from `ca`, and a node built from what it served, following it.
+struct Served {
+    agent: Agent,
+    api: WorkloadApi,
+    first: Issued,
+    server: Node,
+    follower: quicseal::CertWatcher,
+}
+
+async fn served(dir: &Path, ca: &Pki, id: &str) -> Served {
+    let first = ca.issue(&NodeCert::new("s").uri(id));
+    let agent = Agent::start(dir, "s", Some(response(id, &first, &[ca], &[])));
+    let api = agent.connect().await.unwrap();
+    let (identity, trust) = api.material().unwrap();
+    let server = bind(NodeConfig::new(identity, trust));
+    let follower = server.follow(&api);
+    Served { agent, api, first, server, follower }
+}
+
 /// An agent that withdraws the SVID, or rotates to one that cannot be used, leaves the node on
 /// its last good material: it keeps accepting with it. The next good SVID is followed.
 #[tokio::test]
@@ -298,12 +317,7 @@ async fn unusable_rotations_leave_the_node_on_its_last_good_svid() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, other) = (Pki::new("example.org CA"), Pki::new("other CA"));
     let id = "spiffe://example.org/server";
-    let first = ca.issue(&NodeCert::new("s").uri(id));
-    let agent = Agent::start(dir.path(), "s", Some(response(id, &first, &[&ca], &[])));
-    let api = agent.connect().await.unwrap();
-    let (identity, trust) = api.material().unwrap();
-    let server = bind(NodeConfig::new(identity, trust));
-    let follower = server.follow(&api);
+    let Served { agent, api: _api, first, server, follower } = served(dir.path(), &ca, id).await;
     let client =
         bind(NodeConfig::new(to_identity(&ca.issue(&NodeCert::new("c").uri("spiffe://example.org/c"))), ca.trust()));
 
@@ -338,12 +352,7 @@ async fn closing_the_workload_api_stops_following_and_the_node_keeps_its_svid() 
     let dir = tempfile::tempdir().unwrap();
     let ca = Pki::new("example.org CA");
     let id = "spiffe://example.org/server";
-    let first = ca.issue(&NodeCert::new("s").uri(id));
-    let agent = Agent::start(dir.path(), "s", Some(response(id, &first, &[&ca], &[])));
-    let api = agent.connect().await.unwrap();
-    let (identity, trust) = api.material().unwrap();
-    let server = bind(NodeConfig::new(identity, trust));
-    let follower = server.follow(&api);
+    let Served { agent: _agent, api, first, server, follower } = served(dir.path(), &ca, id).await;
     api.close().await;
     eventually("the follower says the source was closed", || {
         follower.status().last_error.is_some_and(|e| e.contains("closed"))
