@@ -18,7 +18,7 @@ use crate::policy::Policy;
 ///
 /// | limit | default | what it bounds |
 /// |---|---|---|
-/// | `max_message_size` | 1 MiB | one message's payload, both ways; larger is refused at send and closes a peer that sends one |
+/// | `max_message_size` | 1 MiB | one message's payload, both ways (1 KiB to 64 MiB); larger is refused at send and closes a peer that sends one |
 /// | `max_connections` | 1,024 | open incoming connections of a node (beyond it they are refused); dials count separately |
 /// | `max_handshakes` | 256 | incoming handshakes in progress (beyond it they are refused) |
 /// | `max_handshakes_per_address` | 64 | incoming handshakes in progress from one IP address |
@@ -48,7 +48,8 @@ use crate::policy::Policy;
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Limits {
-    /// Largest message payload in bytes.
+    /// Largest message payload in bytes, from 1,024 (every peer accepts that much: a dialler's
+    /// first message may be sent before the peer's limits are known) to 64 MiB.
     pub max_message_size: usize,
     /// Most open incoming connections per node (dials have their own count of the same size:
     /// incoming connections never block a node's own dials).
@@ -159,11 +160,9 @@ impl Limits {
     /// Checks that the limits make sense together.
     pub fn validate(&self) -> Result<()> {
         let bad = |s: String| Err(Error::Config(s));
-        if self.max_message_size == 0 || self.max_message_size > crate::proto::wire::MAX_MESSAGE_SIZE {
-            return bad(format!(
-                "max_message_size must be between 1 and {} bytes",
-                crate::proto::wire::MAX_MESSAGE_SIZE
-            ));
+        use crate::proto::wire::{MAX_MESSAGE_SIZE, MIN_MESSAGE_LIMIT};
+        if !(MIN_MESSAGE_LIMIT..=MAX_MESSAGE_SIZE).contains(&self.max_message_size) {
+            return bad(format!("max_message_size must be between {MIN_MESSAGE_LIMIT} and {MAX_MESSAGE_SIZE} bytes"));
         }
         if self.receive_buffer < self.max_message_size {
             return bad("receive_buffer must hold at least one message of max_message_size".into());
@@ -356,6 +355,8 @@ mod tests {
         l.keep_alive = Some(l.idle_timeout);
         assert!(l.validate().is_err());
         assert!(Limits { max_message_size: 0, ..Limits::default() }.validate().is_err());
+        assert!(Limits { max_message_size: 1023, ..Limits::default() }.validate().is_err());
+        Limits { max_message_size: 1024, ..Limits::default() }.validate().unwrap();
         assert!(
             Limits { max_message_size: 65 << 20, receive_buffer: 128 << 20, ..Limits::default() }.validate().is_err()
         );

@@ -33,8 +33,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("pem_load", pem_load),
 ];
 
-/// Frame and stream-header decoding: never panics, and whatever decodes re-encodes to the same
-/// bytes.
+/// Frame and stream-header decoding: never panics, whatever decodes re-encodes to the same
+/// bytes, and a HELLO a node takes announces at least the protocol's floors.
 pub fn frame_decode(data: &[u8]) {
     if let Some(head) = data.get(..wire::STREAM_HEADER_LEN) {
         let head: [u8; wire::STREAM_HEADER_LEN] = head.try_into().expect("length checked");
@@ -49,6 +49,12 @@ pub fn frame_decode(data: &[u8]) {
         let mut again = Vec::new();
         frame.encode(&mut again);
         assert_eq!(&again[..], &buf[offset..offset + used]);
+        // A HELLO's announcement, as a node reads it: valid only within the protocol's floors.
+        if let Ok((hello, _)) = crate::proto::hello::PeerHello::from_frame(&frame) {
+            let early = crate::proto::hello::PeerHello::EARLY;
+            assert!(hello.epoch != 0 && hello.max_message_size >= early.max_message_size);
+            assert!(hello.max_channels >= early.max_channels && hello.window >= early.window);
+        }
         offset += used;
     }
 }

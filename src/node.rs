@@ -8,7 +8,9 @@
 //! 4. Hello exchange on the control stream: the dialler sends HELLO, the acceptor answers once
 //!    it has accepted the dialler. In TLS 1.3 the dialler finishes its handshake before the
 //!    acceptor has judged the dialler's certificate, so only the acceptor's HELLO proves the
-//!    dialler was accepted: [`Node::connect`] returns after it.
+//!    dialler was accepted: [`Node::connect`] returns after it. A new session's first message
+//!    may follow the dialler's HELLO at once, before the answer
+//!    ([`Node::connect_and_send_bytes`]): it is read only by an acceptor that accepted us.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -19,8 +21,10 @@ use bytes::Bytes;
 use quinn::crypto::rustls::HandshakeData;
 use quinn::{Connection, Endpoint, RecvStream, VarInt};
 use rustls_pki_types::CertificateDer;
+use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::config::{Limits, NodeConfig, StoreChoice};
@@ -30,13 +34,15 @@ use crate::identity::{Fingerprint, Identity, PeerIdentity, TrustStore};
 use crate::peer_name::PeerName;
 use crate::policy::Policy;
 use crate::proto::epochs::EpochBook;
-use crate::proto::hello::{self, Admission, HelloRefusal};
+use crate::proto::hello::{self, Admission, HelloRefusal, PeerHello};
 use crate::proto::reliable::{InboxConfig, OutboxConfig};
-use crate::proto::seal::{self, EXPORTER_LABEL, KEY_MATERIAL_LEN, OpenConfig};
-use crate::proto::session::SessionConfig;
+use crate::proto::seal::{self, EXPORTER_LABEL, KEY_MATERIAL_LEN, OpenConfig, OpeningKey, SealingKey};
+use crate::proto::session::{SessionConfig, SessionCore};
 use crate::proto::wire::{self, FRAME_HEADER_LEN, Frame, FrameHeader, STREAM_HEADER_LEN, StreamKind, frame_type};
 use crate::rpc::RpcServer;
-use crate::session::{EndHook, LinkParts, Outlet, Redial, Resumable, ResumePolicy, Session, SessionParams};
+use crate::session::{
+    EndHook, FirstLink, LinkParts, Outlet, Redial, Resumable, ResumePolicy, Session, SessionParams, send_first,
+};
 use crate::stats::{Counter, Counters, Stats, Tally};
 use crate::store::{DurableStore, Store, Stored};
 use crate::tls::{ALPN, Captured, TlsContext, take_captured};
@@ -246,7 +252,59 @@ impl Node {
     ///
     /// Errors: [`Error::InvalidInput`] for a name that is none of these.
     pub async fn connect(&self, addr: SocketAddr, server_name: &str) -> Result<Session> {
-        connect(&self.inner.shared, addr, server_name).await
+        connect(&self.inner.shared, addr, server_name, None).await.map(|(session, _)| session)
+    }
+
+    /// [`Node::connect`], and sends a first typed message on `channel` (postcard encoding); see
+    /// [`Node::connect_and_send_bytes`].
+    pub async fn connect_and_send<T: Serialize + ?Sized>(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        channel: u16,
+        message: &T,
+    ) -> Result<(Session, u64)> {
+        let bytes = postcard::to_allocvec(message)?;
+        self.connect_and_send_bytes(addr, server_name, channel, bytes).await
+    }
+
+    /// [`Node::connect`], and sends `payload` as the session's first message on `channel`,
+    /// saving a round trip: a payload of at most 1,024 bytes leaves right behind this node's
+    /// HELLO, before the peer's HELLO comes back (PROTOCOL.md section 2, "The early message"),
+    /// so it reaches the peer's application one round trip sooner than with `connect` then
+    /// [`Session::send_bytes`]. A larger payload is sent as soon as the session is
+    /// established, like `send_bytes`. Returns the session and the message's sequence number
+    /// (1), once the peer has accepted us, as `connect` does.
+    ///
+    /// The message goes only to a peer whose certificate and authorization this node checked,
+    /// sealed under the new connection's keys: it is not TLS early data (0-RTT) and cannot be
+    /// replayed. If the call fails after the handshake (the peer refused the session, or the
+    /// connection was lost), the message was not delivered, unless the peer had accepted the
+    /// session and the connection was lost before its answer arrived: as for any message
+    /// whose delivery was not confirmed, it may then have been delivered once.
+    ///
+    /// Errors: those of `connect`, and those of `send_bytes` for the message
+    /// ([`Error::ReservedChannel`], [`Error::MessageTooLarge`] beyond what both sides accept).
+    pub async fn connect_and_send_bytes(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        channel: u16,
+        payload: impl Into<Bytes>,
+    ) -> Result<(Session, u64)> {
+        let payload = payload.into();
+        if channel >= crate::rpc::FIRST_RESERVED_CHANNEL {
+            return Err(Error::ReservedChannel(channel));
+        }
+        if payload.len() > PeerHello::EARLY.max_message_size.min(self.inner.shared.limits.max_message_size) {
+            let session = self.connect(addr, server_name).await?;
+            let seq = session.send_bytes(channel, payload).await?;
+            return Ok((session, seq));
+        }
+        match connect(&self.inner.shared, addr, server_name, Some((channel, payload))).await? {
+            (session, Some(seq)) => Ok((session, seq)),
+            (_, None) => Err(Error::Internal("the first message was not sent".into())),
+        }
     }
 
     /// The next session a peer opened with us.
@@ -550,10 +608,8 @@ async fn accept_one(shared: &Arc<NodeShared>, incoming: quinn::Incoming) -> Resu
     }
     match result? {
         Outcome::Resumed => Ok(None),
-        Outcome::New(h) => {
-            let epoch = h.epoch;
-            Ok(Some(start_session(shared, *h, epoch, None, None)))
-        }
+        Outcome::New(h) => Ok(Some(start_session(shared, *h, None, None))),
+        Outcome::Redialled(_) => Err(Error::Internal("an accepted connection cannot be a redial".into())),
     }
 }
 
@@ -641,14 +697,15 @@ fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSoc
 }
 
 /// Dials `addr` and runs the quicseal handshake; `resume` is the (peer names digest, peer epoch) of a
-/// session to resume.
+/// session to resume, `first` a new session's first message, sent right behind our HELLO.
 async fn dial(
     shared: &Arc<NodeShared>,
     addr: SocketAddr,
     server_name: &str,
     epoch: u64,
     resume: Option<(Fingerprint, u64)>,
-) -> Result<Handshaken> {
+    first: Option<(u16, Bytes)>,
+) -> Result<Outcome> {
     // Our own dials count apart from incoming connections, which never block them.
     let dialled = shared.endpoint.open_connections().saturating_sub(shared.incoming_open.load(Ordering::SeqCst));
     if dialled >= shared.limits.max_connections {
@@ -669,39 +726,43 @@ async fn dial(
     let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
         let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
         answered.store(true, Ordering::Relaxed);
-        handshake(shared, conn, &captured, HandshakeRole::Dialler(epoch), resume).await
+        handshake(shared, conn, &captured, HandshakeRole::Dialler { epoch, first }, resume).await
     })
     .await;
     let timed_out = if answered.load(Ordering::Relaxed) { Timed::Handshake } else { Timed::NoAnswer };
-    match result.unwrap_or(Err(Error::Timeout { what: timed_out }))? {
-        Outcome::New(h) => Ok(*h),
-        // Only an acceptor attaches connections to existing sessions.
-        Outcome::Resumed => Err(Error::Internal("a dialled connection cannot be resumed by the dialler".into())),
-    }
+    result.unwrap_or(Err(Error::Timeout { what: timed_out }))
 }
 
 enum HandshakeRole {
-    /// Dialling, with this session epoch.
-    Dialler(u64),
+    /// Dialling, with this session epoch; `first` is a new session's first message (channel,
+    /// payload), sent right behind our HELLO.
+    Dialler { epoch: u64, first: Option<(u16, Bytes)> },
     /// Accepting; the handshake records the peer here (its names digest) once it counts the
     /// connection as one of that peer's.
     Acceptor(Arc<std::sync::OnceLock<Fingerprint>>),
 }
 
-/// A connection that passed the quicseal handshake.
+/// A connection that passed the quicseal handshake for a new session.
 struct Handshaken {
-    parts: LinkParts,
+    first: FirstLink,
+    /// The session's protocol state: the connection's keys, the peer's HELLO settled, and the
+    /// first message if it went out early.
+    core: SessionCore,
+    /// When the core's clock started.
+    started: Instant,
+    /// The first message's sequence number, if it went out early.
+    first_seq: Option<u64>,
     peer: PeerIdentity,
     /// What the peer's HELLO announced.
     peer_hello: PeerHello,
-    /// Our epoch for this session.
-    epoch: u64,
 }
 
 /// What a handshake led to.
 enum Outcome {
-    /// A connection for a new session (or, for a dialler, for the session it resumes).
+    /// A connection for a new session.
     New(Box<Handshaken>),
+    /// A dialler's new connection for the session it resumes.
+    Redialled(Box<LinkParts>),
     /// The acceptor attached the connection to an existing session.
     Resumed,
 }
@@ -736,19 +797,45 @@ async fn handshake(
     };
     let retired =
         |fp: &Fingerprint, epoch: u64| shared.retired.lock().unwrap_or_else(|e| e.into_inner()).is_retired(fp, epoch);
-    let (send, recv, epoch, peer_hello, resumable) = match role {
-        HandshakeRole::Dialler(epoch) => {
+    match role {
+        HandshakeRole::Dialler { epoch, first } => {
             let (mut send, mut recv) = conn.open_bi().await.map_err(lost)?;
             let header = Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Control));
             send.write_all_chunks(&mut [header, hello(epoch, resume.is_some())])
                 .await
                 .map_err(|e| write_err(e, &lost))?;
+            let keys = message_keys(shared, &conn, seal::Role::Dialler)?;
+            let Some(resuming) = resume else {
+                // A new session: its core is made now, before the acceptor's HELLO, with the
+                // bounds every acceptor accepts, so that its first message leaves right behind
+                // our HELLO (PROTOCOL.md section 2, "The early message").
+                let started = Instant::now();
+                let mut core = new_core(shared, epoch, &PeerHello::EARLY, keys);
+                let (first_seq, opened) = match first {
+                    Some((channel, payload)) => {
+                        let (seq, stream) = send_first(&conn, &mut core, 0, channel, payload).await?;
+                        (Some(seq), Some((channel, stream)))
+                    }
+                    None => (None, None),
+                };
+                let (peer_hello, _) = read_hello(&conn, &mut recv, &lost).await?;
+                let retired = retired(&peer.names_digest, peer_hello.epoch);
+                hello::check_answer(None, &peer.names_digest, peer_hello.epoch, retired)
+                    .map_err(|r| refuse_hello(&conn, r))?;
+                core.on_peer_hello(&peer_hello);
+                let first = FirstLink { conn, control: (send, recv), opened };
+                return Ok(Outcome::New(Box::new(Handshaken { first, core, started, first_seq, peer, peer_hello })));
+            };
             let (peer_hello, _) = read_hello(&conn, &mut recv, &lost).await?;
             let peer_epoch = peer_hello.epoch;
-            let resuming = resume.as_ref().map(|(names, epoch)| (names, *epoch));
-            hello::check_answer(resuming, &peer.names_digest, peer_epoch, retired(&peer.names_digest, peer_epoch))
-                .map_err(|r| refuse_hello(&conn, r))?;
-            (send, recv, epoch, peer_hello, None)
+            hello::check_answer(
+                Some((&resuming.0, resuming.1)),
+                &peer.names_digest,
+                peer_epoch,
+                retired(&peer.names_digest, peer_epoch),
+            )
+            .map_err(|r| refuse_hello(&conn, r))?;
+            Ok(Outcome::Redialled(Box::new(LinkParts { conn, keys, control: (send, recv) })))
         }
         HandshakeRole::Acceptor(ref counted) => {
             let (mut send, mut recv) = conn.accept_bi().await.map_err(lost)?;
@@ -788,26 +875,84 @@ async fn handshake(
                 Admission::Resume((epoch, r)) => (epoch, Some(r)),
             };
             send.write_all(&hello(epoch, false)).await.map_err(|e| write_err(e, &lost))?;
-            (send, recv, epoch, peer_hello, resumable)
+            let keys = message_keys(shared, &conn, seal::Role::Acceptor)?;
+            if let Some(r) = resumable {
+                if !r.resume(LinkParts { conn, keys, control: (send, recv) }) {
+                    return Err(Error::ConnectionLost {
+                        reason: "the session ended while it was being resumed".into(),
+                    });
+                }
+                return Ok(Outcome::Resumed);
+            }
+            let (started, core) = (Instant::now(), new_core(shared, epoch, &peer_hello, keys));
+            let first = FirstLink { conn, control: (send, recv), opened: None };
+            Ok(Outcome::New(Box::new(Handshaken { first, core, started, first_seq: None, peer, peer_hello })))
         }
-    };
-    // Wiped once the keys are derived.
+    }
+}
+
+/// The connection's message keys (PROTOCOL.md section 5), from its TLS exporter; the material is
+/// wiped once they are derived.
+fn message_keys(shared: &NodeShared, conn: &Connection, side: seal::Role) -> Result<(SealingKey, OpeningKey)> {
     let mut material = zeroize::Zeroizing::new([0u8; KEY_MATERIAL_LEN]);
     conn.export_keying_material(&mut material[..], EXPORTER_LABEL, b"")
         .map_err(|_| Error::Internal("TLS exporter unavailable".into()))?;
-    let side = if matches!(role, HandshakeRole::Dialler(_)) { seal::Role::Dialler } else { seal::Role::Acceptor };
     let (mut sealing, opening) = seal::derive_keys(&material, side);
     let (messages, bytes) = shared.limits.test_key_limits;
     sealing.set_limits(seal::KeyLimits { messages, bytes });
-    let keys = (sealing, opening);
-    let parts = LinkParts { conn, keys, control: (send, recv) };
-    if let Some(r) = resumable {
-        if !r.resume(parts) {
-            return Err(Error::ConnectionLost { reason: "the session ended while it was being resumed".into() });
-        }
-        return Ok(Outcome::Resumed);
+    Ok((sealing, opening))
+}
+
+/// A new session's protocol state over its first connection's keys, with what the peer's
+/// HELLO announced ([`PeerHello::EARLY`] for a dialler that has not read it yet).
+fn new_core(shared: &NodeShared, epoch: u64, peer: &PeerHello, keys: (SealingKey, OpeningKey)) -> SessionCore {
+    let limits = &shared.limits;
+    let local_max = limits.max_message_size;
+    let config = SessionConfig {
+        epoch,
+        peer_epoch: 0,
+        open: OpenConfig {
+            max_payload: local_max,
+            window_width: limits.replay_window,
+            freshness_ms: limits.freshness.as_millis() as u64,
+            max_future_ms: limits.max_clock_skew.as_millis() as u64,
+            // The application's channels and the three reserved ones (durable, RPC).
+            max_windows: usize::from(limits.max_channels) + 3,
+        },
+        outbox: OutboxConfig {
+            max_messages: limits.outbox_messages,
+            max_bytes: limits.outbox_bytes,
+            // Settled by the peer's HELLO (its replay window).
+            max_per_channel: 0,
+            // QUIC already retransmits inside a connection; our timer only fills gaps left by
+            // messages the receiver refused (tag, freshness), so it is deliberately slow.
+            // After a reconnect everything unacknowledged is resent at once.
+            initial_rto_ms: 5_000,
+            min_rto_ms: 5_000,
+            max_rto_ms: 60_000,
+            retransmit_on_timeout: true,
+        },
+        inbox: InboxConfig {
+            reorder_window: limits.replay_window,
+            max_buffered_bytes: limits.receive_buffer,
+            max_channels: usize::from(limits.max_channels),
+            ack_delay_ms: 2,
+            ack_every: 64,
+            ack_when_drained: true,
+            auto_ack: !shared.manual_ack,
+            reserved_from: Some(crate::rpc::FIRST_RESERVED_CHANNEL),
+        },
+        max_tag_failures: limits.max_tag_failures,
+        max_recv: local_max,
+        // Settled by the peer's HELLO.
+        max_send: 0,
+        max_channels: 0,
+        receive_buffer: limits.receive_buffer,
     }
-    Ok(Outcome::New(Box::new(Handshaken { parts, peer, peer_hello, epoch })))
+    .with_peer(peer);
+    let tally = Tally { session: Arc::default(), node: shared.counters.clone() };
+    // The epoch is random: it seeds the retransmission jitter as well as any.
+    SessionCore::with_tally(config, keys, epoch, tally)
 }
 
 /// Closes `conn` with the refusal's close code and returns the local error that says why.
@@ -822,10 +967,20 @@ fn refuse_hello(conn: &Connection, refusal: HelloRefusal) -> Error {
     }
 }
 
-/// Dials `addr` and starts a session ([`Node::connect`]).
-async fn connect(shared: &Arc<NodeShared>, addr: SocketAddr, server_name: &str) -> Result<Session> {
+/// Dials `addr` and starts a session ([`Node::connect`]); `first` is a first message to send
+/// right behind our HELLO ([`Node::connect_and_send_bytes`]), whose sequence number is returned.
+async fn connect(
+    shared: &Arc<NodeShared>,
+    addr: SocketAddr,
+    server_name: &str,
+    first: Option<(u16, Bytes)>,
+) -> Result<(Session, Option<u64>)> {
     let epoch = random_epoch()?;
-    let result = dial(shared, addr, server_name, epoch, None).await;
+    let result = match dial(shared, addr, server_name, epoch, None, first).await {
+        Ok(Outcome::New(h)) => Ok(*h),
+        Ok(_) => Err(Error::Internal("a new dial did not start a new session".into())),
+        Err(e) => Err(e),
+    };
     let result = result.map(|h| {
         let (peer_fp, peer_epoch) = (h.peer.names_digest, h.peer_hello.epoch);
         let redial: Redial = {
@@ -834,16 +989,19 @@ async fn connect(shared: &Arc<NodeShared>, addr: SocketAddr, server_name: &str) 
                 let (node, name) = (node.clone(), name.clone());
                 Box::pin(async move {
                     let node = node.upgrade().ok_or(Error::Closed)?;
-                    let h = dial(&node, addr, &name, epoch, Some((peer_fp, peer_epoch))).await?;
-                    Ok(h.parts)
+                    match dial(&node, addr, &name, epoch, Some((peer_fp, peer_epoch)), None).await? {
+                        Outcome::Redialled(parts) => Ok(*parts),
+                        _ => Err(Error::Internal("a redial did not resume its session".into())),
+                    }
                 })
             })
         };
         let durable_dial = shared.durable.is_some().then(|| durable_dial(shared, addr, server_name));
-        start_session(shared, h, epoch, Some(redial), durable_dial)
+        let first_seq = h.first_seq;
+        (start_session(shared, h, Some(redial), durable_dial), first_seq)
     });
     match &result {
-        Ok(s) => info!(peer = %s.peer(), remote = %addr, "session established (dialled)"),
+        Ok((s, _)) => info!(peer = %s.peer(), remote = %addr, "session established (dialled)"),
         Err(e) => warn!(remote = %addr, error = %e, "dial failed"),
     }
     result
@@ -857,7 +1015,7 @@ fn durable_dial(shared: &Arc<NodeShared>, addr: SocketAddr, server_name: &str) -
         let (node, name) = (node.clone(), name.clone());
         Box::pin(async move {
             let shared = node.upgrade().ok_or(Error::Closed)?;
-            let session = connect(&shared, addr, &name).await?;
+            let (session, _) = connect(&shared, addr, &name, None).await?;
             Ok(Box::new(session) as Box<dyn std::any::Any + Send + Sync>)
         })
     })
@@ -867,13 +1025,10 @@ fn durable_dial(shared: &Arc<NodeShared>, addr: SocketAddr, server_name: &str) -
 fn start_session(
     shared: &Arc<NodeShared>,
     h: Handshaken,
-    epoch: u64,
     redial: Option<Redial>,
     dial: Option<crate::durable::Dial>,
 ) -> Session {
     let limits = &shared.limits;
-    let local_max = limits.max_message_size;
-    let tally = Tally { session: Arc::default(), node: shared.counters.clone() };
     let (fingerprint, peer_epoch) = (h.peer.names_digest, h.peer_hello.epoch);
     let accepted = redial.is_none();
     let on_end: EndHook = {
@@ -886,51 +1041,10 @@ fn start_session(
         })
     };
     let session = Session::start(
-        h.parts,
+        h.first,
         SessionParams {
-            config: SessionConfig {
-                epoch,
-                peer_epoch,
-                open: OpenConfig {
-                    max_payload: local_max,
-                    window_width: limits.replay_window,
-                    freshness_ms: limits.freshness.as_millis() as u64,
-                    max_future_ms: limits.max_clock_skew.as_millis() as u64,
-                    // The application's channels and the three reserved ones (durable, RPC).
-                    max_windows: usize::from(limits.max_channels) + 3,
-                },
-                outbox: OutboxConfig {
-                    max_messages: limits.outbox_messages,
-                    max_bytes: limits.outbox_bytes,
-                    // The peer's replay window: a resend is then never too old for it.
-                    max_per_channel: h.peer_hello.window,
-                    // QUIC already retransmits inside a connection; our timer only fills gaps left by
-                    // messages the receiver refused (tag, freshness), so it is deliberately slow.
-                    // After a reconnect everything unacknowledged is resent at once.
-                    initial_rto_ms: 5_000,
-                    min_rto_ms: 5_000,
-                    max_rto_ms: 60_000,
-                    retransmit_on_timeout: true,
-                },
-                inbox: InboxConfig {
-                    reorder_window: limits.replay_window,
-                    max_buffered_bytes: limits.receive_buffer,
-                    max_channels: usize::from(limits.max_channels),
-                    ack_delay_ms: 2,
-                    ack_every: 64,
-                    ack_when_drained: true,
-                    auto_ack: !shared.manual_ack,
-                    reserved_from: Some(crate::rpc::FIRST_RESERVED_CHANNEL),
-                },
-                max_tag_failures: limits.max_tag_failures,
-                max_recv: local_max,
-                max_send: local_max.min(h.peer_hello.max_message_size),
-                // Channels we open: no more than the peer accepts (a message on a channel it could
-                // not open would be dropped and resent for ever).
-                max_channels: limits.max_channels.min(h.peer_hello.max_channels),
-                receive_buffer: limits.receive_buffer,
-            },
-            tally,
+            core: h.core,
+            started: h.started,
             peer: h.peer,
             unread_budget: shared.unread.clone(),
             resume: ResumePolicy {
@@ -981,19 +1095,6 @@ pub(crate) fn random_epoch() -> Result<u64> {
     }
 }
 
-/// What a peer's HELLO announced.
-#[derive(Debug, Clone, Copy)]
-struct PeerHello {
-    /// Largest payload it accepts.
-    max_message_size: usize,
-    /// Its session epoch.
-    epoch: u64,
-    /// Application channels it accepts from us.
-    max_channels: u16,
-    /// Its replay window: most unacknowledged messages we may have on one channel.
-    window: u64,
-}
-
 /// Reads the peer's HELLO, and whether it asks to resume a session.
 async fn read_hello(
     conn: &Connection,
@@ -1008,21 +1109,9 @@ async fn read_hello(
     }
     let mut body = [0u8; wire::HELLO_LEN as usize];
     read_exact(conn, recv, &mut body, lost).await?;
-    match header.decode_body(Bytes::copy_from_slice(&body)) {
-        Ok(Frame::Hello { max_message_size, epoch, resume, max_channels, window })
-            if max_message_size > 0 && epoch != 0 && max_channels > 0 && window > 0 =>
-        {
-            let hello = PeerHello {
-                max_message_size: max_message_size as usize,
-                epoch,
-                max_channels,
-                window: u64::from(window),
-            };
-            Ok((hello, resume))
-        }
-        Ok(_) => Err(violation(conn, Violation::BadHello)),
-        Err(e) => Err(violation(conn, Violation::Malformed(e))),
-    }
+    let frame =
+        header.decode_body(Bytes::copy_from_slice(&body)).map_err(|e| violation(conn, Violation::Malformed(e)))?;
+    PeerHello::from_frame(&frame).map_err(|v| violation(conn, v))
 }
 
 async fn read_exact(

@@ -63,7 +63,7 @@ use crate::identity::{Fingerprint, PeerIdentity};
 use crate::proto::durable::DURABLE_CHANNEL;
 use crate::proto::rpc::CallId;
 use crate::proto::seal::{OpeningKey, SealError, SealingKey};
-use crate::proto::session::{Arrival, DatagramError, PushError, SessionConfig, SessionCore, Stop, Violation, seal_one};
+use crate::proto::session::{Arrival, DatagramError, PushError, SessionCore, Stop, Violation, seal_one};
 use crate::proto::wire::{
     self, FRAME_HEADER_LEN, MESSAGE_OVERHEAD, MessageKind, STREAM_HEADER_LEN, StreamKind, WireError,
 };
@@ -541,9 +541,19 @@ impl SessionShared {
 
     /// Readies a connection to be served by the session's task ([`run`]): its writer, and
     /// its control stream for the reader.
-    fn run_link(self: &Arc<Self>, link: Arc<Carrier>, control: (SendStream, RecvStream)) {
+    /// `opened` is a channel stream the handshake already opened and wrote on.
+    fn run_link(
+        self: &Arc<Self>,
+        link: Arc<Carrier>,
+        control: (SendStream, RecvStream),
+        opened: Option<(u16, (SendStream, RecvStream))>,
+    ) {
         let (control_send, control_recv) = control;
-        let _ = link.writer.set(tokio::sync::Mutex::new(Writer::new(control_send)));
+        let mut writer = Writer::new(control_send);
+        if let Some((channel, pair)) = opened {
+            writer.streams.insert(channel, pair);
+        }
+        let _ = link.writer.set(tokio::sync::Mutex::new(writer));
         *link.control.lock().unwrap_or_else(|e| e.into_inner()) = Some(control_recv);
     }
 
@@ -558,7 +568,7 @@ impl SessionShared {
         };
         let link = Carrier::new(parts.conn, number);
         *self.link.lock().unwrap_or_else(|e| e.into_inner()) = link.clone();
-        self.run_link(link, parts.control);
+        self.run_link(link, parts.control, None);
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.generation_signal.notify_waiters();
         self.work.notify_one();
@@ -606,12 +616,23 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// A new session's first connection, as the handshake leaves it.
+pub(crate) struct FirstLink {
+    pub(crate) conn: Connection,
+    pub(crate) control: (SendStream, RecvStream),
+    /// The stream of the channel whose first message went out right behind the dialler's
+    /// HELLO ([`send_first`]), with its header and that message already written.
+    pub(crate) opened: Option<(u16, (SendStream, RecvStream))>,
+}
+
 /// What [`Session::start`] needs besides the connection.
 pub(crate) struct SessionParams {
     pub(crate) peer: PeerIdentity,
-    /// The protocol's configuration (epochs, limits, timers).
-    pub(crate) config: SessionConfig,
-    pub(crate) tally: Tally,
+    /// The session's protocol state, over the first connection's keys, with the peer's HELLO
+    /// settled (and, for a dialler, a first message it sent early).
+    pub(crate) core: SessionCore,
+    /// When the core's clock started: its `now` is milliseconds since.
+    pub(crate) started: Instant,
     /// The node's budget for received-but-unread bytes.
     pub(crate) unread_budget: Arc<UnreadBudget>,
     pub(crate) resume: ResumePolicy,
@@ -655,13 +676,14 @@ impl Resumable {
 }
 
 impl Session {
-    pub(crate) fn start(parts: LinkParts, p: SessionParams) -> Session {
-        let manual_ack = !p.config.inbox.auto_ack;
-        let seed = p.config.epoch ^ p.config.peer_epoch;
-        let LinkParts { conn, keys, control } = parts;
+    pub(crate) fn start(first: FirstLink, p: SessionParams) -> Session {
+        let config = p.core.config();
+        let manual_ack = !config.inbox.auto_ack;
+        let FirstLink { conn, control, opened } = first;
         let peer = Arc::new(p.peer);
-        let outbox_messages = p.config.outbox.max_messages;
-        let (epoch, max_send) = (p.config.epoch, p.config.max_send);
+        let outbox_messages = config.outbox.max_messages;
+        let (epoch, max_send) = (config.epoch, config.max_send);
+        let tally = p.core.tally().clone();
         let shared = Arc::new(SessionShared {
             // The first connection is number 1.
             link: Mutex::new(Carrier::new(conn.clone(), 1)),
@@ -674,13 +696,9 @@ impl Session {
             on_end: Mutex::new(Some(p.on_end)),
             epoch,
             unread_budget: p.unread_budget.clone(),
-            core: Mutex::new(Core {
-                state: SessionCore::with_tally(p.config, keys, seed, p.tally.clone()),
-                node: p.unread_budget,
-                accounted: 0,
-            }),
-            tally: p.tally,
-            started: Instant::now(),
+            core: Mutex::new(Core { state: p.core, node: p.unread_budget, accounted: 0 }),
+            tally,
+            started: p.started,
             work: Notify::new(),
             drive_sleeps_until: AtomicU64::new(0),
             arrived: Notify::new(),
@@ -694,7 +712,7 @@ impl Session {
             peer_names: peer.names_digest,
         });
         // The first connection: its keys are already in the core.
-        shared.run_link(shared.link(), control);
+        shared.run_link(shared.link(), control, opened);
         let task = tokio::spawn(run(shared.clone(), p.resume, p.redial));
         Session { inner: Arc::new(SessionInner { shared, peer, manual_ack, task }) }
     }
@@ -1450,6 +1468,33 @@ async fn write_some(send: &mut SendStream, frames: &mut VecDeque<Bytes>) -> Resu
 /// The first bytes of a channel stream.
 fn channel_stream_header(channel: u16) -> Bytes {
     Bytes::copy_from_slice(&wire::encode_stream_header(StreamKind::Channel(channel)))
+}
+
+/// Sends a new session's first message right behind the dialler's HELLO, before the
+/// acceptor's HELLO arrives (PROTOCOL.md section 2, "The early message"): queued in `core` (made
+/// with [`PeerHello::EARLY`](crate::proto::session::PeerHello::EARLY), whose bounds refuse what
+/// might not fit the acceptor's limits), sealed under the connection's key and written on its
+/// channel's new stream. `now` is the core's clock. Returns the message's sequence number and
+/// the stream, for the session's writer.
+pub(crate) async fn send_first(
+    conn: &Connection,
+    core: &mut SessionCore,
+    now: u64,
+    channel: u16,
+    payload: Bytes,
+) -> Result<(u64, (SendStream, RecvStream))> {
+    reserved(channel)?;
+    let (seq, _) = core.push(channel, payload, true, now).map_err(push_error)?;
+    let out = core.poll_transmit(now, now_ms(), |_| false).map_err(|e| match e {
+        Stop::Seal(e) => seal_error(e),
+        Stop::FreshKeys(why) => Error::Internal(format!("a new key wants fresh keys: {why}")),
+    })?;
+    let (_, frames) = out.seal_all(core);
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| Error::ConnectionLost { reason: e.to_string() })?;
+    let mut chunks: Vec<Bytes> =
+        std::iter::once(channel_stream_header(channel)).chain(frames.into_iter().map(|(_, f)| f)).collect();
+    send.write_all_chunks(&mut chunks).await.map_err(|e| Error::ConnectionLost { reason: e.to_string() })?;
+    Ok((seq, (send, recv)))
 }
 
 /// Hands quinn what of `frames` flow control lets it take now, without waiting; what it took

@@ -10,6 +10,47 @@
 
 use super::close_code;
 use super::violation::Violation;
+use super::wire::{Frame, MIN_MESSAGE_LIMIT};
+
+/// What a peer's HELLO announced: its session epoch, and the limits a session with it keeps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerHello {
+    /// Its session epoch (non-zero).
+    pub epoch: u64,
+    /// The largest payload it accepts (at least [`MIN_MESSAGE_LIMIT`]).
+    pub max_message_size: usize,
+    /// Application channels it accepts from us (at least 1).
+    pub max_channels: u16,
+    /// Its replay window: how far ahead of its last delivered message it accepts one, so the
+    /// most unacknowledged messages we may have on one channel (at least 1).
+    pub window: u64,
+}
+
+impl PeerHello {
+    /// What every peer accepts, whatever its HELLO will say: the bounds of what a dialler may
+    /// send before the acceptor's HELLO arrives (PROTOCOL.md section 2, "The early message"):
+    /// one message of at most [`MIN_MESSAGE_LIMIT`] bytes, on one channel. Its epoch, 0, is
+    /// none: nothing opens under it.
+    pub const EARLY: PeerHello =
+        PeerHello { epoch: 0, max_message_size: MIN_MESSAGE_LIMIT, max_channels: 1, window: 1 };
+
+    /// Reads a decoded HELLO frame: what it announces and whether it asks to resume a session.
+    /// A zero epoch, channel count or window, or a message limit below [`MIN_MESSAGE_LIMIT`],
+    /// is [`Violation::BadHello`]; any other frame is [`Violation::ExpectedHello`].
+    pub fn from_frame(frame: &Frame) -> Result<(PeerHello, bool), Violation> {
+        match *frame {
+            Frame::Hello { max_message_size, epoch, resume, max_channels, window } => {
+                let max_message_size = max_message_size as usize;
+                if epoch == 0 || max_channels == 0 || window == 0 || max_message_size < MIN_MESSAGE_LIMIT {
+                    return Err(Violation::BadHello);
+                }
+                Ok((PeerHello { epoch, max_message_size, max_channels, window: u64::from(window) }, resume))
+            }
+            Frame::Message(_) => Err(Violation::ExpectedHello(super::wire::frame_type::MESSAGE)),
+            Frame::Ack(_) => Err(Violation::ExpectedHello(super::wire::frame_type::ACK)),
+        }
+    }
+}
 
 /// Why a hello is refused; [`HelloRefusal::close_code`] is what the node closes the connection
 /// with.
@@ -110,6 +151,28 @@ pub fn admit<S>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hello_announces_at_least_the_early_bounds() {
+        let hello = |max_message_size, epoch, max_channels, window| Frame::Hello {
+            max_message_size,
+            epoch,
+            resume: true,
+            max_channels,
+            window,
+        };
+        let fine = PeerHello { epoch: 9, max_message_size: 1024, max_channels: 1, window: 1 };
+        assert_eq!(PeerHello::from_frame(&hello(1024, 9, 1, 1)), Ok((fine, true)));
+        for bad in
+            [hello(1023, 9, 1, 1), hello(0, 9, 1, 1), hello(1024, 0, 1, 1), hello(1024, 9, 0, 1), hello(1024, 9, 1, 0)]
+        {
+            assert_eq!(PeerHello::from_frame(&bad), Err(Violation::BadHello), "{bad:?}");
+        }
+        // Every valid HELLO allows at least what an early message may use.
+        let early = PeerHello::EARLY;
+        assert!(fine.max_message_size >= early.max_message_size);
+        assert!(fine.max_channels >= early.max_channels && fine.window >= early.window);
+    }
 
     #[test]
     fn a_dialler_accepts_only_the_session_it_resumes_and_never_a_retired_epoch() {

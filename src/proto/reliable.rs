@@ -202,6 +202,13 @@ impl Outbox {
         }
     }
 
+    /// Raises the span of unacknowledged messages one channel may have
+    /// ([`OutboxConfig::max_per_channel`]), once the peer's HELLO announced its replay window.
+    /// It never shrinks: what is already queued stays within the new bound.
+    pub fn raise_max_per_channel(&mut self, max: u64) {
+        self.config.max_per_channel = self.config.max_per_channel.max(max);
+    }
+
     /// Queues a message for `channel`, due at once. Returns its sequence number, or [`Full`]
     /// when the count or byte bound would be exceeded, or the channel's span of unacknowledged
     /// messages would outgrow [`OutboxConfig::max_per_channel`] (a message larger than the byte

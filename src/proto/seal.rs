@@ -397,6 +397,15 @@ impl Opener {
         self.key = key;
     }
 
+    /// Learns the peer's epoch, for an opener made before the peer's HELLO with epoch 0 (which
+    /// opens nothing). An opener that already knows its peer's epoch keeps it: an epoch never
+    /// changes within a session.
+    pub fn learn_epoch(&mut self, epoch: u64) {
+        if self.epoch == 0 {
+            self.epoch = epoch;
+        }
+    }
+
     /// The replay window of (kind, channel), if any message was accepted there.
     pub fn window(&self, kind: MessageKind, channel: u16) -> Option<&ReplayWindow> {
         self.windows.get(&(kind, channel))
@@ -424,7 +433,8 @@ impl Opener {
     /// keeps: a sequence number is never recorded for a message that was then dropped, so the
     /// sender's resend is not refused as a replay.
     pub fn verify(&self, frame: MessageFrame, now_ms: u64) -> Result<Opened, Reject> {
-        if frame.epoch != self.epoch {
+        // Epoch 0 is no epoch: before the peer's HELLO nothing opens.
+        if frame.epoch != self.epoch || self.epoch == 0 {
             return Err(Reject::WrongEpoch { got: frame.epoch });
         }
         if frame.payload_len() > self.config.max_payload {

@@ -41,6 +41,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+pub use super::hello::PeerHello;
 use super::reliable::{Full, Inbox, InboxConfig, Outbox, OutboxConfig, Received};
 use super::replay::MAX_SEQ;
 use super::seal::{ChannelSealer, OpenConfig, Opened, Opener, OpeningKey, Reject, SealError, SealTicket, SealingKey};
@@ -88,6 +89,25 @@ pub struct SessionConfig {
     pub max_channels: u16,
     /// Received-but-unread bytes this session holds before its channel readers wait.
     pub receive_buffer: usize,
+}
+
+impl SessionConfig {
+    /// Settles what the peer's HELLO decides: its epoch, the largest payload we send (the
+    /// smaller of ours and its limit), the channels we open (no more than it accepts: a message
+    /// on a channel it could not open would be dropped and resent for ever) and the span of
+    /// unacknowledged messages per channel (its replay window, so a resend is never too old for
+    /// it). Our own limits are [`SessionConfig::max_recv`] and the inbox's channel count.
+    ///
+    /// A dialler's session made before the acceptor's HELLO takes [`PeerHello::EARLY`] here,
+    /// then the real one with [`SessionCore::on_peer_hello`].
+    pub fn with_peer(mut self, peer: &PeerHello) -> SessionConfig {
+        self.peer_epoch = peer.epoch;
+        self.max_send = self.max_recv.min(peer.max_message_size);
+        let ours = u16::try_from(self.inbox.max_channels).unwrap_or(u16::MAX);
+        self.max_channels = ours.min(peer.max_channels);
+        self.outbox.max_per_channel = peer.window;
+        self
+    }
 }
 
 /// Why [`SessionCore::push`] refused a message.
@@ -318,6 +338,11 @@ impl SessionCore {
         self.tally.session.snapshot()
     }
 
+    /// The counters it counts into.
+    pub(crate) fn tally(&self) -> &Tally {
+        &self.tally
+    }
+
     /// [`SessionCore::new`], counting into a node's counters too.
     pub(crate) fn with_tally(
         config: SessionConfig,
@@ -359,6 +384,26 @@ impl SessionCore {
             sealer.skip_to(last);
         }
         self.outbox.retransmit_all(now);
+    }
+
+    /// The peer's HELLO arrived, for a session made before it (a dialler's, with
+    /// [`SessionConfig::with_peer`] of [`PeerHello::EARLY`], so that its first message could
+    /// leave right behind its own HELLO). Its epoch opens the peer's frames from now on, and its
+    /// limits replace the early ones; every valid HELLO allows at least those, so what was
+    /// queued or sent early stays within bounds. A session that already knows its peer's
+    /// epoch keeps it (an epoch never changes within a session).
+    pub fn on_peer_hello(&mut self, peer: &PeerHello) {
+        if self.config.peer_epoch != 0 {
+            return;
+        }
+        self.config = self.config.clone().with_peer(peer);
+        self.opener.learn_epoch(peer.epoch);
+        self.outbox.raise_max_per_channel(peer.window);
+    }
+
+    /// Whether the peer's HELLO is still awaited ([`SessionCore::on_peer_hello`]).
+    pub fn awaits_peer_hello(&self) -> bool {
+        self.config.peer_epoch == 0
     }
 
     /// Whether connection number `connection` (what [`SessionCore::connections`] said when it

@@ -53,8 +53,9 @@ pub enum Violation {
     /// The control stream began with another frame than HELLO.
     #[error("expected HELLO, got frame type {0:#04x}")]
     ExpectedHello(u8),
-    /// A HELLO with a zero max_message_size, epoch, max_channels or window.
-    #[error("HELLO with a zero max_message_size, epoch, max_channels or window")]
+    /// A HELLO with a zero epoch, max_channels or window, or a max_message_size below 1,024
+    /// ([`MIN_MESSAGE_LIMIT`](super::wire::MIN_MESSAGE_LIMIT)).
+    #[error("HELLO with a zero epoch, max_channels or window, or a max_message_size below 1024")]
     BadHello,
     /// The control stream ended or broke during the hello.
     #[error("control stream: {0}")]

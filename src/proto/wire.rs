@@ -25,6 +25,10 @@ pub const MESSAGE_OVERHEAD: usize = FRAME_HEADER_LEN + MESSAGE_PREFIX_LEN + TAG_
 pub const MESSAGE_AAD_LEN: usize = FRAME_HEADER_LEN + MESSAGE_PREFIX_LEN;
 /// The largest message payload any configuration may allow (64 MiB).
 pub const MAX_MESSAGE_SIZE: usize = 64 << 20;
+/// The smallest `max_message_size` a HELLO may announce (1 KiB): every peer accepts a payload
+/// this large, so a dialler's early message of at most this size fits whatever the acceptor's
+/// HELLO will say (PROTOCOL.md section 2, "The early message").
+pub const MIN_MESSAGE_LIMIT: usize = 1024;
 
 /// What a stream carries, from its header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

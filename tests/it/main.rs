@@ -11,6 +11,7 @@ mod cli;
 mod durable;
 mod durable_crash;
 mod examples;
+mod first_message;
 mod identity;
 mod limits;
 mod metrics_export;

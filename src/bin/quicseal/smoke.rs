@@ -385,8 +385,9 @@ pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> crate::Result<
     let (to, name, channel) = (args.to, args.name.as_str(), args.channel);
     let mut sent = false;
     let result: quicseal::Result<(u64, String)> = async {
-        let session = node.connect(to, name).await?;
-        let seq = session.send_bytes(channel, payload).await?;
+        // The message leaves right behind our HELLO when it fits in 1 KiB (one round trip
+        // sooner); `sent` once the listener accepted the session.
+        let (session, seq) = node.connect_and_send_bytes(to, name, channel, payload).await?;
         sent = true;
         tokio::time::timeout(args.timeout, session.delivered(channel))
             .await
@@ -412,7 +413,7 @@ pub(crate) async fn send(args: SendArgs, out: &mut impl Write) -> crate::Result<
             if code == 1 {
                 return Err(e.into());
             }
-            let what = if sent { "sent, but not acknowledged" } else { "not sent" };
+            let what = if sent { "sent, but not acknowledged" } else { "no session" };
             let message = format!("{to} ({name}): {what}: {}", crate::sentence(&e));
             if tls.json {
                 writeln!(

@@ -67,6 +67,9 @@ struct Plan {
     takes: u64,
     /// Readers waiting for room always retry lowest channel first (else in a random order).
     lowest_wins: bool,
+    /// When the acceptor's HELLO reaches side 0, the dialler (ms). Before it, side 0 sends
+    /// within [`PeerHello::EARLY`]'s bounds, as a dialler's first message does, and reads nothing.
+    hello_at: u64,
 }
 
 impl Plan {
@@ -102,6 +105,7 @@ impl Plan {
             pause: if rng.per_mille(100) { (rng.below(20_000), rng.below(80_000)) } else { (0, 0) },
             takes: 8,
             lowest_wins: false,
+            hello_at: if rng.per_mille(500) { 0 } else { rng.below(30) },
         }
     }
 }
@@ -295,7 +299,12 @@ impl Pair {
         let side = |i: usize, k, rng: &mut Rng| {
             let counters = Arc::new(Counters::default());
             let tally = Tally { session: counters.clone(), node: Arc::new(Counters::default()) };
-            let core = SessionCore::with_tally(config(&plan, epochs[i], epochs[1 - i]), k, rng.next(), tally);
+            // Side 0 dials: its session starts before the acceptor's HELLO has arrived.
+            let mut config = config(&plan, epochs[i], epochs[1 - i]);
+            if i == 0 {
+                config = config.with_peer(&PeerHello::EARLY);
+            }
+            let core = SessionCore::with_tally(config, k, rng.next(), tally);
             Side {
                 core,
                 counters,
@@ -334,6 +343,17 @@ impl Pair {
 
     fn wall(&self) -> u64 {
         WALL_ZERO + self.now
+    }
+
+    /// What side 1's HELLO announces to side 0 (the limits of [`config`]).
+    fn acceptor_hello(&self) -> PeerHello {
+        let c = config(&self.plan, 0, 0);
+        PeerHello {
+            epoch: self.sides[1].core.epoch(),
+            max_message_size: c.max_recv,
+            max_channels: c.max_channels,
+            window: c.inbox.reorder_window,
+        }
     }
 
     fn faulty(&self) -> bool {
@@ -389,7 +409,12 @@ impl Pair {
                     p => p,
                 };
             }
-            let at = self.now + 1 + self.rng.below(f.jitter + 1);
+            let mut at = self.now + 1 + self.rng.below(f.jitter + 1);
+            if to == 0 {
+                // The dialler reads nothing of the acceptor's before its HELLO (the shell starts
+                // the session's readers once it has read it).
+                at = at.max(self.plan.hello_at);
+            }
             self.wires[to].push(at, self.conn_id, p);
         }
     }
@@ -559,6 +584,9 @@ impl Pair {
                     self.busy = true;
                 }
                 Err(PushError::Full(_)) => {}
+                // Before the acceptor's HELLO: one message of at most 1,024 bytes, on one channel.
+                Err(PushError::TooManyChannels(1) | PushError::TooLarge { limit: 1024, .. })
+                    if self.sides[i].core.awaits_peer_hello() => {}
                 Err(e) => return Err(format!("side {i} push: {e}")),
             }
         }
@@ -686,6 +714,9 @@ impl Pair {
         if let Some(b) = self.blackout_until {
             t = t.min(b.max(self.now + 1));
         }
+        if self.sides[0].core.awaits_peer_hello() {
+            t = t.min(self.plan.hello_at.max(self.now + 1));
+        }
         t
     }
 
@@ -726,10 +757,19 @@ impl Pair {
     fn step(&mut self) -> Result<(), String> {
         {
             self.steps += 1;
-            // Blackouts start at random while faults last; a reconnect ends each.
+            if self.now >= self.plan.hello_at && self.sides[0].core.awaits_peer_hello() {
+                let hello = self.acceptor_hello();
+                self.sides[0].core.on_peer_hello(&hello);
+            }
+            // Blackouts start at random while faults last; a reconnect ends each. None before
+            // the dialler has the acceptor's HELLO: a connection lost then is a failed dial.
+            let hello_done = !self.sides[0].core.awaits_peer_hello();
             match self.blackout_until {
                 Some(until) if self.now >= until => self.reconnect(),
-                None if self.faulty() && self.rng.below(1_000_000) < self.plan.faults.blackout_ppm * 3 => {
+                None if hello_done
+                    && self.faulty()
+                    && self.rng.below(1_000_000) < self.plan.faults.blackout_ppm * 3 =>
+                {
                     let len = 1 + self.rng.below(self.plan.faults.blackout_max);
                     self.blackout_until = Some(self.now + len);
                     self.wires[0].clear();
@@ -847,6 +887,7 @@ fn quiet_plan(channels: u16, per_channel: u64) -> Plan {
         pause: (0, 0),
         takes: 8,
         lowest_wins: false,
+        hello_at: 0,
     }
 }
 
@@ -973,4 +1014,57 @@ fn in_manual_ack_mode_only_what_the_application_acknowledged_is_acknowledged() {
         let o = pair.run().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         assert!(o.end_ms > 120_000, "{o:?}");
     }
+}
+
+/// A dialler's session before the acceptor's HELLO (PROTOCOL.md section 2, "The early
+/// message"): it may queue one message of at most 1,024 bytes on one channel, which the
+/// acceptor opens under the new connection's keys; once the HELLO arrives, the acceptor's own
+/// limits apply and the rest follows in order.
+#[test]
+fn before_the_acceptors_hello_a_dialler_sends_one_message_of_at_most_1024_bytes() {
+    let mut rng = Rng::new(7);
+    let [kd, ka] = keys(&mut rng, KeyLimits::default().messages);
+    let mut plan = quiet_plan(4, 3);
+    plan.max_payload = 4_000;
+    let (de, ae) = (0xd1a1, 0xacce);
+    let mut dialler = SessionCore::new(config(&plan, de, ae).with_peer(&PeerHello::EARLY), kd, 1);
+    assert!(dialler.awaits_peer_hello());
+    let msg = |len: usize| Bytes::from(vec![7u8; len]);
+    assert_eq!(dialler.push(0, msg(1025), true, 0), Err(PushError::TooLarge { size: 1025, limit: 1024 }));
+    assert_eq!(dialler.push(0, msg(1024), true, 0), Ok((1, 1)));
+    assert!(matches!(dialler.push(0, msg(1), true, 0), Err(PushError::Full(_))), "one message per channel");
+    assert_eq!(dialler.push(1, msg(1), true, 0), Err(PushError::TooManyChannels(1)));
+    let out = dialler.poll_transmit(0, WALL_ZERO, |_| false).unwrap();
+    let (_, early) = out.seal_all(&mut dialler);
+    assert_eq!(early.len(), 1);
+    // Nothing opens before the acceptor's epoch is known, not even a frame claiming epoch 0.
+    let mut acceptor = SessionCore::new(config(&plan, ae, de), ka, 2);
+    let (_, from_acceptor) = {
+        acceptor.push(2, msg(10), true, 0).unwrap();
+        acceptor.poll_transmit(0, WALL_ZERO, |_| false).unwrap().seal_all(&mut acceptor)
+    };
+    assert_eq!(dialler.opener.open_bytes(&from_acceptor[0].1, WALL_ZERO), Err(Reject::WrongEpoch { got: ae }));
+
+    // The acceptor takes the early message as any other.
+    let (channel, frame) = early[0].clone();
+    let head = acceptor.on_channel_stream(wire::encode_stream_header(StreamKind::Channel(channel))).unwrap();
+    assert_eq!(head, 0);
+    let h = acceptor.on_message_header(frame[..FRAME_HEADER_LEN].try_into().unwrap()).unwrap();
+    assert!(acceptor.reserve(0, h.length as usize, |_| true));
+    let arrival = acceptor.on_message(0, h, frame.slice(FRAME_HEADER_LEN..), h.length as usize, WALL_ZERO, 0);
+    assert_eq!(arrival, Ok(Arrival::Accepted));
+    let d = acceptor.poll_deliver(0).unwrap();
+    assert_eq!((d.channel, d.seq, d.payload.len()), (0, 1, 1024));
+
+    // The HELLO: the acceptor's epoch opens, its limits replace the early ones.
+    dialler.on_peer_hello(&PeerHello { epoch: ae, max_message_size: 3_000, max_channels: 2, window: 256 });
+    assert!(!dialler.awaits_peer_hello());
+    assert_eq!(dialler.config().max_send, 3_000);
+    assert!(dialler.opener.open_bytes(&from_acceptor[0].1, WALL_ZERO).is_ok());
+    assert_eq!(dialler.push(0, msg(3_000), true, 1), Ok((2, 2)));
+    assert_eq!(dialler.push(1, msg(1), true, 1), Ok((1, 3)));
+    assert_eq!(dialler.push(3, msg(1), true, 1), Err(PushError::TooManyChannels(2)));
+    // A second HELLO changes nothing: an epoch is the session's for good.
+    dialler.on_peer_hello(&PeerHello { epoch: 99, max_message_size: 1024, max_channels: 1, window: 1 });
+    assert_eq!((dialler.config().peer_epoch, dialler.config().max_send), (ae, 3_000));
 }
