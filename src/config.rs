@@ -29,7 +29,7 @@ use crate::policy::Policy;
 /// | `idle_timeout` | 30 s | a connection with no traffic is closed after this |
 /// | `keep_alive` | 10 s | pings keep an idle but wanted connection open |
 /// | `handshake_timeout` | 10 s | TLS handshake plus quicseal hello |
-/// | `stream_receive_window` | 1.25 MiB | unread bytes a peer may send on one channel |
+/// | `stream_receive_window` | 8 MiB | unread bytes a peer may send on one channel (half the connection's window) |
 /// | `connection_receive_window` | 16 MiB | unread bytes a peer may send on one connection (quinn's default is unlimited) |
 /// | `send_window` | 16 MiB | unacknowledged bytes we keep in flight per connection |
 /// | `receive_buffer` | 8 MiB | received messages not yet taken by the application, per session |
@@ -78,7 +78,10 @@ pub struct Limits {
     pub keep_alive: Option<Duration>,
     /// Deadline for the TLS handshake plus the quicseal hello.
     pub handshake_timeout: Duration,
-    /// Per-stream flow-control window.
+    /// Per-stream flow-control window: how far a channel's sender may run ahead of our reader.
+    /// The reader opens each message (AES-GCM) before it reads the next, so a window of a few
+    /// messages keeps a bulk sender busy meanwhile (`BENCHMARKS.md`, "Stream window"); the
+    /// connection's window still bounds what all channels together may hold.
     pub stream_receive_window: u32,
     /// Per-connection flow-control window.
     pub connection_receive_window: u32,
@@ -135,7 +138,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Some(Duration::from_secs(10)),
             handshake_timeout: Duration::from_secs(10),
-            stream_receive_window: 1_250_000,
+            stream_receive_window: 8 << 20,
             connection_receive_window: 16 << 20,
             send_window: 16 << 20,
             receive_buffer: 8 << 20,
