@@ -813,7 +813,7 @@ async fn handshake(
                 let mut core = new_core(shared, epoch, &PeerHello::EARLY, keys);
                 let (first_seq, opened) = match first {
                     Some((channel, payload)) => {
-                        let (seq, stream) = send_first(&conn, &mut core, 0, channel, payload).await?;
+                        let (seq, stream) = send_first(&conn, &mut core, 0, channel, payload, &lost).await?;
                         (Some(seq), Some((channel, stream)))
                     }
                     None => (None, None),

@@ -1474,14 +1474,16 @@ fn channel_stream_header(channel: u16) -> Bytes {
 /// acceptor's HELLO arrives (PROTOCOL.md section 2, "The early message"): queued in `core` (made
 /// with [`PeerHello::EARLY`](crate::proto::session::PeerHello::EARLY), whose bounds refuse what
 /// might not fit the acceptor's limits), sealed under the connection's key and written on its
-/// channel's new stream. `now` is the core's clock. Returns the message's sequence number and
-/// the stream, for the session's writer.
+/// channel's new stream. `now` is the core's clock; `lost` says why the connection closed (the
+/// acceptor may already have refused us: its refusal is the error, as it is for the HELLO).
+/// Returns the message's sequence number and the stream, for the session's writer.
 pub(crate) async fn send_first(
     conn: &Connection,
     core: &mut SessionCore,
     now: u64,
     channel: u16,
     payload: Bytes,
+    lost: &impl Fn(quinn::ConnectionError) -> Error,
 ) -> Result<(u64, (SendStream, RecvStream))> {
     reserved(channel)?;
     let (seq, _) = core.push(channel, payload, true, now).map_err(push_error)?;
@@ -1490,10 +1492,13 @@ pub(crate) async fn send_first(
         Stop::FreshKeys(why) => Error::Internal(format!("a new key wants fresh keys: {why}")),
     })?;
     let (_, frames) = out.seal_all(core);
-    let (mut send, recv) = conn.open_bi().await.map_err(|e| Error::ConnectionLost { reason: e.to_string() })?;
+    let (mut send, recv) = conn.open_bi().await.map_err(lost)?;
     let mut chunks: Vec<Bytes> =
         std::iter::once(channel_stream_header(channel)).chain(frames.into_iter().map(|(_, f)| f)).collect();
-    send.write_all_chunks(&mut chunks).await.map_err(|e| Error::ConnectionLost { reason: e.to_string() })?;
+    send.write_all_chunks(&mut chunks).await.map_err(|e| match e {
+        quinn::WriteError::ConnectionLost(e) => lost(e),
+        e => Error::ConnectionLost { reason: format!("the first message's stream: {e}") },
+    })?;
     Ok((seq, (send, recv)))
 }
 

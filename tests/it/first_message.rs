@@ -204,3 +204,27 @@ async fn a_hello_that_accepts_less_than_1024_bytes_is_a_protocol_violation() {
     );
     assert_eq!(app_code(&conn.closed().await), Some(u64::from(close_code::PROTOCOL_VIOLATION)));
 }
+
+/// An acceptor that refuses the dialler as soon as the TLS handshake is done: the refusal is
+/// the error of `connect_and_send_bytes`, whichever of its steps notices the close (this loop
+/// does not force the close to arrive before the first message is written; every step maps a
+/// lost connection the same way).
+#[tokio::test]
+async fn an_acceptor_closing_at_once_is_a_refusal_of_connect_and_send() {
+    let pki = Pki::new("ca");
+    let acceptor = raw_acceptor(&pki);
+    let addr = acceptor.local_addr().unwrap();
+    let refuse = tokio::spawn(async move {
+        while let Some(incoming) = acceptor.accept().await {
+            if let Ok(conn) = incoming.await {
+                conn.close(close_code::UNAUTHORIZED.into(), b"unauthorized");
+            }
+        }
+    });
+    let node = bind(NodeConfig::new(pki.identity("client"), pki.trust()));
+    for _ in 0..20 {
+        let e = node.connect_and_send_bytes(addr, "server", 0, &b"refused"[..]).await.unwrap_err();
+        assert!(matches!(e, Error::Unauthorized { side: Side::Remote, .. }), "{e:?}");
+    }
+    refuse.abort();
+}
