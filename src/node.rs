@@ -45,7 +45,7 @@ use crate::session::{
 };
 use crate::stats::{Counter, Counters, Stats, Tally};
 use crate::store::{DurableStore, Store, Stored};
-use crate::tls::{ALPN, Captured, TlsContext, take_captured};
+use crate::tls::{ALPN, Lease, TlsContext, take_captured};
 
 /// A quicseal node bound to one UDP address: it accepts sessions and dials them.
 ///
@@ -566,13 +566,13 @@ fn admit(shared: &NodeShared, remote: SocketAddr, validated: bool) -> Admit {
 
 /// Accepts one connection: a new session (`Some`), or a resumed one (`None`).
 async fn accept_one(shared: &Arc<NodeShared>, incoming: quinn::Incoming) -> Result<Option<Session>> {
-    let (crypto, captured) = shared.tls().server_config()?;
+    let lease = shared.tls().server_lease()?;
     let mut cfg = shared.base_server.clone();
-    cfg.crypto = crypto;
+    cfg.crypto = lease.config.clone();
     let connecting = incoming.accept_with(Arc::new(cfg)).map_err(|e| from_connection_error(e, None))?;
     let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout;
     let conn = match tokio::time::timeout_at(deadline, connecting).await {
-        Ok(conn) => conn.map_err(|e| from_connection_error(e, take_captured(&captured)))?,
+        Ok(conn) => tls_finished(conn, lease)?,
         Err(_) => return Err(Error::Timeout { what: Timed::Handshake }),
     };
     // Counted as an open incoming connection until it closes, and once the handshake knows
@@ -595,7 +595,7 @@ async fn accept_one(shared: &Arc<NodeShared>, incoming: quinn::Incoming) -> Resu
         }
     });
     let accepting = HandshakeRole::Acceptor(peer_slot);
-    let result = tokio::time::timeout_at(deadline, handshake(shared, conn.clone(), &captured, accepting, None))
+    let result = tokio::time::timeout_at(deadline, handshake(shared, conn.clone(), accepting, None))
         .await
         .unwrap_or_else(|_| {
             conn.close(VarInt::from_u32(close_code::HELLO_TIMEOUT), b"hello timeout");
@@ -712,8 +712,8 @@ async fn dial(
         return Err(Error::Limit { what: Limited::ConnectionsPerNode, limit: shared.limits.max_connections as u64 });
     }
     let name = PeerName::parse(server_name)?;
-    let (crypto, captured) = shared.tls().client_config(name.spiffe_id().cloned())?;
-    let mut cfg = quinn::ClientConfig::new(crypto);
+    let lease = shared.tls().client_lease(name.spiffe_id().cloned())?;
+    let mut cfg = quinn::ClientConfig::new(lease.config.clone());
     cfg.transport_config(shared.transport.clone());
     let connecting = shared.endpoint.connect_with(cfg, addr, &name.tls_name()).map_err(|e| match e {
         quinn::ConnectError::EndpointStopping => Error::Closed,
@@ -724,13 +724,25 @@ async fn dial(
     // says, rather than a bare "handshake".
     let answered = AtomicBool::new(false);
     let result = tokio::time::timeout(shared.limits.handshake_timeout, async {
-        let conn = connecting.await.map_err(|e| from_connection_error(e, take_captured(&captured)))?;
+        let conn = tls_finished(connecting.await, lease)?;
         answered.store(true, Ordering::Relaxed);
-        handshake(shared, conn, &captured, HandshakeRole::Dialler { epoch, first }, resume).await
+        handshake(shared, conn, HandshakeRole::Dialler { epoch, first }, resume).await
     })
     .await;
     let timed_out = if answered.load(Ordering::Relaxed) { Timed::Handshake } else { Timed::NoAnswer };
     result.unwrap_or(Err(Error::Timeout { what: timed_out }))
+}
+
+/// The end of a connection's TLS handshake: our verifier has checked the peer's certificate
+/// (it is called only during the handshake), so its configuration goes back for the next
+/// handshake, and a failure carries the refusal it recorded, if any.
+fn tls_finished<T>(
+    connected: std::result::Result<Connection, quinn::ConnectionError>,
+    lease: Lease<T>,
+) -> Result<Connection> {
+    let refusal = take_captured(&lease.captured);
+    lease.finished();
+    connected.map_err(|e| from_connection_error(e, refusal))
 }
 
 enum HandshakeRole {
@@ -773,11 +785,12 @@ enum Outcome {
 async fn handshake(
     shared: &Arc<NodeShared>,
     conn: Connection,
-    captured: &Captured,
     role: HandshakeRole,
     resume: Option<(Fingerprint, u64)>,
 ) -> Result<Outcome> {
-    let lost = |e: quinn::ConnectionError| from_connection_error(e, take_captured(captured));
+    // Our verifier has done its work (see `tls_finished`): a connection lost from here on was
+    // refused by the peer, or lost for another reason, which its error says.
+    let lost = |e: quinn::ConnectionError| from_connection_error(e, None);
     let negotiated = conn.handshake_data().and_then(|d| d.downcast::<HandshakeData>().ok()).and_then(|d| d.protocol);
     if negotiated.as_deref() != Some(ALPN) {
         conn.close(VarInt::from_u32(close_code::ALPN_MISMATCH), b"alpn mismatch");

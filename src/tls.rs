@@ -5,8 +5,11 @@
 //! on. Session resumption is off too: a resumed session would skip the certificate check, so
 //! a certificate revoked since the first handshake could come back in.
 //!
-//! Each connection gets its own verifier wrapper that records the typed rustls error of a
-//! refused certificate, so the local error names the exact reason (quinn only keeps a string).
+//! Each handshake in progress has its own verifier wrapper that records the typed rustls error
+//! of a refused certificate, so the local error names the exact reason (quinn only keeps a
+//! string). A configuration whose handshake has finished goes back to a small pool for the next
+//! handshake (its verifier is never called again for the connection it served), so a node holds
+//! about as many configurations as it has handshakes in progress, not one per connection.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -110,11 +113,57 @@ pub(crate) fn take_captured(c: &Captured) -> Option<rustls::Error> {
     c.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
-/// Verifiers built once per trust store; wrapped per connection.
+/// Verifiers built once per trust store; wrapped per handshake in progress.
 pub(crate) struct TlsContext {
     key: Arc<CertifiedKey>,
     verifiers: Arc<Verifiers>,
     rules: Arc<LeafRules>,
+    /// Server configurations whose handshakes finished, for the next ones.
+    servers: Arc<Idle<QuicServerConfig>>,
+    /// Client configurations without a SPIFFE ID to expect, likewise. (Those with one are made
+    /// per dial: the ID is part of the verifier.)
+    clients: Arc<Idle<QuicClientConfig>>,
+}
+
+/// Most configurations of each kind kept for later handshakes; beyond this many finishing at
+/// once, the rest are dropped.
+const IDLE_CONFIGS: usize = 32;
+
+/// Configurations whose handshakes finished.
+type Idle<T> = Mutex<Vec<(Arc<T>, Captured)>>;
+
+/// A TLS configuration lent to one handshake, and where its verifier records refusals.
+///
+/// [`Lease::finished`] gives it back once the handshake is over, successful or not: the verifier
+/// is called only during a handshake, so the next handshake may use it and find `captured`
+/// empty. A lease dropped without `finished` (a handshake given up while quinn may still be
+/// running it) is not reused, so a late refusal can never be recorded against another
+/// handshake.
+pub(crate) struct Lease<T> {
+    pub(crate) config: Arc<T>,
+    pub(crate) captured: Captured,
+    home: Option<Arc<Idle<T>>>,
+}
+
+impl<T> Lease<T> {
+    fn take(home: &Arc<Idle<T>>, make: impl FnOnce() -> Result<(Arc<T>, Captured)>) -> Result<Lease<T>> {
+        let idle = home.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let (config, captured) = match idle {
+            Some(c) => c,
+            None => make()?,
+        };
+        Ok(Lease { config, captured, home: Some(home.clone()) })
+    }
+
+    /// The handshake this configuration served is over: it may serve the next one.
+    pub(crate) fn finished(self) {
+        let Some(home) = self.home else { return };
+        take_captured(&self.captured);
+        let mut idle = home.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < IDLE_CONFIGS {
+            idle.push((self.config, self.captured));
+        }
+    }
 }
 
 /// Checks a peer's certificate chain (leaf first) exactly as a node does in its handshake:
@@ -278,10 +327,29 @@ impl TlsContext {
             key: identity.key.clone(),
             verifiers: Arc::new(Verifiers::of(trust)?),
             rules: Arc::new(LeafRules::of(trust)),
+            servers: Arc::default(),
+            clients: Arc::default(),
         })
     }
 
-    /// A server config for one incoming connection, and where its verifier records refusals.
+    /// A server configuration for one incoming connection's handshake.
+    pub(crate) fn server_lease(&self) -> Result<Lease<QuicServerConfig>> {
+        Lease::take(&self.servers, || self.server_config())
+    }
+
+    /// A client configuration for one outgoing connection's handshake; with `spiffe`, see
+    /// [`TlsContext::client_config`].
+    pub(crate) fn client_lease(&self, spiffe: Option<SpiffeId>) -> Result<Lease<QuicClientConfig>> {
+        match spiffe {
+            None => Lease::take(&self.clients, || self.client_config(None)),
+            Some(id) => {
+                let (config, captured) = self.client_config(Some(id))?;
+                Ok(Lease { config, captured, home: None })
+            }
+        }
+    }
+
+    /// A new server config, and where its verifier records refusals.
     pub(crate) fn server_config(&self) -> Result<(Arc<QuicServerConfig>, Captured)> {
         let captured = Captured::default();
         let verifier = Arc::new(ClientVerifier {
@@ -302,9 +370,9 @@ impl TlsContext {
         Ok((Arc::new(quic), captured))
     }
 
-    /// A client config for one outgoing connection, and where its verifier records refusals.
-    /// With `spiffe`, the server's certificate must be an X.509-SVID for that ID (and its DNS
-    /// names are not checked).
+    /// A new client config, and where its verifier records refusals. With `spiffe`, the
+    /// server's certificate must be an X.509-SVID for that ID (and its DNS names are not
+    /// checked).
     pub(crate) fn client_config(&self, spiffe: Option<SpiffeId>) -> Result<(Arc<QuicClientConfig>, Captured)> {
         let captured = Captured::default();
         let verifier = Arc::new(ServerVerifier {
@@ -527,5 +595,70 @@ impl ResolvesClientCert for Resolver {
     }
     fn has_certs(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, KeyType, NodeCert};
+
+    fn context() -> TlsContext {
+        let ca = Ca::new("lease CA", KeyType::EcdsaP256, Duration::from_secs(3600)).unwrap();
+        let issued = ca.issue(&NodeCert::new("a").dns("a.example")).unwrap();
+        let identity = Identity::from_pem(issued.chain_pem.as_bytes(), issued.key_pem.as_bytes()).unwrap();
+        let mut trust = TrustStore::new();
+        trust.add_ca_pem(ca.cert_pem().as_bytes()).unwrap();
+        TlsContext::new(&identity, &trust).unwrap()
+    }
+
+    fn refused(captured: &Captured) {
+        *captured.lock().unwrap() = Some(rustls::Error::NoCertificatesPresented);
+    }
+
+    #[test]
+    fn a_finished_lease_serves_the_next_handshake_with_no_refusal_left_in_it() {
+        let tls = context();
+        let first = tls.server_lease().unwrap();
+        let config = first.config.clone();
+        refused(&first.captured);
+        first.finished();
+        let next = tls.server_lease().unwrap();
+        assert!(Arc::ptr_eq(&next.config, &config), "the finished configuration is reused");
+        assert!(take_captured(&next.captured).is_none(), "the last handshake's refusal is gone");
+        // Two handshakes at once never share a configuration.
+        let other = tls.server_lease().unwrap();
+        assert!(!Arc::ptr_eq(&other.config, &next.config));
+        assert!(!Arc::ptr_eq(&other.captured, &next.captured));
+        let client = tls.client_lease(None).unwrap();
+        let config = client.config.clone();
+        client.finished();
+        assert!(Arc::ptr_eq(&tls.client_lease(None).unwrap().config, &config));
+    }
+
+    #[test]
+    fn a_lease_given_up_or_expecting_a_spiffe_id_is_not_reused() {
+        let tls = context();
+        // Dropped without `finished`: quinn may still run that handshake and call its verifier.
+        let abandoned = tls.server_lease().unwrap();
+        let config = abandoned.config.clone();
+        drop(abandoned);
+        assert!(!Arc::ptr_eq(&tls.server_lease().unwrap().config, &config));
+        let id: SpiffeId = "spiffe://example.org/a".parse().unwrap();
+        let spiffe = tls.client_lease(Some(id.clone())).unwrap();
+        let config = spiffe.config.clone();
+        spiffe.finished();
+        assert!(!Arc::ptr_eq(&tls.client_lease(Some(id)).unwrap().config, &config));
+        assert!(!Arc::ptr_eq(&tls.client_lease(None).unwrap().config, &config));
+    }
+
+    #[test]
+    fn at_most_idle_configs_wait_for_later_handshakes() {
+        let tls = context();
+        let leases: Vec<_> = (0..IDLE_CONFIGS + 5).map(|_| tls.server_lease().unwrap()).collect();
+        for lease in leases {
+            lease.finished();
+        }
+        assert_eq!(tls.servers.lock().unwrap().len(), IDLE_CONFIGS);
     }
 }

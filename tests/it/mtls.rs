@@ -291,6 +291,61 @@ async fn revoked_certificate_is_refused_and_others_still_connect() {
     s.unwrap();
 }
 
+/// A node reuses the TLS configuration of a finished handshake for the next one: each refusal
+/// still names its own reason, on either side, and a good peer connects in between.
+#[tokio::test]
+async fn one_node_refuses_peers_in_turn_each_with_its_own_reason() {
+    let pki = Pki::new("ca");
+    let other = Pki::new("other ca");
+    let revoked = pki.issue(&pki.cert("revoked"));
+    let now = SystemTime::now();
+    let crl = pki
+        .ca
+        .crl(
+            &[Revoked { serial: revoked.serial.clone(), revoked_at: now, reason: None }],
+            1,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+        )
+        .unwrap();
+    let mut trust = pki.trust();
+    trust.add_crl_pem(crl.as_bytes()).unwrap();
+    // The acceptor's side: a revoked dialler, a good one, one from another CA, a good one.
+    let server = bind(NodeConfig::new(pki.identity("server"), trust.clone()));
+    let bad = bind(NodeConfig::new(to_identity(&revoked), pki.trust()));
+    let stranger = bind(NodeConfig::new(other.identity("stranger"), pki.trust()));
+    let good = bind(NodeConfig::new(pki.identity("good"), pki.trust()));
+    for _ in 0..2 {
+        let (_, s) = connect(&bad, &server, "server").await;
+        let s = s.unwrap_err();
+        assert!(matches!(local(&s), RustlsError::InvalidCertificate(CertificateError::Revoked)), "{s:?}");
+        let (c, s) = connect(&good, &server, "server").await;
+        c.unwrap();
+        s.unwrap();
+        let (_, s) = connect(&stranger, &server, "server").await;
+        let s = s.unwrap_err();
+        assert!(matches!(local(&s), RustlsError::InvalidCertificate(CertificateError::UnknownIssuer)), "{s:?}");
+    }
+    // The dialler's side: a node from another CA, a good one, a name that is not the node's.
+    let client = bind(NodeConfig::new(pki.identity("client"), trust));
+    let foreign = bind(NodeConfig::new(other.identity("server"), other.trust()));
+    let trusted = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
+    for _ in 0..2 {
+        let (c, _) = connect(&client, &foreign, "server").await;
+        let c = c.unwrap_err();
+        assert!(matches!(local(&c), RustlsError::InvalidCertificate(CertificateError::UnknownIssuer)), "{c:?}");
+        let (c, s) = connect(&client, &trusted, "server").await;
+        c.unwrap();
+        s.unwrap();
+        let (c, _) = connect(&client, &trusted, "elsewhere").await;
+        let c = c.unwrap_err();
+        assert!(
+            matches!(local(&c), RustlsError::InvalidCertificate(CertificateError::NotValidForNameContext { .. })),
+            "{c:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn expired_crl_refuses_every_certificate_of_its_ca() {
     let pki = Pki::new("ca");
