@@ -4,7 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use crate::common::*;
-use quicseal::pki::{KeyType, Revoked, Usage};
+use quicseal::pki::{Issued, KeyType, Revoked, Usage};
 use quicseal::rustls::{AlertDescription, CertificateError, Error as RustlsError};
 use quicseal::{DeniedKey, Error, NodeConfig, Policy, Side, TlsError, TrustStore};
 use serde::{Deserialize, Serialize};
@@ -263,9 +263,8 @@ async fn dialler_with_server_only_certificate_is_refused() {
     );
 }
 
-#[tokio::test]
-async fn revoked_certificate_is_refused_and_others_still_connect() {
-    let pki = Pki::new("ca");
+/// A certificate "revoked" of `pki`, and a trust store whose CRL lists it.
+fn revoked_and_trust(pki: &Pki) -> (Issued, TrustStore) {
     let revoked = pki.issue(&pki.cert("revoked"));
     let now = SystemTime::now();
     let crl = pki
@@ -279,6 +278,13 @@ async fn revoked_certificate_is_refused_and_others_still_connect() {
         .unwrap();
     let mut trust = pki.trust();
     trust.add_crl_pem(crl.as_bytes()).unwrap();
+    (revoked, trust)
+}
+
+#[tokio::test]
+async fn revoked_certificate_is_refused_and_others_still_connect() {
+    let pki = Pki::new("ca");
+    let (revoked, trust) = revoked_and_trust(&pki);
     let server = bind(NodeConfig::new(pki.identity("server"), trust.clone()));
     let bad = bind(NodeConfig::new(to_identity(&revoked), pki.trust()));
     let (c, s) = connect(&bad, &server, "server").await;
@@ -297,33 +303,19 @@ async fn revoked_certificate_is_refused_and_others_still_connect() {
 async fn one_node_refuses_peers_in_turn_each_with_its_own_reason() {
     let pki = Pki::new("ca");
     let other = Pki::new("other ca");
-    let revoked = pki.issue(&pki.cert("revoked"));
-    let now = SystemTime::now();
-    let crl = pki
-        .ca
-        .crl(
-            &[Revoked { serial: revoked.serial.clone(), revoked_at: now, reason: None }],
-            1,
-            now - Duration::from_secs(60),
-            now + Duration::from_secs(3600),
-        )
-        .unwrap();
-    let mut trust = pki.trust();
-    trust.add_crl_pem(crl.as_bytes()).unwrap();
+    let (revoked, trust) = revoked_and_trust(&pki);
     // The acceptor's side: a revoked dialler, a good one, one from another CA, a good one.
     let server = bind(NodeConfig::new(pki.identity("server"), trust.clone()));
     let bad = bind(NodeConfig::new(to_identity(&revoked), pki.trust()));
     let stranger = bind(NodeConfig::new(other.identity("stranger"), pki.trust()));
     let good = bind(NodeConfig::new(pki.identity("good"), pki.trust()));
     for _ in 0..2 {
-        let (_, s) = connect(&bad, &server, "server").await;
-        let s = s.unwrap_err();
+        let s = connect(&bad, &server, "server").await.1.unwrap_err();
         assert!(matches!(local(&s), RustlsError::InvalidCertificate(CertificateError::Revoked)), "{s:?}");
         let (c, s) = connect(&good, &server, "server").await;
         c.unwrap();
         s.unwrap();
-        let (_, s) = connect(&stranger, &server, "server").await;
-        let s = s.unwrap_err();
+        let s = connect(&stranger, &server, "server").await.1.unwrap_err();
         assert!(matches!(local(&s), RustlsError::InvalidCertificate(CertificateError::UnknownIssuer)), "{s:?}");
     }
     // The dialler's side: a node from another CA, a good one, a name that is not the node's.
@@ -331,14 +323,12 @@ async fn one_node_refuses_peers_in_turn_each_with_its_own_reason() {
     let foreign = bind(NodeConfig::new(other.identity("server"), other.trust()));
     let trusted = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
     for _ in 0..2 {
-        let (c, _) = connect(&client, &foreign, "server").await;
-        let c = c.unwrap_err();
+        let c = connect(&client, &foreign, "server").await.0.unwrap_err();
         assert!(matches!(local(&c), RustlsError::InvalidCertificate(CertificateError::UnknownIssuer)), "{c:?}");
         let (c, s) = connect(&client, &trusted, "server").await;
         c.unwrap();
         s.unwrap();
-        let (c, _) = connect(&client, &trusted, "elsewhere").await;
-        let c = c.unwrap_err();
+        let c = connect(&client, &trusted, "elsewhere").await.0.unwrap_err();
         assert!(
             matches!(local(&c), RustlsError::InvalidCertificate(CertificateError::NotValidForNameContext { .. })),
             "{c:?}"
