@@ -37,8 +37,8 @@
 //! 5. only then is the sequence number committed to the window.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
@@ -63,7 +63,7 @@ pub enum Role {
 /// The key that seals what we send. Not `Clone`: there is one per connection direction. It
 /// counts what it sealed and refuses to seal past its [`KeyLimits`].
 pub struct SealingKey {
-    key: LessSafeKey,
+    key: LazyKey,
     limits: KeyLimits,
     sealed_messages: AtomicU64,
     sealed_bytes: AtomicU64,
@@ -134,7 +134,35 @@ impl SealingKey {
 }
 
 /// The key that opens what the peer sends.
-pub struct OpeningKey(LessSafeKey);
+pub struct OpeningKey(LazyKey);
+
+/// An AES-256-GCM key whose schedule is expanded at its first use. ring's expanded key (round
+/// keys and the GHASH table) is about half a KiB; an idle session holds two, and most sessions
+/// of a node with many are idle, so until then it holds the key's 32 bytes. They are
+/// overwritten when the key is dropped.
+struct LazyKey {
+    bytes: zeroize::Zeroizing<[u8; 32]>,
+    expanded: OnceLock<Box<LessSafeKey>>,
+}
+
+impl LazyKey {
+    fn new(bytes: &[u8]) -> LazyKey {
+        let mut key = zeroize::Zeroizing::new([0u8; 32]);
+        key.copy_from_slice(bytes);
+        LazyKey { bytes: key, expanded: OnceLock::new() }
+    }
+
+    fn get(&self) -> &LessSafeKey {
+        self.expanded.get_or_init(|| {
+            Box::new(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &self.bytes[..]).expect("32-byte key")))
+        })
+    }
+
+    #[cfg(test)]
+    fn is_expanded(&self) -> bool {
+        self.expanded.get().is_some()
+    }
+}
 
 impl std::fmt::Debug for SealingKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -148,7 +176,7 @@ impl std::fmt::Debug for OpeningKey {
     }
 }
 
-fn sealing(key: LessSafeKey) -> SealingKey {
+fn sealing(key: LazyKey) -> SealingKey {
     SealingKey {
         key,
         limits: KeyLimits::default(),
@@ -159,7 +187,7 @@ fn sealing(key: LessSafeKey) -> SealingKey {
 
 /// Splits exported keying material into our sealing key and our opening key.
 pub fn derive_keys(material: &[u8; KEY_MATERIAL_LEN], role: Role) -> (SealingKey, OpeningKey) {
-    let key = |bytes: &[u8]| LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("32-byte key"));
+    let key = LazyKey::new;
     let (to_acceptor, to_dialler) = material.split_at(32);
     match role {
         Role::Dialler => (sealing(key(to_acceptor)), OpeningKey(key(to_dialler))),
@@ -298,6 +326,7 @@ impl SealTicket {
         let tag = self
             .key
             .key
+            .get()
             .seal_in_place_separate_tag(nonce(self.kind, self.channel, self.seq), Aad::from(aad), &mut out[start..])
             .expect("payload size is within AES-GCM limits");
         out.extend_from_slice(tag.as_ref());
@@ -457,6 +486,7 @@ impl Opener {
         let plain_len = self
             .key
             .0
+            .get()
             .open_in_place(nonce(frame.kind, frame.channel, frame.seq), Aad::from(aad), &mut buf[..])
             .map_err(|_| Reject::Tag)?
             .len();
@@ -543,6 +573,21 @@ mod tests {
         let opened = o.open_bytes(&bytes, NOW).unwrap();
         assert_eq!(&opened.payload[..], b"hi");
         assert_eq!((opened.kind, opened.channel, opened.seq, opened.sent_at_ms), (MessageKind::Stream, 7, 1, NOW));
+    }
+
+    /// An idle connection's keys stay unexpanded (32 bytes each, not ring's key schedule) until
+    /// they first seal or open; opening a message that fails its checks before the tag expands
+    /// nothing either.
+    #[test]
+    fn keys_are_expanded_at_their_first_use() {
+        let (mut s, mut o) = pair(MessageKind::Stream, 7);
+        assert!(!s.key.key.is_expanded() && !o.key.0.is_expanded());
+        let bytes = sealed(&mut s, 1, NOW, b"hi");
+        assert!(s.key.key.is_expanded() && !o.key.0.is_expanded());
+        assert!(matches!(o.open_bytes(&bytes, NOW + 1_000_000), Err(Reject::Stale { .. })));
+        assert!(!o.key.0.is_expanded());
+        assert_eq!(&o.open_bytes(&bytes, NOW).unwrap().payload[..], b"hi");
+        assert!(o.key.0.is_expanded());
     }
 
     #[test]
