@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use quicseal::proto::replay::ReplayWindow;
-use quicseal::proto::seal::{self, ChannelSealer, OpenConfig, Opener, Role};
+use quicseal::proto::seal::{self, ChannelSealer, KeyLimits, OpenConfig, Opener, Role, SealingKey};
 use quicseal::proto::wire::MessageKind;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
@@ -20,6 +20,14 @@ const SIZES: [usize; 3] = [64, 1024, 64 * 1024];
 
 fn material() -> [u8; 64] {
     std::array::from_fn(|i| i as u8)
+}
+
+/// A dialler's sealing key without usage limits: a benchmark seals more messages than one key
+/// may in a session (`KeyLimits`), and would otherwise stop with `KeyExhausted`.
+fn unlimited_sealing_key() -> SealingKey {
+    let (mut key, _) = seal::derive_keys(&material(), Role::Dialler);
+    key.set_limits(KeyLimits { messages: u64::MAX, bytes: u64::MAX });
+    key
 }
 
 fn config() -> OpenConfig {
@@ -64,8 +72,7 @@ fn bench(c: &mut Criterion) {
         });
 
         // quicseal: frame + seal.
-        let (sealing, _) = seal::derive_keys(&material(), Role::Dialler);
-        let mut sealer = ChannelSealer::new(Arc::new(sealing), 1, MessageKind::Stream, 0);
+        let mut sealer = ChannelSealer::new(Arc::new(unlimited_sealing_key()), 1, MessageKind::Stream, 0);
         let mut seq = 0u64;
         let mut out = Vec::with_capacity(size + 48);
         g.bench_function("quicseal_seal", |b| {
@@ -78,8 +85,7 @@ fn bench(c: &mut Criterion) {
         });
 
         // quicseal: decode + epoch + freshness + replay check + tag verification + commit.
-        let (sealing, _) = seal::derive_keys(&material(), Role::Dialler);
-        let mut sealer = ChannelSealer::new(Arc::new(sealing), 1, MessageKind::Stream, 0);
+        let mut sealer = ChannelSealer::new(Arc::new(unlimited_sealing_key()), 1, MessageKind::Stream, 0);
         let (_, opening) = seal::derive_keys(&material(), Role::Acceptor);
         let mut opener = Opener::new(opening, 1, config());
         let mut seq = 0u64;
