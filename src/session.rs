@@ -1777,18 +1777,25 @@ async fn serve(shared: Arc<SessionShared>, link: Arc<Carrier>, control: RecvStre
     /// size of its futures, which for an idle session is all it holds.
     type Part<'a> = std::pin::Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
     let channels = async {
-        let mut readers: FuturesUnordered<Part<'static>> = FuturesUnordered::new();
+        // Made when the peer opens its first channel: an idle session has none, and a
+        // `FuturesUnordered` allocates its queue as it is made.
+        let mut readers: Option<FuturesUnordered<Part<'static>>> = None;
         loop {
+            let any = readers.as_ref().is_some_and(|r| !r.is_empty());
             tokio::select! {
                 accepted = link.conn.accept_bi() => match accepted {
-                    Ok((send, recv)) => readers.push(Box::pin(read_channel(shared.clone(), link.clone(), send, recv))),
+                    Ok((send, recv)) => readers
+                        .get_or_insert_with(FuturesUnordered::new)
+                        .push(Box::pin(read_channel(shared.clone(), link.clone(), send, recv))),
                     Err(_) => break,
                 },
-                Some(()) = readers.next(), if !readers.is_empty() => {}
+                Some(()) = async { readers.as_mut().expect("some readers").next().await }, if any => {}
             }
         }
         // The connection is gone: the readers see it and end.
-        while readers.next().await.is_some() {}
+        if let Some(mut readers) = readers {
+            while readers.next().await.is_some() {}
+        }
     };
     let mut parts: FuturesUnordered<Part<'_>> = FuturesUnordered::new();
     parts.push(Box::pin(drive(shared.clone(), link.clone())));
