@@ -49,6 +49,32 @@ pub fn bind(config: NodeConfig) -> Node {
     Node::bind(SocketAddr::new(LOCALHOST, 0), config).unwrap()
 }
 
+/// Binds a node on `addr`, which a node just dropped may still hold: its UDP socket (and its
+/// store, if it kept one) is released once the old node's last task has let go of it, after
+/// quinn drained its connections. Waits for that, a condition with a deadline, rather than for
+/// a fixed time, which a loaded machine may overrun.
+pub async fn bind_again(addr: SocketAddr, config: impl Fn() -> NodeConfig) -> Node {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match Node::bind(addr, config()) {
+            Ok(node) => return node,
+            Err(e) if still_held(&e) && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await; // a condition wait's poll interval
+            }
+            Err(e) => panic!("bind {addr}: {e}"),
+        }
+    }
+}
+
+/// Whether binding failed because the last node's socket or store is not released yet.
+fn still_held(e: &quicseal::Error) -> bool {
+    match e {
+        quicseal::Error::Io(io) => io.kind() == std::io::ErrorKind::AddrInUse,
+        quicseal::Error::Store(quicseal::store::StoreError::InUse(_)) => true,
+        _ => false,
+    }
+}
+
 /// Dials `server` from `client` and accepts on `server`, returning both results.
 pub async fn connect(
     client: &Node,

@@ -12,21 +12,10 @@ use quicseal::{Error, Limits, Node, NodeConfig, Session, SessionEvent};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Binds a node with a store in `dir` on `addr`. A store (and a UDP port) just given up by a
-/// dropped node is released once that node's last task has let go of it (quinn drains the
-/// old connections first): wait for that, a condition with a deadline.
+/// Binds a node with a store in `dir` on `addr` (see `bind_again`: a dropped node may still
+/// hold both).
 async fn bind_with_store(pki: &Pki, name: &str, dir: &Path, addr: SocketAddr) -> Node {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let config = NodeConfig::new(pki.identity(name), pki.trust()).store(dir).limits(quick_limits());
-        match Node::bind(addr, config) {
-            Ok(node) => return node,
-            Err(Error::Store(StoreError::InUse(_))) | Err(Error::Io(_)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await
-            }
-            Err(e) => panic!("bind: {e}"),
-        }
-    }
+    bind_again(addr, || NodeConfig::new(pki.identity(name), pki.trust()).store(dir).limits(quick_limits())).await
 }
 
 /// Nodes "a" and "b", each with a store in a temp dir of its own: (a's dir, b's dir, a, b).

@@ -143,8 +143,7 @@ async fn resuming_a_session_the_peer_forgot_gives_up_at_once() {
     proxy.set_blackout(true);
     drop(at_server);
     drop(server);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let restarted = quicseal::Node::bind(addr, NodeConfig::new(server_id, pki.trust()).limits(quick_limits())).unwrap();
+    let restarted = bind_again(addr, || NodeConfig::new(server_id.clone(), pki.trust()).limits(quick_limits())).await;
     proxy.set_blackout(false);
     let e = tokio::time::timeout(Duration::from_secs(10), to_server.closed()).await.unwrap();
     assert!(
