@@ -293,9 +293,7 @@ impl Node {
         payload: impl Into<Bytes>,
     ) -> Result<(Session, u64)> {
         let payload = payload.into();
-        if channel >= crate::rpc::FIRST_RESERVED_CHANNEL {
-            return Err(Error::ReservedChannel(channel));
-        }
+        crate::session::reserved(channel)?;
         if payload.len() > PeerHello::EARLY.max_message_size.min(self.inner.shared.limits.max_message_size) {
             let session = self.connect(addr, server_name).await?;
             let seq = session.send_bytes(channel, payload).await?;

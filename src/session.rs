@@ -1476,7 +1476,8 @@ fn channel_stream_header(channel: u16) -> Bytes {
 /// might not fit the acceptor's limits), sealed under the connection's key and written on its
 /// channel's new stream. `now` is the core's clock; `lost` says why the connection closed (the
 /// acceptor may already have refused us: its refusal is the error, as it is for the HELLO).
-/// Returns the message's sequence number and the stream, for the session's writer.
+/// The caller has refused a reserved `channel` ([`reserved`]). Returns the message's sequence
+/// number and the stream, for the session's writer.
 pub(crate) async fn send_first(
     conn: &Connection,
     core: &mut SessionCore,
@@ -1485,7 +1486,6 @@ pub(crate) async fn send_first(
     payload: Bytes,
     lost: &impl Fn(quinn::ConnectionError) -> Error,
 ) -> Result<(u64, (SendStream, RecvStream))> {
-    reserved(channel)?;
     let (seq, _) = core.push(channel, payload, true, now).map_err(push_error)?;
     let out = core.poll_transmit(now, now_ms(), |_| false).map_err(|e| match e {
         Stop::Seal(e) => seal_error(e),
@@ -2002,7 +2002,7 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 /// Refuses the library's reserved channels (durable channels, RPC).
-fn reserved(channel: u16) -> Result<()> {
+pub(crate) fn reserved(channel: u16) -> Result<()> {
     if channel >= rpc::FIRST_RESERVED_CHANNEL {
         return Err(Error::ReservedChannel(channel));
     }

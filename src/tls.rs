@@ -373,7 +373,7 @@ impl TlsContext {
     /// A new client config, and where its verifier records refusals. With `spiffe`, the
     /// server's certificate must be an X.509-SVID for that ID (and its DNS names are not
     /// checked).
-    pub(crate) fn client_config(&self, spiffe: Option<SpiffeId>) -> Result<(Arc<QuicClientConfig>, Captured)> {
+    fn client_config(&self, spiffe: Option<SpiffeId>) -> Result<(Arc<QuicClientConfig>, Captured)> {
         let captured = Captured::default();
         let verifier = Arc::new(ServerVerifier {
             inner: self.verifiers.clone(),

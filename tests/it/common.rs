@@ -54,16 +54,17 @@ pub fn bind(config: NodeConfig) -> Node {
 /// quinn drained its connections. Waits for that, a condition with a deadline, rather than for
 /// a fixed time, which a loaded machine may overrun.
 pub async fn bind_again(addr: SocketAddr, config: impl Fn() -> NodeConfig) -> Node {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        match Node::bind(addr, config()) {
-            Ok(node) => return node,
-            Err(e) if still_held(&e) && tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(10)).await; // a condition wait's poll interval
-            }
-            Err(e) => panic!("bind {addr}: {e}"),
+    let bound = std::sync::Mutex::new(None);
+    eventually("the address is free", || match Node::bind(addr, config()) {
+        Ok(node) => {
+            *bound.lock().unwrap() = Some(node);
+            true
         }
-    }
+        Err(e) if still_held(&e) => false,
+        Err(e) => panic!("bind {addr}: {e}"),
+    })
+    .await;
+    bound.into_inner().unwrap().expect("bound")
 }
 
 /// Whether binding failed because the last node's socket or store is not released yet.
