@@ -17,6 +17,7 @@ mod limits;
 mod metrics_export;
 mod mtls;
 mod netsim;
+mod receiving;
 mod reconnect;
 mod rpc;
 mod sealing;
