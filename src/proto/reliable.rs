@@ -759,13 +759,17 @@ impl Inbox {
         Some(AckRanges { channel, cumulative: ch.cumulative, ranges })
     }
 
-    /// When the next batched acknowledgement falls due.
+    /// When the next batched acknowledgement falls due: at once (when it became due) for a
+    /// channel with `ack_every` newly taken messages or, with `ack_when_drained`, nothing left
+    /// to take; `ack_delay_ms` after the first unreported one otherwise. The same rules as
+    /// [`Inbox::poll_ack`].
     pub fn next_deadline(&self) -> Option<u64> {
-        let drained = self.config.ack_when_drained;
+        let (delay, every, drained) = (self.config.ack_delay_ms, self.config.ack_every, self.config.ack_when_drained);
         self.channels
             .values()
             .filter_map(|c| {
-                c.dirty_since.map(|t| if drained && c.held.is_empty() { t } else { t + self.config.ack_delay_ms })
+                let now = c.unreported >= every || (drained && c.held.is_empty());
+                c.dirty_since.map(|t| if now { t } else { t.saturating_add(delay) })
             })
             .min()
     }

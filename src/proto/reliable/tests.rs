@@ -524,3 +524,21 @@ fn a_busy_channel_cannot_keep_the_outbox_from_a_waiting_one() {
         assert!(o.push(1, Bytes::from_static(b"y"), later).is_ok());
     }
 }
+
+/// `ack_every` promises an acknowledgement at once after that many taken messages: the timer
+/// the shell sleeps on must say so, or the acknowledgement waits for `ack_delay_ms` (or for
+/// whatever else wakes the shell first) while the sender's window stays full.
+#[test]
+fn after_ack_every_taken_messages_the_acknowledgement_is_due_at_once() {
+    let mut i =
+        Inbox::new(InboxConfig { ack_delay_ms: 100, ack_every: 2, ack_when_drained: true, ..InboxConfig::default() });
+    for seq in 1..=3 {
+        assert_eq!(i.on_message(0, seq, Bytes::from_static(b"x"), 10), Received::Accepted);
+    }
+    i.poll_deliver(10);
+    assert_eq!(i.next_deadline(), Some(110), "one taken, one more waiting: batch");
+    i.poll_deliver(10);
+    assert_eq!(i.next_deadline(), Some(10), "ack_every reached with one still waiting: due now");
+    assert_eq!(i.poll_ack(10).expect("due at once").cumulative, 2);
+    assert_eq!(i.next_deadline(), None);
+}
