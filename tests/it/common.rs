@@ -138,6 +138,17 @@ pub async fn raw_connect(
     endpoint.connect_with(quinn::ClientConfig::new(Arc::new(quic)), to, name).unwrap().await
 }
 
+/// A raw quinn peer with a certificate of `pki` named `name`, dialled to `server` (named
+/// "server") with quicseal's ALPN: (its endpoint, which must outlive the connection; the
+/// connection once quinn's handshake finished).
+pub async fn raw_dial(pki: &Pki, server: &Node, name: &str) -> (quinn::Endpoint, quinn::Connection) {
+    let issued = pki.issue(&pki.cert(name));
+    let endpoint = raw_endpoint();
+    let cfg = raw_client_config(pki, Some(&issued), quicseal::ALPN);
+    let conn = raw_connect(&endpoint, cfg, server.local_addr().unwrap(), "server").await.unwrap();
+    (endpoint, conn)
+}
+
 /// Performs the quicseal hello as a dialler on a raw connection with session epoch `epoch`;
 /// returns the control stream and the acceptor's epoch.
 pub async fn raw_hello_epoch(conn: &quinn::Connection, epoch: u64) -> ((quinn::SendStream, quinn::RecvStream), u64) {

@@ -185,10 +185,7 @@ async fn a_refused_dialler_delivers_nothing_and_bad_first_messages_are_refused_b
 async fn a_hello_that_accepts_less_than_1024_bytes_is_a_protocol_violation() {
     let pki = Pki::new("ca");
     let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()));
-    let issued = pki.issue(&pki.cert("raw"));
-    let endpoint = raw_endpoint();
-    let cfg = raw_client_config(&pki, Some(&issued), quicseal::ALPN);
-    let conn = raw_connect(&endpoint, cfg, server.local_addr().unwrap(), "server").await.unwrap();
+    let (_endpoint, conn) = raw_dial(&pki, &server, "raw").await;
     let (mut send, _recv) = conn.open_bi().await.unwrap();
     let mut hello = hello_bytes(0xabc);
     // max_message_size 1,023: one byte under what every peer must accept.

@@ -9,10 +9,7 @@ use quicseal::{Error, Limited, Limits, NodeConfig, Session, Side, close_code};
 /// A raw quinn peer that completed the quicseal hello with `server`, and the session the
 /// server accepted for it.
 async fn raw_peer(pki: &Pki, server: &quicseal::Node) -> (quinn::Endpoint, quinn::Connection, Session) {
-    let issued = pki.issue(&pki.cert("raw"));
-    let endpoint = raw_endpoint();
-    let cfg = raw_client_config(pki, Some(&issued), quicseal::ALPN);
-    let conn = raw_connect(&endpoint, cfg, server.local_addr().unwrap(), "server").await.unwrap();
+    let (endpoint, conn) = raw_dial(pki, server, "raw").await;
     let control = raw_hello(&conn).await;
     std::mem::forget(control); // keep the control stream open for the test's lifetime
     let session = server.accept().await.unwrap();
@@ -128,16 +125,7 @@ async fn peer_that_never_says_hello_times_out() {
     let mut limits = Limits::default();
     limits.handshake_timeout = Duration::from_millis(300);
     let server = bind(NodeConfig::new(pki.identity("server"), pki.trust()).limits(limits));
-    let issued = pki.issue(&pki.cert("silent"));
-    let endpoint = raw_endpoint();
-    let conn = raw_connect(
-        &endpoint,
-        raw_client_config(&pki, Some(&issued), quicseal::ALPN),
-        server.local_addr().unwrap(),
-        "server",
-    )
-    .await
-    .unwrap();
+    let (_endpoint, conn) = raw_dial(&pki, &server, "silent").await;
     let e = server.accept().await.unwrap_err();
     assert!(matches!(e, Error::Timeout { what: quicseal::Timed::Handshake }), "{e:?}");
     // The half-open connection does not linger: it is closed once the deadline passed, with

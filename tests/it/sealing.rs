@@ -31,10 +31,7 @@ struct Insider {
 
 impl Insider {
     async fn connect(pki: &Pki, server: &Node) -> (Insider, Session) {
-        let issued = pki.issue(&pki.cert("insider"));
-        let endpoint = raw_endpoint();
-        let cfg = raw_client_config(pki, Some(&issued), quicseal::ALPN);
-        let conn = raw_connect(&endpoint, cfg, server.local_addr().unwrap(), "server").await.unwrap();
+        let (endpoint, conn) = raw_dial(pki, server, "insider").await;
         let (control, _) = raw_hello_epoch(&conn, EPOCH).await;
         let mut material = [0u8; KEY_MATERIAL_LEN];
         conn.export_keying_material(&mut material, EXPORTER_LABEL, b"").unwrap();
