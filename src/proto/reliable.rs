@@ -571,6 +571,16 @@ pub struct Inbox {
     stats: InboxStats,
 }
 
+/// When `ch`'s acknowledgement falls due, if it owes one: at once (from the first unreported
+/// message) after `ack_every` newly taken messages or, with `ack_when_drained`, when nothing is
+/// left to take; `ack_delay_ms` after the first unreported one otherwise. [`Inbox::poll_ack`]
+/// and the timer of [`Inbox::next_deadline`] both follow it, so the timer never sleeps past an
+/// acknowledgement already due.
+fn ack_due(config: &InboxConfig, ch: &InChannel) -> Option<u64> {
+    let at_once = ch.unreported >= config.ack_every || (config.ack_when_drained && ch.held.is_empty());
+    ch.dirty_since.map(|t| if at_once { t } else { t.saturating_add(config.ack_delay_ms) })
+}
+
 impl Inbox {
     /// An empty inbox.
     pub fn new(config: InboxConfig) -> Inbox {
@@ -736,12 +746,8 @@ impl Inbox {
     /// `ack_every` new ones, or at once when the channel is drained and `ack_when_drained`).
     /// Call until it returns `None`.
     pub fn poll_ack(&mut self, now: u64) -> Option<AckRanges> {
-        let (delay, every, drained) = (self.config.ack_delay_ms, self.config.ack_every, self.config.ack_when_drained);
-        let (&channel, ch) = self.channels.iter_mut().find(|(_, ch)| {
-            ch.dirty_since.is_some_and(|t| {
-                ch.unreported >= every || now >= t.saturating_add(delay) || (drained && ch.held.is_empty())
-            })
-        })?;
+        let config = &self.config;
+        let (&channel, ch) = self.channels.iter_mut().find(|(_, ch)| ack_due(config, ch).is_some_and(|t| t <= now))?;
         ch.unreported = 0;
         ch.dirty_since = None;
         let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -759,19 +765,9 @@ impl Inbox {
         Some(AckRanges { channel, cumulative: ch.cumulative, ranges })
     }
 
-    /// When the next batched acknowledgement falls due: at once (when it became due) for a
-    /// channel with `ack_every` newly taken messages or, with `ack_when_drained`, nothing left
-    /// to take; `ack_delay_ms` after the first unreported one otherwise. The same rules as
-    /// [`Inbox::poll_ack`].
+    /// When the next batched acknowledgement falls due (the rules of [`Inbox::poll_ack`]).
     pub fn next_deadline(&self) -> Option<u64> {
-        let (delay, every, drained) = (self.config.ack_delay_ms, self.config.ack_every, self.config.ack_when_drained);
-        self.channels
-            .values()
-            .filter_map(|c| {
-                let now = c.unreported >= every || (drained && c.held.is_empty());
-                c.dirty_since.map(|t| if now { t } else { t.saturating_add(delay) })
-            })
-            .min()
+        self.channels.values().filter_map(|c| ack_due(&self.config, c)).min()
     }
 
     /// Payload bytes held (received, not yet delivered).

@@ -8,6 +8,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use crate::common::*;
+use futures_util::FutureExt;
 use quicseal::{ApplicationError, Call, Error, Limits, NodeConfig, Router};
 
 const LONG: Duration = Duration::from_secs(10);
@@ -35,10 +36,12 @@ async fn waiting_for_a_receipt_ends_when_the_peer_closes() {
     let pki = Pki::new("ca");
     let (_a, _b, ab, ba) = session_pair(&pki, Limits::default(), Limits::default()).await;
     ab.send_bytes(1, &b"never read"[..]).await.unwrap();
-    let waiting = tokio::spawn(async move { ab.delivered(1).await });
-    tokio::time::sleep(Duration::from_millis(50)).await; // the waiter most likely waits by now; the test holds either way
+    let waiting = ab.delivered(1);
+    tokio::pin!(waiting);
+    // Polled once: it waits before the peer goes.
+    assert!((&mut waiting).now_or_never().is_none(), "nobody read the message");
     drop(ba);
-    let e = tokio::time::timeout(LONG, waiting).await.expect("the waiter hears of the end").unwrap();
+    let e = tokio::time::timeout(LONG, waiting).await.expect("the waiter hears of the end");
     assert!(e.is_err(), "{e:?}");
 }
 
@@ -46,10 +49,12 @@ async fn waiting_for_a_receipt_ends_when_the_peer_closes() {
 async fn a_waiting_receiver_hears_the_peer_close() {
     let pki = Pki::new("ca");
     let (_a, _b, ab, ba) = session_pair(&pki, Limits::default(), Limits::default()).await;
-    let waiting = tokio::spawn(async move { ba.recv().await });
-    tokio::time::sleep(Duration::from_millis(50)).await; // the receiver most likely waits by now; the test holds either way
+    let waiting = ba.recv();
+    tokio::pin!(waiting);
+    // Polled once: it waits before the peer goes.
+    assert!((&mut waiting).now_or_never().is_none(), "nothing was sent");
     ab.close();
-    let r = tokio::time::timeout(LONG, waiting).await.expect("the receiver hears of the end").unwrap();
+    let r = tokio::time::timeout(LONG, waiting).await.expect("the receiver hears of the end");
     assert!(matches!(r, Err(Error::Closed | Error::ConnectionLost { .. })), "{r:?}");
 }
 
