@@ -24,6 +24,8 @@
 //! acceptor's memory per session and idle CPU, and one busy session's throughput (scale.rs);
 //! W8 durable channels (quicseal only): 64 B and 1 KiB with 1 and 64 in flight, fsyncs per
 //! message, and the recovery of a store holding 1,000,000 unacknowledged messages (durable.rs).
+//! W1, W2 and W3 also report the process's CPU time per MiB, message or call (both ends run
+//! in this process): steadier than the rates on a shared machine.
 #![allow(missing_docs)]
 
 use std::time::Duration;
@@ -33,7 +35,7 @@ mod report;
 mod scale;
 mod stacks;
 
-use report::{Row, Stack, percentile, print_table, write_json, write_svg};
+use report::{Row, Stack, cpu_time, percentile, print_table, write_json, write_svg};
 use stacks::*;
 
 fn main() {
@@ -101,19 +103,28 @@ async fn run(quick: bool, select: &Select) {
         rows.len() - 1
     };
     let w1 = row(format!("W1 bulk {bulk_mib} MiB in 1 MiB messages"), "MiB/s", true);
+    // CPU time per unit of work (both ends, every thread of this process): steadier than the
+    // rates on a shared machine, whose other tenants take wall time but not our CPU time.
+    let w1_cpu = row("W1 bulk: CPU per MiB, both ends".into(), "ms", false);
     // The W2 targets are against baselines writing one frame per `write_all`; the last row has
     // them gather frames into 64 KiB writes, the best a user can do by hand.
-    let w2: Vec<(usize, usize, usize, bool)> =
-        [(64, 1, false), (64, 64, false), (1024, 1, false), (1024, 64, false), (64, 64, true)]
-            .iter()
-            .map(|&(size, window, coalesce)| {
-                let name = format!(
-                    "W2 {size} B messages, {window} in flight{}",
-                    if coalesce { ", baselines coalescing writes" } else { "" }
-                );
-                (row(name, "msg/s", true), size, window, coalesce)
-            })
-            .collect();
+    let w2_sets = [(64, 1, false), (64, 64, false), (1024, 1, false), (1024, 64, false), (64, 64, true)];
+    let w2_name = |size, window, coalesce| {
+        format!(
+            "W2 {size} B messages, {window} in flight{}",
+            if coalesce { ", baselines coalescing writes" } else { "" }
+        )
+    };
+    let w2: Vec<(usize, usize, usize, bool)> = w2_sets
+        .iter()
+        .map(|&(size, window, coalesce)| (row(w2_name(size, window, coalesce), "msg/s", true), size, window, coalesce))
+        .collect();
+    let w2_cpu: Vec<usize> = w2_sets
+        .iter()
+        .map(|&(size, window, coalesce)| {
+            row(format!("{}: CPU per message, both ends", w2_name(size, window, coalesce)), "µs", false)
+        })
+        .collect();
     let w3: Vec<(usize, usize, usize)> = [1, 64]
         .iter()
         .flat_map(|&c| {
@@ -122,6 +133,10 @@ async fn run(quick: bool, select: &Select) {
                 (row(format!("W3 RPC 64 B, concurrency {c}, p99"), "µs", false), c, 99),
             ]
         })
+        .collect();
+    let w3_cpu: Vec<usize> = [1, 64]
+        .iter()
+        .map(|c| row(format!("W3 RPC 64 B, concurrency {c}: CPU per call, both ends"), "µs", false))
         .collect();
     let w4 = row("W4 handshakes + first message".into(), "per s", true);
     let lossy_mib = if quick { 4 } else { 32 };
@@ -167,21 +182,26 @@ async fn run(quick: bool, select: &Select) {
                 Stack::Tcp => &mut t,
             };
             if select.workload("W1") {
+                let cpu = cpu_time();
                 let d = pair.stream_dyn(bulk_mib, 1 << 20, 8, false).await;
                 rows[w1].values[stack].push(bulk_mib as f64 / d.as_secs_f64());
+                rows[w1_cpu].values[stack].push((cpu_time() - cpu).as_secs_f64() * 1e3 / bulk_mib as f64);
             }
-            for &(i, size, window, coalesce) in w2.iter().filter(|_| select.workload("W2")) {
+            for (&(i, size, window, coalesce), &i_cpu) in w2.iter().zip(&w2_cpu).filter(|_| select.workload("W2")) {
                 let n = small / if window == 1 { 10 } else { 1 };
+                let cpu = cpu_time();
                 let d = pair.stream_dyn(n, size, window, coalesce).await;
                 rows[i].values[stack].push(n as f64 / d.as_secs_f64());
+                rows[i_cpu].values[stack].push((cpu_time() - cpu).as_secs_f64() * 1e6 / n as f64);
             }
-            for &(i, c, p) in w3.iter().filter(|_| select.workload("W3")) {
-                if p == 50 {
-                    let mut lat = pair.rpc_dyn(rpcs / if c == 1 { 4 } else { 1 }, 64, c).await;
-                    let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
-                    rows[i].values[stack].push(p50);
-                    rows[i + 1].values[stack].push(p99);
-                }
+            for (&(i, c, _), &i_cpu) in w3.iter().step_by(2).zip(&w3_cpu).filter(|_| select.workload("W3")) {
+                let calls = rpcs / if c == 1 { 4 } else { 1 };
+                let cpu = cpu_time();
+                let mut lat = pair.rpc_dyn(calls, 64, c).await;
+                rows[i_cpu].values[stack].push((cpu_time() - cpu).as_secs_f64() * 1e6 / calls as f64);
+                let (p50, p99) = (percentile(&mut lat, 0.5), percentile(&mut lat, 0.99));
+                rows[i].values[stack].push(p50);
+                rows[i + 1].values[stack].push(p99);
             }
             if select.workload("W4") {
                 let d = match stack {

@@ -80,6 +80,16 @@ fn median(v: &[f64]) -> f64 {
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }
 
+/// CPU time this process has used so far, every thread, user and system (the kernel's
+/// `CLOCK_PROCESS_CPUTIME_ID`, nanoseconds).
+pub(crate) fn cpu_time() -> Duration {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant the kernel knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID)");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
 pub(crate) fn percentile(lat: &mut [Duration], p: f64) -> f64 {
     lat.sort_unstable();
     let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
