@@ -42,7 +42,7 @@
 //! they check the core, so a wake-up between check and wait is never lost. The lock order is
 //! writer, then core; the core lock is the innermost and is never held while taking another.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -60,6 +60,7 @@ use tracing::{debug, warn};
 use crate::durable::{self, Durable};
 use crate::error::{Error, Limited, Result, Side, Timed, close_code, from_connection_error};
 use crate::identity::{Fingerprint, PeerIdentity};
+use crate::proto::ChannelMap;
 use crate::proto::durable::DURABLE_CHANNEL;
 use crate::proto::rpc::CallId;
 use crate::proto::seal::{OpeningKey, SealError, SealingKey};
@@ -1327,7 +1328,7 @@ struct Writer {
     control_backlog: VecDeque<Bytes>,
     /// Channel streams (nothing comes back on them; the receive half is kept so the stream
     /// stays open both ways, as the peer expects).
-    streams: HashMap<u16, (SendStream, RecvStream)>,
+    streams: ChannelMap<u16, (SendStream, RecvStream)>,
     /// Per channel, in order: frames (and a new stream's header) that quinn has not taken yet.
     backlog: Vec<(u16, VecDeque<Bytes>)>,
 }
@@ -1343,7 +1344,7 @@ enum WriteFailure {
 
 impl Writer {
     fn new(control: SendStream) -> Writer {
-        Writer { control, control_backlog: VecDeque::new(), streams: HashMap::new(), backlog: Vec::new() }
+        Writer { control, control_backlog: VecDeque::new(), streams: ChannelMap::default(), backlog: Vec::new() }
     }
 
     /// Takes what the core wants written now (acknowledgements due, and up to a batch of sealed
@@ -1365,7 +1366,7 @@ impl Writer {
         }
         // New messages are sealed here, outside the core's lock (readers and senders of this
         // session need it meanwhile), then handed back for resends.
-        let mut sealed = Vec::new();
+        let mut sealed = Vec::with_capacity(out.frames.len());
         for (channel, o) in out.frames {
             let frame = seal_one(channel, o, &mut sealed);
             match self.backlog.iter_mut().find(|(c, _)| *c == channel) {
@@ -1424,7 +1425,7 @@ impl Writer {
         if !control_backlog.is_empty() {
             waits.push(Box::pin(write_some(control, control_backlog).map(|r| r.map(|()| Progress::Wrote))));
         }
-        let mut sends: HashMap<u16, &mut SendStream> = self.streams.iter_mut().map(|(&c, (s, _))| (c, s)).collect();
+        let mut sends: ChannelMap<u16, &mut SendStream> = self.streams.iter_mut().map(|(&c, (s, _))| (c, s)).collect();
         let mut opening = None;
         for (channel, frames) in self.backlog.iter_mut() {
             match sends.remove(channel) {

@@ -18,7 +18,9 @@
 //! received ones. The cumulative part covers `1..=cumulative`; selective ranges above it cover
 //! messages acknowledged out of order (manual-ack mode).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::ChannelMap;
 
 use bytes::Bytes;
 
@@ -174,7 +176,7 @@ struct Rtt {
 #[derive(Debug)]
 pub struct Outbox {
     config: OutboxConfig,
-    channels: HashMap<u16, OutChannel>,
+    channels: ChannelMap<u16, OutChannel>,
     /// (due time, channel, seq) of every message waiting to be (re)transmitted.
     due: BTreeSet<(u64, u16, u64)>,
     messages: usize,
@@ -191,7 +193,7 @@ impl Outbox {
     pub fn new(config: OutboxConfig, seed: u64) -> Outbox {
         Outbox {
             config,
-            channels: HashMap::new(),
+            channels: ChannelMap::default(),
             due: BTreeSet::new(),
             messages: 0,
             bytes: 0,
@@ -298,7 +300,9 @@ impl Outbox {
             .take(max)
             .copied()
             .collect();
-        picked.into_iter().filter_map(|key| self.transmit(key, now)).collect()
+        let mut out = Vec::with_capacity(picked.len());
+        out.extend(picked.into_iter().filter_map(|key| self.transmit(key, now)));
+        out
     }
 
     /// Takes the due entry `key` and returns its transmission, scheduling the next attempt.

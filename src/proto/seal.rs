@@ -36,7 +36,7 @@
 //! 4. the tag must verify (constant time, in ring);
 //! 5. only then is the sequence number committed to the window.
 
-use std::collections::HashMap;
+use super::ChannelMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -406,7 +406,7 @@ pub struct Opener {
     key: OpeningKey,
     epoch: u64,
     config: OpenConfig,
-    windows: HashMap<(MessageKind, u16), ReplayWindow>,
+    windows: ChannelMap<(MessageKind, u16), ReplayWindow>,
 }
 
 impl Opener {
@@ -417,7 +417,7 @@ impl Opener {
     pub fn new(key: OpeningKey, epoch: u64, config: OpenConfig) -> Opener {
         assert!(ReplayWindow::valid_width(config.window_width));
         let config = OpenConfig { max_payload: config.max_payload.min(MAX_MESSAGE_SIZE), ..config };
-        Opener { key, epoch, config, windows: HashMap::new() }
+        Opener { key, epoch, config, windows: ChannelMap::default() }
     }
 
     /// Opens with a new key from now on (a new connection of the same session): the epoch and the

@@ -36,7 +36,9 @@
 //!
 //! The hello (new session, resume, retired epochs) is decided in [`super::hello`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use super::{ChannelMap, ChannelSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -269,9 +271,9 @@ impl SealedChannel {
 struct Conn {
     key: Arc<SealingKey>,
     /// Per channel: its sealer and the frames sealed under this key.
-    channels: HashMap<u16, SealedChannel>,
+    channels: ChannelMap<u16, SealedChannel>,
     /// Channel streams the peer opened.
-    seen_channels: HashSet<u16>,
+    seen_channels: ChannelSet<u16>,
     tag_failures: u32,
     /// Since when the key has sealed half its usage limit: nothing new is sealed on this
     /// connection, and the session moves to fresh keys once what it sealed is acknowledged.
@@ -284,8 +286,8 @@ impl Conn {
     fn new(key: SealingKey) -> Conn {
         Conn {
             key: Arc::new(key),
-            channels: HashMap::new(),
-            seen_channels: HashSet::new(),
+            channels: ChannelMap::default(),
+            seen_channels: ChannelSet::default(),
             tag_failures: 0,
             worn_out: None,
             failure: None,
@@ -302,15 +304,15 @@ pub struct SessionCore {
     conn: Conn,
     /// Connections the session has had (1 for the first).
     connections: u64,
-    datagram_sealers: HashMap<u16, ChannelSealer>,
+    datagram_sealers: ChannelMap<u16, ChannelSealer>,
     datagrams: VecDeque<Opened>,
     datagram_bytes: usize,
     /// Receive-buffer room channel readers reserved for message bodies they are reading, in all
     /// and per channel.
     reserved: usize,
-    reserved_by: HashMap<u16, usize>,
+    reserved_by: ChannelMap<u16, usize>,
     /// Channels whose readers wait for receive-buffer room, with how many readers.
-    waiting: HashMap<u16, usize>,
+    waiting: ChannelMap<u16, usize>,
     tally: Tally,
 }
 
@@ -359,12 +361,12 @@ impl SessionCore {
             opener: Opener::new(opening, config.peer_epoch, config.open.clone()),
             conn: Conn::new(sealing),
             connections: 1,
-            datagram_sealers: HashMap::new(),
+            datagram_sealers: ChannelMap::default(),
             datagrams: VecDeque::new(),
             datagram_bytes: 0,
             reserved: 0,
-            reserved_by: HashMap::new(),
-            waiting: HashMap::new(),
+            reserved_by: ChannelMap::default(),
+            waiting: ChannelMap::default(),
             tally,
             config,
         }
@@ -508,6 +510,7 @@ impl SessionCore {
         }
         let transmits = self.outbox.poll_transmits(now, TRANSMIT_BATCH, |c| !busy(c));
         out.more = transmits.len() == TRANSMIT_BATCH;
+        out.frames.reserve_exact(transmits.len());
         let reseal_after = self.config.open.freshness_ms / 2;
         for t in transmits {
             if t.retransmission {

@@ -4,7 +4,7 @@
 //! length is checked against its limit before anything is allocated; the decoder tells "need
 //! more bytes" (`Ok(None)`) from "malformed" (`Err`).
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 
 use super::reliable::{AckRanges, MAX_ACK_RANGES};
 
@@ -293,18 +293,20 @@ impl FrameHeader {
                     ranges: (0..count).map(|i| (u64_at(11 + 16 * i), u64_at(19 + 16 * i))).collect(),
                 })
             }
-            frame_type::MESSAGE => Frame::Message(MessageFrame {
-                kind: match body[0] {
+            frame_type::MESSAGE => {
+                let kind = match body[0] {
                     0 => MessageKind::Stream,
                     1 => MessageKind::Datagram,
                     k => return Err(WireError::UnknownMessageKind(k)),
-                },
-                channel: u16::from_be_bytes([body[1], body[2]]),
-                epoch: u64_at(3),
-                seq: u64_at(11),
-                sent_at_ms: u64_at(19),
-                sealed: body.slice(MESSAGE_PREFIX_LEN..),
-            }),
+                };
+                let (channel, epoch, seq, sent_at_ms) =
+                    (u16::from_be_bytes([body[1], body[2]]), u64_at(3), u64_at(11), u64_at(19));
+                // The body's own buffer, moved past the prefix: a slice would share it (one
+                // more allocation per message) and keep opening from decrypting it in place.
+                let mut sealed = body;
+                sealed.advance(MESSAGE_PREFIX_LEN);
+                Frame::Message(MessageFrame { kind, channel, epoch, seq, sent_at_ms, sealed })
+            }
             t => return Err(WireError::UnknownFrameType(t)),
         })
     }
