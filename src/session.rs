@@ -510,8 +510,14 @@ impl SessionShared {
 
     /// Like [`SessionShared::push`], but waits while the outbox is full.
     async fn send(&self, channel: u16, payload: Bytes, user: bool) -> Result<u64> {
+        // The usual case, room in the outbox, registers no waiter: a registration takes the
+        // `Notify`'s lock twice, against the reader that wakes waiters on every acknowledgement.
+        match self.push(channel, payload.clone(), user) {
+            Err(Error::Full { .. }) => {}
+            other => return other,
+        }
         loop {
-            // Registered before trying, so an acknowledgement in between is not missed.
+            // Registered before trying again, so an acknowledgement in between is not missed.
             let acked = self.acked.notified();
             tokio::pin!(acked);
             acked.as_mut().enable();
@@ -910,8 +916,12 @@ impl Session {
 
     async fn wait_until(&self, done: impl Fn(&Core) -> bool) -> Result<()> {
         let shared = &self.inner.shared;
+        // Already done: no waiter registered (see `SessionShared::send`).
+        if done(&shared.core()) {
+            return Ok(());
+        }
         loop {
-            // Registered before checking, so an acknowledgement in between is not missed.
+            // Registered before checking again, so an acknowledgement in between is not missed.
             let acked = shared.acked.notified();
             tokio::pin!(acked);
             acked.as_mut().enable();
@@ -960,7 +970,13 @@ impl Session {
     /// hands up to `limit` (at least 1) to `put`; returns how many.
     async fn take_or_wait(&self, limit: usize, mut put: impl FnMut(Message)) -> Result<usize> {
         let shared = &self.inner.shared;
+        // Messages ready: no waiter registered (see `SessionShared::send`).
+        let taken = self.take_messages(limit, &mut put);
+        if taken > 0 {
+            return Ok(taken);
+        }
         loop {
+            // Registered before taking again, so a message arriving in between is not missed.
             let arrived = shared.arrived.notified();
             tokio::pin!(arrived);
             arrived.as_mut().enable();
