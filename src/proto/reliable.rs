@@ -18,11 +18,11 @@
 //! received ones. The cumulative part covers `1..=cumulative`; selective ranges above it cover
 //! messages acknowledged out of order (manual-ack mode).
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use super::ChannelMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
+
+use super::ChannelMap;
 
 /// Most selective ranges carried in one acknowledgement.
 pub const MAX_ACK_RANGES: usize = 32;
@@ -162,7 +162,80 @@ struct OutChannel {
     /// transmissions leave in sequence order even if callers' clocks were read out of order.
     last_push: u64,
     cumulative: u64,
-    unacked: BTreeMap<u64, Unacked>,
+    unacked: UnackedQueue,
+}
+
+/// A channel's unacknowledged messages, oldest first. Sequence numbers are pushed in increasing
+/// order and acknowledged mostly from the oldest, so a deque sorted by sequence number does
+/// what an ordered map did at a fraction of its cost (the map's insertions and removals were
+/// among the largest costs per message, BENCHMARKS.md "CPU time per message"): a push and a
+/// cumulative acknowledgement touch only its ends, and a lookup is an index, or a binary search
+/// once selective acknowledgements left holes. It holds exactly the unacknowledged messages,
+/// never a slot for an acknowledged one, so a peer's acknowledgements cannot make it larger.
+#[derive(Debug, Default)]
+struct UnackedQueue(VecDeque<(u64, Unacked)>);
+
+impl UnackedQueue {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The oldest unacknowledged sequence number.
+    fn first_seq(&self) -> Option<u64> {
+        self.0.front().map(|&(s, _)| s)
+    }
+
+    /// Appends `seq`, newer than every message held.
+    fn push(&mut self, seq: u64, message: Unacked) {
+        debug_assert!(self.0.back().is_none_or(|&(s, _)| s < seq));
+        self.0.push_back((seq, message));
+    }
+
+    /// Where `seq` is held.
+    fn position(&self, seq: u64) -> Option<usize> {
+        let &(first, _) = self.0.front()?;
+        // Without holes, `seq` sits at its distance from the oldest.
+        let guess = usize::try_from(seq.checked_sub(first)?).ok()?;
+        if self.0.get(guess).is_some_and(|&(s, _)| s == seq) {
+            return Some(guess);
+        }
+        self.0.binary_search_by_key(&seq, |&(s, _)| s).ok()
+    }
+
+    fn contains(&self, seq: u64) -> bool {
+        self.position(seq).is_some()
+    }
+
+    fn get_mut(&mut self, seq: u64) -> Option<&mut Unacked> {
+        let i = self.position(seq)?;
+        Some(&mut self.0[i].1)
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (u64, &mut Unacked)> {
+        self.0.iter_mut().map(|(s, m)| (*s, m))
+    }
+
+    /// Removes, oldest first, every message up to `highest` that `acked` says was acknowledged,
+    /// handing each to `removed`. One pass at most, however the acknowledgement is shaped.
+    fn remove_acked(&mut self, highest: u64, acked: impl Fn(u64) -> bool, mut removed: impl FnMut(u64, Unacked)) {
+        // A cumulative acknowledgement takes from the front.
+        while self.0.front().is_some_and(|&(s, _)| s <= highest && acked(s)) {
+            let (s, m) = self.0.pop_front().expect("checked above");
+            removed(s, m);
+        }
+        // Selective ranges past a hole: one pass over what is left, order kept.
+        if self.0.iter().take_while(|&&(s, _)| s <= highest).any(|&(s, _)| acked(s)) {
+            let mut kept = VecDeque::with_capacity(self.0.len());
+            for (s, m) in self.0.drain(..) {
+                if s <= highest && acked(s) {
+                    removed(s, m);
+                } else {
+                    kept.push_back((s, m));
+                }
+            }
+            self.0 = kept;
+        }
+    }
 }
 
 /// Smoothed round-trip estimate (RFC 6298).
@@ -230,7 +303,7 @@ impl Outbox {
         ch.bytes += payload.len();
         self.messages += 1;
         self.bytes += payload.len();
-        ch.unacked.insert(seq, Unacked { payload, due: Some(due), sent_at: None, attempts: 0 });
+        ch.unacked.push(seq, Unacked { payload, due: Some(due), sent_at: None, attempts: 0 });
         self.due.insert((due, channel, seq));
         self.stats.pushed += 1;
         Ok(seq)
@@ -275,7 +348,7 @@ impl Outbox {
     fn channel_has_room(&self, channel: u16) -> bool {
         let Some(ch) = self.channels.get(&channel) else { return self.config.max_per_channel > 0 };
         let next = ch.last_seq + 1;
-        let oldest = ch.unacked.first_key_value().map_or(next, |(&s, _)| s);
+        let oldest = ch.unacked.first_seq().unwrap_or(next);
         next - oldest < self.config.max_per_channel
     }
 
@@ -313,7 +386,7 @@ impl Outbox {
         let jitter = self.next_jitter(rto);
         let retransmit_on_timeout = self.config.retransmit_on_timeout;
         let max_rto = self.config.max_rto_ms;
-        let p = self.channels.get_mut(&channel)?.unacked.get_mut(&seq)?;
+        let p = self.channels.get_mut(&channel)?.unacked.get_mut(seq)?;
         let retransmission = p.attempts > 0;
         p.attempts += 1;
         p.sent_at = Some(now);
@@ -342,7 +415,7 @@ impl Outbox {
     pub fn retransmit_all(&mut self, now: u64) {
         self.due.clear();
         for (&channel, ch) in &mut self.channels {
-            for (&seq, p) in &mut ch.unacked {
+            for (seq, p) in ch.unacked.iter_mut() {
                 p.due = Some(now);
                 self.due.insert((now, channel, seq));
             }
@@ -364,16 +437,12 @@ impl Outbox {
         }
         let mut acked = Acked::default();
         let mut sample = None;
-        let covered: Vec<u64> = ch
-            .unacked
-            .range(..=highest)
-            .map(|(&s, _)| s)
-            .filter(|&s| s <= ack.cumulative || ack.ranges.iter().any(|&(a, b)| a <= s && s <= b))
-            .collect();
-        for seq in covered {
-            let p = ch.unacked.remove(&seq).expect("listed above");
+        let covers = |s: u64| s <= ack.cumulative || ack.ranges.iter().any(|&(a, b)| a <= s && s <= b);
+        let (due, stats) = (&mut self.due, &mut self.stats);
+        let (mut messages, mut bytes) = (0, 0);
+        ch.unacked.remove_acked(highest, covers, |seq, p| {
             if let Some(d) = p.due {
-                self.due.remove(&(d, ack.channel, seq));
+                due.remove(&(d, ack.channel, seq));
             }
             // Karn: only messages sent once give a round-trip sample.
             if p.attempts == 1
@@ -381,12 +450,14 @@ impl Outbox {
             {
                 sample = Some(now.saturating_sub(t));
             }
-            self.messages -= 1;
-            self.bytes -= p.payload.len();
-            ch.bytes -= p.payload.len();
-            self.stats.acked += 1;
+            messages += 1;
+            bytes += p.payload.len();
+            stats.acked += 1;
             acked.newly.push((ack.channel, seq));
-        }
+        });
+        self.messages -= messages;
+        self.bytes -= bytes;
+        ch.bytes -= bytes;
         ch.cumulative = ch.cumulative.max(ack.cumulative);
         if let Some(s) = sample {
             self.rtt_sample(s);
@@ -398,7 +469,7 @@ impl Outbox {
     pub fn all_acked_through(&self, channel: u16, seq: u64) -> bool {
         match self.channels.get(&channel) {
             None => seq == 0,
-            Some(c) => seq <= c.last_seq && c.unacked.range(..=seq).next().is_none(),
+            Some(c) => seq <= c.last_seq && c.unacked.first_seq().is_none_or(|first| first > seq),
         }
     }
 
@@ -414,7 +485,7 @@ impl Outbox {
 
     /// Whether `seq` of `channel` was acknowledged.
     pub fn is_acked(&self, channel: u16, seq: u64) -> bool {
-        self.channels.get(&channel).is_some_and(|c| seq <= c.last_seq && !c.unacked.contains_key(&seq))
+        self.channels.get(&channel).is_some_and(|c| seq <= c.last_seq && !c.unacked.contains(seq))
     }
 
     /// Unacknowledged messages and bytes.

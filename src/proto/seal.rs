@@ -36,13 +36,13 @@
 //! 4. the tag must verify (constant time, in ring);
 //! 5. only then is the sequence number committed to the window.
 
-use super::ChannelMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
+use super::ChannelMap;
 use super::replay::{MAX_SEQ, ReplayError, ReplayWindow};
 use super::wire::{self, Frame, MAX_MESSAGE_SIZE, MessageFrame, MessageKind, TAG_LEN, WireError};
 

@@ -37,8 +37,6 @@
 //! The hello (new session, resume, retired epochs) is decided in [`super::hello`].
 
 use std::collections::VecDeque;
-
-use super::{ChannelMap, ChannelSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -52,6 +50,7 @@ use super::wire::{
     self, FRAME_HEADER_LEN, Frame, FrameHeader, MESSAGE_OVERHEAD, MessageKind, STREAM_HEADER_LEN, StreamKind,
     frame_type,
 };
+use super::{ChannelMap, ChannelSet};
 use crate::stats::{Counter, Tally};
 
 /// Channels from this one up are the library's own (durable channels, RPC requests and

@@ -301,8 +301,8 @@ impl FrameHeader {
                 };
                 let (channel, epoch, seq, sent_at_ms) =
                     (u16::from_be_bytes([body[1], body[2]]), u64_at(3), u64_at(11), u64_at(19));
-                // The body's own buffer, moved past the prefix: a slice would share it (one
-                // more allocation per message) and keep opening from decrypting it in place.
+                // The body's own buffer, moved past the prefix: a slice of it would allocate a
+                // shared header, once per message.
                 let mut sealed = body;
                 sealed.advance(MESSAGE_PREFIX_LEN);
                 Frame::Message(MessageFrame { kind, channel, epoch, seq, sent_at_ms, sealed })

@@ -542,3 +542,37 @@ fn after_ack_every_taken_messages_the_acknowledgement_is_due_at_once() {
     assert_eq!(i.poll_ack(10).expect("due at once").cumulative, 2);
     assert_eq!(i.next_deadline(), None);
 }
+
+#[test]
+fn selective_acknowledgements_leave_holes_that_lookups_resends_and_later_acks_handle() {
+    let mut o = Outbox::new(OutboxConfig::default(), 1);
+    for _ in 0..10 {
+        o.push(0, Bytes::from_static(b"m"), 0).unwrap();
+    }
+    while o.poll_transmit(0).is_some() {}
+    // Acknowledged out of order, nothing cumulative yet: holes in the middle.
+    let a = o.on_ack(&AckRanges { channel: 0, cumulative: 0, ranges: vec![(3, 4), (7, 7)] }, 1).unwrap();
+    assert_eq!(a.newly, vec![(0, 3), (0, 4), (0, 7)]);
+    assert!(o.is_acked(0, 3) && o.is_acked(0, 4) && o.is_acked(0, 7));
+    assert!(!o.is_acked(0, 1) && !o.is_acked(0, 5) && !o.is_acked(0, 8) && !o.is_acked(0, 11));
+    assert_eq!(o.in_flight(), (7, 7));
+    assert!(!o.all_acked_through(0, 2));
+    // A cumulative acknowledgement takes what is left below it, in order.
+    let a = o.on_ack(&AckRanges { channel: 0, cumulative: 5, ranges: vec![] }, 2).unwrap();
+    assert_eq!(a.newly, vec![(0, 1), (0, 2), (0, 5)]);
+    assert!(o.all_acked_through(0, 5) && !o.all_acked_through(0, 6));
+    // The same again changes nothing.
+    assert!(o.on_ack(&AckRanges { channel: 0, cumulative: 5, ranges: vec![] }, 2).unwrap().newly.is_empty());
+    // What is left is found for resends, in sequence order.
+    o.retransmit_all(3);
+    let resent: Vec<u64> = std::iter::from_fn(|| o.poll_transmit(3)).map(|t| t.seq).collect();
+    assert_eq!(resent, vec![6, 8, 9, 10]);
+    // A hole past the front (8 acknowledged, 6 not), then the rest.
+    let a = o.on_ack(&AckRanges { channel: 0, cumulative: 5, ranges: vec![(8, 8)] }, 4).unwrap();
+    assert_eq!(a.newly, vec![(0, 8)]);
+    assert!(!o.is_acked(0, 6) && !o.is_acked(0, 9) && o.is_acked(0, 8));
+    let a = o.on_ack(&AckRanges { channel: 0, cumulative: 10, ranges: vec![] }, 5).unwrap();
+    assert_eq!(a.newly, vec![(0, 6), (0, 9), (0, 10)]);
+    assert_eq!(o.in_flight(), (0, 0));
+    assert!(o.all_acked_through(0, 10) && o.next_deadline().is_none());
+}
