@@ -576,3 +576,28 @@ fn selective_acknowledgements_leave_holes_that_lookups_resends_and_later_acks_ha
     assert_eq!(o.in_flight(), (0, 0));
     assert!(o.all_acked_through(0, 10) && o.next_deadline().is_none());
 }
+
+#[test]
+fn a_message_filling_a_gap_releases_the_run_behind_it_and_copies_of_any_are_duplicates() {
+    let mut i = Inbox::new(InboxConfig::default());
+    let p = Bytes::from_static;
+    for seq in [1, 3, 4, 6] {
+        assert_eq!(i.on_message(0, seq, p(b"m"), 0), Received::Accepted);
+    }
+    // 1 can be taken; 3, 4 and 6 wait behind gaps. A copy of any of them is a duplicate.
+    assert_eq!((i.ready_bytes(), i.held_bytes()), (1, 4));
+    for seq in [1, 3, 4, 6] {
+        assert_eq!(i.on_message(0, seq, p(b"copy"), 0), Received::Duplicate);
+    }
+    // 2 fills the first gap: 1 to 4 are ready, in order; 6 still waits for 5.
+    assert_eq!(i.on_message(0, 2, p(b"m"), 0), Received::Accepted);
+    assert_eq!(i.ready_bytes(), 4);
+    let taken: Vec<u64> = std::iter::from_fn(|| i.poll_deliver(0)).map(|(_, seq, _)| seq).collect();
+    assert_eq!(taken, vec![1, 2, 3, 4]);
+    assert_eq!((i.ready_bytes(), i.held_bytes()), (0, 1));
+    assert_eq!(i.on_message(0, 2, p(b"copy"), 0), Received::Duplicate);
+    assert_eq!(i.on_message(0, 5, p(b"m"), 0), Received::Accepted);
+    let taken: Vec<u64> = std::iter::from_fn(|| i.poll_deliver(0)).map(|(_, seq, _)| seq).collect();
+    assert_eq!(taken, vec![5, 6]);
+    assert_eq!((i.ready_bytes(), i.held_bytes()), (0, 0));
+}
