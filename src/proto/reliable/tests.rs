@@ -268,13 +268,19 @@ fn outbox_bounds_and_backpressure() {
     big.push(0, Bytes::from_static(b"0123456789"), 0).unwrap();
 }
 
-#[test]
-fn bad_acks_are_refused_without_changing_state() {
+/// An outbox that sent `count` one-byte messages on `channel` at time 0, none acknowledged.
+fn outbox_that_sent(channel: u16, count: usize) -> Outbox {
     let mut o = Outbox::new(OutboxConfig::default(), 1);
-    for _ in 0..5 {
-        o.push(3, Bytes::from_static(b"x"), 0).unwrap();
+    for _ in 0..count {
+        o.push(channel, Bytes::from_static(b"x"), 0).unwrap();
     }
     while o.poll_transmit(0).is_some() {}
+    o
+}
+
+#[test]
+fn bad_acks_are_refused_without_changing_state() {
+    let mut o = outbox_that_sent(3, 5);
     let ack = |cumulative, ranges: Vec<(u64, u64)>| AckRanges { channel: 3, cumulative, ranges };
     assert!(matches!(o.on_ack(&ack(6, vec![]), 1), Err(AckError::BeyondSent { seq: 6, .. })));
     assert!(matches!(o.on_ack(&ack(1, vec![(4, 9)]), 1), Err(AckError::BeyondSent { .. })));
@@ -545,11 +551,7 @@ fn after_ack_every_taken_messages_the_acknowledgement_is_due_at_once() {
 
 #[test]
 fn selective_acknowledgements_leave_holes_that_lookups_resends_and_later_acks_handle() {
-    let mut o = Outbox::new(OutboxConfig::default(), 1);
-    for _ in 0..10 {
-        o.push(0, Bytes::from_static(b"m"), 0).unwrap();
-    }
-    while o.poll_transmit(0).is_some() {}
+    let mut o = outbox_that_sent(0, 10);
     // Acknowledged out of order, nothing cumulative yet: holes in the middle.
     let a = o.on_ack(&AckRanges { channel: 0, cumulative: 0, ranges: vec![(3, 4), (7, 7)] }, 1).unwrap();
     assert_eq!(a.newly, vec![(0, 3), (0, 4), (0, 7)]);
