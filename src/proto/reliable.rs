@@ -216,24 +216,22 @@ impl UnackedQueue {
     }
 
     /// Removes, oldest first, every message up to `highest` that `acked` says was acknowledged,
-    /// handing each to `removed`. One pass at most, however the acknowledgement is shaped.
-    fn remove_acked(&mut self, highest: u64, acked: impl Fn(u64) -> bool, mut removed: impl FnMut(u64, Unacked)) {
+    /// showing each to `removed` first. One pass at most, however the acknowledgement is shaped.
+    fn remove_acked(&mut self, highest: u64, acked: impl Fn(u64) -> bool, mut removed: impl FnMut(u64, &Unacked)) {
         // A cumulative acknowledgement takes from the front.
-        while self.0.front().is_some_and(|&(s, _)| s <= highest && acked(s)) {
-            let (s, m) = self.0.pop_front().expect("checked above");
-            removed(s, m);
+        while let Some((s, m)) = self.0.front().filter(|&&(s, _)| s <= highest && acked(s)) {
+            removed(*s, m);
+            self.0.pop_front();
         }
         // Selective ranges past a hole: one pass over what is left, order kept.
         if self.0.iter().take_while(|&&(s, _)| s <= highest).any(|&(s, _)| acked(s)) {
-            let mut kept = VecDeque::with_capacity(self.0.len());
-            for (s, m) in self.0.drain(..) {
-                if s <= highest && acked(s) {
-                    removed(s, m);
-                } else {
-                    kept.push_back((s, m));
+            self.0.retain(|(s, m)| {
+                let gone = *s <= highest && acked(*s);
+                if gone {
+                    removed(*s, m);
                 }
-            }
-            self.0 = kept;
+                !gone
+            });
         }
     }
 }
@@ -619,14 +617,12 @@ pub struct InboxStats {
 struct InChannel {
     /// Everything up to here was handed to the application.
     delivered: u64,
-    /// Received in order, not yet delivered: `delivered + 1..=ready_to`, oldest first, which
+    /// Received in order, not yet delivered: `delivered + 1..=ready_to()`, oldest first, which
     /// the application can take. A deque, since messages nearly always arrive in order and
     /// leave from the front (an ordered map here was a large part of the cost per message).
     ready: VecDeque<Bytes>,
-    /// Received behind a gap (every key above `ready_to + 1`), waiting for the gap to fill.
+    /// Received behind a gap (every key above `ready_to() + 1`), waiting for the gap to fill.
     gapped: BTreeMap<u64, Bytes>,
-    /// The last of the run in `ready`.
-    ready_to: u64,
     /// Their payload bytes.
     ready_bytes: usize,
     /// Taken by the application: all of 1..=cumulative, plus `above`.
@@ -648,6 +644,13 @@ pub struct Inbox {
     /// The channel [`Inbox::poll_deliver`] served last (it goes round the channels).
     served_last: Option<u16>,
     stats: InboxStats,
+}
+
+impl InChannel {
+    /// The last message of the run the application can take (`delivered` when there is none).
+    fn ready_to(&self) -> u64 {
+        self.delivered + self.ready.len() as u64
+    }
 }
 
 /// When `ch`'s acknowledgement falls due, if it owes one: at once (from the first unreported
@@ -683,8 +686,8 @@ impl Inbox {
             return Received::Duplicate;
         }
         let (delivered, ready_to) = match self.channels.get(&channel) {
-            Some(ch) if seq <= ch.ready_to || ch.gapped.contains_key(&seq) => return Received::Duplicate,
-            Some(ch) => (ch.delivered, ch.ready_to),
+            Some(ch) if seq <= ch.ready_to() || ch.gapped.contains_key(&seq) => return Received::Duplicate,
+            Some(ch) => (ch.delivered, ch.ready_to()),
             None => {
                 let user_channels = self.channels.keys().filter(|&&c| !self.is_reserved(c)).count();
                 if !self.is_reserved(channel) && user_channels >= self.config.max_channels {
@@ -717,23 +720,18 @@ impl Inbox {
         }
         let ch = self.channels.entry(channel).or_default();
         self.held_bytes += payload.len();
-        if seq == ch.ready_to + 1 {
+        if seq == ch.ready_to() + 1 {
             // The run the application can take grows, maybe across messages that were waiting.
             let mut next = Some(payload);
             while let Some(p) = next {
-                ch.ready_to += 1;
                 ch.ready_bytes += p.len();
                 self.ready_bytes += p.len();
                 ch.ready.push_back(p);
-                next = ch.gapped.first_key_value().is_some_and(|(&s, _)| s == ch.ready_to + 1).then(|| {
-                    let (_, p) = ch.gapped.pop_first().expect("checked above");
-                    p
-                });
+                next = ch.gapped.remove(&(ch.ready_to() + 1));
             }
         } else {
             ch.gapped.insert(seq, payload);
         }
-        debug_assert_eq!(ch.ready.len() as u64, ch.ready_to - ch.delivered);
         self.stats.accepted += 1;
         Received::Accepted
     }
@@ -796,7 +794,6 @@ impl Inbox {
         let payload = ch.ready.pop_front()?;
         let seq = ch.delivered + 1;
         ch.delivered = seq;
-        debug_assert_eq!(ch.ready.len() as u64, ch.ready_to - ch.delivered);
         self.held_bytes -= payload.len();
         self.ready_bytes -= payload.len();
         ch.ready_bytes -= payload.len();
