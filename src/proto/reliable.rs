@@ -18,7 +18,8 @@
 //! received ones. The cumulative part covers `1..=cumulative`; selective ranges above it cover
 //! messages acknowledged out of order (manual-ack mode).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use bytes::Bytes;
 
@@ -206,6 +207,10 @@ impl UnackedQueue {
         self.position(seq).is_some()
     }
 
+    fn get(&self, seq: u64) -> Option<&Unacked> {
+        Some(&self.0[self.position(seq)?].1)
+    }
+
     fn get_mut(&mut self, seq: u64) -> Option<&mut Unacked> {
         let i = self.position(seq)?;
         Some(&mut self.0[i].1)
@@ -236,6 +241,15 @@ impl UnackedQueue {
     }
 }
 
+/// When a message is next due: (due time, channel, seq). Ordered by due time, then channel,
+/// then sequence number: the order in which due messages leave.
+type DueKey = (u64, u16, u64);
+
+/// Whether `key` is the schedule of a message still waiting (unacknowledged, and due then).
+fn is_scheduled(channels: &ChannelMap<u16, OutChannel>, &(due, channel, seq): &DueKey) -> bool {
+    channels.get(&channel).and_then(|c| c.unacked.get(seq)).is_some_and(|p| p.due == Some(due))
+}
+
 /// Smoothed round-trip estimate (RFC 6298).
 #[derive(Debug, Clone, Copy)]
 struct Rtt {
@@ -248,8 +262,18 @@ struct Rtt {
 pub struct Outbox {
     config: OutboxConfig,
     channels: ChannelMap<u16, OutChannel>,
-    /// (due time, channel, seq) of every message waiting to be (re)transmitted.
-    due: BTreeSet<(u64, u16, u64)>,
+    /// The schedule of every message waiting to be (re)transmitted, earliest first.
+    ///
+    /// A min-heap with lazy removal. Each message with a due time has exactly one entry that
+    /// matches it ([`is_scheduled`]); an acknowledgement does not look for its message's entry
+    /// (a search in a heap), it leaves it behind, stale. Stale entries are dropped when they
+    /// reach the top ([`Outbox::settle_due`] keeps the top current, so [`Outbox::next_deadline`]
+    /// is exact) and swept out whenever they could outnumber the live ones, so the heap never
+    /// holds more than about twice the unacknowledged messages. A message is scheduled in
+    /// increasing time order almost always, so an insertion is one comparison; a removal is
+    /// logarithmic. This replaced an ordered set whose two insertions and two removals per
+    /// message were the reliability core's largest cost (BENCHMARKS.md "CPU time per message").
+    due: BinaryHeap<Reverse<DueKey>>,
     messages: usize,
     bytes: usize,
     rtt: Rtt,
@@ -265,7 +289,7 @@ impl Outbox {
         Outbox {
             config,
             channels: ChannelMap::default(),
-            due: BTreeSet::new(),
+            due: BinaryHeap::new(),
             messages: 0,
             bytes: 0,
             rtt: Rtt { srtt: None, rttvar: 0 },
@@ -302,7 +326,7 @@ impl Outbox {
         self.messages += 1;
         self.bytes += payload.len();
         ch.unacked.push(seq, Unacked { payload, due: Some(due), sent_at: None, attempts: 0 });
-        self.due.insert((due, channel, seq));
+        self.due.push(Reverse((due, channel, seq)));
         self.stats.pushed += 1;
         Ok(seq)
     }
@@ -352,34 +376,46 @@ impl Outbox {
 
     /// The next message due at `now`, if any, lowest due time first (then channel, then seq).
     pub fn poll_transmit(&mut self, now: u64) -> Option<Transmit> {
-        let &key @ (due, _, _) = self.due.first()?;
+        let &Reverse(key @ (due, _, _)) = self.due.peek()?;
         if due > now {
             return None;
         }
-        self.transmit(key, now)
+        self.due.pop();
+        let transmit = self.transmit(key, now);
+        self.settle_due();
+        transmit
     }
 
     /// Up to `max` messages due at `now`, in the order of [`Outbox::poll_transmit`], skipping
     /// channels `send_on` refuses (a transport that cannot take more on them now): they stay
     /// due, and are not sealed long before they can leave.
     pub fn poll_transmits(&mut self, now: u64, max: usize, send_on: impl Fn(u16) -> bool) -> Vec<Transmit> {
-        let picked: Vec<(u64, u16, u64)> = self
-            .due
-            .iter()
-            .take_while(|&&(due, _, _)| due <= now)
-            .filter(|&&(_, channel, _)| send_on(channel))
-            .take(max)
-            .copied()
-            .collect();
+        let mut picked = Vec::with_capacity(max.min(self.due.len()));
+        let mut skipped = Vec::new();
+        while picked.len() < max {
+            let Some(&Reverse(key @ (due, channel, _))) = self.due.peek() else { break };
+            if due > now {
+                break;
+            }
+            self.due.pop();
+            if !is_scheduled(&self.channels, &key) {
+                continue; // acknowledged since it was scheduled
+            }
+            if send_on(channel) { picked.push(key) } else { skipped.push(key) }
+        }
+        // Scheduled again only after the picking: a message due again at once (a zero
+        // timeout) is not taken twice in one call.
+        self.due.extend(skipped.into_iter().map(Reverse));
         let mut out = Vec::with_capacity(picked.len());
         out.extend(picked.into_iter().filter_map(|key| self.transmit(key, now)));
+        self.settle_due();
         out
     }
 
-    /// Takes the due entry `key` and returns its transmission, scheduling the next attempt.
-    fn transmit(&mut self, key: (u64, u16, u64), now: u64) -> Option<Transmit> {
+    /// Returns the transmission of `key`, just taken off the schedule, and schedules its next
+    /// attempt.
+    fn transmit(&mut self, key: DueKey, now: u64) -> Option<Transmit> {
         let (_, channel, seq) = key;
-        self.due.remove(&key);
         let rto = self.rto();
         let jitter = self.next_jitter(rto);
         let retransmit_on_timeout = self.config.retransmit_on_timeout;
@@ -392,7 +428,7 @@ impl Outbox {
         let backoff = rto.saturating_mul(1u64 << (p.attempts - 1).min(20)).min(max_rto);
         p.due = retransmit_on_timeout.then(|| now.saturating_add(backoff).saturating_add(jitter));
         if let Some(d) = p.due {
-            self.due.insert((d, channel, seq));
+            self.due.push(Reverse((d, channel, seq)));
         }
         let payload = p.payload.clone();
         if retransmission {
@@ -403,21 +439,37 @@ impl Outbox {
         Some(Transmit { channel, seq, payload, retransmission })
     }
 
+    /// Drops stale entries from the top of the schedule, and sweeps them all out once they
+    /// could outnumber the live ones (each message with a due time has one live entry).
+    fn settle_due(&mut self) {
+        while let Some(Reverse(key)) = self.due.peek()
+            && !is_scheduled(&self.channels, key)
+        {
+            self.due.pop();
+        }
+        if self.due.len() > 2 * self.messages + 64 {
+            let channels = &self.channels;
+            self.due.retain(|Reverse(key)| is_scheduled(channels, key));
+        }
+    }
+
     /// When the next message falls due.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.due.first().map(|&(t, _, _)| t)
+        // The top is always current (`settle_due`).
+        self.due.peek().map(|&Reverse((t, _, _))| t)
     }
 
     /// Makes every unacknowledged message due at `now` (after a reconnect), in channel and
     /// sequence order.
     pub fn retransmit_all(&mut self, now: u64) {
-        self.due.clear();
+        let mut due = Vec::with_capacity(self.messages);
         for (&channel, ch) in &mut self.channels {
             for (seq, p) in ch.unacked.iter_mut() {
                 p.due = Some(now);
-                self.due.insert((now, channel, seq));
+                due.push(Reverse((now, channel, seq)));
             }
         }
+        self.due = BinaryHeap::from(due);
     }
 
     /// Applies an acknowledgement from the peer.
@@ -436,12 +488,10 @@ impl Outbox {
         let mut acked = Acked::default();
         let mut sample = None;
         let covers = |s: u64| s <= ack.cumulative || ack.ranges.iter().any(|&(a, b)| a <= s && s <= b);
-        let (due, stats) = (&mut self.due, &mut self.stats);
+        let stats = &mut self.stats;
         let (mut messages, mut bytes) = (0, 0);
+        // The messages' schedule entries are left behind, stale (see `Outbox::due`).
         ch.unacked.remove_acked(highest, covers, |seq, p| {
-            if let Some(d) = p.due {
-                due.remove(&(d, ack.channel, seq));
-            }
             // Karn: only messages sent once give a round-trip sample.
             if p.attempts == 1
                 && let Some(t) = p.sent_at
@@ -459,6 +509,9 @@ impl Outbox {
         ch.cumulative = ch.cumulative.max(ack.cumulative);
         if let Some(s) = sample {
             self.rtt_sample(s);
+        }
+        if messages > 0 {
+            self.settle_due();
         }
         Ok(acked)
     }

@@ -180,6 +180,7 @@ fn run(
             outbox.on_ack(&a, now).unwrap_or_else(|e| panic!("seed {seed}: valid ack refused: {e}"));
         }
         // Memory stays bounded.
+        check_schedule(&outbox);
         let (n, bytes) = outbox.in_flight();
         assert!(n <= out_cfg.max_messages && bytes <= out_cfg.max_bytes);
         assert!(inbox.held_bytes() - inbox.ready_bytes() <= in_cfg.max_buffered_bytes);
@@ -602,4 +603,124 @@ fn a_message_filling_a_gap_releases_the_run_behind_it_and_copies_of_any_are_dupl
     let taken: Vec<u64> = std::iter::from_fn(|| i.poll_deliver(0)).map(|(_, seq, _)| seq).collect();
     assert_eq!(taken, vec![5, 6]);
     assert_eq!((i.ready_bytes(), i.held_bytes()), (0, 0));
+}
+
+/// The outbox's schedule against its messages: exactly one live entry per message with a due
+/// time, a live entry on top (so `next_deadline` is exact), and stale entries bounded.
+fn check_schedule(outbox: &Outbox) {
+    let mut live: Vec<DueKey> =
+        outbox.due.iter().map(|&Reverse(k)| k).filter(|k| is_scheduled(&outbox.channels, k)).collect();
+    live.sort_unstable();
+    assert_eq!(live, scheduled(outbox), "one live entry per scheduled message");
+    if let Some(Reverse(top)) = outbox.due.peek() {
+        assert!(is_scheduled(&outbox.channels, top), "stale entry on top: {top:?}");
+    }
+    assert!(
+        outbox.due.len() <= 2 * outbox.messages + 64,
+        "{} entries for {} messages",
+        outbox.due.len(),
+        outbox.messages
+    );
+}
+
+/// Every message's due time, read from the messages themselves, in the order they leave.
+fn scheduled(outbox: &Outbox) -> Vec<DueKey> {
+    let mut all: Vec<DueKey> = outbox
+        .channels
+        .iter()
+        .flat_map(|(&c, ch)| ch.unacked.0.iter().filter_map(move |&(s, ref p)| p.due.map(|d| (d, c, s))))
+        .collect();
+    all.sort_unstable();
+    all
+}
+
+#[test]
+fn the_schedule_sends_in_due_order_skips_refused_channels_and_forgets_acknowledged_messages() {
+    // Random pushes, batched polls with refused channels, acknowledgements of every shape (of
+    // messages not yet sent too), timeouts and reconnects; each poll is checked against the
+    // order read from the messages themselves: due time, then channel, then sequence number.
+    let config = OutboxConfig {
+        max_messages: 200,
+        max_bytes: 1 << 20,
+        max_per_channel: 256,
+        initial_rto_ms: 30,
+        min_rto_ms: 5,
+        max_rto_ms: 200,
+        retransmit_on_timeout: true,
+    };
+    let (mut polled, mut stale_seen) = (0, 0);
+    for seed in 0..300 {
+        let mut rng = Rng::new(seed);
+        let mut o = Outbox::new(config.clone(), seed);
+        let mut now = 0u64;
+        for _ in 0..600 {
+            match rng.below(10) {
+                0..=2 => {
+                    let channel = rng.below(4) as u16;
+                    let _ = o.push(channel, Bytes::from_static(b"m"), now.saturating_sub(rng.below(3)));
+                }
+                3..=5 => {
+                    let refused = rng.below(16);
+                    let send_on = |c: u16| refused & (1 << c) == 0;
+                    let max = 1 + rng.below(8) as usize;
+                    let expected: Vec<(u16, u64)> = scheduled(&o)
+                        .into_iter()
+                        .take_while(|&(d, _, _)| d <= now)
+                        .filter(|&(_, c, _)| send_on(c))
+                        .take(max)
+                        .map(|(_, c, s)| (c, s))
+                        .collect();
+                    stale_seen += o.due.len() - scheduled(&o).len();
+                    let got: Vec<(u16, u64)> =
+                        o.poll_transmits(now, max, send_on).iter().map(|t| (t.channel, t.seq)).collect();
+                    assert_eq!(got, expected, "seed {seed} at {now}");
+                    polled += got.len();
+                }
+                6 | 7 => {
+                    let channel = rng.below(4) as u16;
+                    let last = o.last_seq(channel);
+                    let cumulative = rng.below(last + 1);
+                    let mut ranges = Vec::new();
+                    if cumulative + 2 <= last && rng.chance(50) {
+                        let a = cumulative + 2 + rng.below(last - cumulative - 1);
+                        ranges.push((a, a + rng.below(last - a + 1)));
+                    }
+                    o.on_ack(&AckRanges { channel, cumulative, ranges }, now).expect("a valid acknowledgement");
+                }
+                8 => now += rng.below(40),
+                _ if rng.chance(10) => o.retransmit_all(now),
+                _ => {
+                    let expected = scheduled(&o).first().filter(|&&(d, _, _)| d <= now).map(|&(_, c, s)| (c, s));
+                    assert_eq!(o.poll_transmit(now).map(|t| (t.channel, t.seq)), expected, "seed {seed}");
+                }
+            }
+            check_schedule(&o);
+            assert_eq!(o.next_deadline(), scheduled(&o).first().map(|&(d, _, _)| d));
+        }
+    }
+    // The runs did what they are for: many transmissions, with stale entries in the way.
+    assert!(polled > 10_000 && stale_seen > 1_000, "polled {polled}, stale entries seen {stale_seen}");
+}
+
+#[test]
+fn acknowledged_messages_leave_a_bounded_schedule_behind_them() {
+    // One message is never acknowledged, so its retransmission stays near the top of the
+    // schedule while thousands of later messages are sent and acknowledged behind it: their
+    // entries, left behind stale, must be swept out rather than pile up.
+    let config = OutboxConfig { initial_rto_ms: 1000, min_rto_ms: 1000, ..OutboxConfig::default() };
+    let mut o = Outbox::new(config, 3);
+    o.push(0, Bytes::from_static(b"never acknowledged"), 0).unwrap();
+    assert_eq!(o.poll_transmit(0).map(|t| t.seq), Some(1));
+    let first_deadline = o.next_deadline().unwrap();
+    let mut largest = 0;
+    for _ in 0..10_000 {
+        let seq = o.push(1, Bytes::from_static(b"m"), 1).unwrap();
+        assert_eq!(o.poll_transmit(1).map(|t| (t.channel, t.seq)), Some((1, seq)));
+        o.on_ack(&AckRanges { channel: 1, cumulative: seq, ranges: vec![] }, 1).unwrap();
+        largest = largest.max(o.due.len());
+    }
+    check_schedule(&o);
+    assert!(largest <= 2 + 64, "the schedule grew to {largest} entries for at most 2 messages");
+    assert_eq!(o.next_deadline(), Some(first_deadline));
+    assert_eq!(o.in_flight().0, 1);
 }
