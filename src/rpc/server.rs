@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::FutureExt;
+use rustc_hash::FxHashMap;
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -52,14 +53,16 @@ pub(crate) struct RpcServer {
     /// Lock order: `cache`, then `inflight`.
     cache: Mutex<ResponseCache<Key>>,
     inflight: Mutex<HashMap<Key, Inflight>>,
-    /// Handlers running per peer (see [`RouterConfig::per_peer`]).
-    per_peer: Arc<Mutex<HashMap<Fingerprint, usize>>>,
+    /// Handlers running per peer (see [`RouterConfig::per_peer`]). Keyed by authenticated
+    /// peers' certificate fingerprints (SHA-256, not chosen freely), so hashed with FxHash;
+    /// `inflight` and the cache, keyed by the call ids peers choose, keep SipHash.
+    per_peer: Arc<Mutex<FxHashMap<Fingerprint, usize>>>,
     started: Instant,
 }
 
 /// One handler slot of a peer: counted until dropped.
 struct PeerSlot {
-    running: Arc<Mutex<HashMap<Fingerprint, usize>>>,
+    running: Arc<Mutex<FxHashMap<Fingerprint, usize>>>,
     peer: Fingerprint,
 }
 
@@ -137,7 +140,9 @@ pub(crate) struct SessionRpc {
     pub(super) session_permits: Arc<Semaphore>,
     /// Requests taken from the peer and not yet answered (running or waiting to be queued).
     pub(super) owed: AtomicUsize,
-    pub(super) pending: Mutex<HashMap<CallId, oneshot::Sender<(Status, Bytes)>>>,
+    /// Our calls waiting for their response. Keyed by the ids we choose (a response with any
+    /// other id finds nothing), so hashed with FxHash: the map is looked up on every response.
+    pub(super) pending: Mutex<FxHashMap<CallId, oneshot::Sender<(Status, Bytes)>>>,
     pub(super) pending_permits: Arc<Semaphore>,
     pub(super) next_id: AtomicU64,
 }
@@ -155,13 +160,13 @@ impl SessionRpc {
             server,
             peer,
             owed: AtomicUsize::new(0),
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(FxHashMap::default()),
             pending_permits: Arc::new(Semaphore::new(max_pending)),
             next_id: AtomicU64::new(1),
         }
     }
 
-    pub(super) fn pending(&self) -> MutexGuard<'_, HashMap<CallId, oneshot::Sender<(Status, Bytes)>>> {
+    pub(super) fn pending(&self) -> MutexGuard<'_, FxHashMap<CallId, oneshot::Sender<(Status, Bytes)>>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
