@@ -106,6 +106,11 @@ pub(crate) fn print_table(rows: &[Row], quick: bool) {
         "\nquicseal vs raw quinn vs TLS over TCP ({}; medians of alternating runs)\n",
         if quick { "quick" } else { "full" }
     );
+    if cfg!(debug_assertions) {
+        // CI builds the benchmark in the test profile to check that it runs, in a fraction of
+        // a release build's time; such figures say nothing about speed.
+        println!("NOT A MEASUREMENT: built without optimizations (`--profile dev`); for figures run `cargo bench`.\n");
+    }
     println!("| workload | unit | quicseal | raw quinn | TLS/TCP | quicseal/quinn | quicseal/TCP |");
     println!("|---|---|---:|---:|---:|---:|---:|");
     let num = |x: f64| if x.is_nan() { "-".to_owned() } else { format!("{x:.1}") };
