@@ -39,8 +39,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use bytes::{Bytes, BytesMut};
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
+use bytes::{Buf, Bytes, BytesMut};
+use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, Tag, UnboundKey};
 
 use super::ChannelMap;
 use super::replay::{MAX_SEQ, ReplayError, ReplayWindow};
@@ -93,6 +93,11 @@ pub const AEAD_MAX_MESSAGES: u64 = 1 << 23;
 /// Default limit on the payload bytes one key seals: 2^36 bytes (2^32 AES blocks), which keeps
 /// `(blocks + messages)^2 / 2^129` below 2^-64.
 pub const AEAD_MAX_BYTES: u64 = 1 << 36;
+
+/// Largest payload [`Opener::verify`] moves over its tag's place after reading, so that the
+/// opened payload fills its buffer (no allocation to share it); a larger one costs more to move
+/// than that allocation.
+const SHIFT_OVER_TAG_MAX: usize = 4096;
 
 impl Default for KeyLimits {
     fn default() -> Self {
@@ -481,16 +486,28 @@ impl Opener {
             return Err(Reject::Future { ahead_ms: ahead });
         }
         self.check_window(frame.kind, frame.channel, frame.seq)?;
-        let aad = frame.aad();
+        let (aad, plain_len) = (frame.aad(), frame.payload_len());
+        let nonce = nonce(frame.kind, frame.channel, frame.seq);
+        let key = self.key.0.get();
+        // Without a copy when the frame is the sole owner of its bytes (as read from a stream).
         let mut buf = BytesMut::from(frame.sealed);
-        let plain_len = self
-            .key
-            .0
-            .get()
-            .open_in_place(nonce(frame.kind, frame.channel, frame.seq), Aad::from(aad), &mut buf[..])
-            .map_err(|_| Reject::Tag)?
-            .len();
-        buf.truncate(plain_len);
+        if buf.len() < TAG_LEN {
+            return Err(Reject::Tag);
+        }
+        if plain_len <= SHIFT_OVER_TAG_MAX {
+            // The ciphertext moves up over the tag's place, so the plaintext ends where its
+            // buffer does: such bytes become `Bytes` without an allocation, where a payload
+            // followed by the tag needs a shared header allocated for it (one allocation per
+            // message; BENCHMARKS.md "CPU time per message").
+            let tag: [u8; TAG_LEN] = buf[plain_len..].try_into().expect("the tag's length");
+            buf.copy_within(..plain_len, TAG_LEN);
+            buf.advance(TAG_LEN);
+            key.open_in_place_separate_tag(nonce, Aad::from(aad), Tag::from(tag), &mut buf[..], 0..)
+                .map_err(|_| Reject::Tag)?;
+        } else {
+            let opened = key.open_in_place(nonce, Aad::from(aad), &mut buf[..]).map_err(|_| Reject::Tag)?.len();
+            buf.truncate(opened);
+        }
         Ok(Opened {
             kind: frame.kind,
             channel: frame.channel,
@@ -668,6 +685,43 @@ mod tests {
                 assert_eq!(o.window(kind, 3).unwrap().top(), 1, "{kind:?} bit {bit} moved the window");
             }
             assert_eq!(&o.open_bytes(&genuine, NOW).unwrap().payload[..], b"the payload that matters");
+        }
+    }
+
+    #[test]
+    fn payloads_of_every_size_open_to_themselves_and_a_flipped_body_or_tag_is_refused() {
+        // Sizes on both sides of SHIFT_OVER_TAG_MAX: smaller payloads are moved over the tag's
+        // place before opening, larger ones are opened where they are.
+        let (mut s, mut o) = pair(MessageKind::Stream, 5);
+        let mut seq = 0;
+        let max = SHIFT_OVER_TAG_MAX;
+        for len in [0, 1, 15, 16, 17, 100, max - 1, max, max + 1, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            // None: genuine; Some(i): byte i of the frame flipped (first of the body, last of the tag).
+            let mut cases = vec![None, Some(usize::MAX)];
+            if len > 0 {
+                cases.push(Some(0));
+            }
+            for flip in cases {
+                seq += 1;
+                let mut frame = sealed(&mut s, seq, NOW, &payload).to_vec();
+                let body_start = frame.len() - TAG_LEN - len;
+                match flip {
+                    Some(usize::MAX) => *frame.last_mut().unwrap() ^= 0x80,
+                    Some(i) => frame[body_start + i] ^= 1,
+                    None => {}
+                }
+                // Decoded from bytes dropped at once: the frame owns its bytes alone, as one
+                // read from a stream does, so opening takes them without a copy.
+                let Frame::Message(m) = Frame::decode_exact(&Bytes::from(frame), 1 << 20).unwrap() else {
+                    panic!("a MESSAGE frame")
+                };
+                match (flip, o.open(m, NOW)) {
+                    (None, Ok(opened)) => assert_eq!(opened.payload, payload, "length {len}"),
+                    (Some(_), Err(Reject::Tag)) => {}
+                    (flip, other) => panic!("length {len}, flip {flip:?}: {other:?}"),
+                }
+            }
         }
     }
 
