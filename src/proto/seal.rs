@@ -488,12 +488,13 @@ impl Opener {
         self.check_window(frame.kind, frame.channel, frame.seq)?;
         let (aad, plain_len) = (frame.aad(), frame.payload_len());
         let nonce = nonce(frame.kind, frame.channel, frame.seq);
-        let key = self.key.0.get();
         // Without a copy when the frame is the sole owner of its bytes (as read from a stream).
         let mut buf = BytesMut::from(frame.sealed);
         if buf.len() < TAG_LEN {
             return Err(Reject::Tag);
         }
+        // Expanded only for a frame that reaches its tag (see `LazyKey`).
+        let key = self.key.0.get();
         if plain_len <= SHIFT_OVER_TAG_MAX {
             // The ciphertext moves up over the tag's place, so the plaintext ends where its
             // buffer does: such bytes become `Bytes` without an allocation, where a payload
@@ -602,6 +603,17 @@ mod tests {
         let bytes = sealed(&mut s, 1, NOW, b"hi");
         assert!(s.key.key.is_expanded() && !o.key.0.is_expanded());
         assert!(matches!(o.open_bytes(&bytes, NOW + 1_000_000), Err(Reject::Stale { .. })));
+        assert!(!o.key.0.is_expanded());
+        // A frame too short to hold a tag (only a caller building one by hand can make it).
+        let short = MessageFrame {
+            kind: MessageKind::Stream,
+            channel: 7,
+            epoch: 0x0102030405060708,
+            seq: 1,
+            sent_at_ms: NOW,
+            sealed: Bytes::from_static(&[0; TAG_LEN - 1]),
+        };
+        assert!(matches!(o.verify(short, NOW), Err(Reject::Tag)));
         assert!(!o.key.0.is_expanded());
         assert_eq!(&o.open_bytes(&bytes, NOW).unwrap().payload[..], b"hi");
         assert!(o.key.0.is_expanded());
