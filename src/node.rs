@@ -950,6 +950,9 @@ fn new_core(shared: &NodeShared, epoch: u64, peer: &PeerHello, keys: (SealingKey
             ack_delay_ms: 2,
             ack_every: 64,
             ack_when_drained: true,
+            // A caller that took a response usually sends its next request at once, and the
+            // acknowledgement rides with it: one packet per call each way, not two.
+            lazy_ack_channel: Some(crate::rpc::RESPONSE_CHANNEL),
             auto_ack: !shared.manual_ack,
             reserved_from: Some(crate::rpc::FIRST_RESERVED_CHANNEL),
         },

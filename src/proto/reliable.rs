@@ -618,6 +618,12 @@ pub struct InboxConfig {
     /// batching delay, while a busy stream, whose receiver always has more to take, still
     /// batches.
     pub ack_when_drained: bool,
+    /// A channel exempt from `ack_when_drained`: its acknowledgement waits `ack_delay_ms`, or
+    /// rides along with the next frames the shell writes anyway ([`Inbox::poll_ack_owed`]).
+    /// For a channel whose receiver usually answers at once, as an RPC caller taking a
+    /// response goes on to its next request: its acknowledgement then costs no packet of its
+    /// own.
+    pub lazy_ack_channel: Option<u16>,
     /// Acknowledge when [`Inbox::poll_deliver`] hands a message over (otherwise the application
     /// calls [`Inbox::ack`]).
     pub auto_ack: bool,
@@ -636,6 +642,7 @@ impl Default for InboxConfig {
             ack_delay_ms: 5,
             ack_every: 32,
             ack_when_drained: false,
+            lazy_ack_channel: None,
             auto_ack: true,
             reserved_from: None,
         }
@@ -707,13 +714,16 @@ impl InChannel {
 }
 
 /// When `ch`'s acknowledgement falls due, if it owes one: at once (from the first unreported
-/// message) after `ack_every` newly taken messages or, with `ack_when_drained`, when nothing is
-/// left to take; `ack_delay_ms` after the first unreported one otherwise. [`Inbox::poll_ack`]
-/// and the timer of [`Inbox::next_deadline`] both follow it, so the timer never sleeps past an
-/// acknowledgement already due.
-fn ack_due(config: &InboxConfig, ch: &InChannel) -> Option<u64> {
-    let at_once =
-        ch.unreported >= config.ack_every || (config.ack_when_drained && ch.ready.is_empty() && ch.gapped.is_empty());
+/// message) after `ack_every` newly taken messages or, with `ack_when_drained` (unless `channel`
+/// is the lazy one), when nothing is left to take; `ack_delay_ms` after the first unreported
+/// one otherwise. [`Inbox::poll_ack`] and the timer of [`Inbox::next_deadline`] both follow
+/// it, so the timer never sleeps past an acknowledgement already due.
+fn ack_due(config: &InboxConfig, channel: u16, ch: &InChannel) -> Option<u64> {
+    let drained = config.ack_when_drained
+        && config.lazy_ack_channel != Some(channel)
+        && ch.ready.is_empty()
+        && ch.gapped.is_empty();
+    let at_once = ch.unreported >= config.ack_every || drained;
     ch.dirty_since.map(|t| if at_once { t } else { t.saturating_add(config.ack_delay_ms) })
 }
 
@@ -879,8 +889,20 @@ impl Inbox {
     /// `ack_every` new ones, or at once when the channel is drained and `ack_when_drained`).
     /// Call until it returns `None`.
     pub fn poll_ack(&mut self, now: u64) -> Option<AckRanges> {
+        self.take_ack(|due| due <= now)
+    }
+
+    /// An acknowledgement owed, due or not: for a shell about to write frames anyway, so that
+    /// acknowledgements ride along instead of costing a packet of their own later. Call until
+    /// it returns `None`.
+    pub fn poll_ack_owed(&mut self) -> Option<AckRanges> {
+        self.take_ack(|_| true)
+    }
+
+    /// The acknowledgement of the first channel that owes one and whose due time `take` accepts.
+    fn take_ack(&mut self, take: impl Fn(u64) -> bool) -> Option<AckRanges> {
         let config = &self.config;
-        let (&channel, ch) = self.channels.iter_mut().find(|(_, ch)| ack_due(config, ch).is_some_and(|t| t <= now))?;
+        let (&channel, ch) = self.channels.iter_mut().find(|(c, ch)| ack_due(config, **c, ch).is_some_and(&take))?;
         ch.unreported = 0;
         ch.dirty_since = None;
         let mut ranges: Vec<(u64, u64)> = Vec::new();
@@ -900,7 +922,7 @@ impl Inbox {
 
     /// When the next batched acknowledgement falls due (the rules of [`Inbox::poll_ack`]).
     pub fn next_deadline(&self) -> Option<u64> {
-        self.channels.values().filter_map(|c| ack_due(&self.config, c)).min()
+        self.channels.iter().filter_map(|(&n, c)| ack_due(&self.config, n, c)).min()
     }
 
     /// Payload bytes held (received, not yet delivered).

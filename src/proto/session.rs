@@ -480,8 +480,9 @@ impl SessionCore {
         Ok((seq, self.outbox.in_flight().0))
     }
 
-    /// What to write now: the acknowledgements due, and up to [`TRANSMIT_BATCH`] sealed frames
-    /// of what the outbox wants sent (new messages, and resends whose timer expired). Channels
+    /// What to write now: the acknowledgements due (with frames to write, every one owed), and
+    /// up to [`TRANSMIT_BATCH`] sealed frames of what the outbox wants sent (new messages, and
+    /// resends whose timer expired). Channels
     /// for which `busy` is true (their stream has not taken earlier frames yet) are skipped:
     /// their messages stay due and are not sealed long before they can leave.
     ///
@@ -496,8 +497,17 @@ impl SessionCore {
         {
             return Err(Stop::FreshKeys("the message key reached half its usage limit"));
         }
+        let transmits = match self.conn.worn_out {
+            Some(_) => Vec::new(),
+            None => self.outbox.poll_transmits(now, TRANSMIT_BATCH, |c| !busy(c)),
+        };
+        // Frames go out now anyway: every acknowledgement owed rides along, due or not, rather
+        // than costing a packet of its own later (an RPC caller's next request carries the
+        // acknowledgement of the response it just took).
         let mut acks = Vec::new();
-        while let Some(a) = self.inbox.poll_ack(now) {
+        loop {
+            let ack = if transmits.is_empty() { self.inbox.poll_ack(now) } else { self.inbox.poll_ack_owed() };
+            let Some(a) = ack else { break };
             Frame::Ack(a).encode(&mut acks);
             self.tally.add(Counter::acks_sent, 1);
         }
@@ -507,7 +517,6 @@ impl SessionCore {
         if self.conn.worn_out.is_some() {
             return Ok(out);
         }
-        let transmits = self.outbox.poll_transmits(now, TRANSMIT_BATCH, |c| !busy(c));
         out.more = transmits.len() == TRANSMIT_BATCH;
         out.frames.reserve_exact(transmits.len());
         let reseal_after = self.config.open.freshness_ms / 2;

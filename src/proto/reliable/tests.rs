@@ -113,6 +113,7 @@ fn run(
         ack_delay_ms: 3,
         ack_every: 8,
         ack_when_drained: seed % 2 == 0,
+        lazy_ack_channel: (seed % 3 == 0).then_some(1),
         auto_ack: !manual_ack,
         reserved_from: None,
     };
@@ -173,7 +174,10 @@ fn run(
             let (ch, seq) = to_ack.swap_remove(i);
             assert!(inbox.ack(ch, seq, now));
         }
-        while let Some(a) = inbox.poll_ack(now) {
+        // Now and then the receiving shell writes frames of its own: every acknowledgement owed
+        // rides along, due or not.
+        let riding = rng.chance(10);
+        while let Some(a) = if riding { inbox.poll_ack_owed() } else { inbox.poll_ack(now) } {
             back.send(Packet::Ack(a), now, f, &mut rng);
         }
         while let Some(Packet::Ack(a)) = back.recv(now) {
@@ -348,6 +352,7 @@ fn inbox_drops_what_it_cannot_hold_and_reacks_duplicates() {
         ack_delay_ms: 10,
         ack_every: 100,
         ack_when_drained: false,
+        lazy_ack_channel: None,
         auto_ack: true,
         reserved_from: None,
     });
@@ -433,6 +438,51 @@ fn a_drained_channel_is_acknowledged_at_once_a_busy_one_is_batched() {
     let ack = i.poll_ack(0).expect("due at once");
     assert_eq!(ack.cumulative, 3);
     assert_eq!(i.poll_ack(0), None);
+}
+
+#[test]
+fn a_lazy_channel_is_acknowledged_after_the_delay_or_with_other_frames_never_at_once_when_drained() {
+    let mut i = Inbox::new(InboxConfig {
+        ack_delay_ms: 2,
+        ack_every: 3,
+        ack_when_drained: true,
+        lazy_ack_channel: Some(0xFFFF),
+        reserved_from: Some(0xFFFE),
+        ..InboxConfig::default()
+    });
+    let ack = |channel, cumulative| Some(AckRanges { channel, cumulative, ranges: vec![] });
+    // A response taken drains its channel, yet its acknowledgement waits for the delay.
+    assert_eq!(i.on_message(0xFFFF, 1, Bytes::from_static(b"r1"), 10), Received::Accepted);
+    assert!(i.poll_deliver_channel(0xFFFF, 10).is_some());
+    assert_eq!(i.poll_ack(10), None, "lazy: not at once when drained");
+    assert_eq!(i.next_deadline(), Some(12));
+    assert_eq!(i.poll_ack(11), None);
+    assert_eq!(i.poll_ack(12), ack(0xFFFF, 1));
+    assert_eq!(i.next_deadline(), None);
+    // Any other channel keeps the drained rule: a request taken is acknowledged at once.
+    assert_eq!(i.on_message(0xFFFE, 1, Bytes::from_static(b"q1"), 20), Received::Accepted);
+    assert!(i.poll_deliver_channel(0xFFFE, 20).is_some());
+    assert_eq!(i.poll_ack(20), ack(0xFFFE, 1));
+    // Owed but not due: taken early when frames go out anyway, and then nothing is owed.
+    assert_eq!(i.on_message(0xFFFF, 2, Bytes::from_static(b"r2"), 30), Received::Accepted);
+    assert!(i.poll_deliver_channel(0xFFFF, 30).is_some());
+    assert_eq!(i.poll_ack(30), None);
+    assert_eq!(i.poll_ack_owed(), ack(0xFFFF, 2));
+    assert_eq!(i.poll_ack_owed(), None);
+    assert_eq!(i.next_deadline(), None, "nothing left to acknowledge, no timer");
+    // Received but not yet taken: nothing is owed, riding or not.
+    assert_eq!(i.on_message(0xFFFF, 3, Bytes::from_static(b"r3"), 40), Received::Accepted);
+    assert_eq!(i.poll_ack_owed(), None);
+    // `ack_every` still holds on the lazy channel: the third taken since the last report.
+    for seq in 4..=5 {
+        assert_eq!(i.on_message(0xFFFF, seq, Bytes::from_static(b"r"), 40), Received::Accepted);
+    }
+    for _ in 3..=4 {
+        assert!(i.poll_deliver_channel(0xFFFF, 40).is_some());
+        assert_eq!(i.poll_ack(40), None);
+    }
+    assert!(i.poll_deliver_channel(0xFFFF, 40).is_some());
+    assert_eq!(i.poll_ack(40), ack(0xFFFF, 5), "ack_every: at once");
 }
 
 /// A message the inbox drops for lack of room must not be recorded by the replay window first:

@@ -249,6 +249,7 @@ fn config(plan: &Plan, epoch: u64, peer_epoch: u64) -> SessionConfig {
             ack_delay_ms: 2,
             ack_every: 64,
             ack_when_drained: true,
+            lazy_ack_channel: Some(0xFFFF),
             auto_ack: !plan.manual_ack,
             reserved_from: Some(FIRST_RESERVED_CHANNEL),
         },
@@ -1067,4 +1068,76 @@ fn before_the_acceptors_hello_a_dialler_sends_one_message_of_at_most_1024_bytes(
     // A second HELLO changes nothing: an epoch is the session's for good.
     dialler.on_peer_hello(&PeerHello { epoch: 99, max_message_size: 1024, max_channels: 1, window: 1 });
     assert_eq!((dialler.config().peer_epoch, dialler.config().max_send), (ae, 3_000));
+}
+
+/// Hands `frame`, a MESSAGE frame of `channel`, to `to` (`first`: its stream opens with it).
+fn arrive(to: &mut SessionCore, channel: u16, frame: &Bytes, first: bool, now: u64) {
+    if first {
+        let head = wire::encode_stream_header(StreamKind::Channel(channel));
+        assert_eq!(to.on_channel_stream(head), Ok(channel));
+    }
+    let h = to.on_message_header(frame[..FRAME_HEADER_LEN].try_into().unwrap()).unwrap();
+    assert!(to.reserve(channel, h.length as usize, |_| true));
+    let arrival = to.on_message(channel, h, frame.slice(FRAME_HEADER_LEN..), h.length as usize, WALL_ZERO, now);
+    assert_eq!(arrival, Ok(Arrival::Accepted));
+}
+
+/// Hands `control`, ACK frames back to back, to `to`.
+fn acknowledge(to: &mut SessionCore, mut control: Bytes, now: u64) {
+    while !control.is_empty() {
+        let h = to.on_control_header(control[..FRAME_HEADER_LEN].try_into().unwrap()).unwrap();
+        let frame = control.split_to(FRAME_HEADER_LEN + h.length as usize);
+        to.on_control(h, frame.slice(FRAME_HEADER_LEN..), now).unwrap();
+    }
+}
+
+#[test]
+fn a_callers_acknowledgement_of_a_response_rides_with_its_next_request_or_waits_the_delay() {
+    const REQUEST: u16 = 0xFFFE;
+    const RESPONSE: u16 = 0xFFFF;
+    let mut rng = Rng::new(11);
+    let [kd, ka] = keys(&mut rng, KeyLimits::default().messages);
+    let plan = quiet_plan(4, 3);
+    let (de, ae) = (0xd1a1, 0xacce);
+    let mut caller = SessionCore::new(config(&plan, de, ae), kd, 1);
+    let mut server = SessionCore::new(config(&plan, ae, de), ka, 2);
+    let msg = |s: &'static str| Bytes::from_static(s.as_bytes());
+
+    // The first call: the server's acknowledgement of the request leaves with its response.
+    caller.push(REQUEST, msg("request 1"), false, 0).unwrap();
+    let (control, frames) = caller.poll_transmit(0, WALL_ZERO, |_| false).unwrap().seal_all(&mut caller);
+    assert!(control.is_none());
+    arrive(&mut server, REQUEST, &frames[0].1, true, 0);
+    assert!(server.poll_deliver_channel(REQUEST, 0).is_some());
+    server.push(RESPONSE, msg("response 1"), false, 0).unwrap();
+    let (control, frames) = server.poll_transmit(0, WALL_ZERO, |_| false).unwrap().seal_all(&mut server);
+    acknowledge(&mut caller, control.expect("the request's acknowledgement"), 1);
+    assert_eq!(caller.outbox.in_flight().0, 0);
+    arrive(&mut caller, RESPONSE, &frames[0].1, true, 1);
+    assert!(caller.poll_deliver_channel(RESPONSE, 1).is_some());
+
+    // Taking the response drained its channel, but the acknowledgement waits: nothing to write
+    // now, a timer for the batching delay.
+    let out = caller.poll_transmit(1, WALL_ZERO, |_| false).unwrap();
+    assert!(out.control.is_none() && out.frames.is_empty());
+    assert_eq!(caller.poll_timeout(), Some(3));
+    // The next request carries it, before it is due.
+    caller.push(REQUEST, msg("request 2"), false, 1).unwrap();
+    let (control, frames) = caller.poll_transmit(1, WALL_ZERO, |_| false).unwrap().seal_all(&mut caller);
+    assert_eq!(frames.len(), 1);
+    acknowledge(&mut server, control.expect("the response's acknowledgement rides along"), 1);
+    assert_eq!(server.outbox.in_flight().0, 0, "the response is acknowledged");
+    assert_eq!(caller.inbox.next_deadline(), None, "nothing is owed any more");
+
+    // The second call's response, and no call after it: acknowledged once the delay has passed.
+    arrive(&mut server, REQUEST, &frames[0].1, false, 1);
+    assert!(server.poll_deliver_channel(REQUEST, 1).is_some());
+    server.push(RESPONSE, msg("response 2"), false, 1).unwrap();
+    let (_, frames) = server.poll_transmit(1, WALL_ZERO, |_| false).unwrap().seal_all(&mut server);
+    arrive(&mut caller, RESPONSE, &frames[0].1, false, 5);
+    assert!(caller.poll_deliver_channel(RESPONSE, 5).is_some());
+    assert!(caller.poll_transmit(6, WALL_ZERO, |_| false).unwrap().control.is_none());
+    let control = caller.poll_transmit(7, WALL_ZERO, |_| false).unwrap().control;
+    acknowledge(&mut server, control.expect("due after the 2 ms delay"), 7);
+    assert_eq!(server.outbox.in_flight().0, 0);
 }
