@@ -1598,6 +1598,12 @@ impl SessionShared {
 /// next deadline or new work.
 async fn drive(shared: Arc<SessionShared>, link: Arc<Carrier>) {
     let Some(writer) = link.writer.get() else { return };
+    // One timer for the driver's life, moved to each new deadline: a timer made anew at every
+    // turn is registered anew, and one due before the runtime's next wake-up wakes the thread
+    // that waits for I/O (a timer moved later is not registered again until it fires).
+    let sleep = tokio::time::sleep_until(shared.started);
+    tokio::pin!(sleep);
+    let mut armed = None;
     loop {
         let work = shared.work.notified();
         tokio::pin!(work);
@@ -1620,19 +1626,19 @@ async fn drive(shared: Arc<SessionShared>, link: Arc<Carrier>) {
         // key's grace period.
         let deadline = shared.core().poll_timeout();
         shared.drive_sleeps_until.store(deadline.unwrap_or(u64::MAX), Ordering::SeqCst);
-        let sleep = async {
-            match deadline {
-                Some(d) => tokio::time::sleep_until(shared.started + Duration::from_millis(d)).await,
-                None => std::future::pending().await,
-            }
-        };
+        if let Some(d) = deadline
+            && armed != Some(d)
+        {
+            sleep.as_mut().reset(shared.started + Duration::from_millis(d));
+            armed = Some(d);
+        }
         // While quinn holds frames back, the driver keeps the writer and waits for whichever
         // comes first: quinn taking more, new work, a timer. Senders that find the writer busy
         // leave their message to it (see `SessionShared::transmit_now`).
         let progressed = tokio::select! {
             r = w.progress(&link.conn), if remains => r,
             _ = &mut work => Ok(()),
-            _ = sleep => Ok(()),
+            _ = &mut sleep, if deadline.is_some() => Ok(()),
             _ = link.conn.closed() => return,
         };
         if progressed.is_err() {
