@@ -75,10 +75,11 @@ use crate::store::Stored;
 /// Session events kept for [`Session::events`] receivers that fall behind (beyond, they get
 /// `Lagged` and go on with the newest). Each slot is held by every session, idle or not.
 const EVENT_BACKLOG: usize = 16;
-/// A sender writes its message itself (no hop through the driver task) when at most this many
-/// messages are unacknowledged, its own included. Measured with `benches/compare` (W2, W3):
-/// writing every message at once sent a third more packets and cut the 64-in-flight
-/// throughput by a quarter; 1 to 4 keep the one-at-a-time latency gain.
+/// A sender tries to write its message itself (no hop through the driver task) when at most
+/// this many messages are unacknowledged, its own included. Measured with `benches/compare`
+/// (W2, W3): writing every message at once sent a third more packets and cut the 64-in-flight
+/// throughput by a quarter. It writes only if the connection's writer is free, and the driver
+/// keeps the writer while it sleeps (see [`drive`]), so in practice the driver writes.
 const WRITE_AT_ONCE_MAX_IN_FLIGHT: usize = 4;
 
 /// A message received from the peer.
@@ -1337,7 +1338,8 @@ async fn recover(shared: &Arc<SessionShared>, policy: ResumePolicy, redial: Opti
 /// What writes one connection's frames: its streams, and the frames quinn has not taken yet
 /// (the core seals them, see [`SessionCore::poll_transmit`]). The driver task uses it, and so
 /// does a sender that finds it free ([`SessionShared::transmit_now`]): that sender writes its own
-/// message without a hop through the driver, and without ever waiting on the network.
+/// message without a hop through the driver, and without ever waiting on the network. The
+/// driver keeps it while it sleeps, so that happens only between the driver's turns.
 struct Writer {
     /// The control stream (ACK frames), and the ACK frames quinn has not taken yet.
     control: SendStream,
@@ -1555,9 +1557,10 @@ impl SessionShared {
     }
 
     /// Called when a message was queued or received, or the application took one: writes what
-    /// is due (the message, acknowledgements) at once if the connection's writer is free (the
-    /// usual case), else leaves it to the driver; wakes the driver only when it has something
-    /// to do (frames quinn could not take yet, or a timer earlier than the one it sleeps on).
+    /// is due (the message, acknowledgements) at once if the connection's writer is free, else
+    /// leaves it to the driver; wakes the driver only when it has something to do (frames quinn
+    /// could not take yet, or a timer earlier than the one it sleeps on). The driver keeps the
+    /// writer while it sleeps (see [`drive`]), so this usually wakes the driver.
     fn transmit_now(&self) {
         let link = self.link();
         let Some(writer) = link.writer.get() else { return self.work.notify_one() };
@@ -1632,9 +1635,11 @@ async fn drive(shared: Arc<SessionShared>, link: Arc<Carrier>) {
             sleep.as_mut().reset(shared.started + Duration::from_millis(d));
             armed = Some(d);
         }
-        // While quinn holds frames back, the driver keeps the writer and waits for whichever
-        // comes first: quinn taking more, new work, a timer. Senders that find the writer busy
-        // leave their message to it (see `SessionShared::transmit_now`).
+        // The driver keeps the writer and waits for whichever comes first: quinn taking more
+        // (while it holds frames back), new work, a timer. Senders that find the writer busy
+        // leave their message to it (see `SessionShared::transmit_now`). Letting the writer go
+        // while nothing is held back, so that senders write their own messages, was measured
+        // slower for messages one at a time (BENCHMARKS.md, "The driver keeps the writer").
         let progressed = tokio::select! {
             r = w.progress(&link.conn), if remains => r,
             _ = &mut work => Ok(()),
