@@ -1639,7 +1639,7 @@ async fn drive(shared: Arc<SessionShared>, link: Arc<Carrier>) {
         // (while it holds frames back), new work, a timer. Senders that find the writer busy
         // leave their message to it (see `SessionShared::transmit_now`). Letting the writer go
         // while nothing is held back, so that senders write their own messages, was measured
-        // slower for messages one at a time (BENCHMARKS.md, "The driver keeps the writer").
+        // slower for messages one at a time (BENCHMARKS.md, "W3 at concurrency 1, traced").
         let progressed = tokio::select! {
             r = w.progress(&link.conn), if remains => r,
             _ = &mut work => Ok(()),

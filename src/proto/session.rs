@@ -482,9 +482,9 @@ impl SessionCore {
 
     /// What to write now: the acknowledgements due (with frames to write, every one owed), and
     /// up to [`TRANSMIT_BATCH`] sealed frames of what the outbox wants sent (new messages, and
-    /// resends whose timer expired). Channels
-    /// for which `busy` is true (their stream has not taken earlier frames yet) are skipped:
-    /// their messages stay due and are not sealed long before they can leave.
+    /// resends whose timer expired). Channels for which `busy` is true (their stream has not
+    /// taken earlier frames yet) are skipped: their messages stay due and are not sealed long
+    /// before they can leave.
     ///
     /// A worn-out key ([`SessionCore::worn_out`]) seals nothing more; once the peer acknowledged
     /// what it sealed, or [`KEY_DRAIN_GRACE_MS`] after it wore out, this returns
@@ -504,10 +504,9 @@ impl SessionCore {
         // Frames go out now anyway: every acknowledgement owed rides along, due or not, rather
         // than costing a packet of its own later (an RPC caller's next request carries the
         // acknowledgement of the response it just took).
+        let riding = !transmits.is_empty();
         let mut acks = Vec::new();
-        loop {
-            let ack = if transmits.is_empty() { self.inbox.poll_ack(now) } else { self.inbox.poll_ack_owed() };
-            let Some(a) = ack else { break };
+        while let Some(a) = if riding { self.inbox.poll_ack_owed() } else { self.inbox.poll_ack(now) } {
             Frame::Ack(a).encode(&mut acks);
             self.tally.add(Counter::acks_sent, 1);
         }
