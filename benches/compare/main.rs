@@ -4,6 +4,7 @@
 //! cargo bench -p quicseal-benches --bench compare              # full run
 //! cargo bench -p quicseal-benches --bench compare -- --quick   # under a minute (CI runs this; no thresholds)
 //! cargo bench -p quicseal-benches --bench compare -- --only W2,W3 --stacks quicseal   # a subset, e.g. to profile
+//! cargo bench -p quicseal-benches --bench compare -- --only W1,W2,W3 --one-thread   # every task on one thread
 //! ```
 //!
 //! Every stack uses the same certificates, rustls on ring with TLS 1.3 and mutual
@@ -40,7 +41,15 @@ use stacks::*;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    // `--one-thread`: both ends of every stack on one thread (tokio's current-thread runtime),
+    // so no task is ever handed to another worker and a row's time is its work. A diagnostic
+    // for W1 to W3 (W4, W6 and W7 start child processes that keep the default runtime); the
+    // targets are read from the default, multi-threaded run.
+    let runtime = if args.iter().any(|a| a == "--one-thread") {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+    };
     if let Some(i) = args.iter().position(|a| a == "--memory-child") {
         runtime.block_on(memory_child(&args[i + 1], args[i + 2].parse().unwrap()));
         return;
