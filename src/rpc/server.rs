@@ -42,7 +42,10 @@ type Key = (Fingerprint, CallId);
 /// A call whose handler is running.
 struct Inflight {
     cancel: watch::Sender<Option<CancelReason>>,
-    done: watch::Sender<Option<(Status, Bytes)>>,
+    /// The result, for attempts of the same call that arrive while it runs: made by the first
+    /// such attempt. Most calls have none, and a watch channel costs an allocation and a wake-up
+    /// of each of its eight notifiers when it is sent to and when it is dropped.
+    done: Option<watch::Sender<Option<(Status, Bytes)>>>,
 }
 
 /// A node's RPC server state, shared by all its sessions.
@@ -258,7 +261,10 @@ impl SessionRpc {
                 self.answer(outlet, call, status, response);
             }
             Some(Begin::Running) => {
-                let done = server.inflight().get(&key).map(|r| r.done.subscribe());
+                let done = server
+                    .inflight()
+                    .get_mut(&key)
+                    .map(|r| r.done.get_or_insert_with(|| watch::channel(None).0).subscribe());
                 drop(cache);
                 outlet.count(Counter::rpc_cache_hits);
                 let Some(mut done) = done else {
@@ -291,7 +297,7 @@ impl SessionRpc {
                     return self.answer(outlet, call, Status::Overloaded, Bytes::new());
                 };
                 let (cancel, cancel_rx) = watch::channel(None);
-                server.inflight().insert(key, Inflight { cancel, done: watch::channel(None).0 });
+                server.inflight().insert(key, Inflight { cancel, done: None });
                 drop(cache);
                 outlet.count(Counter::rpc_handled);
                 let ctx = Call {
@@ -371,8 +377,10 @@ impl SessionRpc {
             outlet.count_n(Counter::rpc_cache_evictions, cache.take_early_evictions());
             server.inflight().remove(&key)
         };
-        if let Some(r) = running {
-            r.done.send_replace(Some((status.clone(), response.clone())));
+        // Attempts waiting on this one (they subscribed under the cache's lock, which this
+        // took to finish the call and take it out of `inflight`) get its result.
+        if let Some(done) = running.and_then(|r| r.done) {
+            done.send_replace(Some((status.clone(), response.clone())));
         }
         if status != Status::Cancelled {
             self.send_answer(outlet, key.1, status, response).await;

@@ -13,7 +13,7 @@ use quicseal::{
     ApplicationError, Call, CallOptions, CancelReason, Error, Limits, Node, NodeConfig, RemoteError, Router,
     RouterConfig, RpcClient, Session, SessionEvent,
 };
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 
 const SECOND: Duration = Duration::from_secs(1);
 
@@ -281,6 +281,8 @@ fn quick_limits() -> Limits {
 /// and an RpcClient of it.
 struct LostSession {
     runs: Arc<AtomicUsize>,
+    /// With [`LostSession::start_held`]: the handler waits for a permit here instead of 300 ms.
+    hold: Option<Arc<Semaphore>>,
     started: mpsc::UnboundedReceiver<()>,
     server: Node,
     client_node: Node,
@@ -290,17 +292,30 @@ struct LostSession {
 
 impl LostSession {
     async fn start() -> LostSession {
+        Self::start_with(None).await
+    }
+
+    /// As [`LostSession::start`], with a handler that runs until the test adds a permit to
+    /// `hold`.
+    async fn start_held() -> LostSession {
+        Self::start_with(Some(Arc::new(Semaphore::new(0)))).await
+    }
+
+    async fn start_with(hold: Option<Arc<Semaphore>>) -> LostSession {
         let pki = Pki::new("ca");
         let runs = Arc::new(AtomicUsize::new(0));
         let (started_tx, started) = mpsc::unbounded_channel();
         let router = Router::new().handle("transfer", {
-            let runs = runs.clone();
+            let (runs, hold) = (runs.clone(), hold.clone());
             move |_call: Call, amount: u64| {
-                let (runs, started) = (runs.clone(), started_tx.clone());
+                let (runs, started, hold) = (runs.clone(), started_tx.clone(), hold.clone());
                 async move {
                     let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
                     started.send(()).unwrap();
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    match hold {
+                        Some(hold) => hold.acquire().await.unwrap().forget(),
+                        None => tokio::time::sleep(Duration::from_millis(300)).await,
+                    }
                     Ok::<_, ApplicationError>(format!("moved {amount}, run {n}"))
                 }
             }
@@ -318,7 +333,7 @@ impl LostSession {
             let server = server.clone();
             async move { server.serve().await }
         });
-        LostSession { runs, started, server, client_node, proxy, serve }
+        LostSession { runs, hold, started, server, client_node, proxy, serve }
     }
 
     fn client(&self) -> RpcClient {
@@ -370,6 +385,38 @@ async fn a_retry_on_a_new_session_is_answered_from_the_cache_without_running_aga
     // New calls keep working.
     let again: String = second_session.request("transfer", &6u64, Duration::from_secs(5)).await.unwrap();
     assert_eq!(again, "moved 6, run 2");
+}
+
+#[tokio::test]
+async fn a_retry_that_arrives_while_the_first_attempt_runs_gets_that_attempts_answer() {
+    // The session is lost for good while the handler runs, and the handler is still running
+    // when the RpcClient's retry arrives on a new session: the retry waits for the first
+    // attempt and is answered with its result; the handler runs once.
+    let mut t = LostSession::start_held().await;
+    let client = Arc::new(t.client());
+    let first_session = client.session().await.unwrap();
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.request_with::<_, String>("transfer", &5u64, CallOptions::new(Duration::from_secs(30))).await }
+    });
+    tokio::time::timeout(5 * SECOND, t.started.recv()).await.unwrap().unwrap();
+    t.proxy.set_blackout(true);
+    tokio::time::timeout(Duration::from_secs(10), first_session.closed()).await.expect("the session gave up");
+    t.proxy.set_blackout(false);
+    // The retry reached the server and found the call running.
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while t.server.stats().rpc_cache_hits == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the retry arrived");
+    assert!(!call.is_finished(), "the retry waits for the first attempt");
+    t.hold.as_ref().unwrap().add_permits(1);
+    let answer = tokio::time::timeout(Duration::from_secs(30), call).await.unwrap().unwrap();
+    assert_eq!(answer.unwrap(), "moved 5, run 1");
+    assert_eq!(t.runs.load(Ordering::SeqCst), 1, "the retry did not run the handler again");
+    assert_ne!(client.session().await.unwrap().epoch(), first_session.epoch(), "the retry went over a new session");
 }
 
 #[tokio::test]
