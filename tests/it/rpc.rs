@@ -224,6 +224,31 @@ async fn dropping_the_call_cancels_it_and_the_handler_sees_it() {
 }
 
 #[tokio::test]
+async fn a_copy_of_the_call_kept_past_its_answer_is_told_the_call_is_over() {
+    // A handler leaves a task holding a copy of its `Call`, waiting for a cancellation, and
+    // answers: once the call is over, the task stops waiting (`Caller`: nobody waits for it),
+    // and the call never counts as cancelled.
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    let router = Router::new().handle("answer", move |call: Call, x: u64| {
+        let seen = seen_tx.clone();
+        async move {
+            tokio::spawn(async move {
+                let reason = call.cancelled().await;
+                seen.send((reason, call.cancellation())).unwrap();
+            });
+            Ok::<_, ApplicationError>(x + 1)
+        }
+    });
+    let (c, _s, server, _client) = pair(router).await;
+    let answer: u64 = c.request("answer", &41u64, 5 * SECOND).await.unwrap();
+    assert_eq!(answer, 42);
+    let seen = tokio::time::timeout(5 * SECOND, seen_rx.recv()).await.expect("the task stopped waiting").unwrap();
+    assert_eq!(seen, (CancelReason::Caller, None));
+    let s = server.stats();
+    assert_eq!((s.rpc_cancelled, s.rpc_deadline_exceeded), (0, 0), "{s:?}");
+}
+
+#[tokio::test]
 async fn a_call_in_flight_across_a_forced_reconnect_runs_once_and_answers() {
     let runs = Arc::new(AtomicUsize::new(0));
     let gate = Arc::new(Notify::new());
