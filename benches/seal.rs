@@ -16,7 +16,7 @@ use quicseal::proto::wire::MessageKind;
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
 
 const NOW: u64 = 1_700_000_000_000;
-const SIZES: [usize; 3] = [64, 1024, 64 * 1024];
+const SIZES: [usize; 4] = [64, 1024, 4096, 64 * 1024];
 
 fn material() -> [u8; 64] {
     std::array::from_fn(|i| i as u8)
