@@ -45,11 +45,12 @@ fn main() {
     // so no task is ever handed to another worker and a row's time is its work. A diagnostic
     // for W1 to W3 (W4, W6 and W7 start child processes that keep the default runtime); the
     // targets are read from the default, multi-threaded run.
-    let runtime = if args.iter().any(|a| a == "--one-thread") {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    let mut runtime = if args.iter().any(|a| a == "--one-thread") {
+        tokio::runtime::Builder::new_current_thread()
     } else {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap()
+        tokio::runtime::Builder::new_multi_thread()
     };
+    let runtime = runtime.enable_all().build().unwrap();
     if let Some(i) = args.iter().position(|a| a == "--memory-child") {
         runtime.block_on(memory_child(&args[i + 1], args[i + 2].parse().unwrap()));
         return;

@@ -373,6 +373,18 @@ impl LostSession {
         client: Arc<RpcClient>,
         options: CallOptions,
     ) -> (quicseal::Result<String>, Session) {
+        let (call, first_session) = self.lose_the_session_during_a_call(client, options).await;
+        let answer = tokio::time::timeout(Duration::from_secs(30), call).await.unwrap().unwrap();
+        (answer, first_session)
+    }
+
+    /// The first part of [`LostSession::call_across_a_lost_session`]: the call, still going,
+    /// and the first session, given up.
+    async fn lose_the_session_during_a_call(
+        &mut self,
+        client: Arc<RpcClient>,
+        options: CallOptions,
+    ) -> (tokio::task::JoinHandle<quicseal::Result<String>>, Session) {
         let first_session = client.session().await.unwrap();
         let call = tokio::spawn({
             let client = client.clone();
@@ -382,8 +394,7 @@ impl LostSession {
         self.proxy.set_blackout(true);
         tokio::time::timeout(Duration::from_secs(10), first_session.closed()).await.expect("the session gave up");
         self.proxy.set_blackout(false);
-        let answer = tokio::time::timeout(Duration::from_secs(30), call).await.unwrap().unwrap();
-        (answer, first_session)
+        (call, first_session)
     }
 }
 
@@ -419,23 +430,10 @@ async fn a_retry_that_arrives_while_the_first_attempt_runs_gets_that_attempts_an
     // attempt and is answered with its result; the handler runs once.
     let mut t = LostSession::start_held().await;
     let client = Arc::new(t.client());
-    let first_session = client.session().await.unwrap();
-    let call = tokio::spawn({
-        let client = client.clone();
-        async move { client.request_with::<_, String>("transfer", &5u64, CallOptions::new(Duration::from_secs(30))).await }
-    });
-    tokio::time::timeout(5 * SECOND, t.started.recv()).await.unwrap().unwrap();
-    t.proxy.set_blackout(true);
-    tokio::time::timeout(Duration::from_secs(10), first_session.closed()).await.expect("the session gave up");
-    t.proxy.set_blackout(false);
-    // The retry reached the server and found the call running.
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while t.server.stats().rpc_cache_hits == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("the retry arrived");
+    let (call, first_session) =
+        t.lose_the_session_during_a_call(client.clone(), CallOptions::new(Duration::from_secs(30))).await;
+    // No notification says a request arrived: the server's counter does.
+    eventually("the retry reached the server and found the call running", || t.server.stats().rpc_cache_hits > 0).await;
     assert!(!call.is_finished(), "the retry waits for the first attempt");
     t.hold.as_ref().unwrap().add_permits(1);
     let answer = tokio::time::timeout(Duration::from_secs(30), call).await.unwrap().unwrap();
